@@ -1,0 +1,76 @@
+"""Memory Fusion Hub models: records, events, settings, versions, canonical JSON and the checksum."""
+
+from __future__ import annotations
+
+from mfh_models.canonical import ChecksumRow, canonical_json, items_checksum, payload_digest
+from mfh_models.errors import (
+    ConfigError,
+    DeadlineExceeded,
+    InvalidArgument,
+    MFHError,
+    NotFound,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+    VersionConflict,
+)
+from mfh_models.records import (
+    KIND_MODELS,
+    MAX_KEY_LENGTH,
+    MAX_NAMESPACE_LENGTH,
+    MAX_PAYLOAD_BYTES,
+    SCHEMA_VERSION,
+    Kind,
+    KnowledgeRecord,
+    MemoryEvent,
+    MemoryItem,
+    Op,
+    Record,
+    SessionData,
+    event_id_for,
+    parse_kind,
+    validate_key,
+    validate_namespace,
+    validate_origin,
+    validate_payload,
+)
+from mfh_models.settings import Settings, load_settings
+from mfh_models.versions import pack, unpack
+
+__all__ = [
+    "KIND_MODELS",
+    "MAX_KEY_LENGTH",
+    "MAX_NAMESPACE_LENGTH",
+    "MAX_PAYLOAD_BYTES",
+    "SCHEMA_VERSION",
+    "ChecksumRow",
+    "ConfigError",
+    "DeadlineExceeded",
+    "InvalidArgument",
+    "Kind",
+    "KnowledgeRecord",
+    "MFHError",
+    "MemoryEvent",
+    "MemoryItem",
+    "NotFound",
+    "Op",
+    "Record",
+    "ResourceExhausted",
+    "SessionData",
+    "Settings",
+    "Unauthenticated",
+    "Unavailable",
+    "VersionConflict",
+    "canonical_json",
+    "event_id_for",
+    "items_checksum",
+    "load_settings",
+    "pack",
+    "parse_kind",
+    "payload_digest",
+    "unpack",
+    "validate_key",
+    "validate_namespace",
+    "validate_origin",
+    "validate_payload",
+]

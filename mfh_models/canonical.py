@@ -1,0 +1,55 @@
+"""Canonical JSON and the one checksum (DESIGN.md invariant 7).
+
+Canonical JSON is sorted keys, no spaces, UTF-8, no NaN/Infinity. The checksum is sha256 over
+the lines ``namespace, key, version, origin, deleted, sha256(canonical payload)``, sorted by
+(namespace, key) as UTF-8 bytes, so it does not depend on a database's collation. Audits,
+snapshots, replay and cross-host comparison all call :func:`items_checksum`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+from mfh_models.errors import InvalidArgument
+
+__all__ = ["ChecksumRow", "canonical_json", "items_checksum", "payload_digest"]
+
+
+def canonical_json(value: Any) -> str:
+    """Serialise ``value`` as canonical JSON text; raises InvalidArgument for NaN or non-JSON values."""
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise InvalidArgument(f"payload is not canonical JSON: {e}") from e
+
+
+def payload_digest(canonical_payload: str) -> str:
+    """Hex sha256 of a canonical JSON text."""
+    return hashlib.sha256(canonical_payload.encode("utf-8")).hexdigest()
+
+
+class ChecksumRow(NamedTuple):
+    namespace: str
+    key: str
+    version: int
+    origin: str
+    deleted: bool
+    payload: str  # canonical JSON text, exactly as stored
+
+
+def items_checksum(rows: Iterable[ChecksumRow]) -> str:
+    """sha256 over the sorted checksum lines of ``rows``; the same for every store and host."""
+    lines = sorted(
+        (
+            (r.namespace.encode(), r.key.encode()),
+            f"{r.namespace}\t{r.key}\t{r.version}\t{r.origin}\t{int(r.deleted)}\t{payload_digest(r.payload)}\n",
+        )
+        for r in rows
+    )
+    h = hashlib.sha256()
+    for _, line in lines:
+        h.update(line.encode("utf-8"))
+    return h.hexdigest()

@@ -1,0 +1,80 @@
+"""One exception tree for the hub.
+
+    MFHError                      base; ``code`` is the wire code both transports use
+    ├── InvalidArgument           INVALID_ARGUMENT: the request is malformed or out of bounds
+    │   └── ConfigError           a configuration file or variable is wrong (raised at start-up)
+    ├── NotFound                  NOT_FOUND: no live record under that key
+    ├── VersionConflict           FAILED_PRECONDITION: expected_version does not match
+    ├── Unauthenticated           UNAUTHENTICATED: missing or wrong API key
+    ├── ResourceExhausted         RESOURCE_EXHAUSTED: backlog or concurrency limit reached
+    └── Unavailable               UNAVAILABLE: a store is down; safe to retry
+        └── DeadlineExceeded      DEADLINE_EXCEEDED: the answer did not come in time
+
+Driver errors are translated into these where they enter (``raise ... from e``); the
+transports map ``code`` to a gRPC status or a ZeroMQ error object in one table.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "DeadlineExceeded",
+    "InvalidArgument",
+    "MFHError",
+    "NotFound",
+    "ResourceExhausted",
+    "Unauthenticated",
+    "Unavailable",
+    "VersionConflict",
+]
+
+
+class MFHError(Exception):
+    """Base of every error the hub raises on purpose."""
+
+    code = "INTERNAL"
+    retryable = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(MFHError):
+    code = "INVALID_ARGUMENT"
+
+
+class ConfigError(InvalidArgument):
+    """A configuration file or variable is wrong; names the file, the field and the reason."""
+
+
+class NotFound(MFHError):
+    code = "NOT_FOUND"
+
+
+class VersionConflict(MFHError):
+    """``expected_version`` did not match the stored version; nothing was changed."""
+
+    code = "FAILED_PRECONDITION"
+
+    def __init__(self, message: str, *, current_version: int = 0) -> None:
+        super().__init__(message)
+        self.current_version = current_version
+
+
+class Unauthenticated(MFHError):
+    code = "UNAUTHENTICATED"
+
+
+class ResourceExhausted(MFHError):
+    code = "RESOURCE_EXHAUSTED"
+    retryable = True
+
+
+class Unavailable(MFHError):
+    code = "UNAVAILABLE"
+    retryable = True
+
+
+class DeadlineExceeded(Unavailable):
+    code = "DEADLINE_EXCEEDED"

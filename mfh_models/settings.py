@@ -1,0 +1,256 @@
+"""Settings: ``config/default.yaml``, then the host file, then ``${VAR:default}`` from the environment.
+
+Read once at an entry point with :func:`load_settings` and passed down as one frozen object.
+A bad file fails at start-up with the file, the field and the reason (:class:`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from mfh_models.errors import ConfigError
+from mfh_models.records import validate_origin
+
+__all__ = [
+    "BulkheadSettings",
+    "CircuitBreakerSettings",
+    "ReplicationSettings",
+    "ResilienceSettings",
+    "SchedulerSettings",
+    "ServerSettings",
+    "Settings",
+    "StorageSettings",
+    "WriteBehindSettings",
+    "default_config_dir",
+    "load_settings",
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Section):
+    bind: str = "127.0.0.1"
+    zmq_port: int = Field(default=5713, ge=0, le=65535)
+    grpc_port: int = Field(default=5714, ge=0, le=65535)
+    metrics_port: int = Field(default=9713, ge=0, le=65535)
+    max_workers: int = Field(default=8, ge=1, le=256)
+    max_message_bytes: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    deadline_seconds: float = Field(default=5.0, gt=0, le=300)
+    max_concurrent_rpcs: int = Field(default=256, ge=1)
+    api_key: SecretStr | None = None
+
+
+class StorageSettings(_Section):
+    write_strategy: Literal["event_sourcing", "direct"] = "event_sourcing"
+    sqlite_path: str = "var/memory.db"
+    postgres_url: str | None = None
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = Field(default="mfh", pattern=r"^[A-Za-z0-9_.\-]{1,32}$")
+    cache_ttl_seconds: int = Field(default=900, ge=1)
+
+    @property
+    def database_url(self) -> str:
+        """Postgres when a URL is given, else the SQLite file."""
+        return self.postgres_url or f"sqlite:///{self.sqlite_path}"
+
+
+class WriteBehindSettings(_Section):
+    queue_name: str = Field(default="mfh_persist", pattern=r"^[A-Za-z0-9_\-]{1,64}$")
+    batch_max_size: int = Field(default=256, ge=1, le=10_000)
+    batch_max_delay_ms: float = Field(default=2.0, ge=0, le=1000)
+    max_backlog: int = Field(default=100_000, ge=1, description="dirty entries before writes are refused")
+    max_retries: int = Field(default=25, ge=0)
+    min_backoff_ms: int = Field(default=200, ge=1)
+    max_backoff_ms: int = Field(default=10_000, ge=1)
+    heartbeat_timeout_ms: int = Field(default=15_000, ge=500)
+    maintenance_chance: int = Field(
+        default=50_000, ge=1, le=1_000_000, description="per million broker calls"
+    )
+    dead_message_ttl_ms: int = Field(default=7 * 86_400_000, ge=1000)
+    worker_processes: int = Field(default=1, ge=1)
+    worker_threads: int = Field(default=4, ge=1)
+    stale_dirty_seconds: float = Field(
+        default=60.0, gt=0, description="reconcile re-enqueues older dirty entries"
+    )
+
+
+class ReplicationSettings(_Section):
+    enabled: bool = True
+    event_topic: str = Field(default="memory_events", pattern=r"^[A-Za-z0-9_\-]{1,64}$")
+    subject_prefix: str = "mfh.events"
+    nats_url: str = "nats://127.0.0.1:4222"
+    duplicate_window_seconds: float = Field(default=120.0, gt=0)
+    max_age_days: float = Field(default=30.0, gt=0)
+    num_replicas: int = Field(default=1, ge=1, le=5)
+    publish_timeout_seconds: float = Field(default=2.0, gt=0)
+
+
+class CircuitBreakerSettings(_Section):
+    failure_threshold: int = Field(default=5, ge=1)
+    reset_timeout: float = Field(default=30.0, gt=0)
+
+
+class BulkheadSettings(_Section):
+    max_concurrent: int = Field(default=32, ge=1)
+    max_queue_size: int = Field(default=128, ge=0)
+
+
+class ResilienceSettings(_Section):
+    circuit_breaker: CircuitBreakerSettings = CircuitBreakerSettings()
+    bulkhead: BulkheadSettings = BulkheadSettings()
+
+
+class SchedulerSettings(_Section):
+    snapshot_interval_seconds: float = Field(default=3600, gt=0)
+    snapshot_dir: str = "var/snapshots"
+    audit_cron: str = "30 3 * * *"
+    reconcile_interval_seconds: float = Field(default=30, gt=0)
+
+
+class Settings(_Section):
+    """The whole configuration of one host."""
+
+    title: str = "MemoryFusionHubConfig"
+    version: str = "1.0"
+    host_id: str = "main_pc"
+    server: ServerSettings = ServerSettings()
+    storage: StorageSettings = StorageSettings()
+    write_behind: WriteBehindSettings = WriteBehindSettings()
+    replication: ReplicationSettings = ReplicationSettings()
+    resilience: ResilienceSettings = ResilienceSettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
+
+    @model_validator(mode="after")
+    def _check_host(self) -> Settings:
+        validate_origin(self.host_id)
+        return self
+
+    def masked(self) -> dict[str, Any]:
+        """The merged settings as plain data with secrets masked (``mfh config show``)."""
+        data = self.model_dump(mode="json")
+        key = self.server.api_key
+        data["server"]["api_key"] = "********" if key and key.get_secret_value() else None
+        for section, field in (
+            ("storage", "postgres_url"),
+            ("storage", "redis_url"),
+            ("replication", "nats_url"),
+        ):
+            if data[section][field]:
+                data[section][field] = _mask_url_password(data[section][field])
+        return data
+
+
+def _mask_url_password(url: str) -> str:
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1****@", url)
+
+
+_VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::([^}]*))?\}")
+
+
+def _interpolate(value: Any, env: Mapping[str, str], where: str) -> Any:
+    if isinstance(value, dict):
+        return {k: _interpolate(v, env, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, env, f"{where}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def sub(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in env:
+            return env[name]
+        if default is None:
+            raise ConfigError(f"{where}: environment variable {name} is not set and has no default")
+        return default
+
+    whole = _VAR_RE.fullmatch(value)
+    out = _VAR_RE.sub(sub, value)
+    # A value that is one ${VAR} and empty means "not set" (for example api_key: "${MFH_API_KEY:}").
+    if whole and out == "":
+        return None
+    return out
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in override.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return data
+
+
+def default_config_dir() -> Path:
+    """``config/`` beside the packages (the repository root)."""
+    return Path(__file__).resolve().parent.parent / "config"
+
+
+def load_settings(
+    host: str | None = None,
+    *,
+    config_dir: Path | str | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Merge default.yaml, the host's file and ``overrides``; interpolate; validate.
+
+    ``host`` falls back to ``MFH_HOST`` in ``env``; with neither, default.yaml stands alone.
+    """
+    env = os.environ if env is None else env
+    cdir = (
+        Path(config_dir)
+        if config_dir is not None
+        else Path(env.get("MFH_CONFIG_DIR") or default_config_dir())
+    )
+    host = host or env.get("MFH_HOST") or None
+    files = [cdir / "default.yaml"]
+    if host:
+        host_file = cdir / f"{host}.yaml"
+        if not host_file.exists():
+            raise ConfigError(f"{host_file}: no configuration for host {host!r}")
+        files.append(host_file)
+    merged: dict[str, Any] = {}
+    for f in files:
+        merged = _merge(merged, _interpolate(_read_yaml(f), env, ""))
+    if overrides:
+        merged = _merge(merged, overrides)
+    if host and "host_id" not in merged:
+        merged["host_id"] = host
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}"
+            for err in e.errors(include_url=False)
+        )
+        raise ConfigError(f"{' + '.join(str(f) for f in files)}: {problems}") from None
+    except ConfigError:
+        raise
+    except Exception as e:  # a validator's own error (for example the host id)
+        raise ConfigError(f"{' + '.join(str(f) for f in files)}: {e}") from e

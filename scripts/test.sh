@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The test command: bootstrap (venv, Redis, NATS, Postgres), then lint, format check, types,
+# import layers, generated-code check and pytest, in that order, stopping at the first failure.
+# Arguments go to pytest, e.g. `scripts/test.sh tests/test_services.py -x`.
+# With CI=true (or 1), tests that need a service that is not reachable fail instead of skipping.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+if [[ -v CI ]]; then export CI; fi
+
+BIN="$ROOT/.venv/bin"
+step() { printf '\n==> %s\n' "$*"; }
+
+step "bootstrap --postgres"
+bash scripts/bootstrap.sh --postgres
+
+step "ruff check"
+"$BIN/ruff" check .
+
+step "ruff format --check"
+"$BIN/ruff" format --check .
+
+# Packages that have code yet (a .py file other than __init__.py).
+PACKAGES=(mfh_models mfh_core mfh_tasks mfh_api schedules)
+typed=()
+for pkg in "${PACKAGES[@]}"; do
+    if [[ -d "$pkg" ]] && [[ -n "$(find "$pkg" -name '*.py' ! -name '__init__.py' -print -quit)" ]]; then
+        typed+=("$pkg")
+    fi
+done
+if ((${#typed[@]})); then
+    step "mypy --strict ${typed[*]}"
+    "$BIN/mypy" --strict "${typed[@]}"
+else
+    step "mypy: no package has code yet, skipped"
+fi
+
+step "lint-imports"
+"$BIN/lint-imports"
+
+if [[ -f scripts/gen_proto.py ]]; then
+    step "gen_proto --check"
+    "$BIN/python" scripts/gen_proto.py --check
+fi
+
+step "pytest -q $*"
+rc=0
+"$BIN/pytest" -q "$@" || rc=$?
+if [[ $rc -eq 5 ]]; then
+    echo "test.sh: FAILED: pytest collected no tests (arguments: ${*:-none})" >&2
+fi
+exit "$rc"

@@ -1,0 +1,8 @@
+"""Memory Fusion Hub adapters: Redis hot store, SQL store, JetStream event bus, metrics, resilience."""
+
+from __future__ import annotations
+
+from mfh_core.hotstore import HotEntry, HotStore
+from mfh_core.sqlstore import ApplyResult, SqlStore
+
+__all__ = ["ApplyResult", "HotEntry", "HotStore", "SqlStore"]

@@ -1,0 +1,278 @@
+"""Redis hot store: one hash per (namespace, key), staged writes, the host's hybrid logical clock.
+
+Entries are written by three Lua scripts so each step is atomic (DESIGN.md invariants 1, 3, 5):
+``stage`` assigns a version and writes a dirty entry with no TTL; ``mark_clean`` starts the TTL
+only for the version that reached SQL; ``apply`` takes a remote or SQL version only if newer.
+Every dirty entry is also in one sorted set (score = staged ms), which bounds the backlog and
+lets reconcile re-enqueue anything whose batch went missing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from mfh_models import (
+    Kind,
+    MemoryEvent,
+    Op,
+    Record,
+    ResourceExhausted,
+    Unavailable,
+    VersionConflict,
+    event_id_for,
+    pack,
+    unpack,
+)
+
+__all__ = ["HotEntry", "HotStore", "StagedWrite"]
+
+_FIELDS = ("vm", "vc", "o", "d", "k", "p", "u", "dirty")
+
+
+def _lua(name: str) -> str:
+    return resources.files("mfh_core").joinpath("lua", name).read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class HotEntry:
+    """What Redis holds for one key: the record (maybe a tombstone) and whether SQL has it yet."""
+
+    record: Record
+    dirty: bool
+
+    def to_event(self) -> MemoryEvent:
+        r = self.record
+        return MemoryEvent(
+            event_id=event_id_for(r.origin, r.version),
+            op=Op.DELETE if r.deleted else Op.PUT,
+            namespace=r.namespace,
+            key=r.key,
+            kind=r.kind,
+            payload=r.payload,
+            version=r.version,
+            origin=r.origin,
+            created_at=r.updated_at,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StagedWrite:
+    """An accepted change: its event goes into a persist batch."""
+
+    event: MemoryEvent
+
+
+class HotStore:
+    """The per-host Redis hot store. Async; one instance per event loop."""
+
+    def __init__(
+        self,
+        *,
+        redis_url: str,
+        prefix: str,
+        origin: str,
+        cache_ttl_seconds: int,
+        max_backlog: int = 0,
+        max_connections: int = 64,
+        socket_timeout: float = 5.0,
+    ) -> None:
+        pool = aioredis.BlockingConnectionPool.from_url(
+            redis_url,
+            max_connections=max_connections,
+            timeout=socket_timeout,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+            decode_responses=True,
+        )
+        self.redis: aioredis.Redis = aioredis.Redis(connection_pool=pool)
+        self.prefix = prefix
+        self.origin = origin
+        self.ttl = cache_ttl_seconds
+        self.max_backlog = max_backlog
+        self.hlc_key = f"{prefix}:hlc"
+        self.dirty_key = f"{prefix}:dirty"
+        self.persisted_channel = f"{prefix}:persisted"
+        self._stage = self.redis.register_script(_lua("stage.lua"))
+        self._apply = self.redis.register_script(_lua("apply.lua"))
+        self._mark_clean = self.redis.register_script(_lua("mark_clean.lua"))
+
+    def item_key(self, namespace: str, key: str) -> str:
+        return f"{self.prefix}:i:{namespace}:{key}"
+
+    def _split_item_key(self, item_key: str) -> tuple[str, str]:
+        ns, _, key = item_key[len(self.prefix) + 3 :].partition(":")
+        return ns, key
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.redis.ping())
+        except RedisError:
+            return False
+
+    async def stage(
+        self,
+        *,
+        op: Op,
+        namespace: str,
+        key: str,
+        kind: Kind | None,
+        payload: str,
+        expected_version: int | None = None,
+    ) -> MemoryEvent:
+        """Atomically version and stage one change; raises VersionConflict or ResourceExhausted."""
+        exp_ms, exp_ctr = unpack(expected_version) if expected_version is not None else (0, 0)
+        item = self.item_key(namespace, key)
+        args = [
+            op.value,
+            kind.value if kind is not None else "",
+            payload,
+            self.origin,
+            "1" if expected_version is not None else "0",
+            exp_ms,
+            exp_ctr,
+            self.max_backlog,
+        ]
+        res = await self._call(self._stage, [item, self.hlc_key, self.dirty_key], args)
+        status = res[0]
+        if status == "conflict":
+            current = pack(int(res[1]), int(res[2]))
+            raise VersionConflict(
+                f"{namespace}/{key}: expected version {expected_version}, current is {current or 'absent'}",
+                current_version=current,
+            )
+        if status == "backlog":
+            raise ResourceExhausted(
+                f"write backlog is full ({self.max_backlog} unpersisted entries): the SQL store is behind; retry later"
+            )
+        version = pack(int(res[1]), int(res[2]))
+        return MemoryEvent(
+            event_id=event_id_for(self.origin, version),
+            op=op,
+            namespace=namespace,
+            key=key,
+            kind=Kind(res[4]),
+            payload=payload,
+            version=version,
+            origin=self.origin,
+            created_at=int(res[3]),
+        )
+
+    async def apply(self, record: Record, *, from_sql: bool) -> bool:
+        """Take a version made elsewhere if it is newer; True when it was applied.
+
+        ``from_sql``: a read-repair fill (clean, with TTL); otherwise a remote event (dirty until persisted).
+        """
+        vm, vc = unpack(record.version)
+        args = [
+            vm,
+            vc,
+            record.origin,
+            "1" if record.deleted else "0",
+            record.kind.value,
+            record.payload,
+            record.updated_at,
+            "fill" if from_sql else "remote",
+            self.ttl,
+        ]
+        item = self.item_key(record.namespace, record.key)
+        return bool(await self._call(self._apply, [item, self.hlc_key, self.dirty_key], args))
+
+    async def mark_clean(self, events: Sequence[MemoryEvent]) -> int:
+        """Entries still at a persisted version become clean and get their TTL; announce the batch."""
+        if not events:
+            return 0
+        newest: dict[str, int] = {}
+        for e in events:
+            item = self.item_key(e.namespace, e.key)
+            if e.version > newest.get(item, 0):
+                newest[item] = e.version
+        keys = [self.dirty_key, *newest]
+        notification = json.dumps([[e.namespace, e.key, e.version] for e in events], separators=(",", ":"))
+        args: list[Any] = [self.ttl, self.persisted_channel, notification]
+        for v in newest.values():
+            args.extend(unpack(v))
+        return int(await self._call(self._mark_clean, keys, args))
+
+    async def get(self, namespace: str, key: str) -> HotEntry | None:
+        """The entry for one key, tombstones included; None on a miss."""
+        try:
+            raw = await self.redis.hmget(self.item_key(namespace, key), list(_FIELDS))
+        except (RedisConnectionError, RedisTimeoutError) as e:
+            raise Unavailable(f"redis unavailable: {e}") from e
+        return self._entry(namespace, key, raw)  # type: ignore[arg-type]
+
+    async def get_many(self, namespace: str, keys: Iterable[str]) -> dict[str, HotEntry]:
+        """Entries for many keys of one namespace in one round trip; misses are absent."""
+        keys = list(keys)
+        if not keys:
+            return {}
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for k in keys:
+                    pipe.hmget(self.item_key(namespace, k), list(_FIELDS))
+                rows = await pipe.execute()
+        except (RedisConnectionError, RedisTimeoutError) as e:
+            raise Unavailable(f"redis unavailable: {e}") from e
+        out: dict[str, HotEntry] = {}
+        for k, raw in zip(keys, rows, strict=True):
+            entry = self._entry(namespace, k, raw)
+            if entry is not None:
+                out[k] = entry
+        return out
+
+    async def ttl_of(self, namespace: str, key: str) -> int:
+        """Seconds left before the entry expires; -1 when it has no TTL (dirty), -2 when absent."""
+        return int(await self.redis.ttl(self.item_key(namespace, key)))
+
+    async def dirty_count(self) -> int:
+        try:
+            return int(await self.redis.zcard(self.dirty_key))
+        except (RedisConnectionError, RedisTimeoutError) as e:
+            raise Unavailable(f"redis unavailable: {e}") from e
+
+    async def stale_dirty(self, *, older_than_ms: int, limit: int = 1000) -> list[MemoryEvent]:
+        """Events of entries dirty since before ``older_than_ms`` (unix ms): batches that may be lost."""
+        members = await self.redis.zrangebyscore(self.dirty_key, "-inf", older_than_ms, start=0, num=limit)
+        events: list[MemoryEvent] = []
+        for item in map(str, members):
+            ns, key = self._split_item_key(item)
+            entry = await self.get(ns, key)
+            if entry is None:
+                await self.redis.zrem(self.dirty_key, item)
+            elif entry.dirty:
+                events.append(entry.to_event())
+        return events
+
+    def _entry(self, namespace: str, key: str, raw: list[str | None]) -> HotEntry | None:
+        vm, vc, origin, deleted, kind, payload, updated, dirty = raw
+        if vm is None or vc is None:
+            return None
+        record = Record.model_construct(
+            namespace=namespace,
+            key=key,
+            kind=Kind(kind or Kind.MEMORY_ITEM.value),
+            payload=payload or "null",
+            version=pack(int(vm), int(vc)),
+            origin=origin or "",
+            deleted=deleted == "1",
+            updated_at=int(updated or 0),
+        )
+        return HotEntry(record=record, dirty=dirty == "1")
+
+    async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await script(keys=keys, args=args)
+        except (RedisConnectionError, RedisTimeoutError) as e:
+            raise Unavailable(f"redis unavailable: {e}") from e

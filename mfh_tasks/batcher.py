@@ -1,0 +1,91 @@
+"""Write batcher: many staged writes → one ``persist_batch`` message.
+
+A micro-batch is flushed when it reaches ``max_size`` or ``max_delay_s`` after its first write.
+Each caller is answered when the message carrying its event is enqueued (the write is then
+acknowledged: DESIGN.md invariant 4). The send itself is a blocking Redis call, run in a thread;
+at most ``max_in_flight`` sends run at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+
+from mfh_models import MemoryEvent, Unavailable
+
+__all__ = ["WriteBatcher"]
+
+
+class WriteBatcher:
+    """Collects events from concurrent callers and sends them in micro-batches."""
+
+    def __init__(
+        self,
+        send: Callable[[list[MemoryEvent]], None],
+        *,
+        max_size: int = 256,
+        max_delay_s: float = 0.002,
+        max_in_flight: int = 4,
+    ) -> None:
+        self._send = send
+        self.max_size = max_size
+        self.max_delay_s = max_delay_s
+        self._pending: list[MemoryEvent] = []
+        self._waiters: list[asyncio.Future[None]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.batches_sent = 0
+
+    async def submit(self, event: MemoryEvent) -> None:
+        """Add one event; return once its batch is enqueued (raises Unavailable if it could not be)."""
+        await self.submit_many([event])
+
+    async def submit_many(self, events: Sequence[MemoryEvent]) -> None:
+        """Add events that travel together; return once every one of them is enqueued."""
+        if not events:
+            return
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._pending.extend(events)
+        self._waiters.append(fut)
+        if len(self._pending) >= self.max_size:
+            self._flush()
+        elif self._timer is None:
+            self._timer = loop.call_later(self.max_delay_s, self._flush)
+        await fut
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._pending:
+            return
+        events, waiters = self._pending, self._waiters
+        self._pending, self._waiters = [], []
+        task = asyncio.ensure_future(self._send_batch(events, waiters))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_batch(self, events: list[MemoryEvent], waiters: list[asyncio.Future[None]]) -> None:
+        async with self._slots:
+            try:
+                # Split oversize batches so one message stays small enough to retry cheaply.
+                for i in range(0, len(events), self.max_size):
+                    await asyncio.to_thread(self._send, events[i : i + self.max_size])
+                    self.batches_sent += 1
+            except Exception as e:
+                err = Unavailable(f"could not enqueue the write batch: {e}")
+                for w in waiters:
+                    if not w.done():
+                        w.set_exception(err)
+                return
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    async def close(self) -> None:
+        """Flush what is pending and wait for every send in flight."""
+        self._flush()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,65 @@
+"""Composition of a worker process: settings → stores → persist pipeline → actors on a broker."""
+
+from __future__ import annotations
+
+import logging
+
+import dramatiq
+from dramatiq.brokers.redis import RedisBroker
+
+from mfh_core import HotStore, SqlStore
+from mfh_models import Settings
+from mfh_tasks.actors import LazyPipeline, declare_persist_actor
+from mfh_tasks.broker import build_broker
+from mfh_tasks.persist import EventPublisher, PersistPipeline
+
+__all__ = ["build_hot_store", "build_sql_store", "build_worker"]
+
+log = logging.getLogger("mfh.worker")
+
+
+def build_sql_store(settings: Settings) -> SqlStore:
+    store = SqlStore(settings.storage.database_url)
+    store.create_schema()
+    return store
+
+
+def build_hot_store(settings: Settings) -> HotStore:
+    return HotStore(
+        redis_url=settings.storage.redis_url,
+        prefix=settings.storage.redis_prefix,
+        origin=settings.host_id,
+        cache_ttl_seconds=settings.storage.cache_ttl_seconds,
+        max_backlog=settings.write_behind.max_backlog,
+    )
+
+
+async def _build_bus(settings: Settings) -> EventPublisher | None:
+    if not settings.replication.enabled:
+        return None
+    try:
+        from mfh_core.eventbus import EventBus
+    except ImportError:  # the event bus arrives with replication
+        return None
+    bus = EventBus.from_settings(settings.replication, name=f"mfh-worker-{settings.host_id}")
+    await bus.connect()
+    return bus  # type: ignore[no-any-return]
+
+
+def build_worker(settings: Settings) -> tuple[RedisBroker, dramatiq.Actor]:  # type: ignore[type-arg]
+    """The broker with ``persist_batch`` declared and wired to this host's stores."""
+    broker = build_broker(settings)
+    sql = build_sql_store(settings)
+
+    async def build() -> PersistPipeline:
+        return PersistPipeline(sql=sql, hot=build_hot_store(settings), bus=await _build_bus(settings))
+
+    actor = declare_persist_actor(broker, settings, LazyPipeline(build))
+    dramatiq.set_broker(broker)
+    log.info(
+        "worker for host %s: %s, queue %s",
+        settings.host_id,
+        settings.storage.database_url,
+        settings.write_behind.queue_name,
+    )
+    return broker, actor

@@ -49,7 +49,8 @@ def require(service_name: str, probe: Callable[[], object]) -> None:
     try:
         ok = probe()
     except Exception as e:
-        unavailable(f"{service_name} is not reachable: {type(e).__name__}: {e}")
+        detail = " ".join(str(e).split())  # driver errors span several lines
+        unavailable(f"{service_name} is not reachable: {type(e).__name__}: {detail}")
     if ok is not None and not ok:
         unavailable(f"{service_name} is not reachable")
 

@@ -34,7 +34,7 @@ from mfh_models.records import (
     validate_origin,
     validate_payload,
 )
-from mfh_models.settings import Settings, load_settings
+from mfh_models.settings import Settings, default_config_dir, load_settings
 from mfh_models.versions import pack, unpack
 
 __all__ = [
@@ -62,6 +62,7 @@ __all__ = [
     "Unavailable",
     "VersionConflict",
     "canonical_json",
+    "default_config_dir",
     "event_id_for",
     "items_checksum",
     "load_settings",

@@ -81,9 +81,7 @@ def validate_key(key: str) -> str:
     if len(key) > MAX_KEY_LENGTH:
         raise InvalidArgument(f"key is longer than {MAX_KEY_LENGTH} characters")
     if not _KEY_RE.fullmatch(key):
-        raise InvalidArgument(
-            f"key {key[:70]!r} may hold only letters, digits and '_', '.', ':', '/', '@', '-'"
-        )
+        raise InvalidArgument(f"key {key[:70]!r} may hold only letters, digits and '_', '.', ':', '/', '@', '-'")
     return key
 
 

@@ -72,15 +72,11 @@ class WriteBehindSettings(_Section):
     min_backoff_ms: int = Field(default=200, ge=1)
     max_backoff_ms: int = Field(default=10_000, ge=1)
     heartbeat_timeout_ms: int = Field(default=15_000, ge=500)
-    maintenance_chance: int = Field(
-        default=50_000, ge=1, le=1_000_000, description="per million broker calls"
-    )
+    maintenance_chance: int = Field(default=50_000, ge=1, le=1_000_000, description="per million broker calls")
     dead_message_ttl_ms: int = Field(default=7 * 86_400_000, ge=1000)
     worker_processes: int = Field(default=1, ge=1)
     worker_threads: int = Field(default=4, ge=1)
-    stale_dirty_seconds: float = Field(
-        default=60.0, gt=0, description="reconcile re-enqueues older dirty entries"
-    )
+    stale_dirty_seconds: float = Field(default=60.0, gt=0, description="reconcile re-enqueues older dirty entries")
 
 
 class ReplicationSettings(_Section):
@@ -223,11 +219,7 @@ def load_settings(
     ``host`` falls back to ``MFH_HOST`` in ``env``; with neither, default.yaml stands alone.
     """
     env = os.environ if env is None else env
-    cdir = (
-        Path(config_dir)
-        if config_dir is not None
-        else Path(env.get("MFH_CONFIG_DIR") or default_config_dir())
-    )
+    cdir = Path(config_dir) if config_dir is not None else Path(env.get("MFH_CONFIG_DIR") or default_config_dir())
     host = host or env.get("MFH_HOST") or None
     files = [cdir / "default.yaml"]
     if host:
@@ -246,8 +238,7 @@ def load_settings(
         return Settings.model_validate(merged)
     except ValidationError as e:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}"
-            for err in e.errors(include_url=False)
+            f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in e.errors(include_url=False)
         )
         raise ConfigError(f"{' + '.join(str(f) for f in files)}: {problems}") from None
     except ConfigError:

@@ -22,7 +22,11 @@ def event(
 ) -> MemoryEvent:
     """An event whose version is ``pack(T0 + version, 0)`` so small ints order as expected."""
     v = pack(T0 + version, 0)
-    payload = "null" if op is Op.DELETE else canonical_json({"content": content if content is not None else f"{key}@{version}"})
+    payload = (
+        "null"
+        if op is Op.DELETE
+        else canonical_json({"content": content if content is not None else f"{key}@{version}"})
+    )
     return MemoryEvent(
         event_id=event_id_for(origin, v),
         op=op,

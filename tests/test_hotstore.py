@@ -1,0 +1,165 @@
+"""HotStore against a real Redis: staging, versions, optimistic concurrency, dirty entries and TTLs."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from factories import payload
+
+from mfh_core import HotStore
+from mfh_models import Kind, Op, Record, ResourceExhausted, VersionConflict, pack, unpack
+
+
+@pytest.fixture
+async def hot(redis_url: str) -> AsyncIterator[HotStore]:
+    h = HotStore(redis_url=redis_url, prefix="t", origin="main_pc", cache_ttl_seconds=60, max_backlog=1000)
+    yield h
+    await h.close()
+
+
+async def put(hot: HotStore, key: str, text: str = "x", expected: int | None = None) -> int:
+    e = await hot.stage(
+        op=Op.PUT, namespace="ns", key=key, kind=Kind.MEMORY_ITEM, payload=payload(text), expected_version=expected
+    )
+    return e.version
+
+
+async def test_stage_assigns_growing_versions_and_reads_back(hot: HotStore) -> None:
+    v1 = await put(hot, "k", "one")
+    v2 = await put(hot, "k", "two")
+    assert v2 > v1
+    entry = await hot.get("ns", "k")
+    assert entry is not None and entry.dirty and entry.record.version == v2 and "two" in entry.record.payload
+
+
+async def test_versions_are_unique_under_concurrency(hot: HotStore) -> None:
+    versions = await asyncio.gather(*(put(hot, f"k{i % 10}") for i in range(500)))
+    assert len(set(versions)) == 500
+    ms, _ = unpack(max(versions))
+    assert ms > 1_700_000_000_000  # wall-clock milliseconds in the high bits
+
+
+async def test_stale_expected_version_is_refused_and_changes_nothing(hot: HotStore) -> None:
+    # Given a key at version v2
+    v1 = await put(hot, "k", "one")
+    v2 = await put(hot, "k", "two", expected=v1)
+    # When a writer that read v1 tries to write
+    with pytest.raises(VersionConflict) as info:
+        await put(hot, "k", "three", expected=v1)
+    # Then it is told the current version and nothing changed
+    assert info.value.current_version == v2
+    entry = await hot.get("ns", "k")
+    assert entry is not None and entry.record.version == v2 and "two" in entry.record.payload
+
+
+async def test_expected_zero_means_create_only(hot: HotStore) -> None:
+    await put(hot, "k", expected=0)
+    with pytest.raises(VersionConflict):
+        await put(hot, "k", expected=0)
+    # a tombstone counts as absent
+    await hot.stage(op=Op.DELETE, namespace="ns", key="k", kind=None, payload="null")
+    await put(hot, "k", expected=0)
+
+
+async def test_delete_is_a_versioned_tombstone_keeping_the_kind(hot: HotStore) -> None:
+    await hot.stage(op=Op.PUT, namespace="ns", key="k", kind=Kind.SESSION_DATA, payload=payload("x"))
+    e = await hot.stage(op=Op.DELETE, namespace="ns", key="k", kind=None, payload="null")
+    assert e.op is Op.DELETE and e.kind is Kind.SESSION_DATA
+    entry = await hot.get("ns", "k")
+    assert entry is not None and entry.record.deleted and entry.record.version == e.version
+
+
+async def test_dirty_entry_has_no_ttl_until_its_version_is_persisted(hot: HotStore) -> None:
+    # Given two staged versions of one key
+    e1 = await hot.stage(op=Op.PUT, namespace="ns", key="k", kind=Kind.MEMORY_ITEM, payload=payload("1"))
+    e2 = await hot.stage(op=Op.PUT, namespace="ns", key="k", kind=Kind.MEMORY_ITEM, payload=payload("2"))
+    assert await hot.ttl_of("ns", "k") == -1
+    # When only the older version is reported persisted
+    assert await hot.mark_clean([e1]) == 0
+    # Then the entry is still dirty, with no TTL, and still in the dirty set
+    assert await hot.ttl_of("ns", "k") == -1
+    assert await hot.dirty_count() == 1
+    # When the newest version is persisted, the TTL starts and the dirty set empties
+    assert await hot.mark_clean([e2]) == 1
+    assert 0 < await hot.ttl_of("ns", "k") <= 60
+    assert await hot.dirty_count() == 0
+    # And a new write removes the TTL again
+    await put(hot, "k")
+    assert await hot.ttl_of("ns", "k") == -1
+
+
+async def test_dirty_entry_survives_past_the_cache_ttl(redis_url: str) -> None:
+    # A 1 s cache TTL: a persisted entry expires, a dirty one never does.
+    hot = HotStore(redis_url=redis_url, prefix="t", origin="main_pc", cache_ttl_seconds=1)
+    try:
+        clean = await hot.stage(op=Op.PUT, namespace="ns", key="clean", kind=Kind.MEMORY_ITEM, payload=payload("c"))
+        await hot.stage(op=Op.PUT, namespace="ns", key="dirty", kind=Kind.MEMORY_ITEM, payload=payload("d"))
+        await hot.mark_clean([clean])
+        deadline = asyncio.get_running_loop().time() + 5
+        while await hot.get("ns", "clean") is not None:
+            assert asyncio.get_running_loop().time() < deadline, "clean entry never expired"
+            await asyncio.sleep(0.05)
+        assert await hot.get("ns", "dirty") is not None
+        assert await hot.ttl_of("ns", "dirty") == -1
+    finally:
+        await hot.close()
+
+
+async def test_apply_takes_only_newer_versions_and_moves_the_clock(hot: HotStore) -> None:
+    local = await put(hot, "k", "local")
+    future_version = pack(unpack(local)[0] + 60_000, 3)  # a remote host a minute ahead
+    remote = Record(
+        namespace="ns", key="k", kind=Kind.MEMORY_ITEM, payload=payload("remote"), version=future_version, origin="pc2"
+    )
+    assert await hot.apply(remote, from_sql=False) is True
+    assert await hot.apply(remote, from_sql=False) is False  # the same version again: no-op
+    older = remote.model_copy(update={"version": local - 1, "payload": payload("old")})
+    assert await hot.apply(older, from_sql=False) is False
+    # the next local write is newer than the remote one it saw
+    assert await put(hot, "other") > future_version
+    entry = await hot.get("ns", "k")
+    assert entry is not None and entry.record.origin == "pc2" and entry.dirty
+
+
+async def test_fill_from_sql_never_overwrites_a_newer_staged_version(hot: HotStore) -> None:
+    staged = await put(hot, "k", "new")
+    sql_row = Record(
+        namespace="ns", key="k", kind=Kind.MEMORY_ITEM, payload=payload("old"), version=staged - 1, origin="main_pc"
+    )
+    assert await hot.apply(sql_row, from_sql=True) is False
+    entry = await hot.get("ns", "k")
+    assert entry is not None and entry.dirty and "new" in entry.record.payload
+    # a fill into an empty slot is clean and has a TTL
+    fresh = sql_row.model_copy(update={"key": "cold"})
+    assert await hot.apply(fresh, from_sql=True) is True
+    cold = await hot.get("ns", "cold")
+    assert cold is not None and not cold.dirty and await hot.ttl_of("ns", "cold") > 0
+
+
+async def test_backlog_bound_refuses_new_keys_but_not_rewrites(redis_url: str) -> None:
+    hot = HotStore(redis_url=redis_url, prefix="t", origin="main_pc", cache_ttl_seconds=60, max_backlog=3)
+    try:
+        for k in "abc":
+            await put(hot, k)
+        with pytest.raises(ResourceExhausted):
+            await put(hot, "d")
+        assert await hot.get("ns", "d") is None
+        await put(hot, "a")  # rewriting a dirty key does not grow the backlog
+    finally:
+        await hot.close()
+
+
+async def test_stale_dirty_lists_events_to_re_enqueue(hot: HotStore) -> None:
+    e = await hot.stage(op=Op.PUT, namespace="ns", key="k:1/x", kind=Kind.MEMORY_ITEM, payload=payload("x"))
+    events = await hot.stale_dirty(older_than_ms=e.created_at + 1)
+    assert events == [e]
+    assert await hot.stale_dirty(older_than_ms=e.created_at - 1) == []
+
+
+async def test_get_many_returns_hits_only(hot: HotStore) -> None:
+    await put(hot, "a")
+    await put(hot, "b")
+    got = await hot.get_many("ns", ["a", "zz", "b"])
+    assert sorted(got) == ["a", "b"]

@@ -1,0 +1,161 @@
+"""The write-behind path end to end: stage in Redis → batcher → Dramatiq → SQL, with real workers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from factories import payload
+from hosts import TestHost, make_host
+from services import async_wait_until
+
+from mfh_core import HotStore, SqlStore
+from mfh_models import InvalidArgument, Kind, MemoryEvent, Op
+from mfh_tasks import WriteBatcher, build_broker, build_hot_store, declare_persist_actor, decode_batch, encode_batch
+
+
+@pytest.fixture
+async def host(tmp_path: Path, redis_url: str) -> AsyncIterator[TestHost]:
+    h = make_host(tmp_path, redis_url=redis_url, overrides={"write_behind": {"batch_max_size": 50}})
+    yield h
+    h.stop_all()
+
+
+class Sender:
+    """The api side of the pipeline: hot store, broker and batcher, in this process."""
+
+    def __init__(self, host: TestHost) -> None:
+        s = host.settings
+        self.broker = build_broker(s)
+        self.actor = declare_persist_actor(self.broker, s)
+        self.hot: HotStore = build_hot_store(s)
+        self.batcher = WriteBatcher(
+            lambda evs: self.actor.send(encode_batch(evs)),
+            max_size=s.write_behind.batch_max_size,
+            max_delay_s=s.write_behind.batch_max_delay_ms / 1000,
+        )
+
+    async def put(self, key: str, text: str) -> MemoryEvent:
+        e = await self.hot.stage(op=Op.PUT, namespace="ns", key=key, kind=Kind.MEMORY_ITEM, payload=payload(text))
+        await self.batcher.submit(e)
+        return e
+
+    async def close(self) -> None:
+        await self.batcher.close()
+        await self.hot.close()
+        self.broker.close()
+
+
+def sql_for(host: TestHost) -> SqlStore:
+    s = SqlStore(host.settings.storage.database_url)
+    s.create_schema()
+    return s
+
+
+async def test_worker_killed_mid_batch_loses_no_write(host: TestHost) -> None:
+    # Given 5,000 acknowledged writes (staged in Redis, batches enqueued) and a worker persisting them
+    sender = Sender(host)
+    sql = sql_for(host)
+    try:
+        writes = await asyncio.gather(*(sender.put(f"k{i}", f"v{i}") for i in range(5000)))
+        worker = host.start_worker(threads=2)
+        await async_wait_until(lambda: sql.counts()["items"] > 0, 60, message="the worker to persist something")
+        # When the worker is SIGKILLed in the middle of them
+        host.kill(worker)
+        persisted_at_kill = sql.counts()["items"]
+        assert persisted_at_kill < 5000, "the worker finished before it could be killed"
+        # and a worker runs again
+        host.start_worker(threads=2)
+        # Then every write reaches SQL, at its staged version, and every entry becomes clean
+        await async_wait_until(
+            lambda: sql.counts()["items"] == 5000, 90, interval=0.1, message=f"5,000 items\n{host.log()}"
+        )
+        await async_wait_until(lambda: _zero(sender.hot), 30, message="dirty set to drain")
+        rows = sql.get_many("ns", [e.key for e in writes])
+        assert {k: r.version for k, r in rows.items()} == {e.key: e.version for e in writes}
+    finally:
+        await sender.close()
+        sql.close()
+
+
+async def _zero(hot: HotStore) -> bool:
+    return await hot.dirty_count() == 0
+
+
+async def test_persist_waits_for_sql_and_ttl_starts_after(host: TestHost) -> None:
+    # Given a running worker
+    sender = Sender(host)
+    sql = sql_for(host)
+    host.start_worker(threads=2)
+    try:
+        # When a write is acknowledged
+        e = await sender.put("k", "hello")
+        # Then it is dirty (no TTL) until it is in SQL, and clean with a TTL after
+        await async_wait_until(lambda: sql.get("ns", "k") is not None, 30, message=f"row in SQL\n{host.log()}")
+        await async_wait_until(lambda: _ttl_positive(sender.hot), 10, message="TTL to start")
+        row = sql.get("ns", "k")
+        assert row is not None and row.version == e.version
+    finally:
+        await sender.close()
+        sql.close()
+
+
+async def _ttl_positive(hot: HotStore) -> bool:
+    return await hot.ttl_of("ns", "k") > 0
+
+
+def test_malformed_batches_are_rejected_without_retry() -> None:
+    with pytest.raises(InvalidArgument):
+        decode_batch({"not": "a list"})
+    with pytest.raises(InvalidArgument):
+        decode_batch([{"event_id": "x"}])
+    with pytest.raises(InvalidArgument):
+        decode_batch([{**_valid_event(), "namespace": "../../etc"}])
+
+
+def _valid_event() -> dict[str, object]:
+    return {
+        "event_id": "main_pc-1",
+        "op": "put",
+        "namespace": "ns",
+        "key": "k",
+        "kind": "memory_item",
+        "payload": "{}",
+        "version": 1,
+        "origin": "main_pc",
+        "created_at": 1,
+    }
+
+
+async def test_batcher_groups_concurrent_writes_and_answers_each_caller() -> None:
+    sent: list[list[MemoryEvent]] = []
+    batcher = WriteBatcher(sent.append, max_size=100, max_delay_s=0.005)
+    events = [
+        MemoryEvent.model_validate({**_valid_event(), "event_id": f"main_pc-{i}", "version": i, "key": f"k{i}"})
+        for i in range(1, 251)
+    ]
+    await asyncio.gather(*(batcher.submit(e) for e in events))
+    assert [len(b) for b in sent] == [100, 100, 50]
+    assert [e for b in sent for e in b] == events
+
+
+async def test_batcher_flushes_a_lone_write_after_the_delay() -> None:
+    sent: list[list[MemoryEvent]] = []
+    batcher = WriteBatcher(sent.append, max_size=100, max_delay_s=0.002)
+    await asyncio.wait_for(batcher.submit(MemoryEvent.model_validate(_valid_event())), 1)
+    assert len(sent) == 1
+
+
+async def test_batcher_reports_a_failed_enqueue_to_every_caller() -> None:
+    def broken(_: list[MemoryEvent]) -> None:
+        raise ConnectionError("redis down")
+
+    from mfh_models import Unavailable
+
+    batcher = WriteBatcher(broken, max_size=10, max_delay_s=0.001)
+    results = await asyncio.gather(
+        *(batcher.submit(MemoryEvent.model_validate(_valid_event())) for _ in range(3)), return_exceptions=True
+    )
+    assert all(isinstance(r, Unavailable) for r in results)

@@ -9,18 +9,18 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = [
-    "API_REQUESTS",
     "API_LATENCY",
+    "API_REQUESTS",
     "CACHE_LOOKUPS",
     "DIRTY_ENTRIES",
     "LEGACY_V0_CALLS",
     "PERSIST_BATCHES",
     "PERSIST_EVENTS",
     "PERSIST_SECONDS",
+    "RECONCILE_REENQUEUED",
     "REPLICATION_APPLIED",
     "REPLICATION_LAG",
     "REPLICATION_SKIPPED",
-    "RECONCILE_REENQUEUED",
     "UNPUBLISHED_EVENTS",
     "WRITE_BATCHES",
 ]

@@ -1,0 +1,106 @@
+"""Persisted writes per second: the batched write-behind pipeline vs one Dramatiq message per write.
+
+Both runs stage writes in Redis exactly as the api does (HotStore.stage, then WriteBatcher), with
+a real ``dramatiq`` worker process persisting into SQLite; a write counts once its entry is clean
+(its version committed to SQL). The baseline is the same pipeline with micro-batches of one.
+Redis db 12 by default is flushed: point --redis-url at a scratch database.
+
+    python bench/write_pipeline.py [--writes 20000] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+
+import redis
+from _hosts import BenchHost
+
+from mfh_core import HotStore
+from mfh_models import Kind, Op, canonical_json
+from mfh_tasks import WriteBatcher, build_broker, build_hot_store, declare_persist_actor, encode_batch
+
+
+async def run_round(host: BenchHost, *, writes: int, batch_size: int, concurrency: int, tag: str) -> float:
+    """Stage ``writes`` writes with ``concurrency`` callers; return persisted writes/s."""
+    s = host.settings
+    broker = build_broker(s)
+    actor = declare_persist_actor(broker, s)
+    hot: HotStore = build_hot_store(s)
+    batcher = WriteBatcher(
+        lambda evs: actor.send(encode_batch(evs)),
+        max_size=batch_size,
+        max_delay_s=s.write_behind.batch_max_delay_ms / 1000,
+    )
+    payload = canonical_json({"content": "x" * 200, "tags": ["bench"], "importance": 0.5})
+    next_i = 0
+
+    async def writer() -> None:
+        nonlocal next_i
+        while next_i < writes:
+            i = next_i
+            next_i += 1
+            e = await hot.stage(op=Op.PUT, namespace="bench", key=f"{tag}-{i}", kind=Kind.MEMORY_ITEM, payload=payload)
+            await batcher.submit(e)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(writer() for _ in range(concurrency)))
+    acked = time.perf_counter() - t0
+    while await hot.dirty_count() > 0:
+        await asyncio.sleep(0.005)
+        if time.perf_counter() - t0 > 300:
+            raise SystemExit(f"{tag}: not persisted after 300 s; see {host.dir}/worker.log")
+    elapsed = time.perf_counter() - t0
+    await batcher.close()
+    await hot.close()
+    broker.close()
+    print(
+        f"  {tag:<10} {writes:>6} writes  acked in {acked:6.2f} s  persisted in {elapsed:6.2f} s"
+        f"  = {writes / elapsed:8.0f} writes/s  ({batcher.batches_sent} messages)"
+    )
+    return writes / elapsed
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/12")
+    ap.add_argument("--writes", type=int, default=20_000, help="writes per batched round")
+    ap.add_argument("--single-writes", type=int, default=4_000, help="writes per one-message-per-write round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=4, help="worker threads")
+    args = ap.parse_args()
+
+    redis.Redis.from_url(args.redis_url).flushdb()
+    host = BenchHost(redis_url=args.redis_url)
+    batch_size = host.settings.write_behind.batch_max_size
+    host.start_worker(threads=args.threads)
+    print(
+        f"write_pipeline: SQLite {host.settings.storage.sqlite_path}, 1 worker process x {args.threads} threads, "
+        f"{args.concurrency} concurrent writers, batch_max_size={batch_size}"
+    )
+    try:
+        await run_round(host, writes=500, batch_size=batch_size, concurrency=args.concurrency, tag="warmup")
+        batched, single = [], []
+        for r in range(args.rounds):
+            batched.append(
+                await run_round(
+                    host, writes=args.writes, batch_size=batch_size, concurrency=args.concurrency, tag=f"batched{r}"
+                )
+            )
+            single.append(
+                await run_round(
+                    host, writes=args.single_writes, batch_size=1, concurrency=args.concurrency, tag=f"single{r}"
+                )
+            )
+    finally:
+        host.stop()
+    b, s1 = statistics.median(batched), statistics.median(single)
+    print(f"median batched: {b:.0f} persisted writes/s; one message per write: {s1:.0f} writes/s; ratio {b / s1:.1f}x")
+    print(f"persisted_writes_per_s={b:.0f} single_message_writes_per_s={s1:.0f} ratio={b / s1:.2f}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

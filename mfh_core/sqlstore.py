@@ -34,7 +34,7 @@ from mfh_models import (
     items_checksum,
 )
 
-__all__ = ["ApplyResult", "SqlStore", "events_table", "items_table", "metadata"]
+__all__ = ["ApplyResult", "Snapshot", "SqlStore", "events_table", "items_table", "metadata"]
 
 log = logging.getLogger("mfh.sqlstore")
 
@@ -133,6 +133,33 @@ def _event(row: Any) -> MemoryEvent:
         created_at=int(row.created_at),
         schema_version=int(row.schema_version),
     )
+
+
+class Snapshot:
+    """Items and events as of one moment: what a replay audit compares."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def iter_items(self, batch: int = 5000) -> Iterator[ChecksumRow]:
+        t = items_table
+        cols = (t.c.namespace, t.c.key, t.c.version, t.c.origin, t.c.deleted, t.c.payload)
+        for r in self._conn.execution_options(yield_per=batch).execute(sa.select(*cols)):
+            yield ChecksumRow(r.namespace, r.key, int(r.version), r.origin, bool(r.deleted), r.payload)
+
+    def checksum(self) -> str:
+        return items_checksum(self.iter_items())
+
+    def iter_events(self, *, batch: int = 5000) -> Iterator[list[MemoryEvent]]:
+        """The whole log in commit order, in lists of up to ``batch`` events."""
+        t = events_table
+        last = 0
+        while True:
+            rows = self._conn.execute(sa.select(t).where(t.c.seq > last).order_by(t.c.seq).limit(batch)).all()
+            if not rows:
+                return
+            yield [_event(r) for r in rows]
+            last = int(rows[-1].seq)
 
 
 class SqlStore:
@@ -325,17 +352,24 @@ class SqlStore:
         with self._guard(), self._read.connect() as conn:
             return [_record(r) for r in conn.execute(stmt)]
 
-    def iter_items(self, batch: int = 5000) -> Iterator[ChecksumRow]:
-        t = items_table
-        cols = (t.c.namespace, t.c.key, t.c.version, t.c.origin, t.c.deleted, t.c.payload)
-        with self._guard(), self._read.connect() as conn:
-            result = conn.execution_options(yield_per=batch).execute(sa.select(*cols))
-            for r in result:
-                yield ChecksumRow(r.namespace, r.key, int(r.version), r.origin, bool(r.deleted), r.payload)
+    def iter_items(self) -> Iterator[ChecksumRow]:
+        """Every item row (tombstones too) as checksum rows."""
+        with self.snapshot() as snap:
+            yield from snap.iter_items()
 
     def checksum(self) -> str:
         """The one checksum (DESIGN.md invariant 7) of the items table."""
-        return items_checksum(self.iter_items())
+        with self.snapshot() as snap:
+            return snap.checksum()
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Snapshot]:
+        """One consistent read view of items and events (a single repeatable-read transaction)."""
+        with self._guard(), self._read.connect() as conn:
+            if self.dialect == "postgresql":
+                conn = conn.execution_options(isolation_level="REPEATABLE READ")
+            with conn.begin():
+                yield Snapshot(conn)
 
     def iter_events(self, *, after_seq: int = 0, batch: int = 2000) -> Iterator[tuple[int, MemoryEvent]]:
         """The event log in commit order, as (seq, event)."""

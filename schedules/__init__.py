@@ -2,4 +2,8 @@
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from schedules.jobs import AuditResult, audit, reconcile, snapshot
+from schedules.lease import Lease
+from schedules.runner import run_scheduler
+
+__all__ = ["AuditResult", "Lease", "audit", "reconcile", "run_scheduler", "snapshot"]

@@ -1,0 +1,110 @@
+"""The scheduler's jobs: reconcile lost batches, take snapshots, run the replay audit.
+
+Each job is a plain function of its collaborators, so tests and ``mfh`` commands run it directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mfh_core import HotStore, SqlStore
+from mfh_core.metrics import DIRTY_ENTRIES, RECONCILE_REENQUEUED
+from mfh_models import MemoryEvent, items_checksum
+
+__all__ = ["AuditResult", "audit", "reconcile", "snapshot"]
+
+log = logging.getLogger("mfh.schedules")
+
+
+async def reconcile(
+    hot: HotStore, send: Callable[[list[MemoryEvent]], None], *, stale_after_s: float, batch: int = 256
+) -> int:
+    """Re-enqueue entries dirty for longer than ``stale_after_s``: their batch was lost or dead-lettered.
+
+    Harmless when the batch was only slow: persisting twice is idempotent (DESIGN.md invariant 2).
+    """
+    DIRTY_ENTRIES.set(await hot.dirty_count())
+    older_than = int(time.time() * 1000 - stale_after_s * 1000)
+    events = await hot.stale_dirty(older_than_ms=older_than, limit=10_000)
+    for i in range(0, len(events), batch):
+        await asyncio.to_thread(send, events[i : i + batch])
+    if events:
+        RECONCILE_REENQUEUED.inc(len(events))
+        log.warning("reconcile: re-enqueued %d entries dirty for over %.0f s", len(events), stale_after_s)
+    return len(events)
+
+
+def snapshot(sql: SqlStore, directory: Path, *, keep: int = 24) -> Path:
+    """Write every item (tombstones too) as gzipped JSON lines, headed by the checksum; keep the newest ``keep``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    final = directory / f"snapshot-{stamp}.jsonl.gz"
+    tmp = final.with_suffix(".tmp")
+    with sql.snapshot() as snap:
+        rows = sorted(snap.iter_items(), key=lambda r: (r.namespace.encode(), r.key.encode()))
+    with gzip.open(tmp, "wt", encoding="utf-8") as out:
+        out.write(json.dumps({"checksum": items_checksum(rows), "items": len(rows), "taken_at": stamp}) + "\n")
+        for r in rows:
+            out.write(json.dumps(r._asdict(), separators=(",", ":")) + "\n")
+    tmp.rename(final)
+    for old in sorted(directory.glob("snapshot-*.jsonl.gz"))[:-keep]:
+        old.unlink()
+    log.info("snapshot %s written", final)
+    return final
+
+
+@dataclass(frozen=True, slots=True)
+class AuditResult:
+    ok: bool
+    live_checksum: str
+    replay_checksum: str
+    events: int
+    seconds: float
+    checked_at: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+def audit(sql: SqlStore, *, report_dir: Path | None = None) -> AuditResult:
+    """Replay the event log into an empty SQLite and compare checksums with the live items table.
+
+    Both sides come from one read snapshot, so writes during the audit cannot make it disagree.
+    """
+    t0 = time.perf_counter()
+    events = 0
+    with tempfile.TemporaryDirectory(prefix="mfh-audit-") as tmp:
+        target = SqlStore(f"sqlite:///{tmp}/replay.db")
+        target.create_schema()
+        try:
+            with sql.snapshot() as snap:
+                live = snap.checksum()
+                for chunk in snap.iter_events():
+                    target.apply_batch(chunk, published=True)
+                    events += len(chunk)
+            replayed = target.checksum()
+        finally:
+            target.close()
+    result = AuditResult(
+        ok=live == replayed,
+        live_checksum=live,
+        replay_checksum=replayed,
+        events=events,
+        seconds=round(time.perf_counter() - t0, 3),
+        checked_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+    if report_dir is not None:
+        report_dir.mkdir(parents=True, exist_ok=True)
+        (report_dir / "audit-latest.json").write_text(result.to_json() + "\n")
+        with (report_dir / "audit-history.jsonl").open("a") as f:
+            f.write(result.to_json() + "\n")
+    (log.info if result.ok else log.error)("replay audit: %s", result.to_json())
+    return result

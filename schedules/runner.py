@@ -1,0 +1,115 @@
+"""The ``scheduler`` process of a host: APScheduler running reconcile, snapshot and audit.
+
+Only the holder of the host's lease runs jobs (see lease.py); the others stand by.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.cron import CronTrigger
+
+from mfh_models import MemoryEvent, Settings
+from mfh_tasks import build_broker, build_hot_store, build_sql_store, declare_persist_actor, encode_batch
+from schedules.jobs import audit, reconcile, snapshot
+from schedules.lease import Lease
+
+__all__ = ["run_scheduler"]
+
+log = logging.getLogger("mfh.scheduler")
+
+
+async def run_scheduler(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
+    """Run until SIGTERM/SIGINT (or ``stop`` is set)."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    hot = build_hot_store(settings)
+    sql = build_sql_store(settings)
+    broker = build_broker(settings)
+    actor = declare_persist_actor(broker, settings)
+    lease = Lease(hot.redis, f"{settings.storage.redis_prefix}:scheduler:leader")
+    sch = settings.scheduler
+    report_dir = Path(sch.snapshot_dir)
+
+    def send(events: list[MemoryEvent]) -> None:
+        actor.send(encode_batch(events))
+
+    def leader_only(name: str, job: Callable[[], Awaitable[object]]) -> Callable[[], Awaitable[None]]:
+        async def run() -> None:
+            if not lease.held:
+                return
+            try:
+                await job()
+            except Exception:
+                log.exception("job %s failed", name)
+
+        return run
+
+    async def do_reconcile() -> None:
+        await reconcile(hot, send, stale_after_s=settings.write_behind.stale_dirty_seconds)
+
+    async def do_snapshot() -> None:
+        await asyncio.to_thread(snapshot, sql, Path(sch.snapshot_dir))
+
+    async def do_audit() -> None:
+        await asyncio.to_thread(audit, sql, report_dir=report_dir)
+
+    async def keep_lease() -> None:
+        was = lease.held
+        try:
+            await lease.refresh()
+        except Exception as e:
+            lease.held = False
+            log.warning("scheduler lease: redis unavailable: %s", e)
+        if lease.held != was:
+            log.info("scheduler lease %s", "taken: running jobs" if lease.held else "lost: standing by")
+
+    scheduler = AsyncIOScheduler()
+    scheduler.add_job(keep_lease, "interval", seconds=lease.ttl_ms / 3000, id="lease", max_instances=1)
+    scheduler.add_job(
+        leader_only("reconcile", do_reconcile),
+        "interval",
+        seconds=sch.reconcile_interval_seconds,
+        id="reconcile",
+        max_instances=1,
+        coalesce=True,
+    )
+    scheduler.add_job(
+        leader_only("snapshot", do_snapshot),
+        "interval",
+        seconds=sch.snapshot_interval_seconds,
+        id="snapshot",
+        max_instances=1,
+        coalesce=True,
+    )
+    scheduler.add_job(
+        leader_only("audit", do_audit),
+        CronTrigger.from_crontab(sch.audit_cron, timezone="UTC"),
+        id="audit",
+        max_instances=1,
+        coalesce=True,
+    )
+    await keep_lease()
+    scheduler.start()
+    log.info(
+        "scheduler for %s: reconcile every %ss, snapshot every %ss, audit at '%s' UTC",
+        settings.host_id,
+        sch.reconcile_interval_seconds,
+        sch.snapshot_interval_seconds,
+        sch.audit_cron,
+    )
+    try:
+        await stop.wait()
+    finally:
+        scheduler.shutdown(wait=False)
+        await lease.release()
+        await hot.close()
+        sql.close()
+        broker.close()

@@ -1,0 +1,68 @@
+"""API key checks shared by both transports, and the start-up guard against an open, keyless bind.
+
+Keys are compared with :func:`hmac.compare_digest` so a wrong key takes as long as a right one.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from typing import Final
+
+from mfh_models import ConfigError, Settings, Unauthenticated
+
+__all__ = ["API_KEY_METADATA", "ApiKeyCheck", "check_bind_is_safe", "is_loopback"]
+
+API_KEY_METADATA: Final = "x-api-key"
+
+
+class ApiKeyCheck:
+    """``check(presented)`` raises Unauthenticated unless the key matches (no key configured: all pass)."""
+
+    def __init__(self, expected: str | None) -> None:
+        self._expected = expected.encode("utf-8") if expected else None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ApiKeyCheck:
+        key = settings.server.api_key
+        return cls(key.get_secret_value() if key is not None else None)
+
+    @property
+    def required(self) -> bool:
+        return self._expected is not None
+
+    def ok(self, presented: str | bytes | None) -> bool:
+        if self._expected is None:
+            return True
+        if presented is None:
+            return False
+        raw = presented.encode("utf-8") if isinstance(presented, str) else presented
+        return hmac.compare_digest(raw, self._expected)
+
+    def check(self, presented: str | bytes | None) -> None:
+        if self.ok(presented):
+            return
+        if presented is None or presented in ("", b""):
+            raise Unauthenticated(f"missing API key (send it as {API_KEY_METADATA!r})")
+        raise Unauthenticated("wrong API key")
+
+
+def is_loopback(bind: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and 'localhost'; 0.0.0.0, '::' and names are not loopback."""
+    host = bind.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind_is_safe(settings: Settings, *, insecure: bool) -> None:
+    """Refuse to serve a non-loopback address without an API key unless the operator said --insecure."""
+    if insecure or ApiKeyCheck.from_settings(settings).required or is_loopback(settings.server.bind):
+        return
+    raise ConfigError(
+        f"server.bind is {settings.server.bind!r} (reachable from other machines) and no API key is set: "
+        "set MFH_API_KEY (server.api_key), bind to 127.0.0.1, or pass --insecure to accept the risk"
+    )

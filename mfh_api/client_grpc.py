@@ -1,0 +1,376 @@
+"""gRPC clients for MFH: :class:`MemoryClient` (sync) and :class:`AsyncMemoryClient` (async).
+
+Same methods, typed with the models; errors are the mfh_models exceptions. Several endpoints
+("host:port") give failover: on UNAVAILABLE or DEADLINE_EXCEEDED the call moves to the next one.
+Retry policy, decided by what a repeat could do:
+
+- reads (Get, BatchGet, List): retried on UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED;
+- unconditional Put/BatchPut: retried the same way (at least once: a repeat writes the same
+  content again under a newer version, so the stored state is the same);
+- conditional writes (an expected_version) and Delete: retried only when the call never reached
+  a server (connection refused) or was refused before running (RESOURCE_EXHAUSTED), because a
+  repeat of one that ran would answer FAILED_PRECONDITION or NOT_FOUND.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Generic, TypeVar
+
+import grpc
+
+from mfh_api.auth import API_KEY_METADATA
+from mfh_api.errors import exception_for
+from mfh_api.grpc_server import from_pb_record
+from mfh_api.proto import pb, pb_grpc
+from mfh_api.service import Durability, PutResult, PutSpec
+from mfh_models import InvalidArgument, MemoryEvent, Op, Record, canonical_json, event_id_for
+
+__all__ = ["AsyncMemoryClient", "MemoryClient"]
+
+T = TypeVar("T")
+_S = grpc.StatusCode
+
+
+class _Retry(Enum):
+    ALWAYS = "always"  # safe to repeat
+    NOT_RUN = "not_run"  # only if the server cannot have run it
+
+
+_RETRY_ALWAYS = frozenset({_S.UNAVAILABLE, _S.DEADLINE_EXCEEDED, _S.RESOURCE_EXHAUSTED})
+_NEVER_SENT = ("failed to connect", "connection refused", "dns resolution failed", "no route to host")
+
+
+def _retryable(policy: _Retry, e: grpc.RpcError) -> bool:
+    code = e.code()
+    if policy is _Retry.ALWAYS:
+        return code in _RETRY_ALWAYS
+    details = (e.details() or "").lower()
+    if code is _S.RESOURCE_EXHAUSTED:
+        return "message larger than max" not in details and "received message larger" not in details
+    return code is _S.UNAVAILABLE and any(s in details for s in _NEVER_SENT)
+
+
+@dataclass(frozen=True)
+class _Call(Generic[T]):
+    method: str
+    request: Any
+    retry: _Retry
+    convert: Callable[[Any], T]
+
+
+def _durability(d: Durability) -> Any:
+    return pb.DURABILITY_PERSISTED if d is Durability.PERSISTED else pb.DURABILITY_ACCEPTED
+
+
+def _put_request(spec: PutSpec) -> Any:
+    payload = spec.payload if isinstance(spec.payload, str) else canonical_json(spec.payload)
+    req = pb.PutRequest(record=pb.Record(namespace=spec.namespace, key=spec.key, kind=spec.kind, payload_json=payload))
+    if spec.expected_version is not None:
+        req.expected_version = spec.expected_version
+    return req
+
+
+def _result(m: Any) -> PutResult:
+    return PutResult(version=int(m.version), event_id=str(m.event_id))
+
+
+def _get(namespace: str, key: str) -> _Call[Record]:
+    req = pb.GetRequest(namespace=namespace, key=key)
+    return _Call("Get", req, _Retry.ALWAYS, lambda m: from_pb_record(m.record))
+
+
+def _batch_get(namespace: str, keys: Sequence[str]) -> _Call[tuple[list[Record], list[str]]]:
+    req = pb.BatchGetRequest(namespace=namespace, keys=list(keys))
+    return _Call("BatchGet", req, _Retry.ALWAYS, lambda m: ([from_pb_record(r) for r in m.records], list(m.missing)))
+
+
+def _put(spec: PutSpec, durability: Durability) -> _Call[PutResult]:
+    req = _put_request(spec)
+    req.durability = _durability(durability)
+    retry = _Retry.ALWAYS if spec.expected_version is None else _Retry.NOT_RUN
+    return _Call("Put", req, retry, _result)
+
+
+def _batch_put(specs: Sequence[PutSpec], durability: Durability) -> _Call[list[PutResult]]:
+    req = pb.BatchPutRequest(puts=[_put_request(s) for s in specs], durability=_durability(durability))
+    retry = _Retry.ALWAYS if all(s.expected_version is None for s in specs) else _Retry.NOT_RUN
+    return _Call("BatchPut", req, retry, lambda m: [_result(r) for r in m.results])
+
+
+def _delete(namespace: str, key: str, expected_version: int | None, durability: Durability) -> _Call[PutResult]:
+    req = pb.DeleteRequest(namespace=namespace, key=key, durability=_durability(durability))
+    if expected_version is not None:
+        req.expected_version = expected_version
+    return _Call("Delete", req, _Retry.NOT_RUN, _result)
+
+
+def _list(
+    namespace: str, kind: str | None, key_prefix: str, page_size: int, page_token: str, include_deleted: bool
+) -> _Call[tuple[list[Record], str]]:
+    req = pb.ListRequest(
+        namespace=namespace,
+        kind=kind or "",
+        key_prefix=key_prefix,
+        page_size=page_size,
+        page_token=page_token,
+        include_deleted=include_deleted,
+    )
+    return _Call("List", req, _Retry.ALWAYS, lambda m: ([from_pb_record(r) for r in m.records], m.next_page_token))
+
+
+def _event(m: Any) -> MemoryEvent:
+    rec = from_pb_record(m.record)
+    return MemoryEvent.model_construct(
+        event_id=m.event_id or event_id_for(rec.origin, rec.version),
+        op=Op(m.op),
+        namespace=rec.namespace,
+        key=rec.key,
+        kind=rec.kind,
+        payload=rec.payload,
+        version=rec.version,
+        origin=rec.origin,
+        created_at=rec.updated_at,
+        schema_version=rec.schema_version,
+    )
+
+
+class _Base:
+    def __init__(
+        self,
+        endpoints: str | Sequence[str],
+        *,
+        api_key: str | None = None,
+        timeout: float = 5.0,
+        retries: int = 3,
+        backoff: float = 0.05,
+        max_message_bytes: int = 4 * 1024 * 1024,
+    ) -> None:
+        eps = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+        if not eps:
+            raise InvalidArgument("at least one endpoint (host:port) is required")
+        self.endpoints = eps
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self._metadata: tuple[tuple[str, str], ...] = ((API_KEY_METADATA, api_key),) if api_key else ()
+        self._options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+        self._current = 0
+        self.failovers = 0  # how many times a call moved to another endpoint or was retried
+
+    def _attempts(self) -> int:
+        return max(self.retries, len(self.endpoints) - 1) + 1
+
+    def _next_endpoint(self) -> None:
+        self.failovers += 1
+        self._current = (self._current + 1) % len(self.endpoints)
+
+    def _delay(self, attempt: int) -> float:
+        return float(min(self.backoff * (2**attempt), 1.0))
+
+
+class AsyncMemoryClient(_Base):
+    """Async gRPC client; use ``async with AsyncMemoryClient([...]) as c:`` or call :meth:`close`."""
+
+    def __init__(self, endpoints: str | Sequence[str], **kwargs: Any) -> None:
+        super().__init__(endpoints, **kwargs)
+        self._stubs: dict[int, tuple[grpc.aio.Channel, Any]] = {}
+
+    def _stub(self) -> Any:
+        i = self._current
+        if i not in self._stubs:
+            ch = grpc.aio.insecure_channel(self.endpoints[i], options=self._options)
+            self._stubs[i] = (ch, pb_grpc.MemoryFusionStub(ch))
+        return self._stubs[i][1]
+
+    async def _run(self, call: _Call[T], timeout: float | None) -> T:  # noqa: ASYNC109
+        t = timeout or self.timeout
+        attempts = self._attempts()
+        for attempt in range(attempts):
+            try:
+                reply = await getattr(self._stub(), call.method)(call.request, timeout=t, metadata=self._metadata)
+                return call.convert(reply)
+            except grpc.aio.AioRpcError as e:
+                if attempt + 1 < attempts and _retryable(call.retry, e):
+                    self._next_endpoint()
+                    await asyncio.sleep(self._delay(attempt))
+                    continue
+                raise exception_for(e.code(), e.details() or "") from e
+        raise AssertionError("unreachable")
+
+    async def get(self, namespace: str, key: str, *, timeout: float | None = None) -> Record:  # noqa: ASYNC109
+        return await self._run(_get(namespace, key), timeout)
+
+    async def batch_get(
+        self,
+        namespace: str,
+        keys: Sequence[str],
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> tuple[list[Record], list[str]]:
+        return await self._run(_batch_get(namespace, keys), timeout)
+
+    async def put(
+        self,
+        spec: PutSpec,
+        *,
+        durability: Durability = Durability.ACCEPTED,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> PutResult:
+        return await self._run(_put(spec, durability), timeout)
+
+    async def batch_put(
+        self,
+        specs: Sequence[PutSpec],
+        *,
+        durability: Durability = Durability.ACCEPTED,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> list[PutResult]:
+        return await self._run(_batch_put(specs, durability), timeout)
+
+    async def delete(
+        self,
+        namespace: str,
+        key: str,
+        *,
+        expected_version: int | None = None,
+        durability: Durability = Durability.ACCEPTED,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> PutResult:
+        return await self._run(_delete(namespace, key, expected_version, durability), timeout)
+
+    async def list(
+        self,
+        namespace: str,
+        *,
+        kind: str | None = None,
+        key_prefix: str = "",
+        page_size: int = 100,
+        page_token: str = "",
+        include_deleted: bool = False,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> tuple[list[Record], str]:
+        return await self._run(_list(namespace, kind, key_prefix, page_size, page_token, include_deleted), timeout)
+
+    async def watch(self, namespace: str, key_prefix: str = "") -> AsyncIterator[MemoryEvent]:
+        """Changes as they are persisted; no retry (re-list and re-watch after an error)."""
+        call = self._stub().Watch(pb.WatchRequest(namespace=namespace, key_prefix=key_prefix), metadata=self._metadata)
+        try:
+            async for m in call:
+                yield _event(m)
+        except grpc.aio.AioRpcError as e:
+            raise exception_for(e.code(), e.details() or "") from e
+        finally:
+            call.cancel()
+
+    async def close(self) -> None:
+        for ch, _ in self._stubs.values():
+            await ch.close(None)
+        self._stubs.clear()
+
+    async def __aenter__(self) -> AsyncMemoryClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class MemoryClient(_Base):
+    """Blocking gRPC client with the same methods as :class:`AsyncMemoryClient`."""
+
+    def __init__(self, endpoints: str | Sequence[str], **kwargs: Any) -> None:
+        super().__init__(endpoints, **kwargs)
+        self._stubs: dict[int, tuple[grpc.Channel, Any]] = {}
+
+    def _stub(self) -> Any:
+        i = self._current
+        if i not in self._stubs:
+            ch = grpc.insecure_channel(self.endpoints[i], options=self._options)
+            self._stubs[i] = (ch, pb_grpc.MemoryFusionStub(ch))
+        return self._stubs[i][1]
+
+    def _run(self, call: _Call[T], timeout: float | None) -> T:
+        t = timeout or self.timeout
+        attempts = self._attempts()
+        for attempt in range(attempts):
+            try:
+                reply = getattr(self._stub(), call.method)(call.request, timeout=t, metadata=self._metadata)
+                return call.convert(reply)
+            except grpc.RpcError as e:
+                if attempt + 1 < attempts and _retryable(call.retry, e):
+                    self._next_endpoint()
+                    time.sleep(self._delay(attempt))
+                    continue
+                raise exception_for(e.code(), e.details() or "") from e
+        raise AssertionError("unreachable")
+
+    def get(self, namespace: str, key: str, *, timeout: float | None = None) -> Record:
+        return self._run(_get(namespace, key), timeout)
+
+    def batch_get(
+        self, namespace: str, keys: Sequence[str], *, timeout: float | None = None
+    ) -> tuple[list[Record], list[str]]:
+        return self._run(_batch_get(namespace, keys), timeout)
+
+    def put(
+        self, spec: PutSpec, *, durability: Durability = Durability.ACCEPTED, timeout: float | None = None
+    ) -> PutResult:
+        return self._run(_put(spec, durability), timeout)
+
+    def batch_put(
+        self, specs: Sequence[PutSpec], *, durability: Durability = Durability.ACCEPTED, timeout: float | None = None
+    ) -> list[PutResult]:
+        return self._run(_batch_put(specs, durability), timeout)
+
+    def delete(
+        self,
+        namespace: str,
+        key: str,
+        *,
+        expected_version: int | None = None,
+        durability: Durability = Durability.ACCEPTED,
+        timeout: float | None = None,
+    ) -> PutResult:
+        return self._run(_delete(namespace, key, expected_version, durability), timeout)
+
+    def list(
+        self,
+        namespace: str,
+        *,
+        kind: str | None = None,
+        key_prefix: str = "",
+        page_size: int = 100,
+        page_token: str = "",
+        include_deleted: bool = False,
+        timeout: float | None = None,
+    ) -> tuple[list[Record], str]:
+        return self._run(_list(namespace, kind, key_prefix, page_size, page_token, include_deleted), timeout)
+
+    def watch(self, namespace: str, key_prefix: str = "") -> Iterator[MemoryEvent]:
+        """Changes as they are persisted; close the iterator (or break) to cancel the stream."""
+        call = self._stub().Watch(pb.WatchRequest(namespace=namespace, key_prefix=key_prefix), metadata=self._metadata)
+        try:
+            for m in call:
+                yield _event(m)
+        except grpc.RpcError as e:
+            raise exception_for(e.code(), e.details() or "") from e
+        finally:
+            call.cancel()
+
+    def close(self) -> None:
+        for ch, _ in self._stubs.values():
+            ch.close()
+        self._stubs.clear()
+
+    def __enter__(self) -> MemoryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,352 @@
+"""grpc.aio server for ``mfh.v1.MemoryFusion``, plus the standard health service and reflection.
+
+One interceptor runs before any handler: it checks the API key (UNAUTHENTICATED, no handler
+runs) and swaps in a request deserializer that turns malformed protobuf into INVALID_ARGUMENT
+instead of an opaque INTERNAL. Each RPC gets the client's deadline, or ``server.deadline_seconds``
+when the client set none; errors come from the one table in :mod:`mfh_api.errors`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Final, NoReturn, TypeVar
+
+import grpc
+from grpc_health.v1 import _async as health_aio  # the class `health.aio` re-exports
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from mfh_api.auth import API_KEY_METADATA, ApiKeyCheck
+from mfh_api.errors import INTERNAL_MESSAGE, grpc_status
+from mfh_api.proto import pb, pb_grpc
+from mfh_api.service import Durability, MemoryService, PutSpec
+from mfh_core.metrics import API_LATENCY, API_REQUESTS
+from mfh_models import (
+    SCHEMA_VERSION,
+    DeadlineExceeded,
+    InvalidArgument,
+    Kind,
+    MemoryEvent,
+    MFHError,
+    Record,
+    Settings,
+)
+
+__all__ = ["SERVICE_NAME", "GrpcServer", "MemoryFusionServicer", "from_pb_record", "to_pb_record"]
+
+log = logging.getLogger("mfh.grpc")
+
+SERVICE_NAME: Final = pb.DESCRIPTOR.services_by_name["MemoryFusion"].full_name
+_PREFIX: Final = f"/{SERVICE_NAME}/"
+_AUTH_EXEMPT: Final = ("/grpc.health.v1.Health/",)  # load balancers probe without a key
+_NO_DEADLINE: Final = 1e6  # grpc reports "no deadline" as None or a huge number
+_MARGIN: Final = 0.05  # answer with our own DEADLINE_EXCEEDED message before grpc cancels the call
+R = TypeVar("R")
+_KINDS: Final = frozenset(k.value for k in Kind)
+
+
+def to_pb_record(r: Record) -> Any:
+    return pb.Record(
+        namespace=r.namespace,
+        key=r.key,
+        kind=r.kind.value,
+        payload_json=r.payload,
+        version=r.version,
+        origin=r.origin,
+        deleted=r.deleted,
+        updated_at_ms=r.updated_at,
+        schema_version=r.schema_version,
+    )
+
+
+def from_pb_record(m: Any) -> Record:
+    return Record.model_construct(
+        namespace=m.namespace,
+        key=m.key,
+        kind=Kind(m.kind) if m.kind in _KINDS else m.kind,
+        payload=m.payload_json,
+        version=m.version,
+        origin=m.origin,
+        deleted=m.deleted,
+        updated_at=m.updated_at_ms,
+        schema_version=m.schema_version or SCHEMA_VERSION,
+    )
+
+
+def _spec(put: Any) -> PutSpec:
+    r = put.record
+    if r.schema_version not in (0, SCHEMA_VERSION):
+        raise InvalidArgument(f"schema_version {r.schema_version} is not supported (this server: {SCHEMA_VERSION})")
+    expected = put.expected_version if put.HasField("expected_version") else None
+    return PutSpec(namespace=r.namespace, key=r.key, kind=r.kind, payload=r.payload_json, expected_version=expected)
+
+
+def _durability(value: int) -> Durability:
+    return Durability.PERSISTED if value == pb.DURABILITY_PERSISTED else Durability.ACCEPTED
+
+
+class _Malformed:
+    """Stands in for a request whose bytes did not parse; the handler answers INVALID_ARGUMENT."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as e:
+            return _Malformed(f"{type(e).__name__}: {e}")
+
+    return parse
+
+
+def _rebuild(handler: Any, behavior: Any = None, deserializer: Any = None) -> Any:
+    """A handler of the same shape as ``handler`` with another behavior and/or deserializer."""
+    des = deserializer if deserializer is not None else handler.request_deserializer
+    if behavior is not None:
+        des = None  # a denied call never looks at the request
+    ser = handler.response_serializer
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(behavior or handler.stream_stream, des, ser)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(behavior or handler.stream_unary, des, ser)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(behavior or handler.unary_stream, des, ser)
+    return grpc.unary_unary_rpc_method_handler(behavior or handler.unary_unary, des, ser)
+
+
+class _Gate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """API key first (constant-time), then tolerant request parsing for our own service."""
+
+    def __init__(self, auth: ApiKeyCheck) -> None:
+        self.auth = auth
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        method = details.method
+        if self.auth.required and not method.startswith(_AUTH_EXEMPT):
+            presented = next((v for k, v in details.invocation_metadata or () if k == API_KEY_METADATA), None)
+            if not self.auth.ok(presented):
+                message = "wrong API key" if presented else f"missing API key (send metadata {API_KEY_METADATA!r})"
+                name = method.rsplit("/", 1)[-1]
+
+                async def deny(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+                    API_REQUESTS.labels("grpc", name, "UNAUTHENTICATED").inc()
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+                return _rebuild(handler, behavior=deny)  # type: ignore[no-any-return]
+        if method.startswith(_PREFIX):
+            return _rebuild(handler, deserializer=_safe(handler.request_deserializer))  # type: ignore[no-any-return]
+        return handler
+
+
+class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
+    """Translates protobuf to service calls; every call goes through :meth:`_call`."""
+
+    def __init__(self, service: MemoryService, settings: Settings) -> None:
+        self.service = service
+        self.deadline = settings.server.deadline_seconds
+
+    async def _call(
+        self, name: str, request: Any, context: grpc.aio.ServicerContext[Any, Any], fn: Callable[[float], Awaitable[R]]
+    ) -> R:
+        start = time.perf_counter()
+        code = "OK"
+        status: tuple[grpc.StatusCode, str]
+        try:
+            if isinstance(request, _Malformed):
+                raise InvalidArgument(f"malformed {name}Request: {request.error}")
+            remaining = context.time_remaining()
+            budget = self.deadline if remaining is None or remaining > _NO_DEADLINE else remaining
+            try:
+                async with asyncio.timeout(budget):
+                    return await fn(max(budget - _MARGIN, 0.0))
+            except TimeoutError:
+                raise DeadlineExceeded(f"{name} did not finish within {budget:.3g}s") from None
+        except MFHError as e:
+            status = grpc_status(e)
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception:
+            log.exception("%s failed", name)
+            status = (grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+        finally:
+            elapsed = time.perf_counter() - start
+            API_LATENCY.labels("grpc", name).observe(elapsed)
+        code = status[0].name
+        API_REQUESTS.labels("grpc", name, code).inc()
+        await _abort(context, status)
+
+    async def Get(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async def run(_t: float) -> Any:
+            rec = await self.service.get(request.namespace, request.key)
+            return pb.GetResponse(record=to_pb_record(rec))
+
+        return await self._ok("Get", request, context, run)
+
+    async def BatchGet(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async def run(_t: float) -> Any:
+            found, missing = await self.service.batch_get(request.namespace, list(request.keys))
+            return pb.BatchGetResponse(records=[to_pb_record(r) for r in found], missing=missing)
+
+        return await self._ok("BatchGet", request, context, run)
+
+    async def Put(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async def run(t: float) -> Any:
+            res = await self.service.put(_spec(request), durability=_durability(request.durability), timeout=t)
+            return pb.PutResponse(version=res.version, event_id=res.event_id)
+
+        return await self._ok("Put", request, context, run)
+
+    async def BatchPut(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async def run(t: float) -> Any:
+            specs = [_spec(p) for p in request.puts]
+            results = await self.service.batch_put(specs, durability=_durability(request.durability), timeout=t)
+            return pb.BatchPutResponse(
+                results=[pb.PutResponse(version=r.version, event_id=r.event_id) for r in results]
+            )
+
+        return await self._ok("BatchPut", request, context, run)
+
+    async def Delete(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async def run(t: float) -> Any:
+            expected = request.expected_version if request.HasField("expected_version") else None
+            res = await self.service.delete(
+                request.namespace,
+                request.key,
+                expected_version=expected,
+                durability=_durability(request.durability),
+                timeout=t,
+            )
+            return pb.DeleteResponse(version=res.version, event_id=res.event_id)
+
+        return await self._ok("Delete", request, context, run)
+
+    async def List(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async def run(_t: float) -> Any:
+            records, token = await self.service.list(
+                request.namespace,
+                kind=request.kind or None,
+                key_prefix=request.key_prefix,
+                page_size=request.page_size,
+                page_token=request.page_token,
+                include_deleted=request.include_deleted,
+            )
+            return pb.ListResponse(records=[to_pb_record(r) for r in records], next_page_token=token)
+
+        return await self._ok("List", request, context, run)
+
+    async def _ok(
+        self, name: str, request: Any, context: grpc.aio.ServicerContext[Any, Any], fn: Callable[[float], Awaitable[R]]
+    ) -> R:
+        result = await self._call(name, request, context, fn)
+        API_REQUESTS.labels("grpc", name, "OK").inc()
+        return result
+
+    async def Watch(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        """A stream lives until the client cancels or sets a deadline; no server-side deadline here."""
+        status: tuple[grpc.StatusCode, str] | None = None
+        try:
+            if isinstance(request, _Malformed):
+                raise InvalidArgument(f"malformed WatchRequest: {request.error}")
+            async for ev in self.service.watch(request.namespace, request.key_prefix):
+                yield _watch_event(ev)
+        except MFHError as e:
+            status = grpc_status(e)
+        except Exception:
+            log.exception("Watch failed")
+            status = (grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+        API_REQUESTS.labels("grpc", "Watch", status[0].name if status else "OK").inc()
+        if status is not None:
+            await _abort(context, status)
+
+
+def _watch_event(ev: MemoryEvent) -> Any:
+    return pb.WatchEvent(record=to_pb_record(ev.to_record()), op=ev.op.value, event_id=ev.event_id)
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], status: tuple[grpc.StatusCode, str]) -> NoReturn:
+    await context.abort(status[0], status[1])
+    raise AssertionError("unreachable: abort raises")
+
+
+class GrpcServer:
+    """The api's gRPC listener; ``port`` is the bound port (settings may say 0 for an ephemeral one)."""
+
+    def __init__(self, service: MemoryService, settings: Settings) -> None:
+        self.service = service
+        self.settings = settings
+        self.health = health_aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._port = 0
+        self._health_task: asyncio.Task[None] | None = None
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    async def start(self) -> int:
+        s = self.settings.server
+        options = [
+            ("grpc.max_send_message_length", s.max_message_bytes),
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.so_reuseport", 1),  # two api replicas may share one port
+        ]
+        server = grpc.aio.server(
+            interceptors=[_Gate(ApiKeyCheck.from_settings(self.settings))],
+            options=options,
+            maximum_concurrent_rpcs=s.max_concurrent_rpcs,
+        )
+        pb_grpc.add_MemoryFusionServicer_to_server(MemoryFusionServicer(self.service, self.settings), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
+        host = f"[{s.bind}]" if ":" in s.bind else s.bind
+        try:
+            self._port = server.add_insecure_port(f"{host}:{s.grpc_port}")
+        except RuntimeError as e:
+            raise OSError(f"cannot bind gRPC to {host}:{s.grpc_port}: {e}") from e
+        await server.start()
+        self._server = server
+        await self._update_health()
+        self._health_task = asyncio.create_task(self._health_loop(), name="mfh-grpc-health")
+        log.info("gRPC listening on %s:%d", s.bind, self._port)
+        return self._port
+
+    async def _update_health(self) -> None:
+        h = await self.service.health()
+        serving = h.get("redis", False) or h.get("sql", False)
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(2.0)
+            try:
+                await self._update_health()
+            except Exception:
+                log.exception("health update failed")
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Report NOT_SERVING, stop taking calls, let running ones finish for ``grace`` seconds."""
+        if self._health_task is not None:
+            self._health_task.cancel()
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)

@@ -1,0 +1,352 @@
+"""ZeroMQ clients (sync and async) with the gRPC client's method names, for agents that speak ZeroMQ.
+
+Reliability is the Lazy Pirate pattern on a DEALER socket: wait ``timeout`` seconds for the reply,
+then close the socket, reopen it on the next endpoint and resend. Only idempotent calls are resent
+(reads, and puts without ``expected_version``); a delete or a conditional write that times out
+raises DeadlineExceeded, because it may have been applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any, Final
+
+import zmq
+import zmq.asyncio
+
+from mfh_api.service import Durability, PutResult, PutSpec
+from mfh_models import (
+    DeadlineExceeded,
+    InvalidArgument,
+    MFHError,
+    NotFound,
+    Record,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+    VersionConflict,
+    canonical_json,
+)
+
+__all__ = ["AsyncZmqClient", "ZmqClient"]
+
+_READS: Final = frozenset({"get", "batch_get", "list"})
+_ERRORS: Final[dict[str, type[MFHError]]] = {
+    c.code: c for c in (InvalidArgument, NotFound, VersionConflict, Unauthenticated, ResourceExhausted, Unavailable)
+}
+_ERRORS["DEADLINE_EXCEEDED"] = DeadlineExceeded
+
+
+def _endpoints(endpoints: str | Sequence[str]) -> list[str]:
+    eps = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+    if not eps:
+        raise InvalidArgument("at least one ZeroMQ endpoint is needed")
+    return [e if "://" in e else f"tcp://{e}" for e in eps]
+
+
+def _record(obj: dict[str, Any]) -> Record:
+    return Record(
+        namespace=obj["namespace"],
+        key=obj["key"],
+        kind=obj["kind"],
+        payload=canonical_json(obj["payload"]),
+        version=obj["version"],
+        origin=obj["origin"],
+        deleted=obj["deleted"],
+        updated_at=obj["updated_at_ms"],
+        schema_version=obj["schema_version"],
+    )
+
+
+def _put_payload(spec: PutSpec) -> dict[str, Any]:
+    p: dict[str, Any] = {"namespace": spec.namespace, "key": spec.key, "kind": spec.kind, "payload": spec.payload}
+    if spec.expected_version is not None:
+        p["expected_version"] = spec.expected_version
+    return p
+
+
+class _Calls:
+    """What both clients share: request bodies, idempotency, reply checking, results as models."""
+
+    def __init__(self, endpoints: str | Sequence[str], *, api_key: str | None, timeout: float, retries: int) -> None:
+        self.endpoints = _endpoints(endpoints)
+        self.api_key = api_key
+        self.timeout = timeout
+        self.retries = retries
+        self._current = 0
+
+    def _request(self, action: str, payload: dict[str, Any]) -> tuple[str, bytes]:
+        rid = uuid.uuid4().hex
+        body: dict[str, Any] = {"v": 1, "id": rid, "action": action, "payload": payload}
+        if self.api_key:
+            body["api_key"] = self.api_key
+        body["timeout_ms"] = max(1, int(self.timeout * 1000))
+        return rid, json.dumps(body, separators=(",", ":")).encode("utf-8")
+
+    @staticmethod
+    def _idempotent(action: str, payload: dict[str, Any]) -> bool:
+        """Safe to resend: the same final state however many times it is applied."""
+        if action in _READS:
+            return True
+        if action == "put":
+            return payload.get("expected_version") is None
+        if action == "batch_put":
+            return all(p.get("expected_version") is None for p in payload["puts"])
+        return False
+
+    @staticmethod
+    def _reply(frames: list[bytes], rid: str) -> dict[str, Any] | None:
+        """The reply to ``rid``, or None for a stale reply to an earlier attempt."""
+        try:
+            reply = json.loads(frames[-1])
+        except ValueError:
+            return None
+        return reply if isinstance(reply, dict) and reply.get("id") == rid else None
+
+    @staticmethod
+    def _data(reply: dict[str, Any]) -> Any:
+        if reply.get("status") == "ok":
+            return reply.get("data")
+        err = reply.get("error") or {}
+        code, message = str(err.get("code", "INTERNAL")), str(err.get("message", "unknown error"))
+        raise _ERRORS.get(code, MFHError)(message)
+
+    def _rotate(self) -> None:
+        self._current = (self._current + 1) % len(self.endpoints)
+
+    def _no_reply(self, action: str, attempts: int) -> MFHError:
+        tried = ", ".join(self.endpoints)
+        return DeadlineExceeded(f"no reply to {action} within {self.timeout:g} s ({attempts} attempts; {tried})")
+
+    # -- arguments -> (action, payload) and data -> results ---------------------------------------
+
+    @staticmethod
+    def _put(spec: PutSpec, durability: Durability) -> dict[str, Any]:
+        return {**_put_payload(spec), "durability": Durability(durability).value}
+
+    @staticmethod
+    def _batch_put(specs: Sequence[PutSpec], durability: Durability) -> dict[str, Any]:
+        return {"puts": [_put_payload(s) for s in specs], "durability": Durability(durability).value}
+
+    @staticmethod
+    def _delete(namespace: str, key: str, expected_version: int | None, durability: Durability) -> dict[str, Any]:
+        p: dict[str, Any] = {"namespace": namespace, "key": key, "durability": Durability(durability).value}
+        if expected_version is not None:
+            p["expected_version"] = expected_version
+        return p
+
+    @staticmethod
+    def _list(namespace: str, kind: str | None, prefix: str, size: int, token: str, deleted: bool) -> dict[str, Any]:
+        p: dict[str, Any] = {"namespace": namespace, "key_prefix": prefix, "page_size": size, "page_token": token}
+        if kind:
+            p["kind"] = kind
+        if deleted:
+            p["include_deleted"] = True
+        return p
+
+    @staticmethod
+    def _result(data: dict[str, Any]) -> PutResult:
+        return PutResult(version=int(data["version"]), event_id=str(data["event_id"]))
+
+    @staticmethod
+    def _records(data: dict[str, Any]) -> list[Record]:
+        return [_record(r) for r in data["records"]]
+
+
+class ZmqClient(_Calls):
+    """Blocking client; one per thread (ZeroMQ sockets are not thread-safe)."""
+
+    def __init__(
+        self,
+        endpoints: str | Sequence[str],
+        *,
+        api_key: str | None = None,
+        timeout: float = 5.0,
+        retries: int = 3,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
+    ) -> None:
+        super().__init__(endpoints, api_key=api_key, timeout=timeout, retries=retries)
+        self._ctx = context or zmq.Context.instance()
+        self._sock: zmq.Socket[bytes] | None = None
+
+    def _socket(self) -> zmq.Socket[bytes]:
+        if self._sock is None:
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(self.endpoints[self._current])
+            self._sock = sock
+        return self._sock
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def __enter__(self) -> ZmqClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def call(self, action: str, payload: dict[str, Any]) -> Any:
+        """Send one v1 request and return its ``data``; raises the MFHError of an error reply."""
+        rid, body = self._request(action, payload)
+        attempts = 1 + (self.retries if self._idempotent(action, payload) else 0)
+        for attempt in range(attempts):
+            sock = self._socket()
+            sock.send_multipart([b"", body])
+            deadline = time.monotonic() + self.timeout
+            reply = None
+            while reply is None and (left := deadline - time.monotonic()) > 0:
+                if sock.poll(int(left * 1000) + 1, zmq.POLLIN):
+                    reply = self._reply(sock.recv_multipart(), rid)
+            if reply is None:  # Lazy Pirate: this socket may hold a dead peer's queue; start afresh
+                self.close()
+                self._rotate()
+                continue
+            try:
+                return self._data(reply)
+            except (ResourceExhausted, Unavailable):
+                if attempt + 1 >= attempts:
+                    raise
+                time.sleep(min(0.05 * 2**attempt, 1.0))
+        raise self._no_reply(action, attempts)
+
+    def get(self, namespace: str, key: str) -> Record:
+        return _record(self.call("get", {"namespace": namespace, "key": key})["record"])
+
+    def batch_get(self, namespace: str, keys: Sequence[str]) -> tuple[list[Record], list[str]]:
+        data = self.call("batch_get", {"namespace": namespace, "keys": list(keys)})
+        return self._records(data), list(data["missing"])
+
+    def put(self, spec: PutSpec, *, durability: Durability = Durability.ACCEPTED) -> PutResult:
+        return self._result(self.call("put", self._put(spec, durability)))
+
+    def batch_put(self, specs: Sequence[PutSpec], *, durability: Durability = Durability.ACCEPTED) -> list[PutResult]:
+        return [self._result(r) for r in self.call("batch_put", self._batch_put(specs, durability))["results"]]
+
+    def delete(
+        self,
+        namespace: str,
+        key: str,
+        *,
+        expected_version: int | None = None,
+        durability: Durability = Durability.ACCEPTED,
+    ) -> PutResult:
+        return self._result(self.call("delete", self._delete(namespace, key, expected_version, durability)))
+
+    def list(
+        self,
+        namespace: str,
+        *,
+        kind: str | None = None,
+        key_prefix: str = "",
+        page_size: int = 100,
+        page_token: str = "",
+        include_deleted: bool = False,
+    ) -> tuple[list[Record], str]:
+        data = self.call("list", self._list(namespace, kind, key_prefix, page_size, page_token, include_deleted))
+        return self._records(data), str(data["next_page_token"])
+
+
+class AsyncZmqClient(_Calls):
+    """asyncio client; one per event loop. Same methods as :class:`ZmqClient`, awaited."""
+
+    def __init__(
+        self,
+        endpoints: str | Sequence[str],
+        *,
+        api_key: str | None = None,
+        timeout: float = 5.0,
+        retries: int = 3,
+        context: zmq.asyncio.Context | None = None,
+    ) -> None:
+        super().__init__(endpoints, api_key=api_key, timeout=timeout, retries=retries)
+        self._ctx = context or zmq.asyncio.Context.instance()
+        self._sock: zmq.asyncio.Socket | None = None
+
+    def _socket(self) -> zmq.asyncio.Socket:
+        if self._sock is None:
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(self.endpoints[self._current])
+            self._sock = sock
+        return self._sock
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    async def __aenter__(self) -> AsyncZmqClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    async def call(self, action: str, payload: dict[str, Any]) -> Any:
+        """Send one v1 request and return its ``data``; raises the MFHError of an error reply."""
+        rid, body = self._request(action, payload)
+        attempts = 1 + (self.retries if self._idempotent(action, payload) else 0)
+        for attempt in range(attempts):
+            sock = self._socket()
+            await sock.send_multipart([b"", body])
+            deadline = time.monotonic() + self.timeout
+            reply = None
+            while reply is None and (left := deadline - time.monotonic()) > 0:
+                if await sock.poll(int(left * 1000) + 1):  # POLLIN by default
+                    reply = self._reply(await sock.recv_multipart(), rid)
+            if reply is None:  # Lazy Pirate: close, reopen on the next endpoint, resend
+                self.close()
+                self._rotate()
+                continue
+            try:
+                return self._data(reply)
+            except (ResourceExhausted, Unavailable):
+                if attempt + 1 >= attempts:
+                    raise
+                await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
+        raise self._no_reply(action, attempts)
+
+    async def get(self, namespace: str, key: str) -> Record:
+        return _record((await self.call("get", {"namespace": namespace, "key": key}))["record"])
+
+    async def batch_get(self, namespace: str, keys: Sequence[str]) -> tuple[list[Record], list[str]]:
+        data = await self.call("batch_get", {"namespace": namespace, "keys": list(keys)})
+        return self._records(data), list(data["missing"])
+
+    async def put(self, spec: PutSpec, *, durability: Durability = Durability.ACCEPTED) -> PutResult:
+        return self._result(await self.call("put", self._put(spec, durability)))
+
+    async def batch_put(
+        self, specs: Sequence[PutSpec], *, durability: Durability = Durability.ACCEPTED
+    ) -> list[PutResult]:
+        data = await self.call("batch_put", self._batch_put(specs, durability))
+        return [self._result(r) for r in data["results"]]
+
+    async def delete(
+        self,
+        namespace: str,
+        key: str,
+        *,
+        expected_version: int | None = None,
+        durability: Durability = Durability.ACCEPTED,
+    ) -> PutResult:
+        return self._result(await self.call("delete", self._delete(namespace, key, expected_version, durability)))
+
+    async def list(
+        self,
+        namespace: str,
+        *,
+        kind: str | None = None,
+        key_prefix: str = "",
+        page_size: int = 100,
+        page_token: str = "",
+        include_deleted: bool = False,
+    ) -> tuple[list[Record], str]:
+        data = await self.call("list", self._list(namespace, kind, key_prefix, page_size, page_token, include_deleted))
+        return self._records(data), str(data["next_page_token"])

@@ -1,0 +1,181 @@
+"""The ZeroMQ v1 wire protocol: JSON requests and replies, parsed with pydantic (docs/api.md).
+
+Parsing never raises on input: anything malformed becomes an :class:`InvalidArgument` the server
+turns into an error reply, so one bad client cannot take the server down (DESIGN.md invariant 8).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Annotated, Any, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+
+from mfh_models import InvalidArgument, Record
+from mfh_models.records import format_validation_error
+
+__all__ = [
+    "ACTIONS",
+    "MAX_BATCH",
+    "MAX_PAGE_SIZE",
+    "BatchGetPayload",
+    "BatchPutPayload",
+    "DeletePayload",
+    "GetPayload",
+    "ListPayload",
+    "PutPayload",
+    "V1Request",
+    "decode_json",
+    "encode",
+    "error_reply",
+    "ok_reply",
+    "parse_payload",
+    "parse_v1",
+    "record_to_json",
+    "request_id",
+]
+
+#: A sanity bound on batch sizes; the service enforces its own, smaller limits with precise messages.
+MAX_BATCH: Final = 10_000
+MAX_PAGE_SIZE: Final = 1000
+
+Version = Annotated[StrictInt, Field(ge=0, lt=1 << 64)]
+DurabilityName = Literal["accepted", "persisted"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GetPayload(_Strict):
+    namespace: StrictStr
+    key: StrictStr
+
+
+class BatchGetPayload(_Strict):
+    namespace: StrictStr
+    keys: list[StrictStr] = Field(max_length=MAX_BATCH)
+
+
+class PutPayload(_Strict):
+    namespace: StrictStr
+    key: StrictStr
+    kind: StrictStr
+    payload: dict[str, Any] | StrictStr
+    expected_version: Version | None = None
+    durability: DurabilityName = "accepted"
+
+
+class BatchPutPayload(_Strict):
+    puts: list[PutPayload] = Field(min_length=1, max_length=MAX_BATCH)
+    durability: DurabilityName = "accepted"
+
+
+class DeletePayload(_Strict):
+    namespace: StrictStr
+    key: StrictStr
+    expected_version: Version | None = None
+    durability: DurabilityName = "accepted"
+
+
+class ListPayload(_Strict):
+    namespace: StrictStr
+    kind: StrictStr | None = None
+    key_prefix: StrictStr = ""
+    page_size: StrictInt = Field(default=100, ge=1, le=MAX_PAGE_SIZE)
+    page_token: StrictStr = ""
+    include_deleted: StrictBool = False
+
+
+ACTIONS: Final[dict[str, type[_Strict]]] = {
+    "get": GetPayload,
+    "batch_get": BatchGetPayload,
+    "put": PutPayload,
+    "batch_put": BatchPutPayload,
+    "delete": DeletePayload,
+    "list": ListPayload,
+}
+
+
+class _Envelope(_Strict):
+    v: Literal[1]
+    id: StrictStr | StrictInt | None = None
+    action: StrictStr
+    payload: dict[str, Any] = Field(default_factory=dict)
+    api_key: StrictStr | None = None
+    timeout_ms: StrictInt | None = Field(default=None, gt=0, le=300_000)
+
+
+@dataclass(frozen=True, slots=True)
+class V1Request:
+    """A request whose envelope is valid; ``payload`` is still raw until :func:`parse_payload`."""
+
+    id: str | int | None
+    action: str
+    payload: dict[str, Any]
+    timeout_s: float | None = None
+
+
+def decode_json(body: bytes) -> dict[str, Any]:
+    """The request as a JSON object; InvalidArgument for bad UTF-8, bad JSON or a non-object."""
+    try:
+        obj = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise InvalidArgument(f"request is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise InvalidArgument(f"request must be a JSON object, not {type(obj).__name__}")
+    return obj
+
+
+def request_id(obj: dict[str, Any], field: str = "id") -> str | int | None:
+    """The client's request id (``id`` in v1) if it is one we can echo back, else None."""
+    rid = obj.get(field)
+    return rid if isinstance(rid, str | int) and not isinstance(rid, bool) else None
+
+
+def parse_v1(obj: dict[str, Any]) -> V1Request:
+    """Validate the v1 envelope (``v``, ``id``, ``action``, ``payload``); the action must be known."""
+    try:
+        env = _Envelope.model_validate(obj)
+    except ValidationError as e:
+        raise InvalidArgument(f"invalid request: {format_validation_error(e)}") from None
+    if env.action not in ACTIONS:
+        raise InvalidArgument(f"unknown action {env.action[:40]!r}; expected one of {', '.join(ACTIONS)}")
+    timeout = env.timeout_ms / 1000 if env.timeout_ms is not None else None
+    return V1Request(id=env.id, action=env.action, payload=env.payload, timeout_s=timeout)
+
+
+def parse_payload(action: str, payload: dict[str, Any]) -> _Strict:
+    """The action's payload model; InvalidArgument names every missing or mistyped field."""
+    try:
+        return ACTIONS[action].model_validate(payload)
+    except ValidationError as e:
+        raise InvalidArgument(f"invalid {action} payload: {format_validation_error(e, 'payload.')}") from None
+
+
+def record_to_json(record: Record) -> dict[str, Any]:
+    """A record as the ZeroMQ protocol sends it: the payload as a JSON object, not text."""
+    return {
+        "namespace": record.namespace,
+        "key": record.key,
+        "kind": record.kind.value,
+        "payload": json.loads(record.payload),
+        "version": record.version,
+        "origin": record.origin,
+        "deleted": record.deleted,
+        "updated_at_ms": record.updated_at,
+        "schema_version": record.schema_version,
+    }
+
+
+def ok_reply(rid: str | int | None, data: Any) -> dict[str, Any]:
+    return {"v": 1, "id": rid, "status": "ok", "data": data}
+
+
+def error_reply(rid: str | int | None, code: str, message: str) -> dict[str, Any]:
+    return {"v": 1, "id": rid, "status": "error", "error": {"code": code, "message": message}}
+
+
+def encode(reply: dict[str, Any]) -> bytes:
+    return json.dumps(reply, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

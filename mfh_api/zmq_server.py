@@ -1,0 +1,274 @@
+"""ZeroMQ ROUTER server: the JSON front door on port 5713, v1 and the legacy v0 schema (docs/api.md).
+
+One ROUTER socket serves REQ and DEALER clients; each request runs as its own asyncio task (at
+most ``max_in_flight``; beyond that the request is shed with RESOURCE_EXHAUSTED instead of
+queueing) and is answered over the ROUTER with the identity envelope it came with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from mfh_api import legacy_v0
+from mfh_api.service import Durability, MemoryService, PutSpec
+from mfh_api.zmq_protocol import (
+    BatchGetPayload,
+    BatchPutPayload,
+    DeletePayload,
+    GetPayload,
+    ListPayload,
+    PutPayload,
+    decode_json,
+    encode,
+    error_reply,
+    ok_reply,
+    parse_payload,
+    parse_v1,
+    record_to_json,
+    request_id,
+)
+from mfh_core.metrics import API_LATENCY, API_REQUESTS
+from mfh_models import DeadlineExceeded, InvalidArgument, MFHError, Settings, Unauthenticated
+
+__all__ = ["ZmqServer", "dispatch"]
+
+log = logging.getLogger("mfh.api.zmq")
+
+
+def _spec(p: PutPayload) -> PutSpec:
+    return PutSpec(
+        namespace=p.namespace, key=p.key, kind=p.kind, payload=p.payload, expected_version=p.expected_version
+    )
+
+
+async def dispatch(service: MemoryService, action: str, payload: dict[str, Any], budget_s: float) -> Any:
+    """Run one v1 action on the service and return its ``data``; raises MFHError on failure."""
+    m = parse_payload(action, payload)
+    if isinstance(m, GetPayload):
+        return {"record": record_to_json(await service.get(m.namespace, m.key))}
+    if isinstance(m, BatchGetPayload):
+        records, missing = await service.batch_get(m.namespace, m.keys)
+        return {"records": [record_to_json(r) for r in records], "missing": missing}
+    if isinstance(m, PutPayload):
+        res = await service.put(_spec(m), durability=Durability(m.durability), timeout=budget_s)
+        return {"version": res.version, "event_id": res.event_id}
+    if isinstance(m, BatchPutPayload):
+        results = await service.batch_put(
+            [_spec(p) for p in m.puts], durability=Durability(m.durability), timeout=budget_s
+        )
+        return {"results": [{"version": r.version, "event_id": r.event_id} for r in results]}
+    if isinstance(m, DeletePayload):
+        res = await service.delete(
+            m.namespace,
+            m.key,
+            expected_version=m.expected_version,
+            durability=Durability(m.durability),
+            timeout=budget_s,
+        )
+        return {"version": res.version, "event_id": res.event_id}
+    if isinstance(m, ListPayload):
+        records, token = await service.list(
+            m.namespace,
+            kind=m.kind,
+            key_prefix=m.key_prefix,
+            page_size=m.page_size,
+            page_token=m.page_token,
+            include_deleted=m.include_deleted,
+        )
+        return {"records": [record_to_json(r) for r in records], "next_page_token": token}
+    raise InvalidArgument(f"unknown action {action!r}")  # unreachable: parse_payload knows every action
+
+
+def wire_error(e: BaseException) -> tuple[str, str]:
+    """(code, message) for an error reply; anything unexpected is INTERNAL without details."""
+    if isinstance(e, MFHError):
+        return e.code, e.message
+    return "INTERNAL", f"internal error ({type(e).__name__})"
+
+
+def _split(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+    """(envelope, body frames): REQ peers add an empty delimiter after the identity, DEALER peers may not."""
+    for i in range(1, len(frames)):
+        if frames[i] == b"":
+            return frames[: i + 1], frames[i + 1 :]
+    return frames[:1], frames[1:]
+
+
+class ZmqServer:
+    """The ROUTER socket and its request tasks; ``port`` is the bound port (useful with port 0)."""
+
+    def __init__(
+        self,
+        service: MemoryService,
+        *,
+        bind: str = "127.0.0.1",
+        port: int = 5713,
+        api_key: str | None = None,
+        max_message_bytes: int = 1024 * 1024,
+        deadline_seconds: float = 5.0,
+        max_in_flight: int = 256,
+    ) -> None:
+        self.service = service
+        self.bind = bind
+        self.requested_port = port
+        self._api_key = api_key.encode("utf-8") if api_key else None
+        self.max_message_bytes = max_message_bytes
+        self.deadline_seconds = deadline_seconds
+        self.max_in_flight = max_in_flight
+        self.port = 0
+        self._ctx: zmq.asyncio.Context | None = None
+        self._sock: zmq.asyncio.Socket | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    def from_settings(cls, service: MemoryService, settings: Settings) -> ZmqServer:
+        s = settings.server
+        return cls(
+            service,
+            bind=s.bind,
+            port=s.zmq_port,
+            api_key=s.api_key.get_secret_value() if s.api_key else None,
+            max_message_bytes=s.max_message_bytes,
+            deadline_seconds=s.deadline_seconds,
+            max_in_flight=s.max_concurrent_rpcs,
+        )
+
+    @property
+    def endpoint(self) -> str:
+        host = f"[{self.bind}]" if ":" in self.bind else self.bind
+        return f"tcp://{host}:{self.port}"
+
+    async def start(self) -> int:
+        """Bind (port 0 picks a free port) and start serving; returns the bound port."""
+        self._ctx = zmq.asyncio.Context()
+        sock = self._ctx.socket(zmq.ROUTER)
+        # libzmq drops a bigger message and disconnects its peer; the server keeps serving others.
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
+        sock.setsockopt(zmq.LINGER, 200)
+        if ":" in self.bind:
+            sock.setsockopt(zmq.IPV6, 1)
+        host = f"[{self.bind}]" if ":" in self.bind else self.bind
+        sock.bind(f"tcp://{host}:{self.requested_port or '*'}")
+        last = sock.getsockopt(zmq.LAST_ENDPOINT)
+        self.port = int(bytes(last).decode().rsplit(":", 1)[1]) if isinstance(last, bytes) else 0
+        self._sock = sock
+        self._loop_task = asyncio.create_task(self._serve(), name="mfh-zmq-router")
+        log.info("ZeroMQ ROUTER listening on %s", self.endpoint)
+        return self.port
+
+    async def close(self, grace: float = 2.0) -> None:
+        """Stop receiving, let requests in flight answer (up to ``grace`` seconds), close the socket."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+            self._loop_task = None
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=grace)
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+
+    async def _serve(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                frames = await self._sock.recv_multipart()
+            except zmq.ZMQError as e:
+                if e.errno in (zmq.ETERM, zmq.ENOTSOCK):
+                    return
+                log.warning("ZeroMQ receive failed: %s", e)
+                continue
+            envelope, body = _split(frames)
+            if len(self._tasks) >= self.max_in_flight:
+                reply = encode(error_reply(None, "RESOURCE_EXHAUSTED", "server busy: too many requests in flight"))
+                API_REQUESTS.labels(transport="zmq", method="shed", code="RESOURCE_EXHAUSTED").inc()
+                task = asyncio.create_task(self._send(envelope, reply))
+            else:
+                task = asyncio.create_task(self._handle(envelope, body))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, envelope: list[bytes], reply: bytes) -> None:
+        if self._sock is None:
+            return
+        try:
+            await self._sock.send_multipart([*envelope, reply])
+        except zmq.ZMQError as e:  # the peer is gone: nothing to answer
+            log.debug("reply not sent: %s", e)
+
+    async def _handle(self, envelope: list[bytes], body: list[bytes]) -> None:
+        if len(body) != 1:
+            reply = error_reply(None, "INVALID_ARGUMENT", "a request is exactly one JSON frame")
+            await self._send(envelope, encode(reply))
+            return
+        await self._send(envelope, await self.answer(body[0]))
+
+    def _authenticate(self, obj: dict[str, Any]) -> None:
+        if self._api_key is None:
+            return
+        given = obj.get("api_key")
+        if not isinstance(given, str) or not hmac.compare_digest(given.encode("utf-8"), self._api_key):
+            raise Unauthenticated("missing or wrong api_key")
+
+    async def answer(self, body: bytes) -> bytes:
+        """The whole request → reply path for one message, transport aside; never raises."""
+        started = time.perf_counter()
+        call = _Call()
+        try:
+            data = await self._run(body, call)
+            code = "OK"
+            reply = legacy_v0.ok_to_v0(call.v0, data) if call.v0 is not None else ok_reply(call.rid, data)
+        except Exception as e:
+            if not isinstance(e, MFHError):
+                log.exception("ZeroMQ %s request failed", call.method)
+            code, message = wire_error(e)
+            if call.legacy:
+                reply = legacy_v0.error_to_v0(call.rid, code, message)
+            else:
+                reply = error_reply(call.rid, code, message)
+        API_REQUESTS.labels(transport="zmq", method=call.method, code=code).inc()
+        API_LATENCY.labels(transport="zmq", method=call.method).observe(time.perf_counter() - started)
+        return encode(reply)
+
+    async def _run(self, body: bytes, call: _Call) -> Any:
+        obj = decode_json(body)
+        call.legacy = "v" not in obj
+        call.rid = request_id(obj, "request_id" if call.legacy else "id")
+        self._authenticate(obj)  # before anything else looks at the request: no handler runs unauthenticated
+        if call.legacy:
+            call.v0 = legacy_v0.parse_v0(obj)
+            call.method, payload, timeout = call.v0.action, call.v0.payload, None
+        else:
+            req = parse_v1(obj)
+            call.method, payload, timeout = req.action, req.payload, req.timeout_s
+        budget = min(timeout or self.deadline_seconds, 300.0)
+        try:
+            async with asyncio.timeout(budget):
+                return await dispatch(self.service, call.method, payload, budget)
+        except TimeoutError:
+            raise DeadlineExceeded(f"no answer within {budget:g} s") from None
+
+
+class _Call:
+    """What is known about a request so far, for its reply and its metric labels."""
+
+    __slots__ = ("legacy", "method", "rid", "v0")
+
+    def __init__(self) -> None:
+        self.rid: str | int | None = None
+        self.legacy = False
+        self.v0: legacy_v0.V0Request | None = None
+        self.method = "invalid"

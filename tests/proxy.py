@@ -18,6 +18,7 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._conns: list[socket.socket] = []
         self._listener: socket.socket | None = None
+        self._up = False
         self._thread: threading.Thread | None = None
 
     def start(self) -> TcpProxy:
@@ -26,12 +27,16 @@ class TcpProxy:
         ls.bind(("127.0.0.1", self.port))
         ls.listen(64)
         self._listener = ls
+        with self._lock:
+            self._up = True
         self._thread = threading.Thread(target=self._accept, args=(ls,), daemon=True)
         self._thread.start()
         return self
 
     def cut(self) -> None:
         """Close the listener and every open connection: the service looks down."""
+        with self._lock:
+            self._up = False
         if self._listener is not None:
             # shutdown() wakes a thread blocked in accept(); close() alone does not on Linux.
             with contextlib.suppress(OSError):
@@ -51,15 +56,17 @@ class TcpProxy:
                 client, _ = ls.accept()
             except OSError:
                 return
-            if self._listener is not ls:  # cut while this connection was arriving
-                client.close()
-                return
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
+                upstream.settimeout(None)
             except OSError:
                 client.close()
                 continue
             with self._lock:
+                if not self._up:  # cut while this connection was arriving
+                    client.close()
+                    upstream.close()
+                    continue
                 self._conns += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()

@@ -1,9 +1,10 @@
 """ZeroMQ clients (sync and async) with the gRPC client's method names, for agents that speak ZeroMQ.
 
 Reliability is the Lazy Pirate pattern on a DEALER socket: wait ``timeout`` seconds for the reply,
-then close the socket, reopen it on the next endpoint and resend. Only idempotent calls are resent
-(reads, and puts without ``expected_version``); a delete or a conditional write that times out
-raises DeadlineExceeded, because it may have been applied.
+then close the socket, reopen it on the next endpoint and resend. The retry policy matches the
+gRPC client's: reads and unconditional puts are resent after a timeout, UNAVAILABLE,
+DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED; deletes and conditional writes only after
+RESOURCE_EXHAUSTED (refused before running), since a repeat of one that ran would fail.
 """
 
 from __future__ import annotations
@@ -18,27 +19,21 @@ from typing import Any, Final
 import zmq
 import zmq.asyncio
 
+from mfh_api.errors import exception_for_zmq
 from mfh_api.service import Durability, PutResult, PutSpec
 from mfh_models import (
     DeadlineExceeded,
     InvalidArgument,
     MFHError,
-    NotFound,
     Record,
     ResourceExhausted,
-    Unauthenticated,
     Unavailable,
-    VersionConflict,
     canonical_json,
 )
 
 __all__ = ["AsyncZmqClient", "ZmqClient"]
 
 _READS: Final = frozenset({"get", "batch_get", "list"})
-_ERRORS: Final[dict[str, type[MFHError]]] = {
-    c.code: c for c in (InvalidArgument, NotFound, VersionConflict, Unauthenticated, ResourceExhausted, Unavailable)
-}
-_ERRORS["DEADLINE_EXCEEDED"] = DeadlineExceeded
 
 
 def _endpoints(endpoints: str | Sequence[str]) -> list[str]:
@@ -72,20 +67,30 @@ def _put_payload(spec: PutSpec) -> dict[str, Any]:
 class _Calls:
     """What both clients share: request bodies, idempotency, reply checking, results as models."""
 
-    def __init__(self, endpoints: str | Sequence[str], *, api_key: str | None, timeout: float, retries: int) -> None:
+    def __init__(
+        self, endpoints: str | Sequence[str], *, api_key: str | None, timeout: float, retries: int, backoff: float
+    ) -> None:
         self.endpoints = _endpoints(endpoints)
         self.api_key = api_key
         self.timeout = timeout
         self.retries = retries
+        self.backoff = backoff
         self._current = 0
+        self.failovers = 0  # how many times a call moved to another endpoint or was resent
 
-    def _request(self, action: str, payload: dict[str, Any]) -> tuple[str, bytes]:
+    def _request(self, action: str, payload: dict[str, Any], timeout: float) -> tuple[str, bytes]:
         rid = uuid.uuid4().hex
         body: dict[str, Any] = {"v": 1, "id": rid, "action": action, "payload": payload}
         if self.api_key:
             body["api_key"] = self.api_key
-        body["timeout_ms"] = max(1, int(self.timeout * 1000))
+        body["timeout_ms"] = max(1, int(timeout * 1000))  # the server gives up when the client does
         return rid, json.dumps(body, separators=(",", ":")).encode("utf-8")
+
+    def _attempts(self) -> int:
+        return max(self.retries, len(self.endpoints) - 1) + 1
+
+    def _delay(self, attempt: int) -> float:
+        return float(min(self.backoff * 2**attempt, 1.0))
 
     @staticmethod
     def _idempotent(action: str, payload: dict[str, Any]) -> bool:
@@ -111,16 +116,21 @@ class _Calls:
     def _data(reply: dict[str, Any]) -> Any:
         if reply.get("status") == "ok":
             return reply.get("data")
-        err = reply.get("error") or {}
-        code, message = str(err.get("code", "INTERNAL")), str(err.get("message", "unknown error"))
-        raise _ERRORS.get(code, MFHError)(message)
+        err = reply.get("error")
+        raise exception_for_zmq(err if isinstance(err, dict) else {})
+
+    @staticmethod
+    def _resend(idempotent: bool, e: MFHError) -> bool:
+        """Whether an error reply may be retried: see the module docstring."""
+        return isinstance(e, ResourceExhausted) or (idempotent and isinstance(e, Unavailable))
 
     def _rotate(self) -> None:
+        self.failovers += 1
         self._current = (self._current + 1) % len(self.endpoints)
 
-    def _no_reply(self, action: str, attempts: int) -> MFHError:
+    def _no_reply(self, action: str, timeout: float, attempts: int) -> MFHError:
         tried = ", ".join(self.endpoints)
-        return DeadlineExceeded(f"no reply to {action} within {self.timeout:g} s ({attempts} attempts; {tried})")
+        return DeadlineExceeded(f"no reply to {action} within {timeout:g} s ({attempts} attempt(s); {tried})")
 
     # -- arguments -> (action, payload) and data -> results ---------------------------------------
 
@@ -167,9 +177,10 @@ class ZmqClient(_Calls):
         api_key: str | None = None,
         timeout: float = 5.0,
         retries: int = 3,
+        backoff: float = 0.05,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
     ) -> None:
-        super().__init__(endpoints, api_key=api_key, timeout=timeout, retries=retries)
+        super().__init__(endpoints, api_key=api_key, timeout=timeout, retries=retries, backoff=backoff)
         self._ctx = context or zmq.Context.instance()
         self._sock: zmq.Socket[bytes] | None = None
 
@@ -192,14 +203,16 @@ class ZmqClient(_Calls):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def call(self, action: str, payload: dict[str, Any]) -> Any:
+    def call(self, action: str, payload: dict[str, Any], timeout: float | None = None) -> Any:
         """Send one v1 request and return its ``data``; raises the MFHError of an error reply."""
-        rid, body = self._request(action, payload)
-        attempts = 1 + (self.retries if self._idempotent(action, payload) else 0)
+        t = timeout or self.timeout
+        rid, body = self._request(action, payload, t)
+        idempotent = self._idempotent(action, payload)
+        attempts = self._attempts()
         for attempt in range(attempts):
             sock = self._socket()
             sock.send_multipart([b"", body])
-            deadline = time.monotonic() + self.timeout
+            deadline = time.monotonic() + t
             reply = None
             while reply is None and (left := deadline - time.monotonic()) > 0:
                 if sock.poll(int(left * 1000) + 1, zmq.POLLIN):
@@ -207,27 +220,37 @@ class ZmqClient(_Calls):
             if reply is None:  # Lazy Pirate: this socket may hold a dead peer's queue; start afresh
                 self.close()
                 self._rotate()
-                continue
+                if idempotent:
+                    continue
+                raise self._no_reply(action, t, attempt + 1)
             try:
                 return self._data(reply)
-            except (ResourceExhausted, Unavailable):
-                if attempt + 1 >= attempts:
+            except MFHError as e:
+                if attempt + 1 >= attempts or not self._resend(idempotent, e):
                     raise
-                time.sleep(min(0.05 * 2**attempt, 1.0))
-        raise self._no_reply(action, attempts)
+                self._rotate()
+                time.sleep(self._delay(attempt))
+        raise self._no_reply(action, t, attempts)
 
-    def get(self, namespace: str, key: str) -> Record:
-        return _record(self.call("get", {"namespace": namespace, "key": key})["record"])
+    def get(self, namespace: str, key: str, *, timeout: float | None = None) -> Record:
+        return _record(self.call("get", {"namespace": namespace, "key": key}, timeout)["record"])
 
-    def batch_get(self, namespace: str, keys: Sequence[str]) -> tuple[list[Record], list[str]]:
-        data = self.call("batch_get", {"namespace": namespace, "keys": list(keys)})
+    def batch_get(
+        self, namespace: str, keys: Sequence[str], *, timeout: float | None = None
+    ) -> tuple[list[Record], list[str]]:
+        data = self.call("batch_get", {"namespace": namespace, "keys": list(keys)}, timeout)
         return self._records(data), list(data["missing"])
 
-    def put(self, spec: PutSpec, *, durability: Durability = Durability.ACCEPTED) -> PutResult:
-        return self._result(self.call("put", self._put(spec, durability)))
+    def put(
+        self, spec: PutSpec, *, durability: Durability = Durability.ACCEPTED, timeout: float | None = None
+    ) -> PutResult:
+        return self._result(self.call("put", self._put(spec, durability), timeout))
 
-    def batch_put(self, specs: Sequence[PutSpec], *, durability: Durability = Durability.ACCEPTED) -> list[PutResult]:
-        return [self._result(r) for r in self.call("batch_put", self._batch_put(specs, durability))["results"]]
+    def batch_put(
+        self, specs: Sequence[PutSpec], *, durability: Durability = Durability.ACCEPTED, timeout: float | None = None
+    ) -> list[PutResult]:
+        data = self.call("batch_put", self._batch_put(specs, durability), timeout)
+        return [self._result(r) for r in data["results"]]
 
     def delete(
         self,
@@ -236,8 +259,9 @@ class ZmqClient(_Calls):
         *,
         expected_version: int | None = None,
         durability: Durability = Durability.ACCEPTED,
+        timeout: float | None = None,
     ) -> PutResult:
-        return self._result(self.call("delete", self._delete(namespace, key, expected_version, durability)))
+        return self._result(self.call("delete", self._delete(namespace, key, expected_version, durability), timeout))
 
     def list(
         self,
@@ -248,8 +272,10 @@ class ZmqClient(_Calls):
         page_size: int = 100,
         page_token: str = "",
         include_deleted: bool = False,
+        timeout: float | None = None,
     ) -> tuple[list[Record], str]:
-        data = self.call("list", self._list(namespace, kind, key_prefix, page_size, page_token, include_deleted))
+        payload = self._list(namespace, kind, key_prefix, page_size, page_token, include_deleted)
+        data = self.call("list", payload, timeout)
         return self._records(data), str(data["next_page_token"])
 
 
@@ -263,9 +289,10 @@ class AsyncZmqClient(_Calls):
         api_key: str | None = None,
         timeout: float = 5.0,
         retries: int = 3,
+        backoff: float = 0.05,
         context: zmq.asyncio.Context | None = None,
     ) -> None:
-        super().__init__(endpoints, api_key=api_key, timeout=timeout, retries=retries)
+        super().__init__(endpoints, api_key=api_key, timeout=timeout, retries=retries, backoff=backoff)
         self._ctx = context or zmq.asyncio.Context.instance()
         self._sock: zmq.asyncio.Socket | None = None
 
@@ -288,14 +315,16 @@ class AsyncZmqClient(_Calls):
     async def __aexit__(self, *exc: object) -> None:
         self.close()
 
-    async def call(self, action: str, payload: dict[str, Any]) -> Any:
+    async def call(self, action: str, payload: dict[str, Any], timeout: float | None = None) -> Any:  # noqa: ASYNC109
         """Send one v1 request and return its ``data``; raises the MFHError of an error reply."""
-        rid, body = self._request(action, payload)
-        attempts = 1 + (self.retries if self._idempotent(action, payload) else 0)
+        t = timeout or self.timeout
+        rid, body = self._request(action, payload, t)
+        idempotent = self._idempotent(action, payload)
+        attempts = self._attempts()
         for attempt in range(attempts):
             sock = self._socket()
             await sock.send_multipart([b"", body])
-            deadline = time.monotonic() + self.timeout
+            deadline = time.monotonic() + t
             reply = None
             while reply is None and (left := deadline - time.monotonic()) > 0:
                 if await sock.poll(int(left * 1000) + 1):  # POLLIN by default
@@ -303,29 +332,48 @@ class AsyncZmqClient(_Calls):
             if reply is None:  # Lazy Pirate: close, reopen on the next endpoint, resend
                 self.close()
                 self._rotate()
-                continue
+                if idempotent:
+                    continue
+                raise self._no_reply(action, t, attempt + 1)
             try:
                 return self._data(reply)
-            except (ResourceExhausted, Unavailable):
-                if attempt + 1 >= attempts:
+            except MFHError as e:
+                if attempt + 1 >= attempts or not self._resend(idempotent, e):
                     raise
-                await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
-        raise self._no_reply(action, attempts)
+                self._rotate()
+                await asyncio.sleep(self._delay(attempt))
+        raise self._no_reply(action, t, attempts)
 
-    async def get(self, namespace: str, key: str) -> Record:
-        return _record((await self.call("get", {"namespace": namespace, "key": key}))["record"])
+    async def get(self, namespace: str, key: str, *, timeout: float | None = None) -> Record:  # noqa: ASYNC109
+        return _record((await self.call("get", {"namespace": namespace, "key": key}, timeout))["record"])
 
-    async def batch_get(self, namespace: str, keys: Sequence[str]) -> tuple[list[Record], list[str]]:
-        data = await self.call("batch_get", {"namespace": namespace, "keys": list(keys)})
+    async def batch_get(
+        self,
+        namespace: str,
+        keys: Sequence[str],
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> tuple[list[Record], list[str]]:
+        data = await self.call("batch_get", {"namespace": namespace, "keys": list(keys)}, timeout)
         return self._records(data), list(data["missing"])
 
-    async def put(self, spec: PutSpec, *, durability: Durability = Durability.ACCEPTED) -> PutResult:
-        return self._result(await self.call("put", self._put(spec, durability)))
+    async def put(
+        self,
+        spec: PutSpec,
+        *,
+        durability: Durability = Durability.ACCEPTED,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> PutResult:
+        return self._result(await self.call("put", self._put(spec, durability), timeout))
 
     async def batch_put(
-        self, specs: Sequence[PutSpec], *, durability: Durability = Durability.ACCEPTED
+        self,
+        specs: Sequence[PutSpec],
+        *,
+        durability: Durability = Durability.ACCEPTED,
+        timeout: float | None = None,  # noqa: ASYNC109
     ) -> list[PutResult]:
-        data = await self.call("batch_put", self._batch_put(specs, durability))
+        data = await self.call("batch_put", self._batch_put(specs, durability), timeout)
         return [self._result(r) for r in data["results"]]
 
     async def delete(
@@ -335,8 +383,10 @@ class AsyncZmqClient(_Calls):
         *,
         expected_version: int | None = None,
         durability: Durability = Durability.ACCEPTED,
+        timeout: float | None = None,  # noqa: ASYNC109
     ) -> PutResult:
-        return self._result(await self.call("delete", self._delete(namespace, key, expected_version, durability)))
+        payload = self._delete(namespace, key, expected_version, durability)
+        return self._result(await self.call("delete", payload, timeout))
 
     async def list(
         self,
@@ -347,6 +397,8 @@ class AsyncZmqClient(_Calls):
         page_size: int = 100,
         page_token: str = "",
         include_deleted: bool = False,
+        timeout: float | None = None,  # noqa: ASYNC109
     ) -> tuple[list[Record], str]:
-        data = await self.call("list", self._list(namespace, kind, key_prefix, page_size, page_token, include_deleted))
+        payload = self._list(namespace, kind, key_prefix, page_size, page_token, include_deleted)
+        data = await self.call("list", payload, timeout)
         return self._records(data), str(data["next_page_token"])

@@ -145,6 +145,9 @@ def ok_to_v0(req: V0Request, data: dict[str, Any]) -> dict[str, Any]:
     return _with_id(reply, req.request_id)
 
 
-def error_to_v0(request_id: str | int | None, code: str, message: str) -> dict[str, Any]:
-    """The v0 error reply: ``error`` is the message (as the old agents sent it), ``error_code`` the v1 code."""
-    return _with_id({"status": "error", "error": message, "error_code": code}, request_id)
+def error_to_v0(request_id: str | int | None, error: dict[str, Any]) -> dict[str, Any]:
+    """The v0 error reply: ``error`` is the message (as the old agents had it), ``error_code`` the v1 code."""
+    reply: dict[str, Any] = {"status": "error", "error": error["message"], "error_code": error["code"]}
+    if "current_version" in error:
+        reply["current_version"] = error["current_version"]
+    return _with_id(reply, request_id)

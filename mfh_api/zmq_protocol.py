@@ -173,8 +173,9 @@ def ok_reply(rid: str | int | None, data: Any) -> dict[str, Any]:
     return {"v": 1, "id": rid, "status": "ok", "data": data}
 
 
-def error_reply(rid: str | int | None, code: str, message: str) -> dict[str, Any]:
-    return {"v": 1, "id": rid, "status": "error", "error": {"code": code, "message": message}}
+def error_reply(rid: str | int | None, error: dict[str, Any]) -> dict[str, Any]:
+    """``error`` is ``{"code", "message"}`` (plus ``current_version`` for FAILED_PRECONDITION)."""
+    return {"v": 1, "id": rid, "status": "error", "error": error}
 
 
 def encode(reply: dict[str, Any]) -> bytes:

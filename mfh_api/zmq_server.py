@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
 from typing import Any
@@ -18,6 +17,8 @@ import zmq
 import zmq.asyncio
 
 from mfh_api import legacy_v0
+from mfh_api.auth import ApiKeyCheck
+from mfh_api.errors import zmq_error
 from mfh_api.service import Durability, MemoryService, PutSpec
 from mfh_api.zmq_protocol import (
     BatchGetPayload,
@@ -87,13 +88,6 @@ async def dispatch(service: MemoryService, action: str, payload: dict[str, Any],
     raise InvalidArgument(f"unknown action {action!r}")  # unreachable: parse_payload knows every action
 
 
-def wire_error(e: BaseException) -> tuple[str, str]:
-    """(code, message) for an error reply; anything unexpected is INTERNAL without details."""
-    if isinstance(e, MFHError):
-        return e.code, e.message
-    return "INTERNAL", f"internal error ({type(e).__name__})"
-
-
 def _split(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:
     """(envelope, body frames): REQ peers add an empty delimiter after the identity, DEALER peers may not."""
     for i in range(1, len(frames)):
@@ -119,7 +113,7 @@ class ZmqServer:
         self.service = service
         self.bind = bind
         self.requested_port = port
-        self._api_key = api_key.encode("utf-8") if api_key else None
+        self._api_key = ApiKeyCheck(api_key)
         self.max_message_bytes = max_message_bytes
         self.deadline_seconds = deadline_seconds
         self.max_in_flight = max_in_flight
@@ -193,7 +187,8 @@ class ZmqServer:
                 continue
             envelope, body = _split(frames)
             if len(self._tasks) >= self.max_in_flight:
-                reply = encode(error_reply(None, "RESOURCE_EXHAUSTED", "server busy: too many requests in flight"))
+                busy = {"code": "RESOURCE_EXHAUSTED", "message": "server busy: too many requests in flight"}
+                reply = encode(error_reply(None, busy))
                 API_REQUESTS.labels(transport="zmq", method="shed", code="RESOURCE_EXHAUSTED").inc()
                 task = asyncio.create_task(self._send(envelope, reply))
             else:
@@ -211,17 +206,15 @@ class ZmqServer:
 
     async def _handle(self, envelope: list[bytes], body: list[bytes]) -> None:
         if len(body) != 1:
-            reply = error_reply(None, "INVALID_ARGUMENT", "a request is exactly one JSON frame")
+            reply = error_reply(None, {"code": "INVALID_ARGUMENT", "message": "a request is exactly one JSON frame"})
             await self._send(envelope, encode(reply))
             return
         await self._send(envelope, await self.answer(body[0]))
 
     def _authenticate(self, obj: dict[str, Any]) -> None:
-        if self._api_key is None:
-            return
         given = obj.get("api_key")
-        if not isinstance(given, str) or not hmac.compare_digest(given.encode("utf-8"), self._api_key):
-            raise Unauthenticated("missing or wrong api_key")
+        if not self._api_key.ok(given if isinstance(given, str) else None):  # hmac.compare_digest inside
+            raise Unauthenticated("missing api_key" if given in (None, "") else "wrong api_key")
 
     async def answer(self, body: bytes) -> bytes:
         """The whole request → reply path for one message, transport aside; never raises."""
@@ -234,11 +227,9 @@ class ZmqServer:
         except Exception as e:
             if not isinstance(e, MFHError):
                 log.exception("ZeroMQ %s request failed", call.method)
-            code, message = wire_error(e)
-            if call.legacy:
-                reply = legacy_v0.error_to_v0(call.rid, code, message)
-            else:
-                reply = error_reply(call.rid, code, message)
+            error = zmq_error(e)
+            code = error["code"]
+            reply = legacy_v0.error_to_v0(call.rid, error) if call.legacy else error_reply(call.rid, error)
         API_REQUESTS.labels(transport="zmq", method=call.method, code=code).inc()
         API_LATENCY.labels(transport="zmq", method=call.method).observe(time.perf_counter() - started)
         return encode(reply)

@@ -34,6 +34,7 @@ from mfh_models.records import (
     validate_origin,
     validate_payload,
 )
+from mfh_models.schemas import json_schemas
 from mfh_models.settings import Settings, default_config_dir, load_settings
 from mfh_models.versions import pack, unpack
 
@@ -65,6 +66,7 @@ __all__ = [
     "default_config_dir",
     "event_id_for",
     "items_checksum",
+    "json_schemas",
     "load_settings",
     "pack",
     "parse_kind",

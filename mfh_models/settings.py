@@ -229,7 +229,10 @@ def load_settings(
         files.append(host_file)
     merged: dict[str, Any] = {}
     for f in files:
-        merged = _merge(merged, _interpolate(_read_yaml(f), env, ""))
+        try:
+            merged = _merge(merged, _interpolate(_read_yaml(f), env, ""))
+        except ConfigError as e:
+            raise ConfigError(e.message if e.message.startswith(str(f)) else f"{f}: {e.message}") from None
     if overrides:
         merged = _merge(merged, overrides)
     if host and "host_id" not in merged:

@@ -1,0 +1,170 @@
+"""mfh_models: validation of names and payloads, canonical JSON, the checksum, versions and settings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from factories import event
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mfh_models import (
+    MAX_PAYLOAD_BYTES,
+    ChecksumRow,
+    ConfigError,
+    InvalidArgument,
+    Kind,
+    MemoryEvent,
+    canonical_json,
+    default_config_dir,
+    items_checksum,
+    json_schemas,
+    load_settings,
+    pack,
+    unpack,
+    validate_key,
+    validate_namespace,
+    validate_payload,
+)
+
+
+@pytest.mark.parametrize("ns", ["", "a" * 65, "-lead", "has space", "semi;colon", "ünï", "a:b", "x/y", "\x00"])
+def test_bad_namespaces_are_refused_with_a_reason(ns: str) -> None:
+    with pytest.raises(InvalidArgument, match="namespace"):
+        validate_namespace(ns)
+
+
+@pytest.mark.parametrize("key", ["", "k" * 257, "has space", "new\nline", "quote'", "emoji😀", "a*b"])
+def test_bad_keys_are_refused_with_a_reason(key: str) -> None:
+    with pytest.raises(InvalidArgument, match="key"):
+        validate_key(key)
+
+
+def test_good_names_pass() -> None:
+    assert validate_namespace("agent-7.episodic_v2") == "agent-7.episodic_v2"
+    assert validate_key("session:42/turn@3.json-x") == "session:42/turn@3.json-x"
+
+
+@pytest.mark.parametrize(
+    ("kind", "payload", "needle"),
+    [
+        ("memory_item", {}, "content"),
+        ("memory_item", {"content": "x", "importance": 2}, "importance"),
+        ("memory_item", {"content": "x", "surprise": 1}, "surprise"),
+        ("session_data", {"data": {}}, "session_id"),
+        ("knowledge_record", {"subject": ""}, "subject"),
+        ("memory_item", ["not", "an", "object"], "JSON object"),
+        ("memory_item", {"content": "x", "metadata": {"n": float("nan")}}, "canonical JSON"),
+        ("episodic", {"content": "x"}, "unknown kind"),
+        ("memory_item", {"content": "x", "schema_version": 99}, "schema_version"),
+    ],
+)
+def test_bad_payloads_are_refused_with_the_field(kind: str, payload: object, needle: str) -> None:
+    with pytest.raises(InvalidArgument, match=needle):
+        validate_payload(kind, payload)
+
+
+def test_oversized_payload_is_refused() -> None:
+    with pytest.raises(InvalidArgument, match="larger than"):
+        validate_payload("memory_item", {"content": "x", "metadata": {"blob": "y" * MAX_PAYLOAD_BYTES}})
+
+
+def test_payload_is_stored_as_the_clients_fields_canonicalised() -> None:
+    kind, text = validate_payload("memory_item", {"tags": ["b"], "content": "héllo"})
+    assert kind is Kind.MEMORY_ITEM
+    assert text == '{"content":"héllo","schema_version":1,"tags":["b"]}'
+
+
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(), lambda c: st.lists(c) | st.dictionaries(st.text(), c)
+    )
+)
+def test_canonical_json_is_stable_under_key_order(value: object) -> None:
+    text = canonical_json(value)
+    assert canonical_json(json.loads(text)) == text
+
+
+def test_checksum_ignores_row_order_and_sees_every_field() -> None:
+    rows = [ChecksumRow("ns", f"k{i}", i, "main_pc", False, '{"a":1}') for i in range(5)]
+    base = items_checksum(rows)
+    assert items_checksum(reversed(rows)) == base
+    for change in ({"version": 99}, {"origin": "pc2"}, {"deleted": True}, {"payload": '{"a":2}'}, {"key": "zz"}):
+        assert items_checksum([rows[0]._replace(**change), *rows[1:]]) != base  # type: ignore[arg-type]
+
+
+def test_checksum_sorts_by_bytes_not_locale() -> None:
+    a = [ChecksumRow("ns", "B", 1, "o", False, "{}"), ChecksumRow("ns", "a", 1, "o", False, "{}")]
+    assert items_checksum(a) == items_checksum(a[::-1])
+
+
+@given(st.integers(0, (1 << 47) - 1), st.integers(0, 65535))
+def test_versions_pack_and_unpack(ms: int, counter: int) -> None:
+    assert unpack(pack(ms, counter)) == (ms, counter)
+    assert pack(ms, counter) < pack(ms + 1, 0)
+
+
+def test_event_refuses_bad_origin_and_version() -> None:
+    good = event("k", 1).model_dump()
+    with pytest.raises(InvalidArgument):
+        MemoryEvent.model_validate({**good, "origin": "Main PC"})
+    with pytest.raises(ValueError):
+        MemoryEvent.model_validate({**good, "version": 0})
+
+
+def test_json_schemas_cover_every_model() -> None:
+    schemas = json_schemas()
+    assert set(schemas) == {"memory_item", "session_data", "knowledge_record", "record", "memory_event"}
+    assert "schema_version" in schemas["memory_item"]["properties"]
+
+
+# -- settings -----------------------------------------------------------------------------------
+
+
+def _config_dir(tmp_path: Path, host_yaml: str) -> Path:
+    (tmp_path / "default.yaml").write_text((default_config_dir() / "default.yaml").read_text())
+    (tmp_path / "h.yaml").write_text(host_yaml)
+    return tmp_path
+
+
+def test_settings_merge_default_host_and_environment(tmp_path: Path) -> None:
+    cdir = _config_dir(tmp_path, "host_id: h\nserver:\n  grpc_port: 6000\n")
+    s = load_settings("h", config_dir=cdir, env={"REDIS_URL": "redis://r:1/3", "MFH_API_KEY": "s3cret"})
+    assert (s.host_id, s.server.grpc_port, s.server.zmq_port) == ("h", 6000, 5713)
+    assert s.storage.redis_url == "redis://r:1/3"
+    assert s.server.api_key is not None and s.server.api_key.get_secret_value() == "s3cret"
+    assert s.masked()["server"]["api_key"] == "********"
+    assert "s3cret" not in json.dumps(s.masked())
+
+
+def test_shipped_host_files_load() -> None:
+    for host in ("main_pc", "pc2"):
+        s = load_settings(host, env={})
+        assert s.host_id == host
+    a, b = load_settings("main_pc", env={}), load_settings("pc2", env={})
+    assert a.storage.redis_url != b.storage.redis_url and a.storage.sqlite_path != b.storage.sqlite_path
+
+
+@pytest.mark.parametrize(
+    ("host_yaml", "needle"),
+    [
+        ("server:\n  grpc_port: 70000\n", "server.grpc_port"),
+        ("server:\n  grcp_port: 1\n", "grcp_port"),
+        ("storage: [1, 2\n", "not valid YAML"),
+        ("- a list\n", "mapping"),
+        ("storage:\n  redis_url: ${NO_SUCH_VAR}\n", "NO_SUCH_VAR"),
+        ("host_id: 'Main PC'\n", "origin"),
+    ],
+)
+def test_bad_config_names_the_file_field_and_reason(tmp_path: Path, host_yaml: str, needle: str) -> None:
+    cdir = _config_dir(tmp_path, host_yaml)
+    with pytest.raises(ConfigError) as info:
+        load_settings("h", config_dir=cdir, env={})
+    assert needle in str(info.value) and "h.yaml" in str(info.value)
+
+
+def test_unknown_host_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no configuration for host"):
+        load_settings("nowhere", config_dir=_config_dir(tmp_path, ""), env={})

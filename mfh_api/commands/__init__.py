@@ -1,0 +1,66 @@
+"""Subcommands of ``mfh``: every module here with ``register(subparsers) -> None`` adds its own.
+
+A command sets ``func`` on its parser (``parser.set_defaults(func=run)``); ``run(args) -> int``
+returns the exit code. Global options ``--host`` and ``--config-dir`` arrive as ``args.host`` and
+``args.config_dir``; :func:`settings_from` turns them into the one Settings object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any, Final
+
+from mfh_models import (
+    InvalidArgument,
+    MFHError,
+    NotFound,
+    ResourceExhausted,
+    Settings,
+    Unauthenticated,
+    Unavailable,
+    VersionConflict,
+    load_settings,
+)
+
+__all__ = ["EXIT_CODES", "exit_code", "fail", "host_env", "settings_from"]
+
+#: Exit codes of ``mfh`` (README "Operating"): 0 ok, 1 other error, 2 usage or invalid argument.
+EXIT_CODES: Final[tuple[tuple[type[MFHError], int], ...]] = (
+    (InvalidArgument, 2),
+    (NotFound, 3),
+    (VersionConflict, 4),
+    (Unavailable, 5),  # includes DeadlineExceeded: worth retrying
+    (ResourceExhausted, 5),
+    (Unauthenticated, 6),
+)
+
+
+def exit_code(e: MFHError) -> int:
+    for cls, code in EXIT_CODES:
+        if isinstance(e, cls):
+            return code
+    return 1
+
+
+def fail(message: str, code: int = 1) -> int:
+    """Print ``mfh: message`` to stderr and return ``code`` (for ``return fail(...)``)."""
+    print(f"mfh: {message}", file=sys.stderr)
+    return code
+
+
+def settings_from(args: argparse.Namespace, overrides: Mapping[str, Any] | None = None) -> Settings:
+    """The merged settings for ``--host`` (else MFH_HOST) and ``--config-dir`` (else MFH_CONFIG_DIR)."""
+    return load_settings(getattr(args, "host", None), config_dir=getattr(args, "config_dir", None), overrides=overrides)
+
+
+def host_env(args: argparse.Namespace) -> dict[str, str]:
+    """The environment for a child process that reads its settings itself (``dramatiq`` workers)."""
+    env = dict(os.environ)
+    if getattr(args, "host", None):
+        env["MFH_HOST"] = args.host
+    if getattr(args, "config_dir", None):
+        env["MFH_CONFIG_DIR"] = str(args.config_dir)
+    return env

@@ -1,0 +1,209 @@
+"""``mfh get|put|delete|list``: read and write memories by hand, over gRPC or ZeroMQ, with the client library.
+
+Output is for people (``--json`` for scripts); errors go to stderr with an exit code per error
+kind (see :data:`mfh_api.commands.EXIT_CODES`), so shell scripts can tell NOT_FOUND from a
+conflict or an outage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from mfh_api.commands import exit_code, fail, settings_from
+from mfh_api.service import Durability, PutResult, PutSpec
+from mfh_models import MFHError, Record, Settings
+
+__all__ = ["register"]
+
+
+class _Client(Protocol):
+    def get(self, namespace: str, key: str) -> Record: ...
+    def put(self, spec: PutSpec, *, durability: Durability = ...) -> PutResult: ...
+    def delete(
+        self, namespace: str, key: str, *, expected_version: int | None = ..., durability: Durability = ...
+    ) -> PutResult: ...
+    def list(
+        self,
+        namespace: str,
+        *,
+        kind: str | None = ...,
+        key_prefix: str = ...,
+        page_size: int = ...,
+        page_token: str = ...,
+        include_deleted: bool = ...,
+    ) -> tuple[list[Record], str]: ...
+    def close(self) -> None: ...
+
+
+def _local(bind: str) -> str:
+    """Where a client on this machine reaches a server bound to ``bind``."""
+    if bind in ("0.0.0.0", "*", ""):
+        return "127.0.0.1"
+    if bind == "::":
+        return "[::1]"
+    return f"[{bind}]" if ":" in bind and not bind.startswith("[") else bind
+
+
+def _client(args: argparse.Namespace, settings: Settings) -> _Client:
+    s = settings.server
+    key = s.api_key.get_secret_value() if s.api_key else None
+    host = _local(s.bind)
+    if args.transport == "zmq":
+        from mfh_api.client_zmq import ZmqClient
+
+        endpoints = args.endpoint or [f"tcp://{host}:{s.zmq_port}"]
+        return ZmqClient(endpoints, api_key=key, timeout=args.timeout)
+    from mfh_api.client_grpc import MemoryClient
+
+    return MemoryClient(args.endpoint or [f"{host}:{s.grpc_port}"], api_key=key, timeout=args.timeout)
+
+
+def _when(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _as_json(r: Record) -> dict[str, Any]:
+    return {**r.model_dump(mode="json"), "payload": r.payload_obj()}
+
+
+def _get(c: _Client, args: argparse.Namespace) -> None:
+    r = c.get(args.namespace, args.key)
+    if args.json:
+        print(json.dumps(_as_json(r), indent=2, sort_keys=True))
+        return
+    print(f"{r.namespace}/{r.key}  kind={r.kind.value}  version={r.version}  origin={r.origin}  {_when(r.updated_at)}")
+    print(json.dumps(r.payload_obj(), indent=2, sort_keys=True, ensure_ascii=False))
+
+
+def _payload(args: argparse.Namespace) -> Any:
+    if args.file:
+        try:
+            text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
+        except OSError as e:
+            raise _Usage(f"cannot read {args.file}: {e.strerror or e}") from None
+    elif args.payload is not None:
+        text = args.payload
+    else:
+        raise _Usage("give the payload as an argument, or with --file PATH (--file - reads stdin)")
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise _Usage(f"the payload is not valid JSON: {e}") from None
+
+
+def _durability(args: argparse.Namespace) -> Durability:
+    return Durability.PERSISTED if args.persisted else Durability.ACCEPTED
+
+
+def _put(c: _Client, args: argparse.Namespace) -> None:
+    spec = PutSpec(args.namespace, args.key, args.kind, _payload(args), expected_version=args.expected_version)
+    res = c.put(spec, durability=_durability(args))
+    print(f"put {args.namespace}/{args.key} version={res.version} event={res.event_id}")
+
+
+def _delete(c: _Client, args: argparse.Namespace) -> None:
+    res = c.delete(args.namespace, args.key, expected_version=args.expected_version, durability=_durability(args))
+    print(f"deleted {args.namespace}/{args.key} version={res.version} event={res.event_id}")
+
+
+def _list(c: _Client, args: argparse.Namespace) -> None:
+    token, shown = args.page_token, 0
+    while True:
+        records, token = c.list(
+            args.namespace,
+            kind=args.kind,
+            key_prefix=args.prefix,
+            page_size=args.page_size,
+            page_token=token,
+            include_deleted=args.include_deleted,
+        )
+        for r in records:
+            if args.json:
+                print(json.dumps(_as_json(r), sort_keys=True))
+            else:
+                mark = "  (deleted)" if r.deleted else ""
+                print(f"{r.key}\t{r.kind.value}\tversion={r.version}\t{_when(r.updated_at)}{mark}")
+        shown += len(records)
+        if not token or not args.all:
+            break
+    if token:
+        print(f"more: --page-token {token}", file=sys.stderr)
+    elif not args.json and shown == 0:
+        print(f"no records in {args.namespace}", file=sys.stderr)
+
+
+class _Usage(Exception):
+    """A command-line mistake found after parsing (exit code 2)."""
+
+
+def _runner(action: Any) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        client = _client(args, settings_from(args))
+        try:
+            action(client, args)
+        except _Usage as e:
+            return fail(str(e), 2)
+        except MFHError as e:
+            return fail(f"{e.code}: {e.message}", exit_code(e))
+        except OSError as e:
+            return fail(str(e))
+        finally:
+            client.close()
+        return 0
+
+    return run
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--transport", choices=("grpc", "zmq"), default="grpc", help="default: grpc")
+    p.add_argument(
+        "--endpoint",
+        action="append",
+        help="host:port (gRPC) or tcp://host:port (ZeroMQ); repeat for failover (default: this host's api)",
+    )
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds per attempt (default: 5)")
+
+
+def register(subparsers: Any) -> None:
+    get = subparsers.add_parser("get", help="print one memory", description="Print one live record and its payload.")
+    get.add_argument("namespace")
+    get.add_argument("key")
+    get.add_argument("--json", action="store_true", help="the whole record as JSON")
+    _common(get)
+    get.set_defaults(func=_runner(_get))
+
+    put = subparsers.add_parser("put", help="write one memory", description="Create or replace one record.")
+    put.add_argument("namespace")
+    put.add_argument("key")
+    put.add_argument("payload", nargs="?", help='the payload JSON, e.g. \'{"content": "..."}\'')
+    put.add_argument("--file", help="read the payload JSON from a file ('-' for stdin)")
+    put.add_argument("--kind", default="memory_item", choices=("memory_item", "session_data", "knowledge_record"))
+    put.add_argument("--expected-version", type=int, help="write only if the key is at this version (0: absent)")
+    put.add_argument("--persisted", action="store_true", help="answer after the SQL commit, not on acceptance")
+    _common(put)
+    put.set_defaults(func=_runner(_put))
+
+    delete = subparsers.add_parser("delete", help="delete one memory", description="Tombstone one record.")
+    delete.add_argument("namespace")
+    delete.add_argument("key")
+    delete.add_argument("--expected-version", type=int, help="delete only if the key is at this version")
+    delete.add_argument("--persisted", action="store_true", help="answer after the SQL commit")
+    _common(delete)
+    delete.set_defaults(func=_runner(_delete))
+
+    ls = subparsers.add_parser("list", help="list a namespace", description="List records in key order.")
+    ls.add_argument("namespace")
+    ls.add_argument("--kind", choices=("memory_item", "session_data", "knowledge_record"))
+    ls.add_argument("--prefix", default="", help="only keys starting with this")
+    ls.add_argument("--page-size", type=int, default=100)
+    ls.add_argument("--page-token", default="", help="continue from a previous listing")
+    ls.add_argument("--all", action="store_true", help="follow page tokens to the end")
+    ls.add_argument("--include-deleted", action="store_true", help="show tombstones too")
+    ls.add_argument("--json", action="store_true", help="one JSON record per line")
+    _common(ls)
+    ls.set_defaults(func=_runner(_list))

@@ -1,0 +1,79 @@
+"""``mfh api`` and ``mfh worker``: the long-running processes of a host (one Procfile line each).
+
+``--zmq-port``/``--grpc-port``/``--metrics-port`` let a second api replica run on the same host:
+ZeroMQ cannot share a bound TCP port, so each replica gets its own and clients fail over between them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from typing import Any
+
+from mfh_api.commands import fail, host_env, settings_from
+
+__all__ = ["register"]
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a port (0-65535; 0 picks a free one)")
+    return port
+
+
+def _api(args: argparse.Namespace) -> int:
+    from mfh_api.app import configure_logging, run_api
+
+    server = {
+        name: value
+        for name, value in (
+            ("zmq_port", args.zmq_port),
+            ("grpc_port", args.grpc_port),
+            ("metrics_port", args.metrics_port),
+        )
+        if value is not None
+    }
+    settings = settings_from(args, {"server": server} if server else None)
+    configure_logging()
+    try:
+        asyncio.run(run_api(settings, insecure=args.insecure))
+    except OSError as e:  # typically a port already in use
+        return fail(f"api: {e}")
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    settings = settings_from(args)  # fail here, readably, on a bad configuration
+    wb = settings.write_behind
+    processes = args.processes or wb.worker_processes
+    threads = args.threads or wb.worker_threads
+    argv = [sys.executable, "-m", "dramatiq", "mfh_tasks.worker_main", "--processes", str(processes)]
+    argv += ["--threads", str(threads)]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, argv, host_env(args))  # dramatiq handles signals and forks its workers
+
+
+def register(subparsers: Any) -> None:
+    api = subparsers.add_parser(
+        "api",
+        help="serve gRPC, ZeroMQ (v1 and v0) and /metrics",
+        description="Serve the hub's gRPC and ZeroMQ front doors and the Prometheus endpoint until SIGTERM.",
+    )
+    api.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without an API key")
+    api.add_argument("--zmq-port", type=_port, help="override server.zmq_port (a second replica on one host)")
+    api.add_argument("--grpc-port", type=_port, help="override server.grpc_port")
+    api.add_argument("--metrics-port", type=_port, help="override server.metrics_port")
+    api.set_defaults(func=_api)
+
+    worker = subparsers.add_parser(
+        "worker",
+        help="run the Dramatiq write-behind workers",
+        description="exec `python -m dramatiq mfh_tasks.worker_main` with this host's settings.",
+    )
+    worker.add_argument("--processes", type=int, help="default: write_behind.worker_processes")
+    worker.add_argument("--threads", type=int, help="default: write_behind.worker_threads")
+    worker.set_defaults(func=_worker)

@@ -27,6 +27,7 @@ class BenchHost:
             "storage": {"redis_url": redis_url, "sqlite_path": str(self.dir / f"{name}.db"), "postgres_url": None},
             "write_behind": {"queue_name": f"bench_{uuid.uuid4().hex[:8]}"},
             "replication": {"enabled": False},
+            "metrics": {"worker_port": 0, "replicator_port": 0, "scheduler_port": 0},
         }
         for section, values in (overrides or {}).items():
             cfg.setdefault(section, {}).update(values) if isinstance(values, dict) else cfg.update({section: values})

@@ -21,6 +21,7 @@ from mfh_models.records import validate_origin
 __all__ = [
     "BulkheadSettings",
     "CircuitBreakerSettings",
+    "MetricsSettings",
     "ReplicationSettings",
     "ResilienceSettings",
     "SchedulerSettings",
@@ -112,6 +113,14 @@ class SchedulerSettings(_Section):
     reconcile_interval_seconds: float = Field(default=30, gt=0)
 
 
+class MetricsSettings(_Section):
+    """Prometheus ports of the non-api processes (the api's is ``server.metrics_port``); 0 turns one off."""
+
+    worker_port: int = Field(default=9714, ge=0, le=65535)
+    replicator_port: int = Field(default=9715, ge=0, le=65535)
+    scheduler_port: int = Field(default=9716, ge=0, le=65535)
+
+
 class Settings(_Section):
     """The whole configuration of one host."""
 
@@ -124,6 +133,7 @@ class Settings(_Section):
     replication: ReplicationSettings = ReplicationSettings()
     resilience: ResilienceSettings = ResilienceSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
     @model_validator(mode="after")
     def _check_host(self) -> Settings:

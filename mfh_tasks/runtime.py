@@ -8,6 +8,7 @@ import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 
 from mfh_core import HotStore, SqlStore
+from mfh_core.metrics_http import serve_metrics
 from mfh_models import Settings
 from mfh_tasks.actors import LazyPipeline, declare_persist_actor
 from mfh_tasks.broker import build_broker
@@ -43,7 +44,7 @@ async def _build_bus(settings: Settings) -> EventPublisher | None:
         return None
     bus = EventBus.from_settings(settings.replication, name=f"mfh-worker-{settings.host_id}")
     await bus.connect()
-    return bus  # type: ignore[no-any-return]
+    return bus
 
 
 def build_worker(settings: Settings) -> tuple[RedisBroker, dramatiq.Actor]:  # type: ignore[type-arg]
@@ -52,6 +53,7 @@ def build_worker(settings: Settings) -> tuple[RedisBroker, dramatiq.Actor]:  # t
     sql = build_sql_store(settings)
 
     async def build() -> PersistPipeline:
+        serve_metrics(settings.metrics.worker_port, what="worker")
         return PersistPipeline(sql=sql, hot=build_hot_store(settings), bus=await _build_bus(settings))
 
     actor = declare_persist_actor(broker, settings, LazyPipeline(build))

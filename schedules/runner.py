@@ -14,6 +14,7 @@ from pathlib import Path
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
 
+from mfh_core.metrics_http import serve_metrics
 from mfh_models import MemoryEvent, Settings
 from mfh_tasks import build_broker, build_hot_store, build_sql_store, declare_persist_actor, encode_batch
 from schedules.jobs import audit, reconcile, snapshot
@@ -30,6 +31,7 @@ async def run_scheduler(settings: Settings, *, stop: asyncio.Event | None = None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    serve_metrics(settings.metrics.scheduler_port, what="scheduler")
     hot = build_hot_store(settings)
     sql = build_sql_store(settings)
     broker = build_broker(settings)

@@ -91,6 +91,7 @@ def make_host(
     host: dict[str, Any] = {
         "host_id": name,
         "server": {"zmq_port": 0, "grpc_port": 0, "metrics_port": 0, "api_key": None},
+        "metrics": {"worker_port": 0, "replicator_port": 0, "scheduler_port": 0},
         "storage": {"redis_url": redis_url, "sqlite_path": str(tmp_path / f"{name}.db"), "postgres_url": None},
         "write_behind": {"queue_name": f"t_{uid}", **FAST_RECOVERY},
         "replication": {"enabled": nats_url is not None, "nats_url": nats_url or "nats://127.0.0.1:1"},

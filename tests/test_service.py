@@ -219,7 +219,7 @@ async def test_delete_of_an_absent_or_deleted_key_is_not_found(svc: MemoryServic
 
 async def nothing_staged_except(s: MemoryService, keys: set[str]) -> None:
     members = await s.hot.redis.zrange(s.hot.dirty_key, 0, -1)
-    assert {m.rsplit(":", 1)[-1] for m in members} == keys
+    assert {str(m).rsplit(":", 1)[-1] for m in members} == keys
 
 
 async def test_batch_put_is_all_or_nothing(svc: MemoryService) -> None:

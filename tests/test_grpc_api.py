@@ -1,0 +1,264 @@
+"""gRPC end to end over a real socket: every RPC, bad input of every sort, auth, health and reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from hosts import TestHost, make_host
+from services import REDIS_URL_DEFAULT, async_wait_until, require
+
+from mfh_api.app import run_api
+from mfh_api.client_grpc import AsyncMemoryClient, MemoryClient
+from mfh_api.grpc_server import SERVICE_NAME, GrpcServer
+from mfh_api.proto import pb, pb_grpc
+from mfh_api.service import Durability, MemoryService, PutSpec, build_service
+from mfh_models import MAX_PAYLOAD_BYTES, ConfigError, MemoryEvent, NotFound, Op, VersionConflict
+
+KEY = "test-key"
+MAX_MESSAGE = 512 * 1024  # above MAX_PAYLOAD_BYTES, so both limits can be hit separately
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """Other suites flush db 9 while these run: a db of our own (never flushed) and a fresh key prefix per test."""
+    import redis
+
+    scheme, _, rest = os.environ.get("MFH_TEST_REDIS_URL", REDIS_URL_DEFAULT).partition("://")
+    url = f"{scheme}://{rest.split('/', 1)[0]}/13"
+    require(f"Redis at {url}", lambda: redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    return url
+
+
+@dataclass
+class Api:
+    host: TestHost
+    service: MemoryService
+    server: GrpcServer
+    client: AsyncMemoryClient
+    channel: grpc.aio.Channel
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    def stub(self) -> Any:
+        return pb_grpc.MemoryFusionStub(self.channel)
+
+    async def serves(self) -> None:
+        """The server still answers a well-formed call after whatever came before."""
+        await self.client.put(PutSpec("ns", "probe", "memory_item", {"content": "alive"}))
+        assert (await self.client.get("ns", "probe")).key == "probe"
+
+
+@pytest.fixture
+async def api(tmp_path: Path, redis_url: str) -> AsyncIterator[Api]:
+    host = make_host(
+        tmp_path,
+        redis_url=redis_url,
+        overrides={
+            "server": {"api_key": KEY, "max_message_bytes": MAX_MESSAGE, "deadline_seconds": 1.0},
+            "storage": {"redis_prefix": f"t{uuid.uuid4().hex[:10]}"},
+        },
+    )
+    service = await build_service(host.settings)
+    server = GrpcServer(service, host.settings)
+    await server.start()
+    client = AsyncMemoryClient([f"127.0.0.1:{server.port}"], api_key=KEY, max_message_bytes=4 * MAX_MESSAGE)
+    channel = grpc.aio.insecure_channel(
+        f"127.0.0.1:{server.port}", options=[("grpc.max_send_message_length", 4 * MAX_MESSAGE)]
+    )
+    try:
+        yield Api(host, service, server, client, channel)
+    finally:
+        await channel.close()
+        await client.close()
+        await server.stop(grace=1)
+        await service.close()
+        host.stop_all()
+
+
+MD = ((("x-api-key", KEY),),)
+
+
+def put_req(key: str, payload: str = '{"content": "x"}', kind: str = "memory_item", **kw: Any) -> Any:
+    return pb.PutRequest(record=pb.Record(namespace="ns", key=key, kind=kind, payload_json=payload), **kw)
+
+
+async def status_of(call: Any) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    return info.value.code(), info.value.details() or ""
+
+
+# -- every RPC, happy path ------------------------------------------------------------------------
+
+
+async def test_every_rpc_round_trips_over_the_socket(api: Api) -> None:
+    c = api.client
+    r = await c.put(PutSpec("ns", "a", "memory_item", {"content": "hello", "tags": ["x"]}))
+    rec = await c.get("ns", "a")
+    assert rec.version == r.version and rec.payload_obj()["content"] == "hello" and rec.origin == "main_pc"
+    results = await c.batch_put([PutSpec("ns", f"b{i}", "session_data", {"session_id": f"s{i}"}) for i in range(3)])
+    assert [x.version for x in results] == sorted(x.version for x in results)
+    found, missing = await c.batch_get("ns", ["b2", "nope", "a"])
+    assert [f.key for f in found] == ["b2", "a"] and missing == ["nope"]
+    d = await c.delete("ns", "a", expected_version=r.version)
+    assert d.version > r.version
+    with pytest.raises(NotFound):
+        await c.get("ns", "a")
+
+
+async def test_persisted_put_returns_once_the_row_is_in_sql_and_list_and_watch_see_it(api: Api) -> None:
+    api.host.start_worker(threads=2)
+    events: list[MemoryEvent] = []
+
+    async def watch() -> None:
+        async for ev in api.client.watch("ns", "w/"):
+            events.append(ev)
+            return
+
+    task = asyncio.create_task(watch())
+    await async_wait_until(lambda: len(api.service.feed._watchers) == 1, 10, message="watch registered")
+    r = await api.client.put(PutSpec("ns", "w/1", "memory_item", {"content": "p"}), durability=Durability.PERSISTED)
+    row = api.service.sql.get("ns", "w/1")
+    assert row is not None and row.version == r.version
+    await asyncio.wait_for(task, 30)
+    assert events[0].key == "w/1" and events[0].op is Op.PUT and events[0].version == r.version
+    page, token = await api.client.list("ns", key_prefix="w/")
+    assert [p.key for p in page] == ["w/1"] and token == ""
+
+
+async def test_persisted_put_without_a_worker_hits_the_server_deadline(api: Api) -> None:
+    # Given no worker and no client deadline, When a PERSISTED put waits, Then the server's 1 s deadline answers
+    code, details = await status_of(api.stub().Put(put_req("k", durability=pb.DURABILITY_PERSISTED), metadata=MD[0]))
+    assert code is grpc.StatusCode.DEADLINE_EXCEEDED and "still be written" in details
+
+
+# -- bad input: documented error, nothing changed, still serving -----------------------------------------
+
+
+async def test_malformed_protobuf_is_invalid_argument(api: Api) -> None:
+    raw = api.channel.unary_unary(f"/{SERVICE_NAME}/Put")
+    code, details = await status_of(raw(b"\x0a\xff\xff\xff\xff\x0fgarbage", metadata=MD[0]))
+    assert code is grpc.StatusCode.INVALID_ARGUMENT and "malformed PutRequest" in details
+    await api.serves()
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "text"),
+    [
+        (put_req("k", kind="poem"), grpc.StatusCode.INVALID_ARGUMENT, "unknown kind"),
+        (put_req("k", payload="{not json"), grpc.StatusCode.INVALID_ARGUMENT, "not valid JSON"),
+        (put_req("bad key!"), grpc.StatusCode.INVALID_ARGUMENT, "key"),
+        (
+            pb.PutRequest(record=pb.Record(namespace="../etc", key="k", kind="memory_item", payload_json="{}")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "namespace",
+        ),
+        (
+            put_req("k", payload='{"content": "' + "x" * (MAX_PAYLOAD_BYTES + 10) + '"}'),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "262144",
+        ),
+        (
+            put_req("k", payload='{"content": "' + "x" * (MAX_MESSAGE + 10) + '"}'),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "",
+        ),
+    ],
+)
+async def test_bad_puts_get_their_code_and_change_nothing(
+    api: Api, request_: Any, code: grpc.StatusCode, text: str
+) -> None:
+    got, details = await status_of(api.stub().Put(request_, metadata=MD[0]))
+    assert got is code and text in details
+    assert await api.service.hot.dirty_count() == 0
+    await api.serves()
+
+
+async def test_invalid_names_on_reads_are_invalid_argument(api: Api) -> None:
+    for call in (
+        api.stub().Get(pb.GetRequest(namespace="", key="k"), metadata=MD[0]),
+        api.stub().BatchGet(pb.BatchGetRequest(namespace="ns", keys=["ok", "no spaces"]), metadata=MD[0]),
+        api.stub().List(pb.ListRequest(namespace="ns", kind="poem"), metadata=MD[0]),
+        api.stub().Delete(pb.DeleteRequest(namespace="ns", key="x" * 300), metadata=MD[0]),
+    ):
+        code, _ = await status_of(call)
+        assert code is grpc.StatusCode.INVALID_ARGUMENT
+    code, _ = await status_of(api.stub().Delete(pb.DeleteRequest(namespace="ns", key="absent"), metadata=MD[0]))
+    assert code is grpc.StatusCode.NOT_FOUND
+    await api.serves()
+
+
+@pytest.mark.parametrize("metadata", [(), (("x-api-key", "wrong"),), (("x-api-key", ""),)])
+async def test_missing_or_wrong_api_key_is_unauthenticated_and_writes_nothing(api: Api, metadata: Any) -> None:
+    code, _ = await status_of(api.stub().Put(put_req("k"), metadata=metadata))
+    assert code is grpc.StatusCode.UNAUTHENTICATED
+    code, _ = await status_of(api.stub().BatchPut(pb.BatchPutRequest(puts=[put_req("k")]), metadata=metadata))
+    assert code is grpc.StatusCode.UNAUTHENTICATED
+    assert await api.service.hot.get("ns", "k") is None
+    assert await api.service.hot.dirty_count() == 0
+    await api.serves()
+
+
+async def test_stale_expected_version_is_failed_precondition_and_changes_nothing(api: Api) -> None:
+    v1 = (await api.client.put(PutSpec("ns", "k", "memory_item", {"content": "one"}))).version
+    v2 = (await api.client.put(PutSpec("ns", "k", "memory_item", {"content": "two"}, expected_version=v1))).version
+    code, details = await status_of(api.stub().Put(put_req("k", expected_version=v1), metadata=MD[0]))
+    assert code is grpc.StatusCode.FAILED_PRECONDITION and str(v2) in details
+    with pytest.raises(VersionConflict):
+        await api.client.batch_put(
+            [
+                PutSpec("ns", "new", "memory_item", {"content": "n"}),
+                PutSpec("ns", "k", "memory_item", {"content": "3"}, expected_version=v1),
+            ]
+        )
+    rec = await api.client.get("ns", "k")
+    assert rec.version == v2 and rec.payload_obj()["content"] == "two"
+    assert (await api.client.batch_get("ns", ["new"]))[1] == ["new"]
+    await api.serves()
+
+
+# -- health, reflection, the sync client, the start-up guard -----------------------------------------------
+
+
+async def test_health_and_reflection_are_served(api: Api) -> None:
+    health = health_pb2_grpc.HealthStub(api.channel)
+    for name in ("", SERVICE_NAME):
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=name))  # no key needed for probes
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    refl = reflection_pb2_grpc.ServerReflectionStub(api.channel)
+    call = refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), metadata=MD[0])
+    async for reply in call:
+        names = {s.name for s in reply.list_services_response.service}
+        assert SERVICE_NAME in names and "grpc.health.v1.Health" in names
+        break
+
+
+async def test_sync_client_has_the_same_methods(api: Api) -> None:
+    def use() -> None:
+        with MemoryClient([api.target], api_key=KEY) as c:
+            r = c.put(PutSpec("ns", "s", "memory_item", {"content": "sync"}))
+            assert c.get("ns", "s").version == r.version
+            assert c.batch_get("ns", ["s", "t"])[1] == ["t"]
+            c.delete("ns", "s")
+            with pytest.raises(NotFound):
+                c.get("ns", "s")
+
+    await asyncio.to_thread(use)
+
+
+async def test_api_refuses_a_public_bind_without_a_key(tmp_path: Path, redis_url: str) -> None:
+    host = make_host(tmp_path, redis_url=redis_url, overrides={"server": {"bind": "0.0.0.0", "api_key": None}})
+    with pytest.raises(ConfigError, match="--insecure"):
+        await run_api(host.settings)

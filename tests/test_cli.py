@@ -1,0 +1,164 @@
+"""The ``mfh`` command as an operator runs it: a subprocess against a running ``mfh api`` and ``mfh worker``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from hosts import TestHost, make_host
+from services import free_port, tcp_open, wait_until
+
+API_KEY = "cli-secret-9f2"
+
+
+def mfh(host: TestHost, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m mfh_api.cli`` (what the ``mfh`` script runs) in the host's environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "mfh_api.cli", *args],
+        env=host.env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_config_show_masks_secrets(tmp_path: Path) -> None:
+    # Given a host whose API key and Redis password come from the environment
+    host = make_host(
+        tmp_path, redis_url="redis://:hunter2@127.0.0.1:6379/9", overrides={"server": {"api_key": API_KEY}}
+    )
+    # When an operator prints the merged configuration, as YAML and as JSON
+    shown = mfh(host, "config", "show")
+    as_json = mfh(host, "config", "show", "--format", "json")
+    # Then the host's values are there and no secret is
+    assert shown.returncode == 0, shown.stderr
+    assert "host_id: main_pc" in shown.stdout and "api_key: '********'" in shown.stdout
+    data = json.loads(as_json.stdout)
+    assert data["storage"]["redis_url"] == "redis://:****@127.0.0.1:6379/9"
+    for out in (shown.stdout, as_json.stdout):
+        assert API_KEY not in out and "hunter2" not in out
+
+
+def test_global_options_work_after_the_subcommand(tmp_path: Path) -> None:
+    # Given a config dir with a host file  When --host/--config-dir come after the subcommand
+    host = make_host(tmp_path, name="pc9", redis_url="redis://127.0.0.1:6379/9")
+    env_free = subprocess.run(
+        [sys.executable, "-m", "mfh_api.cli", "config", "show", "--host", "pc9", "--config-dir", str(host.config_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    # Then they are honoured
+    assert env_free.returncode == 0, env_free.stderr
+    assert "host_id: pc9" in env_free.stdout
+
+
+def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    # Given a host  When mfh runs with no command, or with a host that has no file
+    host = make_host(tmp_path, redis_url="redis://127.0.0.1:6379/9")
+    bare = mfh(host)
+    unknown = mfh(host, "--host", "nowhere", "config", "show")
+    # Then both exit 2 with a message on stderr
+    assert bare.returncode == 2 and "COMMAND" in bare.stderr
+    assert unknown.returncode == 2 and "no configuration for host 'nowhere'" in unknown.stderr
+
+
+@dataclass
+class RunningApi:
+    host: TestHost
+    zmq: str
+    grpc: str
+    metrics_port: int
+
+
+@pytest.fixture
+def api(tmp_path: Path, redis_url: str) -> Iterator[RunningApi]:
+    """``mfh api`` on free ports (set with the replica overrides) and ``mfh worker``, as subprocesses."""
+    host = make_host(tmp_path, redis_url=redis_url, overrides={"server": {"api_key": API_KEY}})
+    zmq_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    ports = ["--zmq-port", str(zmq_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)]
+    proc = host.spawn("mfh_api.cli", "api", *ports, log_name="api")
+    host.spawn("mfh_api.cli", "worker", "--threads", "2", log_name="worker")
+    try:
+        wait_until(
+            lambda: proc.poll() is None and all(tcp_open("127.0.0.1", p) for p in (zmq_port, grpc_port, metrics_port)),
+            30,
+            interval=0.05,
+            message=f"mfh api to listen (log: {host.log('api')})",
+        )
+        yield RunningApi(host, f"tcp://127.0.0.1:{zmq_port}", f"127.0.0.1:{grpc_port}", metrics_port)
+    finally:
+        for p in host.procs:
+            host.kill(p)
+
+
+@pytest.mark.parametrize("transport", ["grpc", "zmq"])
+def test_put_get_list_delete_over_each_transport(api: RunningApi, transport: str) -> None:
+    # Given a running api and worker, and a client pointed at the api's endpoint
+    endpoint = api.zmq if transport == "zmq" else api.grpc
+    via = ["--transport", transport, "--endpoint", endpoint]
+    h = api.host
+    # When an operator puts two memories (one from stdin, persisted) and reads one back
+    put = mfh(h, "put", "ops", "note-1", '{"content": "rotate the keys"}', *via)
+    put2 = mfh(h, "put", "ops", "note-2", "--file", "-", "--persisted", *via, stdin='{"content": "b"}')
+    got = mfh(h, "get", "ops", "note-1", *via)
+    as_json = mfh(h, "get", "ops", "note-1", "--json", *via)
+    # Then each succeeds with readable output
+    assert put.returncode == 0, put.stderr
+    assert put.stdout.startswith("put ops/note-1 version=") and put2.returncode == 0, put2.stderr
+    assert got.returncode == 0 and "kind=memory_item" in got.stdout and '"content": "rotate the keys"' in got.stdout
+    version = json.loads(as_json.stdout)["version"]
+    # And list shows both once they are persisted
+    listed = wait_until(
+        lambda: (r := mfh(h, "list", "ops", *via)).stdout.count("\n") == 2 and r,
+        30,
+        interval=0.1,
+        message="both notes to be listed",
+    )
+    assert listed.stdout.startswith("note-1\tmemory_item\t")
+    # And a stale conditional delete is refused (exit 4), a good one succeeds, and a get then misses (exit 3)
+    stale = mfh(h, "delete", "ops", "note-1", "--expected-version", "1", *via)
+    assert stale.returncode == 4 and "FAILED_PRECONDITION" in stale.stderr
+    gone = mfh(h, "delete", "ops", "note-1", "--expected-version", str(version), *via)
+    assert gone.returncode == 0 and gone.stdout.startswith("deleted ops/note-1 version=")
+    missing = mfh(h, "get", "ops", "note-1", *via)
+    assert missing.returncode == 3 and "NOT_FOUND" in missing.stderr and missing.stdout == ""
+
+
+@pytest.mark.parametrize("transport", ["grpc", "zmq"])
+def test_bad_input_exits_2_and_wrong_key_exits_6(api: RunningApi, transport: str) -> None:
+    # Given a running api that requires an API key
+    endpoint = api.zmq if transport == "zmq" else api.grpc
+    via = ["--transport", transport, "--endpoint", endpoint]
+    h = api.host
+    # When the payload is not JSON, the payload fails its model, or the key is wrong
+    not_json = mfh(h, "put", "ops", "k", "{oops", *via)
+    invalid = mfh(h, "put", "ops", "k", '{"content": ""}', *via)
+    host_file = h.config_dir / "main_pc.yaml"  # the command takes its key from the host's config
+    host_file.write_text(host_file.read_text().replace(API_KEY, "not-the-key"))
+    wrong = mfh(h, "get", "ops", "k", *via)
+    # Then each exits with its code and a message on stderr
+    assert not_json.returncode == 2 and "not valid JSON" in not_json.stderr
+    assert invalid.returncode == 2 and "INVALID_ARGUMENT" in invalid.stderr
+    assert wrong.returncode == 6 and "UNAUTHENTICATED" in wrong.stderr
+
+
+def test_metrics_count_both_transports(api: RunningApi) -> None:
+    # Given one call over each transport
+    h = api.host
+    for transport, endpoint in (("grpc", api.grpc), ("zmq", api.zmq)):
+        mfh(h, "get", "m", "absent", "--transport", transport, "--endpoint", endpoint)
+    # When the metrics endpoint is scraped
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{api.metrics_port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    # Then both transports' requests are there
+    assert 'mfh_api_requests_total{code="NOT_FOUND",method="get",transport="zmq"} 1.0' in text
+    assert 'transport="grpc"' in text

@@ -115,13 +115,13 @@ def test_put_get_list_delete_over_each_transport(api: RunningApi, transport: str
     assert got.returncode == 0 and "kind=memory_item" in got.stdout and '"content": "rotate the keys"' in got.stdout
     version = json.loads(as_json.stdout)["version"]
     # And list shows both once they are persisted
-    listed = wait_until(
-        lambda: (r := mfh(h, "list", "ops", *via)).stdout.count("\n") == 2 and r,
-        30,
-        interval=0.1,
-        message="both notes to be listed",
-    )
-    assert listed.stdout.startswith("note-1\tmemory_item\t")
+
+    def listing_of_two() -> subprocess.CompletedProcess[str] | None:
+        r = mfh(h, "list", "ops", *via)
+        return r if r.stdout.count("\n") == 2 else None
+
+    listed = wait_until(listing_of_two, 30, interval=0.1, message="both notes to be listed")
+    assert listed is not None and listed.stdout.startswith("note-1\tmemory_item\t")
     # And a stale conditional delete is refused (exit 4), a good one succeeds, and a get then misses (exit 3)
     stale = mfh(h, "delete", "ops", "note-1", "--expected-version", "1", *via)
     assert stale.returncode == 4 and "FAILED_PRECONDITION" in stale.stderr

@@ -149,6 +149,7 @@ class _Base:
         retries: int = 3,
         backoff: float = 0.05,
         max_message_bytes: int = 4 * 1024 * 1024,
+        cooldown: float = 2.0,
     ) -> None:
         eps = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         if not eps:
@@ -162,15 +163,31 @@ class _Base:
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
+        self.cooldown = cooldown
         self._current = 0
-        self.failovers = 0  # how many times a call moved to another endpoint or was retried
+        self._down_until = [0.0] * len(eps)
+        self.failovers = 0  # how many times a call was retried, on another endpoint when there is one
 
     def _attempts(self) -> int:
         return max(self.retries, len(self.endpoints) - 1) + 1
 
-    def _next_endpoint(self) -> None:
+    def _pick(self) -> int:
+        """The current endpoint unless it failed recently; else the next healthy one (else the soonest back)."""
+        now = time.monotonic()
+        n = len(self.endpoints)
+        for step in range(n):
+            i = (self._current + step) % n
+            if self._down_until[i] <= now:
+                self._current = i
+                return i
+        self._current = min(range(n), key=lambda i: self._down_until[i])
+        return self._current
+
+    def _failed(self, i: int) -> None:
+        """Concurrent calls that fail on one endpoint all move off it (and none moves back to it)."""
         self.failovers += 1
-        self._current = (self._current + 1) % len(self.endpoints)
+        if len(self.endpoints) > 1:
+            self._down_until[i] = time.monotonic() + self.cooldown
 
     def _delay(self, attempt: int) -> float:
         return float(min(self.backoff * (2**attempt), 1.0))
@@ -183,8 +200,7 @@ class AsyncMemoryClient(_Base):
         super().__init__(endpoints, **kwargs)
         self._stubs: dict[int, tuple[grpc.aio.Channel, Any]] = {}
 
-    def _stub(self) -> Any:
-        i = self._current
+    def _stub(self, i: int) -> Any:
         if i not in self._stubs:
             ch = grpc.aio.insecure_channel(self.endpoints[i], options=self._options)
             self._stubs[i] = (ch, pb_grpc.MemoryFusionStub(ch))
@@ -194,12 +210,13 @@ class AsyncMemoryClient(_Base):
         t = timeout or self.timeout
         attempts = self._attempts()
         for attempt in range(attempts):
+            i = self._pick()
             try:
-                reply = await getattr(self._stub(), call.method)(call.request, timeout=t, metadata=self._metadata)
+                reply = await getattr(self._stub(i), call.method)(call.request, timeout=t, metadata=self._metadata)
                 return call.convert(reply)
             except grpc.aio.AioRpcError as e:
                 if attempt + 1 < attempts and _retryable(call.retry, e):
-                    self._next_endpoint()
+                    self._failed(i)
                     await asyncio.sleep(self._delay(attempt))
                     continue
                 raise exception_for(e.code(), e.details() or "") from e
@@ -261,7 +278,9 @@ class AsyncMemoryClient(_Base):
 
     async def watch(self, namespace: str, key_prefix: str = "") -> AsyncIterator[MemoryEvent]:
         """Changes as they are persisted; no retry (re-list and re-watch after an error)."""
-        call = self._stub().Watch(pb.WatchRequest(namespace=namespace, key_prefix=key_prefix), metadata=self._metadata)
+        call = self._stub(self._pick()).Watch(
+            pb.WatchRequest(namespace=namespace, key_prefix=key_prefix), metadata=self._metadata
+        )
         try:
             async for m in call:
                 yield _event(m)
@@ -289,8 +308,7 @@ class MemoryClient(_Base):
         super().__init__(endpoints, **kwargs)
         self._stubs: dict[int, tuple[grpc.Channel, Any]] = {}
 
-    def _stub(self) -> Any:
-        i = self._current
+    def _stub(self, i: int) -> Any:
         if i not in self._stubs:
             ch = grpc.insecure_channel(self.endpoints[i], options=self._options)
             self._stubs[i] = (ch, pb_grpc.MemoryFusionStub(ch))
@@ -300,12 +318,13 @@ class MemoryClient(_Base):
         t = timeout or self.timeout
         attempts = self._attempts()
         for attempt in range(attempts):
+            i = self._pick()
             try:
-                reply = getattr(self._stub(), call.method)(call.request, timeout=t, metadata=self._metadata)
+                reply = getattr(self._stub(i), call.method)(call.request, timeout=t, metadata=self._metadata)
                 return call.convert(reply)
             except grpc.RpcError as e:
                 if attempt + 1 < attempts and _retryable(call.retry, e):
-                    self._next_endpoint()
+                    self._failed(i)
                     time.sleep(self._delay(attempt))
                     continue
                 raise exception_for(e.code(), e.details() or "") from e
@@ -355,7 +374,9 @@ class MemoryClient(_Base):
 
     def watch(self, namespace: str, key_prefix: str = "") -> Iterator[MemoryEvent]:
         """Changes as they are persisted; close the iterator (or break) to cancel the stream."""
-        call = self._stub().Watch(pb.WatchRequest(namespace=namespace, key_prefix=key_prefix), metadata=self._metadata)
+        call = self._stub(self._pick()).Watch(
+            pb.WatchRequest(namespace=namespace, key_prefix=key_prefix), metadata=self._metadata
+        )
         try:
             for m in call:
                 yield _event(m)

@@ -1,0 +1,139 @@
+"""Replay: rebuild an items table from the event log and return its checksum (DESIGN.md invariant 6).
+
+The log is either a host's SQL ``events`` table or the JetStream stream. Events are applied in
+batches through ``SqlStore.apply_batch`` (the one write path, idempotent and order-insensitive)
+into an empty target database, so the result's checksum must equal the live one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from mfh_core import ApplyResult, SqlStore
+from mfh_core.eventbus import EventBus
+from mfh_models import InvalidArgument, MemoryEvent
+
+__all__ = ["Progress", "ReplayResult", "open_target", "replay_from_sql", "replay_from_stream"]
+
+#: Called after each applied batch with (events applied so far, total expected or None).
+Progress = Callable[[int, int | None], None]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayResult:
+    events: int
+    checksum: str
+    seconds: float
+
+    @property
+    def events_per_s(self) -> float:
+        return self.events / self.seconds if self.seconds > 0 else 0.0
+
+
+def open_target(url: str, *, allow_existing: bool = False) -> SqlStore:
+    """The database to replay into, with its schema; refuses one that already holds items.
+
+    A replay into a non-empty database would still be correct, but its checksum would not be the log's.
+    """
+    target = SqlStore(url)
+    try:
+        target.create_schema()
+        if not allow_existing and target.counts()["items"]:
+            raise InvalidArgument(f"{target.dialect} target already holds items: replay needs an empty database")
+    except BaseException:
+        target.close()
+        raise
+    return target
+
+
+def _batches(events: Iterator[tuple[int, MemoryEvent]], size: int) -> Iterator[list[MemoryEvent]]:
+    batch: list[MemoryEvent] = []
+    for _, e in events:
+        batch.append(e)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def replay_from_sql(
+    source: SqlStore, target: SqlStore, *, batch: int = 5000, progress: Progress | None = None
+) -> ReplayResult:
+    """Apply the source's events table to ``target`` in commit order; reading overlaps writing."""
+    t0 = time.perf_counter()
+    total = source.counts()["events"]
+    # One reader thread keeps the next batch ready while this thread writes the current one.
+    ready: queue.Queue[list[MemoryEvent] | BaseException | None] = queue.Queue(maxsize=4)
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            for b in _batches(source.iter_events(batch=batch), batch):
+                while not stop.is_set():
+                    try:
+                        ready.put(b, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            ready.put(None)
+        except BaseException as e:  # handed to the writer, which raises it
+            ready.put(e)
+
+    reader = threading.Thread(target=read, name="mfh-replay-reader", daemon=True)
+    reader.start()
+    done = 0
+    try:
+        while (item := ready.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            target.apply_batch(item, published=True)
+            done += len(item)
+            if progress is not None:
+                progress(done, total)
+    finally:
+        stop.set()
+        reader.join(timeout=5)
+    return ReplayResult(done, target.checksum(), time.perf_counter() - t0)
+
+
+async def replay_from_stream(
+    bus: EventBus, target: SqlStore, *, batch: int = 5000, progress: Progress | None = None
+) -> ReplayResult:
+    """Apply every event on the stream (as of the call) to ``target``; writing overlaps reading."""
+    t0 = time.perf_counter()
+    total = int((await bus.stream_info())["messages"])
+    done = 0
+    writing: tuple[asyncio.Future[ApplyResult], int] | None = None  # the batch being written, and its size
+
+    async def settle() -> None:
+        nonlocal done, writing
+        if writing is not None:
+            await writing[0]
+            done += writing[1]
+            writing = None
+            if progress is not None:
+                progress(done, total)
+
+    buf: list[MemoryEvent] = []
+    async for event in bus.iter_stream(batch=min(batch, 1000)):
+        buf.append(event)
+        if len(buf) >= batch:
+            await settle()
+            writing = (asyncio.ensure_future(asyncio.to_thread(target.apply_batch, buf, published=True)), len(buf))
+            buf = []
+    await settle()
+    if buf:
+        await asyncio.to_thread(target.apply_batch, buf, published=True)
+        done += len(buf)
+        if progress is not None:
+            progress(done, total)
+    checksum = await asyncio.to_thread(target.checksum)
+    return ReplayResult(done, checksum, time.perf_counter() - t0)

@@ -71,6 +71,8 @@ def _zmq_server(service: MemoryService, settings: Settings) -> _Server | None:
 
 
 def _start_metrics(settings: Settings) -> Any:
+    if settings.server.metrics_port == 0:  # 0 turns it off, as for the other processes' metrics ports
+        return None
     try:
         httpd, _thread = start_http_server(settings.server.metrics_port, addr=settings.server.bind)
     except OSError as e:  # a second replica on one host: the first one serves the port

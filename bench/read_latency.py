@@ -1,0 +1,292 @@
+"""Open-loop Get latency: MFH over gRPC and ZeroMQ beside a bare grpc.aio server doing one Redis GET.
+
+Requests leave at fixed scheduled times (``--rate`` per second) whatever the replies do, and each
+latency is measured from its scheduled time, so a stalled server shows up as latency instead of
+silently lowering the rate (no coordinated omission). Every server runs in its own process; the
+load generator is this process. Keys live under a fresh Redis key prefix, deleted at the end.
+
+    python bench/read_latency.py [--rate 1000] [--duration 10] [--redis-url redis://127.0.0.1:6379/15]
+
+Prints one line per target and, last, ``name=value`` pairs (``grpc_p99_ms=…`` etc.).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import redis
+from _hosts import BenchHost
+
+from mfh_api.proto import pb, pb_grpc
+from mfh_core import HotStore
+from mfh_models import Kind, Record, canonical_json
+
+KEYS = 1000
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- the baseline server (run in its own process with --bare-server) ------------------------------------
+
+
+class _Bare(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
+    def __init__(self, r: Any, prefix: str) -> None:
+        self.r, self.prefix = r, prefix
+
+    async def Get(self, request: Any, context: Any) -> Any:
+        value = await self.r.get(f"{self.prefix}:bare:{request.key}")
+        return pb.GetResponse(record=pb.Record(namespace=request.namespace, key=request.key, payload_json=value))
+
+
+async def serve_bare(port: int, redis_url: str, prefix: str) -> None:
+    """grpc.aio + one Redis GET per call: what gRPC itself costs on this machine."""
+    import redis.asyncio as aioredis
+
+    pool = aioredis.BlockingConnectionPool.from_url(redis_url, max_connections=64, decode_responses=True)
+    server = grpc.aio.server(maximum_concurrent_rpcs=256)
+    pb_grpc.add_MemoryFusionServicer_to_server(_Bare(aioredis.Redis(connection_pool=pool), prefix), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+# -- the load generator ------------------------------------------------------------------------------
+
+
+async def open_loop(call: Callable[[int], Awaitable[None]], rate: float, duration: float) -> tuple[list[float], int]:
+    """Start call i at t0 + i/rate; return latencies (ms, from the scheduled time) and the error count."""
+    loop = asyncio.get_running_loop()
+    latencies: list[float] = []
+    errors = 0
+    n = int(rate * duration)
+    t0 = loop.time() + 0.05
+
+    async def one(i: int, scheduled: float) -> None:
+        nonlocal errors
+        try:
+            await call(i)
+            latencies.append((loop.time() - scheduled) * 1000)
+        except Exception:
+            errors += 1
+
+    tasks = []
+    for i in range(n):
+        scheduled = t0 + i / rate
+        delay = scheduled - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(one(i, scheduled)))
+    await asyncio.gather(*tasks)
+    return latencies, errors
+
+
+def percentile(sorted_ms: list[float], q: float) -> float:
+    if not sorted_ms:
+        return float("nan")
+    return sorted_ms[min(len(sorted_ms) - 1, max(0, round(q / 100 * len(sorted_ms)) - 1))]
+
+
+def grpc_call(target: str, timeout: float) -> tuple[Callable[[int], Awaitable[None]], Callable[[], Awaitable[None]]]:
+    channel = grpc.aio.insecure_channel(target)
+    stub = pb_grpc.MemoryFusionStub(channel)
+
+    async def call(i: int) -> None:
+        await stub.Get(pb.GetRequest(namespace="bench", key=f"k{i % KEYS}"), timeout=timeout)
+
+    async def close() -> None:
+        await channel.close()
+
+    return call, close
+
+
+def zmq_call(endpoint: str, timeout: float) -> tuple[Callable[[int], Awaitable[None]], Callable[[], Awaitable[None]]]:
+    """One DEALER socket, replies matched to requests by id (requests pipeline like an agent's would)."""
+    import zmq
+    import zmq.asyncio
+
+    ctx = zmq.asyncio.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    pending: dict[str, asyncio.Future[None]] = {}
+
+    async def receive() -> None:
+        while True:
+            frames = await sock.recv_multipart()
+            reply = json.loads(frames[-1])
+            fut = pending.pop(str(reply.get("id")), None)
+            if fut is not None and not fut.done():
+                if reply.get("status") == "ok":
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(RuntimeError(str(reply.get("error"))))
+
+    receiver = asyncio.ensure_future(receive())
+
+    async def call(i: int) -> None:
+        rid = str(i)
+        fut = asyncio.get_running_loop().create_future()
+        pending[rid] = fut
+        body = {"v": 1, "id": rid, "action": "get", "payload": {"namespace": "bench", "key": f"k{i % KEYS}"}}
+        await sock.send_multipart([b"", json.dumps(body).encode()])
+        try:
+            await asyncio.wait_for(fut, timeout)
+        finally:
+            pending.pop(rid, None)
+
+    async def close() -> None:
+        receiver.cancel()
+        sock.close()
+        ctx.term()
+
+    return call, close
+
+
+async def measure(name: str, target: Any, args: argparse.Namespace) -> dict[str, float]:
+    call, close = target
+    try:
+        await open_loop(call, args.rate, min(2.0, args.duration))  # warm-up, discarded
+        lat, errors = await open_loop(call, args.rate, args.duration)
+    finally:
+        await close()
+    lat.sort()
+    stats = {
+        "p50": percentile(lat, 50),
+        "p95": percentile(lat, 95),
+        "p99": percentile(lat, 99),
+        "max": lat[-1] if lat else float("nan"),
+        "errors": float(errors),
+    }
+    print(
+        f"{name:5s} rate={args.rate:g}/s n={len(lat) + errors} errors={errors} "
+        f"p50={stats['p50']:.2f} p95={stats['p95']:.2f} p99={stats['p99']:.2f} max={stats['max']:.2f} ms",
+        flush=True,
+    )
+    return stats
+
+
+# -- orchestration -------------------------------------------------------------------------------------
+
+
+async def seed(host: BenchHost, prefix: str) -> None:
+    """Clean hot-store entries (as a read-repair fill leaves them) plus the bare server's plain keys."""
+    s = host.settings
+    hot = HotStore(redis_url=s.storage.redis_url, prefix=prefix, origin=s.host_id, cache_ttl_seconds=3600)
+    payload = canonical_json({"content": "x" * 200, "tags": ["bench"], "schema_version": 1})
+    for i in range(KEYS):
+        rec = Record(
+            namespace="bench", key=f"k{i}", kind=Kind.MEMORY_ITEM, payload=payload, version=(i + 1) << 16,
+            origin=s.host_id, updated_at=1,
+        )  # fmt: skip
+        await hot.apply(rec, from_sql=True)
+        await hot.redis.set(f"{prefix}:bare:k{i}", payload, ex=3600)
+    await hot.close()
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited early:\n{log.read_text()[-2000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"server not listening on {port} after {timeout}s:\n{log.read_text()[-2000:]}")
+
+
+def spawn(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    out = open(log, "ab")  # noqa: SIM115 - lives with the process
+    return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+async def main(args: argparse.Namespace) -> None:
+    prefix = f"bench{uuid.uuid4().hex[:8]}"
+    grpc_port, zmq_port, bare_port = _free_port(), _free_port(), _free_port()
+    host = BenchHost(
+        redis_url=args.redis_url,
+        overrides={
+            "storage": {"redis_prefix": prefix},
+            "server": {"grpc_port": grpc_port, "zmq_port": zmq_port, "metrics_port": 0, "api_key": None},
+        },
+    )
+    await seed(host, prefix)
+    env = {**os.environ, "MFH_CONFIG_DIR": str(host.dir), "MFH_HOST": host.name}
+    here = os.path.abspath(__file__)
+    api = spawn([sys.executable, "-m", "mfh_api.app"], env, host.dir / "api.log")
+    bare_cmd = [
+        sys.executable,
+        here,
+        "--bare-server",
+        str(bare_port),
+        "--redis-url",
+        args.redis_url,
+        "--prefix",
+        prefix,
+    ]
+    bare = spawn(bare_cmd, env, host.dir / "bare.log")
+    results: dict[str, dict[str, float] | None] = {}
+    try:
+        wait_port(grpc_port, api, host.dir / "api.log")
+        wait_port(bare_port, bare, host.dir / "bare.log")
+        results["grpc"] = await measure("grpc", grpc_call(f"127.0.0.1:{grpc_port}", args.timeout), args)
+        try:
+            wait_port(zmq_port, api, host.dir / "api.log", timeout=2.0)
+            results["zmq"] = await measure("zmq", zmq_call(f"tcp://127.0.0.1:{zmq_port}", args.timeout), args)
+        except SystemExit:
+            print("zmq   n/a: the api did not open its ZeroMQ port (mfh_api.zmq_server missing?)", flush=True)
+            results["zmq"] = None
+        results["bare"] = await measure("bare", grpc_call(f"127.0.0.1:{bare_port}", args.timeout), args)
+    finally:
+        for p in (api, bare):
+            p.terminate()
+            p.wait(timeout=15)
+        r = redis.Redis.from_url(args.redis_url)
+        for batch in _chunks(list(r.scan_iter(match=f"{prefix}:*", count=1000)), 500):
+            r.delete(*batch)
+        r.close()
+    pairs = [f"rate={args.rate:g}", f"duration_s={args.duration:g}"]
+    for name, st in results.items():
+        for q in ("p50", "p95", "p99"):
+            pairs.append(f"{name}_{q}_ms=" + ("nan" if st is None else f"{st[q]:.2f}"))
+        pairs.append(f"{name}_errors=" + ("nan" if st is None else f"{st['errors']:.0f}"))
+    print(" ".join(pairs), flush=True)
+
+
+def _chunks(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--rate", type=float, default=1000.0, help="requests per second (open loop)")
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds measured per target")
+    ap.add_argument("--timeout", type=float, default=5.0, help="per-request timeout (counted as an error)")
+    ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/15", help="nothing is flushed; keys are removed")
+    ap.add_argument("--bare-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    ap.add_argument("--prefix", default="bench", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.bare_server:
+        asyncio.run(serve_bare(a.bare_server, a.redis_url, a.prefix))
+    else:
+        asyncio.run(main(a))

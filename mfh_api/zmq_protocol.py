@@ -19,6 +19,7 @@ __all__ = [
     "ACTIONS",
     "MAX_BATCH",
     "MAX_PAGE_SIZE",
+    "RPC_NAMES",
     "BatchGetPayload",
     "BatchPutPayload",
     "DeletePayload",
@@ -95,6 +96,17 @@ ACTIONS: Final[dict[str, type[_Strict]]] = {
     "batch_put": BatchPutPayload,
     "delete": DeletePayload,
     "list": ListPayload,
+}
+
+
+#: Action → gRPC method name, the ``method`` label of the request metrics on both transports.
+RPC_NAMES: Final[dict[str, str]] = {
+    "get": "Get",
+    "batch_get": "BatchGet",
+    "put": "Put",
+    "batch_put": "BatchPut",
+    "delete": "Delete",
+    "list": "List",
 }
 
 

@@ -21,6 +21,7 @@ from mfh_api.auth import ApiKeyCheck
 from mfh_api.errors import zmq_error
 from mfh_api.service import Durability, MemoryService, PutSpec
 from mfh_api.zmq_protocol import (
+    RPC_NAMES,
     BatchGetPayload,
     BatchPutPayload,
     DeletePayload,
@@ -230,8 +231,9 @@ class ZmqServer:
             error = zmq_error(e)
             code = error["code"]
             reply = legacy_v0.error_to_v0(call.rid, error) if call.legacy else error_reply(call.rid, error)
-        API_REQUESTS.labels(transport="zmq", method=call.method, code=code).inc()
-        API_LATENCY.labels(transport="zmq", method=call.method).observe(time.perf_counter() - started)
+        method = RPC_NAMES.get(call.method, "invalid")  # the gRPC names, so dashboards sum both transports
+        API_REQUESTS.labels(transport="zmq", method=method, code=code).inc()
+        API_LATENCY.labels(transport="zmq", method=method).observe(time.perf_counter() - started)
         return encode(reply)
 
     async def _run(self, body: bytes, call: _Call) -> Any:

@@ -160,5 +160,5 @@ def test_metrics_count_both_transports(api: RunningApi) -> None:
     with urllib.request.urlopen(f"http://127.0.0.1:{api.metrics_port}/metrics", timeout=10) as resp:
         text = resp.read().decode()
     # Then both transports' requests are there
-    assert 'mfh_api_requests_total{code="NOT_FOUND",method="get",transport="zmq"} 1.0' in text
-    assert 'transport="grpc"' in text
+    assert 'mfh_api_requests_total{code="NOT_FOUND",method="Get",transport="zmq"} 1.0' in text
+    assert 'mfh_api_requests_total{code="NOT_FOUND",method="Get",transport="grpc"} 1.0' in text

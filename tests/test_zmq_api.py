@@ -390,8 +390,8 @@ async def test_client_fails_over_to_the_next_endpoint(served: tuple[MemoryServic
 
 
 async def test_requests_are_counted_with_transport_zmq(raw: Raw) -> None:
-    # Given the request counter for zmq get NOT_FOUND
-    counter = API_REQUESTS.labels(transport="zmq", method="get", code="NOT_FOUND")
+    # Given the request counter for zmq Get NOT_FOUND (method labels are the gRPC names)
+    counter = API_REQUESTS.labels(transport="zmq", method="Get", code="NOT_FOUND")
     before = counter._value.get()
     # When a get misses
     err(await raw.v1("get", {"namespace": "m", "key": "k"}), "NOT_FOUND")

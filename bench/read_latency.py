@@ -33,6 +33,7 @@ from mfh_core import HotStore
 from mfh_models import Kind, Record, canonical_json
 
 KEYS = 1000
+HERE = os.path.abspath(__file__)
 
 
 def _free_port() -> int:
@@ -232,11 +233,10 @@ async def main(args: argparse.Namespace) -> None:
     )
     await seed(host, prefix)
     env = {**os.environ, "MFH_CONFIG_DIR": str(host.dir), "MFH_HOST": host.name}
-    here = os.path.abspath(__file__)
     api = spawn([sys.executable, "-m", "mfh_api.app"], env, host.dir / "api.log")
     bare_cmd = [
         sys.executable,
-        here,
+        HERE,
         "--bare-server",
         str(bare_port),
         "--redis-url",

@@ -1,7 +1,7 @@
 """grpc.aio server for ``mfh.v1.MemoryFusion``, plus the standard health service and reflection.
 
-One interceptor runs before any handler: it checks the API key (UNAUTHENTICATED, no handler
-runs) and swaps in a request deserializer that turns malformed protobuf into INVALID_ARGUMENT
+When a key is configured, an interceptor checks it before any handler runs (UNAUTHENTICATED).
+Requests are parsed by a deserializer that turns malformed protobuf into INVALID_ARGUMENT
 instead of an opaque INTERNAL. Each RPC gets the client's deadline, or ``server.deadline_seconds``
 when the client set none; errors come from the one table in :mod:`mfh_api.errors`.
 """
@@ -40,7 +40,6 @@ __all__ = ["SERVICE_NAME", "GrpcServer", "MemoryFusionServicer", "from_pb_record
 log = logging.getLogger("mfh.grpc")
 
 SERVICE_NAME: Final = pb.DESCRIPTOR.services_by_name["MemoryFusion"].full_name
-_PREFIX: Final = f"/{SERVICE_NAME}/"
 _AUTH_EXEMPT: Final = ("/grpc.health.v1.Health/",)  # load balancers probe without a key
 _NO_DEADLINE: Final = 1e6  # grpc reports "no deadline" as None or a huge number
 _MARGIN: Final = 0.05  # answer with our own DEADLINE_EXCEEDED message before grpc cancels the call
@@ -108,11 +107,9 @@ def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]
     return parse
 
 
-def _rebuild(handler: Any, behavior: Any = None, deserializer: Any = None) -> Any:
-    """A handler of the same shape as ``handler`` with another behavior and/or deserializer."""
-    des = deserializer if deserializer is not None else handler.request_deserializer
-    if behavior is not None:
-        des = None  # a denied call never looks at the request
+def _rebuild(handler: Any, behavior: Any) -> Any:
+    """A handler of the same shape as ``handler`` running ``behavior``; a denied call never parses the request."""
+    des = None
     ser = handler.response_serializer
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(behavior or handler.stream_stream, des, ser)
@@ -123,8 +120,22 @@ def _rebuild(handler: Any, behavior: Any = None, deserializer: Any = None) -> An
     return grpc.unary_unary_rpc_method_handler(behavior or handler.unary_unary, des, ser)
 
 
+def _method_handlers(servicer: MemoryFusionServicer) -> dict[str, Any]:
+    """Like the generated ``add_MemoryFusionServicer_to_server``, with request parsing that cannot fail."""
+    handlers: dict[str, Any] = {}
+    for m in pb.DESCRIPTOR.services_by_name["MemoryFusion"].methods:
+        req, resp = getattr(pb, m.input_type.name), getattr(pb, m.output_type.name)
+        make = grpc.unary_stream_rpc_method_handler if m.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[m.name] = make(
+            getattr(servicer, m.name),
+            request_deserializer=_safe(req.FromString),
+            response_serializer=resp.SerializeToString,
+        )
+    return handlers
+
+
 class _Gate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """API key first (constant-time), then tolerant request parsing for our own service."""
+    """The API key, checked in constant time before any handler runs (health probes are exempt)."""
 
     def __init__(self, auth: ApiKeyCheck) -> None:
         self.auth = auth
@@ -149,8 +160,6 @@ class _Gate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
                 return _rebuild(handler, behavior=deny)  # type: ignore[no-any-return]
-        if method.startswith(_PREFIX):
-            return _rebuild(handler, deserializer=_safe(handler.request_deserializer))  # type: ignore[no-any-return]
         return handler
 
 
@@ -307,12 +316,16 @@ class GrpcServer:
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 1),  # two api replicas may share one port
         ]
+        auth = ApiKeyCheck.from_settings(self.settings)
+        # The interceptor costs a coroutine per call: only installed when there is a key to check.
         server = grpc.aio.server(
-            interceptors=[_Gate(ApiKeyCheck.from_settings(self.settings))],
+            interceptors=[_Gate(auth)] if auth.required else None,
             options=options,
             maximum_concurrent_rpcs=s.max_concurrent_rpcs,
         )
-        pb_grpc.add_MemoryFusionServicer_to_server(MemoryFusionServicer(self.service, self.settings), server)
+        handlers = _method_handlers(MemoryFusionServicer(self.service, self.settings))
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)

@@ -8,8 +8,6 @@ into an empty target database, so the result's checksum must equal the live one.
 from __future__ import annotations
 
 import asyncio
-import queue
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -65,42 +63,19 @@ def _batches(events: Iterator[tuple[int, MemoryEvent]], size: int) -> Iterator[l
 def replay_from_sql(
     source: SqlStore, target: SqlStore, *, batch: int = 5000, progress: Progress | None = None
 ) -> ReplayResult:
-    """Apply the source's events table to ``target`` in commit order; reading overlaps writing."""
+    """Apply the source's events table to ``target`` in commit order.
+
+    Reading and writing take turns in one thread: with a reader thread, the GIL hand-offs around
+    every SQLite step made it twice as slow (measured: 10.3 s against 5.8 s for 200,000 events).
+    """
     t0 = time.perf_counter()
     total = source.counts()["events"]
-    # One reader thread keeps the next batch ready while this thread writes the current one.
-    ready: queue.Queue[list[MemoryEvent] | BaseException | None] = queue.Queue(maxsize=4)
-    stop = threading.Event()
-
-    def read() -> None:
-        try:
-            for b in _batches(source.iter_events(batch=batch), batch):
-                while not stop.is_set():
-                    try:
-                        ready.put(b, timeout=0.5)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            ready.put(None)
-        except BaseException as e:  # handed to the writer, which raises it
-            ready.put(e)
-
-    reader = threading.Thread(target=read, name="mfh-replay-reader", daemon=True)
-    reader.start()
     done = 0
-    try:
-        while (item := ready.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            target.apply_batch(item, published=True)
-            done += len(item)
-            if progress is not None:
-                progress(done, total)
-    finally:
-        stop.set()
-        reader.join(timeout=5)
+    for events in _batches(source.iter_events(batch=batch), batch):
+        target.apply_batch(events, published=True)
+        done += len(events)
+        if progress is not None:
+            progress(done, total)
     return ReplayResult(done, target.checksum(), time.perf_counter() - t0)
 
 

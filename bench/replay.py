@@ -1,0 +1,105 @@
+"""Replay speed: rebuild an items table from a 200,000-event log, and the checksum it must reach.
+
+Generates the events (two origins, puts and deletes over 50,000 keys) into a source SQLite events
+table, then replays that table into an empty SQLite (``mfh_tasks.replay.replay_from_sql``) and,
+as the baseline, applies the same events held in memory with raw ``SqlStore.apply_batch`` calls
+(no reading). Both must end with the source's checksum.
+
+    python bench/replay.py [--events 200000] [--batch 5000] [--into postgresql://...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mfh_core import SqlStore
+from mfh_models import Kind, MemoryEvent, Op, canonical_json, event_id_for, pack
+from mfh_tasks.replay import open_target, replay_from_sql
+
+T0_MS = 1_760_000_000_000
+
+
+def generate(n: int, keys: int, seed: int = 1) -> list[MemoryEvent]:
+    """``n`` events with distinct versions, about 15% deletes, from main_pc and pc2."""
+    rng = random.Random(seed)
+    out: list[MemoryEvent] = []
+    for i in range(n):
+        origin = "main_pc" if rng.random() < 0.5 else "pc2"
+        version = pack(T0_MS + i, rng.randrange(4))
+        delete = rng.random() < 0.15
+        payload = "null" if delete else canonical_json({"content": f"memory {i} " + "x" * 80, "tags": ["bench"]})
+        out.append(
+            MemoryEvent.model_construct(
+                event_id=event_id_for(origin, version),
+                op=Op.DELETE if delete else Op.PUT,
+                namespace=f"agent{rng.randrange(8)}",
+                key=f"k{rng.randrange(keys)}",
+                kind=Kind.MEMORY_ITEM,
+                payload=payload,
+                version=version,
+                origin=origin,
+                created_at=T0_MS + i,
+                schema_version=1,
+            )
+        )
+    return out
+
+
+def apply_all(store: SqlStore, events: list[MemoryEvent], batch: int) -> None:
+    for i in range(0, len(events), batch):
+        store.apply_batch(events[i : i + batch], published=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=200_000)
+    ap.add_argument("--keys", type=int, default=50_000)
+    ap.add_argument("--batch", type=int, default=5000)
+    ap.add_argument("--into", help="replay target URL (default: an empty SQLite file in a temp dir)")
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="mfh-bench-replay-"))
+    events = generate(args.events, args.keys)
+    source = SqlStore(f"sqlite:///{tmp}/source.db")
+    source.create_schema()
+    t = time.perf_counter()
+    apply_all(source, events, args.batch)
+    live = source.checksum()
+    print(f"source: {len(events)} events in {time.perf_counter() - t:.1f} s, {source.counts()['items']} items")
+
+    baseline = open_target(f"sqlite:///{tmp}/baseline.db")
+    t = time.perf_counter()
+    apply_all(baseline, events, args.batch)
+    base_s = time.perf_counter() - t
+    base_ok = baseline.checksum() == live
+    baseline.close()
+    print(f"baseline (apply_batch from memory): {len(events) / base_s:,.0f} events/s, checksum ok={base_ok}")
+
+    target = open_target(args.into or f"sqlite:///{tmp}/replay.db")
+    last = [0.0]
+
+    def progress(done: int, total: int | None) -> None:
+        now = time.perf_counter()
+        if now - last[0] > 1 or done == total:
+            last[0] = now
+            print(f"\rreplay {done}/{total}", end="", file=sys.stderr, flush=True)
+
+    result = replay_from_sql(source, target, batch=args.batch, progress=progress)
+    print(file=sys.stderr)
+    target.close()
+    source.close()
+    ok = result.checksum == live
+    print(f"replay (events table -> {args.into or 'SQLite'}): {result.events} events in {result.seconds:.2f} s")
+    print(f"checksum {result.checksum} {'equals' if ok else 'DIFFERS FROM'} the live one")
+    if not (ok and base_ok):
+        raise SystemExit("checksum mismatch")
+    print(f"replay_events_per_s={result.events_per_s:.0f} baseline_apply_batch_events_per_s={len(events) / base_s:.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -21,6 +21,7 @@ import zmq.asyncio
 
 from mfh_api.errors import exception_for_zmq
 from mfh_api.service import Durability, PutResult, PutSpec
+from mfh_api.zmq_protocol import record_from_json
 from mfh_models import (
     DeadlineExceeded,
     InvalidArgument,
@@ -28,7 +29,6 @@ from mfh_models import (
     Record,
     ResourceExhausted,
     Unavailable,
-    canonical_json,
 )
 
 __all__ = ["AsyncZmqClient", "ZmqClient"]
@@ -41,20 +41,6 @@ def _endpoints(endpoints: str | Sequence[str]) -> list[str]:
     if not eps:
         raise InvalidArgument("at least one ZeroMQ endpoint is needed")
     return [e if "://" in e else f"tcp://{e}" for e in eps]
-
-
-def _record(obj: dict[str, Any]) -> Record:
-    return Record(
-        namespace=obj["namespace"],
-        key=obj["key"],
-        kind=obj["kind"],
-        payload=canonical_json(obj["payload"]),
-        version=obj["version"],
-        origin=obj["origin"],
-        deleted=obj["deleted"],
-        updated_at=obj["updated_at_ms"],
-        schema_version=obj["schema_version"],
-    )
 
 
 def _put_payload(spec: PutSpec) -> dict[str, Any]:
@@ -164,7 +150,7 @@ class _Calls:
 
     @staticmethod
     def _records(data: dict[str, Any]) -> list[Record]:
-        return [_record(r) for r in data["records"]]
+        return [record_from_json(r) for r in data["records"]]
 
 
 class ZmqClient(_Calls):
@@ -233,7 +219,7 @@ class ZmqClient(_Calls):
         raise self._no_reply(action, t, attempts)
 
     def get(self, namespace: str, key: str, *, timeout: float | None = None) -> Record:
-        return _record(self.call("get", {"namespace": namespace, "key": key}, timeout)["record"])
+        return record_from_json(self.call("get", {"namespace": namespace, "key": key}, timeout)["record"])
 
     def batch_get(
         self, namespace: str, keys: Sequence[str], *, timeout: float | None = None
@@ -280,7 +266,11 @@ class ZmqClient(_Calls):
 
 
 class AsyncZmqClient(_Calls):
-    """asyncio client; one per event loop. Same methods as :class:`ZmqClient`, awaited."""
+    """asyncio client; one per event loop. Same methods as :class:`ZmqClient`, awaited.
+
+    Concurrent calls on one client take turns (one socket, one request in flight); for parallel
+    requests use several clients.
+    """
 
     def __init__(
         self,
@@ -295,6 +285,7 @@ class AsyncZmqClient(_Calls):
         super().__init__(endpoints, api_key=api_key, timeout=timeout, retries=retries, backoff=backoff)
         self._ctx = context or zmq.asyncio.Context.instance()
         self._sock: zmq.asyncio.Socket | None = None
+        self._turn = asyncio.Lock()
 
     def _socket(self) -> zmq.asyncio.Socket:
         if self._sock is None:
@@ -317,6 +308,10 @@ class AsyncZmqClient(_Calls):
 
     async def call(self, action: str, payload: dict[str, Any], timeout: float | None = None) -> Any:  # noqa: ASYNC109
         """Send one v1 request and return its ``data``; raises the MFHError of an error reply."""
+        async with self._turn:  # a reply for another caller would otherwise be dropped as stale
+            return await self._call(action, payload, timeout)
+
+    async def _call(self, action: str, payload: dict[str, Any], timeout: float | None) -> Any:  # noqa: ASYNC109
         t = timeout or self.timeout
         rid, body = self._request(action, payload, t)
         idempotent = self._idempotent(action, payload)
@@ -345,7 +340,7 @@ class AsyncZmqClient(_Calls):
         raise self._no_reply(action, t, attempts)
 
     async def get(self, namespace: str, key: str, *, timeout: float | None = None) -> Record:  # noqa: ASYNC109
-        return _record((await self.call("get", {"namespace": namespace, "key": key}, timeout))["record"])
+        return record_from_json((await self.call("get", {"namespace": namespace, "key": key}, timeout))["record"])
 
     async def batch_get(
         self,

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
-from mfh_models import InvalidArgument, Record
+from mfh_models import InvalidArgument, Record, canonical_json
 from mfh_models.records import format_validation_error
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "ok_reply",
     "parse_payload",
     "parse_v1",
+    "record_from_json",
     "record_to_json",
     "request_id",
 ]
@@ -179,6 +180,21 @@ def record_to_json(record: Record) -> dict[str, Any]:
         "updated_at_ms": record.updated_at,
         "schema_version": record.schema_version,
     }
+
+
+def record_from_json(obj: dict[str, Any]) -> Record:
+    """The inverse of :func:`record_to_json`, for clients: the payload back to canonical JSON text."""
+    return Record(
+        namespace=obj["namespace"],
+        key=obj["key"],
+        kind=obj["kind"],
+        payload=canonical_json(obj["payload"]),
+        version=obj["version"],
+        origin=obj["origin"],
+        deleted=obj["deleted"],
+        updated_at=obj["updated_at_ms"],
+        schema_version=obj["schema_version"],
+    )
 
 
 def ok_reply(rid: str | int | None, data: Any) -> dict[str, Any]:

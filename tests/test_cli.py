@@ -16,11 +16,13 @@ from services import free_port, tcp_open, wait_until
 API_KEY = "cli-secret-9f2"
 
 
-def mfh(host: TestHost, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def mfh(
+    host: TestHost, *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run ``python -m mfh_api.cli`` (what the ``mfh`` script runs) in the host's environment."""
     return subprocess.run(
         [sys.executable, "-m", "mfh_api.cli", *args],
-        env=host.env,
+        env={**host.env, **(env or {})},
         input=stdin,
         capture_output=True,
         text=True,
@@ -67,6 +69,15 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     # Then both exit 2 with a message on stderr
     assert bare.returncode == 2 and "COMMAND" in bare.stderr
     assert unknown.returncode == 2 and "no configuration for host 'nowhere'" in unknown.stderr
+
+
+def test_api_refuses_an_open_bind_without_a_key(tmp_path: Path) -> None:
+    # Given a host bound to every interface (MFH_BIND) and no API key
+    host = make_host(tmp_path, redis_url="redis://127.0.0.1:6379/9")
+    # When the api starts without --insecure
+    refused = mfh(host, "api", env={"MFH_BIND": "0.0.0.0"})
+    # Then it exits 2 before binding anything, saying how to fix it
+    assert refused.returncode == 2 and "--insecure" in refused.stderr and "MFH_API_KEY" in refused.stderr
 
 
 @dataclass
@@ -162,3 +173,57 @@ def test_metrics_count_both_transports(api: RunningApi) -> None:
     # Then both transports' requests are there
     assert 'mfh_api_requests_total{code="NOT_FOUND",method="Get",transport="zmq"} 1.0' in text
     assert 'mfh_api_requests_total{code="NOT_FOUND",method="Get",transport="grpc"} 1.0' in text
+
+
+def test_zmq_client_survives_a_replica_sigkill(tmp_path: Path, redis_url: str) -> None:
+    # Given two `mfh api` replicas of one host on their own ZeroMQ ports, and a worker
+    import asyncio
+    import signal
+
+    from mfh_api.client_zmq import AsyncZmqClient
+    from mfh_api.service import PutSpec
+
+    host = make_host(tmp_path, redis_url=redis_url)
+    ports = [free_port(), free_port()]
+    replicas = [
+        host.spawn(
+            "mfh_api.cli", "api", "--zmq-port", str(p), "--grpc-port", "0", "--metrics-port", "0", log_name=f"api{i}"
+        )
+        for i, p in enumerate(ports)
+    ]
+    host.spawn("mfh_api.cli", "worker", "--threads", "2", log_name="worker")
+    try:
+        wait_until(lambda: all(tcp_open("127.0.0.1", p) for p in ports), 30, message="both replicas to listen")
+        endpoints = [f"tcp://127.0.0.1:{p}" for p in ports]
+
+        async def load() -> tuple[int, list[str], int]:
+            # When four clients put and get in a loop, and replica 0 is SIGKILLed once calls flow
+            done, errors, failovers = 0, [], 0
+            killed = asyncio.Event()
+
+            async def agent(n: int) -> None:
+                nonlocal done, failovers
+                async with AsyncZmqClient(endpoints, timeout=0.5, retries=4) as c:
+                    for i in range(60):
+                        try:
+                            key = f"a{n}-{i}"
+                            res = await c.put(PutSpec("load", key, "memory_item", {"content": key}))
+                            assert (await c.get("load", key)).version >= res.version
+                            done += 1
+                        except Exception as e:
+                            errors.append(f"{type(e).__name__}: {e}")
+                        if done >= 40 and not killed.is_set():
+                            killed.set()
+                            host.kill(replicas[0], signal.SIGKILL)
+                    failovers += c.failovers
+
+            await asyncio.gather(*(agent(n) for n in range(4)))
+            return done, errors, failovers
+
+        done, errors, failovers = asyncio.run(load())
+        # Then every call succeeded, the clients having failed over from replica 0 to replica 1
+        assert replicas[0].poll() is not None and replicas[1].poll() is None
+        assert errors == [] and done == 240 and failovers >= 4
+    finally:
+        for p in host.procs:
+            host.kill(p)

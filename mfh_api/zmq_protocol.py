@@ -18,7 +18,6 @@ from mfh_models.records import format_validation_error
 __all__ = [
     "ACTIONS",
     "MAX_BATCH",
-    "MAX_PAGE_SIZE",
     "RPC_NAMES",
     "BatchGetPayload",
     "BatchPutPayload",
@@ -40,7 +39,6 @@ __all__ = [
 
 #: A sanity bound on batch sizes; the service enforces its own, smaller limits with precise messages.
 MAX_BATCH: Final = 10_000
-MAX_PAGE_SIZE: Final = 1000
 
 Version = Annotated[StrictInt, Field(ge=0, lt=1 << 64)]
 DurabilityName = Literal["accepted", "persisted"]
@@ -85,7 +83,7 @@ class ListPayload(_Strict):
     namespace: StrictStr
     kind: StrictStr | None = None
     key_prefix: StrictStr = ""
-    page_size: StrictInt = Field(default=100, ge=1, le=MAX_PAGE_SIZE)
+    page_size: StrictInt = Field(default=100, ge=0, description="0: the default; the service caps it")
     page_token: StrictStr = ""
     include_deleted: StrictBool = False
 

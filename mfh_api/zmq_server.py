@@ -188,10 +188,7 @@ class ZmqServer:
                 continue
             envelope, body = _split(frames)
             if len(self._tasks) >= self.max_in_flight:
-                busy = {"code": "RESOURCE_EXHAUSTED", "message": "server busy: too many requests in flight"}
-                reply = encode(error_reply(None, busy))
-                API_REQUESTS.labels(transport="zmq", method="shed", code="RESOURCE_EXHAUSTED").inc()
-                task = asyncio.create_task(self._send(envelope, reply))
+                task = asyncio.create_task(self._shed(envelope, body))
             else:
                 task = asyncio.create_task(self._handle(envelope, body))
             self._tasks.add(task)
@@ -204,6 +201,20 @@ class ZmqServer:
             await self._sock.send_multipart([*envelope, reply])
         except zmq.ZMQError as e:  # the peer is gone: nothing to answer
             log.debug("reply not sent: %s", e)
+
+    async def _shed(self, envelope: list[bytes], body: list[bytes]) -> None:
+        """Answer RESOURCE_EXHAUSTED at once, in the request's own schema and with its id (clients match on it)."""
+        busy = {"code": "RESOURCE_EXHAUSTED", "message": "server busy: too many requests in flight; retry shortly"}
+        try:
+            obj = decode_json(body[-1]) if body else {}
+        except InvalidArgument:
+            obj = {}
+        if obj and "v" not in obj:
+            reply = legacy_v0.error_to_v0(request_id(obj, "request_id"), busy)
+        else:
+            reply = error_reply(request_id(obj), busy)
+        API_REQUESTS.labels(transport="zmq", method="shed", code="RESOURCE_EXHAUSTED").inc()
+        await self._send(envelope, encode(reply))
 
     async def _handle(self, envelope: list[bytes], body: list[bytes]) -> None:
         if len(body) != 1:

@@ -296,8 +296,9 @@ async def test_busy_server_sheds_load_with_resource_exhausted(host: TestHost) ->
             )
             await asyncio.wait_for(entered.wait(), 10)
             shed = await b.v1("get", {"namespace": "n", "key": "k"})
-            # Then the second is shed at once and the first still completes
+            # Then the second is shed at once, with its id, and the first still completes
             err(shed, "RESOURCE_EXHAUSTED")
+            assert shed["id"] == "r1"
             gate.set()
             err(await a.recv(), "NOT_FOUND")
         finally:

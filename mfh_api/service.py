@@ -495,31 +495,44 @@ class MemoryService:
         return row
 
     async def _redis_write(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """A Redis step of a write: any Redis failure means the hub is read-only for now."""
         try:
             return await self._redis(fn)
         except Unavailable as e:
-            if isinstance(e, DeadlineExceeded) or "circuit" in e.message or "redis" in e.message:
-                raise Unavailable(f"{_READ_ONLY} ({e.message})") from e
-            raise
+            raise Unavailable(f"{_READ_ONLY} ({e.message})") from e
 
-    async def _finish(self, events: list[MemoryEvent], durability: Durability, timeout: float | None) -> None:  # noqa: ASYNC109
-        """Enqueue staged events; for PERSISTED also wait for their SQL commit within the deadline."""
+    async def _enqueue(self, events: list[MemoryEvent], durability: Durability) -> list[asyncio.Future[None]] | None:
+        """Hand staged events to the batcher (acknowledged once enqueued); PERSISTED waiters are registered first."""
         waiters = self.feed.expect(events) if durability is Durability.PERSISTED else None
         try:
             # Shielded: once staged, a write is enqueued even if the caller goes away.
             await asyncio.shield(self.batcher.submit_many(events))
-            if waiters is not None:
-                limit = timeout if timeout is not None else self.settings.server.deadline_seconds
-                try:
-                    await asyncio.wait_for(asyncio.gather(*waiters), max(limit, 0.0))
-                except TimeoutError:
-                    raise DeadlineExceeded(
-                        f"{len(events)} write(s) accepted (version {events[0].version}) but not yet persisted "
-                        f"within {limit:.3g}s; they will still be written to SQL"
-                    ) from None
+        except BaseException:
+            self.feed.forget(events)
+            raise
+        return waiters
+
+    async def _await_persisted(
+        self,
+        events: list[MemoryEvent],
+        waiters: list[asyncio.Future[None]] | None,
+        started: float,
+        budget: float | None,
+    ) -> None:
+        """Wait (outside the bulkhead) for the SQL commit, within what is left of the call's deadline."""
+        if waiters is None:
+            return
+        limit = budget if budget is not None else self.settings.server.deadline_seconds
+        left = limit - (asyncio.get_running_loop().time() - started)
+        try:
+            await asyncio.wait_for(asyncio.gather(*waiters), max(left, 0.0))
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"{len(events)} write(s) accepted (version {events[0].version}) but not yet persisted "
+                f"within {limit:.3g}s; they will still be written to SQL"
+            ) from None
         finally:
-            if waiters is not None:
-                self.feed.forget(events)
+            self.feed.forget(events)
 
     async def put(
         self,
@@ -554,12 +567,14 @@ class MemoryService:
                 raise InvalidArgument(f"puts[{i}]: {p.namespace}/{p.key} appears more than once in the batch")
             seen.add((p.namespace, p.key))
             puts.append(p)
+        started = asyncio.get_running_loop().time()
         async with self.bulkhead.slot():
             for p in puts:
                 if p.expected_version is not None:
                     await self._ensure_hot(p.namespace, p.key)
             events = await self._redis_write(lambda: _stage_many(self.hot, self._stage_many, puts))
-            await self._finish(events, durability, timeout)
+            waiters = await self._enqueue(events, durability)
+        await self._await_persisted(events, waiters, started, timeout)
         return [_result(e) for e in events]
 
     async def delete(
@@ -575,6 +590,7 @@ class MemoryService:
         validate_namespace(namespace)
         validate_key(key)
         expected = _check_expected(expected_version)
+        started = asyncio.get_running_loop().time()
         async with self.bulkhead.slot():
             current = await self._ensure_hot(namespace, key)
             if current is None or current.deleted:
@@ -584,7 +600,8 @@ class MemoryService:
                     op=Op.DELETE, namespace=namespace, key=key, kind=None, payload="null", expected_version=expected
                 )
             )
-            await self._finish([event], durability, timeout)
+            waiters = await self._enqueue([event], durability)
+        await self._await_persisted([event], waiters, started, timeout)
         return _result(event)
 
     # -- watch and health -------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -106,3 +107,7 @@ async def test_client_fails_over_when_a_replica_is_killed_under_load(replicas: l
         assert all(rows[k].version >= v for k, v in acked.items())
     finally:
         sql.close()
+    # and the survivor shuts down cleanly on SIGTERM
+    procs[1].send_signal(signal.SIGTERM)
+    assert procs[1].wait(timeout=30) == 0, b.log("api")
+    assert "stopped in" in b.log("api")

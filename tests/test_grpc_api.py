@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
+import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hosts import TestHost, make_host
@@ -31,8 +32,6 @@ MAX_MESSAGE = 512 * 1024  # above MAX_PAYLOAD_BYTES, so both limits can be hit s
 @pytest.fixture
 def redis_url() -> str:
     """Other suites flush db 9 while these run: a db of our own (never flushed) and a fresh key prefix per test."""
-    import redis
-
     scheme, _, rest = os.environ.get("MFH_TEST_REDIS_URL", REDIS_URL_DEFAULT).partition("://")
     url = f"{scheme}://{rest.split('/', 1)[0]}/13"
     require(f"Redis at {url}", lambda: redis.Redis.from_url(url, socket_connect_timeout=1).ping())
@@ -85,6 +84,11 @@ async def api(tmp_path: Path, redis_url: str) -> AsyncIterator[Api]:
         await server.stop(grace=1)
         await service.close()
         host.stop_all()
+        r = redis.Redis.from_url(redis_url)
+        keys = list(r.scan_iter(match=f"{host.settings.storage.redis_prefix}:*", count=1000))
+        if keys:
+            r.delete(*keys)
+        r.close()
 
 
 MD = ((("x-api-key", KEY),),)
@@ -226,6 +230,21 @@ async def test_stale_expected_version_is_failed_precondition_and_changes_nothing
     rec = await api.client.get("ns", "k")
     assert rec.version == v2 and rec.payload_obj()["content"] == "two"
     assert (await api.client.batch_get("ns", ["new"]))[1] == ["new"]
+    await api.serves()
+
+
+async def test_an_unexpected_error_is_internal_with_a_generic_message(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a service that fails in a way nobody planned for
+    async def broken(*_: object) -> None:
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(api.service, "get", broken)
+    # When a Get arrives, Then the client sees INTERNAL without the details, and the server keeps serving
+    code, details = await status_of(api.stub().Get(pb.GetRequest(namespace="ns", key="k"), metadata=MD[0]))
+    assert code is grpc.StatusCode.INTERNAL and "secret" not in details and "logged" in details
+    monkeypatch.undo()
     await api.serves()
 
 

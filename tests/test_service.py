@@ -38,7 +38,7 @@ def redis_url() -> str:
     import redis
 
     scheme, _, rest = os.environ.get("MFH_TEST_REDIS_URL", REDIS_URL_DEFAULT).partition("://")
-    url = f"{scheme}://{rest.split('/', 1)[0]}/12"
+    url = f"{scheme}://{rest.split('/', 1)[0]}/13"
     require(f"Redis at {url}", lambda: redis.Redis.from_url(url, socket_connect_timeout=1).ping())
     return url
 
@@ -53,11 +53,23 @@ def host_for(tmp_path: Path, redis_url: str, **overrides: Any) -> TestHost:
     )
 
 
+def purge(h: TestHost) -> None:
+    """Remove this test's keys (our db is shared by every test run and never flushed)."""
+    import redis
+
+    r = redis.Redis.from_url(h.settings.storage.redis_url)
+    keys = list(r.scan_iter(match=f"{h.settings.storage.redis_prefix}:*", count=1000))
+    if keys:
+        r.delete(*keys)
+    r.close()
+
+
 @pytest.fixture
 def host(tmp_path: Path, redis_url: str) -> Any:
     h = host_for(tmp_path, redis_url, resilience={"circuit_breaker": {"reset_timeout": 60}})
     yield h
     h.stop_all()
+    purge(h)
 
 
 @pytest.fixture

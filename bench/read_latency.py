@@ -112,7 +112,7 @@ def grpc_call(target: str, timeout: float) -> tuple[Callable[[int], Awaitable[No
         await stub.Get(pb.GetRequest(namespace="bench", key=f"k{i % KEYS}"), timeout=timeout)
 
     async def close() -> None:
-        await channel.close()
+        await channel.close(None)
 
     return call, close
 
@@ -160,24 +160,26 @@ def zmq_call(endpoint: str, timeout: float) -> tuple[Callable[[int], Awaitable[N
     return call, close
 
 
-async def measure(name: str, target: Any, args: argparse.Namespace) -> dict[str, float]:
+Target = tuple[Callable[[int], Awaitable[None]], Callable[[], Awaitable[None]]]
+
+
+async def measure(target: Target, args: argparse.Namespace) -> tuple[list[float], int]:
+    """One warm-up (discarded), then ``--duration`` seconds at ``--rate``: (latencies in ms, errors)."""
     call, close = target
     try:
-        await open_loop(call, args.rate, min(2.0, args.duration))  # warm-up, discarded
-        lat, errors = await open_loop(call, args.rate, args.duration)
+        await open_loop(call, args.rate, min(2.0, args.duration))
+        return await open_loop(call, args.rate, args.duration)
     finally:
         await close()
-    lat.sort()
-    stats = {
-        "p50": percentile(lat, 50),
-        "p95": percentile(lat, 95),
-        "p99": percentile(lat, 99),
-        "max": lat[-1] if lat else float("nan"),
-        "errors": float(errors),
-    }
+
+
+def summary(name: str, lat: list[float], errors: int, rate: float) -> dict[str, float]:
+    lat = sorted(lat)
+    stats = {q: percentile(lat, float(q[1:])) for q in ("p50", "p95", "p99")}
+    stats |= {"max": lat[-1] if lat else float("nan"), "errors": float(errors)}
     print(
-        f"{name:5s} rate={args.rate:g}/s n={len(lat) + errors} errors={errors} "
-        f"p50={stats['p50']:.2f} p95={stats['p95']:.2f} p99={stats['p99']:.2f} max={stats['max']:.2f} ms",
+        f"{name:5s} rate={rate:g}/s n={len(lat) + errors} errors={errors} p50={stats['p50']:.2f} "
+        f"p95={stats['p95']:.2f} p99={stats['p99']:.2f} max={stats['max']:.2f} ms",
         flush=True,
     )
     return stats
@@ -249,14 +251,27 @@ async def main(args: argparse.Namespace) -> None:
     try:
         wait_port(grpc_port, api, host.dir / "api.log")
         wait_port(bare_port, bare, host.dir / "bare.log")
-        results["grpc"] = await measure("grpc", grpc_call(f"127.0.0.1:{grpc_port}", args.timeout), args)
+        targets: dict[str, Callable[[], Target] | None] = {
+            "grpc": lambda: grpc_call(f"127.0.0.1:{grpc_port}", args.timeout),
+            "zmq": lambda: zmq_call(f"tcp://127.0.0.1:{zmq_port}", args.timeout),
+            "bare": lambda: grpc_call(f"127.0.0.1:{bare_port}", args.timeout),
+        }
         try:
             wait_port(zmq_port, api, host.dir / "api.log", timeout=2.0)
-            results["zmq"] = await measure("zmq", zmq_call(f"tcp://127.0.0.1:{zmq_port}", args.timeout), args)
         except SystemExit:
             print("zmq   n/a: the api did not open its ZeroMQ port (mfh_api.zmq_server missing?)", flush=True)
-            results["zmq"] = None
-        results["bare"] = await measure("bare", grpc_call(f"127.0.0.1:{bare_port}", args.timeout), args)
+            targets["zmq"] = None
+        samples: dict[str, tuple[list[float], int]] = {name: ([], 0) for name in targets}
+        for rnd in range(args.rounds):  # interleaved, so background noise hits every target alike
+            for name, make in targets.items():
+                if make is None:
+                    continue
+                lat, errors = await measure(make(), args)
+                if args.rounds > 1:
+                    summary(f"{name}#{rnd + 1}", lat, errors, args.rate)
+                samples[name] = (samples[name][0] + lat, samples[name][1] + errors)
+        for name, make in targets.items():
+            results[name] = None if make is None else summary(name, *samples[name], args.rate)
     finally:
         for p in (api, bare):
             p.terminate()
@@ -265,7 +280,7 @@ async def main(args: argparse.Namespace) -> None:
         for batch in _chunks(list(r.scan_iter(match=f"{prefix}:*", count=1000)), 500):
             r.delete(*batch)
         r.close()
-    pairs = [f"rate={args.rate:g}", f"duration_s={args.duration:g}"]
+    pairs = [f"rate={args.rate:g}", f"duration_s={args.duration:g}", f"rounds={args.rounds}"]
     for name, st in results.items():
         for q in ("p50", "p95", "p99"):
             pairs.append(f"{name}_{q}_ms=" + ("nan" if st is None else f"{st[q]:.2f}"))
@@ -281,6 +296,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--rate", type=float, default=1000.0, help="requests per second (open loop)")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds measured per target")
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds per target (percentiles over all)")
     ap.add_argument("--timeout", type=float, default=5.0, help="per-request timeout (counted as an error)")
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/15", help="nothing is flushed; keys are removed")
     ap.add_argument("--bare-server", type=int, metavar="PORT", help=argparse.SUPPRESS)

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 from mfh_core import HotStore, SqlStore
 from mfh_core.eventbus import DurableSubscription, EventBus
@@ -38,8 +39,25 @@ def consumer_name(host_id: str) -> str:
     return f"replicator-{host_id}"
 
 
+Pending = tuple[MemoryEvent, Any]  # an event and the JetStream message to ack once it is applied
+Applied = tuple[MemoryEvent, Any, bool]  # ... and whether it won in the hot store
+T = TypeVar("T")
+
+
+def _take(q: asyncio.Queue[T], first: T, limit: int) -> list[T]:
+    """``first`` plus whatever is already queued, up to ``limit``: batches grow with load, not with waiting."""
+    batch = [first]
+    while len(batch) < limit and not q.empty():
+        batch.append(q.get_nowait())
+    return batch
+
+
 class Replicator:
-    """Feeds remote events from the bus into this host's hot store and SQL store."""
+    """Feeds remote events from the bus into this host's hot store and SQL store.
+
+    Two stages: the hot store gets each event as soon as it arrives (that is the replication lag
+    readers see); SQL gets them in larger transactions a few milliseconds later, then they are acked.
+    """
 
     def __init__(
         self,
@@ -47,35 +65,43 @@ class Replicator:
         bus: EventBus,
         pipeline: PersistPipeline,
         host_id: str,
-        batch_max: int = 256,
-        batch_delay_s: float = 0.002,
+        hot_batch_max: int = 256,
+        persist_batch_max: int = 1000,
+        persist_delay_s: float = 0.02,
         ack_wait_s: float = 5.0,
-        max_ack_pending: int = 1024,
+        max_ack_pending: int = 2048,
     ) -> None:
         self.bus = bus
         self.pipeline = pipeline
         self.host_id = host_id
-        self.batch_max = batch_max
-        self.batch_delay_s = batch_delay_s
+        self.hot_batch_max = hot_batch_max
+        self.persist_batch_max = persist_batch_max
+        self.persist_delay_s = persist_delay_s
         # A restarted replicator gets what its dead predecessor held once ack_wait passes; a batch
         # that takes longer (a store is down) keeps its messages with in_progress().
         self.ack_wait_s = ack_wait_s
         self.max_ack_pending = max_ack_pending
-        self._queue: asyncio.Queue[tuple[MemoryEvent, Any]] = asyncio.Queue()
+        self._incoming: asyncio.Queue[Pending] = asyncio.Queue()
+        self._hot_done: asyncio.Queue[Applied] = asyncio.Queue()
         self._sub: DurableSubscription | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._unacked = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._closing = False
-        self._busy = False
 
     async def start(self) -> None:
         """Create (or resume) the durable consumer and start applying."""
-        self._task = asyncio.create_task(self._apply_loop(), name="mfh-replicator")
+        self._tasks = [
+            asyncio.create_task(self._hot_loop(), name="mfh-replicator-hot"),
+            asyncio.create_task(self._persist_loop(), name="mfh-replicator-sql"),
+        ]
         self._sub = await self.bus.subscribe_durable(
             consumer_name(self.host_id),
             self._on_message,
             ack_wait_s=self.ack_wait_s,
             max_ack_pending=self.max_ack_pending,
-            batch=self.batch_max,
+            batch=self.hot_batch_max,
         )
         log.info("replicator for %s: consumer %s on stream %s", self.host_id, self._sub.durable, self.bus.stream)
 
@@ -84,65 +110,72 @@ class Replicator:
             REPLICATION_SKIPPED.labels(reason="own").inc()
             await msg.ack()
             return
-        self._queue.put_nowait((event, msg))  # acked by the apply loop, after the apply
+        self._unacked += 1
+        self._idle.clear()
+        self._incoming.put_nowait((event, msg))  # acked by the persist loop, after the apply
 
-    async def _next_batch(self) -> list[tuple[MemoryEvent, Any]]:
+    async def _hot_loop(self) -> None:
+        while True:
+            batch = _take(self._incoming, await self._incoming.get(), self.hot_batch_max)
+            won = await self._with_retry(batch, self.apply_hot)
+            if won is not None:
+                for (event, msg), applied in zip(batch, won, strict=True):
+                    self._hot_done.put_nowait((event, msg, applied))
+
+    async def _persist_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        batch = [await self._queue.get()]
-        deadline = loop.time() + self.batch_delay_s
-        while len(batch) < self.batch_max:
-            if self._queue.empty():
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
+        while True:
+            batch = _take(self._hot_done, await self._hot_done.get(), self.persist_batch_max)
+            deadline = loop.time() + self.persist_delay_s
+            while len(batch) < self.persist_batch_max and (remaining := deadline - loop.time()) > 0:
                 try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                    nxt = await asyncio.wait_for(self._hot_done.get(), remaining)
                 except TimeoutError:
                     break
-            else:
-                batch.append(self._queue.get_nowait())
-        return batch
+                batch.extend(_take(self._hot_done, nxt, self.persist_batch_max - len(batch)))
+            won = [e for e, _, applied in batch if applied]
+            pending = [(e, msg) for e, msg, _ in batch]
+            if await self._with_retry(pending, functools.partial(self.persist_remote, won=won)) is not None:
+                for _, msg, _ in batch:
+                    with contextlib.suppress(Exception):  # a lost ack means a harmless redelivery
+                        await msg.ack()
+                self._settled(len(batch))
 
-    async def _apply_loop(self) -> None:
-        while not self._closing:
-            batch = await self._next_batch()
-            self._busy = True
-            try:
-                await self._apply_with_retry(batch)
-            except Exception:  # a bug, not a store being down: let JetStream redeliver the batch later
-                log.exception("replicator: batch of %d events failed", len(batch))
-                for _, msg in batch:
-                    with contextlib.suppress(Exception):
-                        await msg.nak(delay=5.0)
-            finally:
-                self._busy = False
-
-    async def _apply_with_retry(self, batch: list[tuple[MemoryEvent, Any]]) -> None:
+    async def _with_retry(self, batch: list[Pending], step: Callable[[list[MemoryEvent]], Awaitable[T]]) -> T | None:
+        """Run ``step(events)``; retry while a store is unavailable (keeping the messages ours);
+        on anything else, nak the batch for a later redelivery and return None."""
         events = [e for e, _ in batch]
         delay = 0.1
         while True:
             try:
-                await self.apply_remote(events)
-                break
-            except MFHError as e:  # a store is down: keep the messages ours (in progress) and retry
+                return await step(events)
+            except MFHError as e:
                 if self._closing:
                     raise
-                log.warning("replicator: applying %d events failed (%s); retrying in %.1fs", len(events), e, delay)
+                log.warning("replicator: %d events not applied (%s); retrying in %.1fs", len(events), e, delay)
                 for _, msg in batch:
                     with contextlib.suppress(Exception):
                         await msg.in_progress()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        for _, msg in batch:
-            with contextlib.suppress(Exception):  # a lost ack means a harmless redelivery
-                await msg.ack()
+            except Exception:
+                log.exception("replicator: a batch of %d events failed; JetStream redelivers it", len(events))
+                for _, msg in batch:
+                    with contextlib.suppress(Exception):
+                        await msg.nak(delay=5.0)
+                self._settled(len(batch))
+                return None
 
-    async def apply_remote(self, events: Sequence[MemoryEvent]) -> int:
-        """Apply remote events: hot store, then SQL (same persist path, not republished); return how many won."""
-        if not events:
-            return 0
+    def _settled(self, n: int) -> None:
+        self._unacked -= n
+        if self._unacked <= 0:
+            self._unacked = 0
+            self._idle.set()
+
+    async def apply_hot(self, events: Sequence[MemoryEvent]) -> list[bool]:
+        """Take each remote event into the hot store if it is newer (which moves this host's clock past it)."""
         hot = self.pipeline.hot
-        won = await asyncio.gather(*(hot.apply(e.to_record(), from_sql=False) for e in events))
+        won = list(await asyncio.gather(*(hot.apply(e.to_record(), from_sql=False) for e in events)))
         now_ms = time.time() * 1000
         for e, applied in zip(events, won, strict=True):
             REPLICATION_LAG.labels(origin=e.origin).observe(max(now_ms - e.created_at, 0) / 1000)
@@ -150,8 +183,20 @@ class Replicator:
                 REPLICATION_APPLIED.labels(origin=e.origin).inc()
             else:
                 REPLICATION_SKIPPED.labels(reason="older").inc()
+        return won
+
+    async def persist_remote(self, events: Sequence[MemoryEvent], won: Sequence[MemoryEvent] = ()) -> int:
+        """The worker's persist path without publishing, then a repair of the entries in ``won``."""
         await self.pipeline.persist(events, publish=False)
-        await self._repair([e for e, applied in zip(events, won, strict=True) if applied])
+        await self._repair(won)
+        return len(events)
+
+    async def apply_remote(self, events: Sequence[MemoryEvent]) -> int:
+        """Both stages for one batch (tests, tools); return how many events won in the hot store."""
+        if not events:
+            return 0
+        won = await self.apply_hot(events)
+        await self.persist_remote(events, [e for e, w in zip(events, won, strict=True) if w])
         return sum(won)
 
     async def _repair(self, applied: Sequence[MemoryEvent]) -> None:
@@ -171,22 +216,28 @@ class Replicator:
                     await self.pipeline.hot.apply(row, from_sql=True)
 
     async def close(self, *, wait_s: float = 10.0) -> None:
-        """Stop fetching; a batch being applied may finish and be acked; queued messages are nak'ed."""
+        """Stop fetching; what was received may finish and be acked for ``wait_s``; the rest is nak'ed."""
         self._closing = True
         if self._sub is not None:
             await self._sub.close()
-        task = self._task
-        if task is not None:
-            if self._busy:
-                with contextlib.suppress(asyncio.CancelledError, TimeoutError, Exception):
-                    await asyncio.wait_for(asyncio.shield(task), wait_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), wait_s)
+        for task in self._tasks:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, MFHError):
                 await task
-        while not self._queue.empty():
-            _, msg = self._queue.get_nowait()
+        leftovers = [msg for _, msg in _drain(self._incoming)] + [msg for _, msg, _ in _drain(self._hot_done)]
+        for msg in leftovers:
             with contextlib.suppress(Exception):
                 await msg.nak()
+
+
+def _drain(q: asyncio.Queue[T]) -> list[T]:
+    out = []
+    while not q.empty():
+        out.append(q.get_nowait())
+    return out
 
 
 async def _connect(bus: EventBus, stop: asyncio.Event) -> bool:

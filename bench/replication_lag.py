@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 from _hosts import BenchHost
@@ -157,6 +158,7 @@ async def main() -> None:
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379", help="server; dbs 13 and 14 are flushed")
     ap.add_argument("--rate", type=float, default=500.0)
     ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--batch-delay-ms", type=float, help="override write_behind.batch_max_delay_ms (default: shipped)")
     args = ap.parse_args()
 
     base = args.redis_url.rstrip("/")
@@ -165,7 +167,9 @@ async def main() -> None:
         redis.Redis.from_url(url).flushdb()
     work = Path(tempfile.mkdtemp(prefix="mfh-bench-lag-"))
     nats_proc, nats_url = start_nats(work)
-    repl = {"replication": {"enabled": True, "nats_url": nats_url}}
+    repl: dict[str, Any] = {"replication": {"enabled": True, "nats_url": nats_url}}
+    if args.batch_delay_ms is not None:
+        repl["write_behind"] = {"batch_max_delay_ms": args.batch_delay_ms}
     a = BenchHost(name="main_pc", redis_url=url_a, overrides=repl)
     b = BenchHost(name="pc2", redis_url=url_b, overrides=repl)
     api: Api | None = None

@@ -5,15 +5,22 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hosts import TestHost, make_host
 from services import free_port, tcp_open, wait_until
 
 API_KEY = "cli-secret-9f2"
+
+
+def own_prefix() -> dict[str, Any]:
+    """A Redis key prefix of this test's own: suites running side by side share Redis db 9."""
+    return {"storage": {"redis_prefix": f"t{uuid.uuid4().hex[:12]}"}}
 
 
 def mfh(
@@ -91,7 +98,7 @@ class RunningApi:
 @pytest.fixture
 def api(tmp_path: Path, redis_url: str) -> Iterator[RunningApi]:
     """``mfh api`` on free ports (set with the replica overrides) and ``mfh worker``, as subprocesses."""
-    host = make_host(tmp_path, redis_url=redis_url, overrides={"server": {"api_key": API_KEY}})
+    host = make_host(tmp_path, redis_url=redis_url, overrides={**own_prefix(), "server": {"api_key": API_KEY}})
     zmq_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
     ports = ["--zmq-port", str(zmq_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)]
     proc = host.spawn("mfh_api.cli", "api", *ports, log_name="api")
@@ -183,7 +190,7 @@ def test_zmq_client_survives_a_replica_sigkill(tmp_path: Path, redis_url: str) -
     from mfh_api.client_zmq import AsyncZmqClient
     from mfh_api.service import PutSpec
 
-    host = make_host(tmp_path, redis_url=redis_url)
+    host = make_host(tmp_path, redis_url=redis_url, overrides=own_prefix())
     ports = [free_port(), free_port()]
     replicas = [
         host.spawn(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,11 @@ from mfh_api.zmq_server import ZmqServer
 from mfh_core.metrics import LEGACY_V0_CALLS
 
 NOTE = {"content": "met Ada at the station"}
+
+
+def own_prefix() -> dict[str, Any]:
+    """A Redis key prefix of this test's own: suites running side by side share Redis db 9."""
+    return {"storage": {"redis_prefix": f"t{uuid.uuid4().hex[:12]}"}}
 
 
 class V0Agent:
@@ -40,7 +46,7 @@ class V0Agent:
 
 @pytest.fixture
 def host(tmp_path: Path, redis_url: str) -> Iterator[TestHost]:
-    h = make_host(tmp_path, redis_url=redis_url)
+    h = make_host(tmp_path, redis_url=redis_url, overrides=own_prefix())
     yield h
     for p in h.procs:
         h.kill(p)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 import zmq
 import zmq.asyncio
 from hosts import TestHost, make_host
+from services import async_wait_until
 
 from mfh_api.client_zmq import AsyncZmqClient, ZmqClient
 from mfh_api.service import Durability, MemoryService, PutSpec, build_service
@@ -21,6 +23,11 @@ from mfh_models import NotFound, VersionConflict
 
 API_KEY = "s3cret-key"
 NOTE = {"content": "the user prefers tea"}
+
+
+def own_prefix() -> dict[str, Any]:
+    """A Redis key prefix of this test's own: suites running side by side share Redis db 9."""
+    return {"storage": {"redis_prefix": f"t{uuid.uuid4().hex[:12]}"}}
 
 
 class Raw:
@@ -52,7 +59,7 @@ class Raw:
 
 @pytest.fixture
 def host(tmp_path: Path, redis_url: str) -> Iterator[TestHost]:
-    h = make_host(tmp_path, redis_url=redis_url)
+    h = make_host(tmp_path, redis_url=redis_url, overrides=own_prefix())
     yield h
     for p in h.procs:  # nothing is left to persist: a quick SIGKILL instead of a graceful stop
         h.kill(p)
@@ -310,7 +317,7 @@ async def test_busy_server_sheds_load_with_resource_exhausted(host: TestHost) ->
 
 @pytest.fixture
 async def keyed(tmp_path: Path, redis_url: str) -> AsyncIterator[tuple[MemoryService, ZmqServer]]:
-    h = make_host(tmp_path, redis_url=redis_url, overrides={"server": {"api_key": API_KEY}})
+    h = make_host(tmp_path, redis_url=redis_url, overrides={**own_prefix(), "server": {"api_key": API_KEY}})
     async for pair in _serve(h):
         yield pair
 
@@ -365,13 +372,17 @@ async def test_async_client_every_method(host: TestHost, served: tuple[MemorySer
 
 
 def _sync_session(endpoint: str) -> tuple[int, int]:
-    with ZmqClient(endpoint, timeout=5) as client:
+    from services import free_port
+
+    dead = f"tcp://127.0.0.1:{free_port()}"  # nobody there: the first attempt times out and fails over
+    with ZmqClient([dead, endpoint], timeout=0.5) as client:
         put = client.put(PutSpec("s", "k", "memory_item", NOTE), durability=Durability.ACCEPTED)
         return put.version, client.get("s", "k").version
 
 
 async def test_sync_client_round_trip(served: tuple[MemoryService, ZmqServer]) -> None:
-    # Given the blocking client in a thread  When it puts and gets  Then it reads its own write
+    # Given the blocking client in a thread, its first endpoint dead
+    # When it puts and gets  Then it fails over and reads its own write
     put_version, got_version = await asyncio.to_thread(_sync_session, served[1].endpoint)
     assert put_version == got_version
 
@@ -388,6 +399,49 @@ async def test_client_fails_over_to_the_next_endpoint(served: tuple[MemoryServic
         # And a non-idempotent delete is not resent: it goes to the endpoint that now answers
         with pytest.raises(NotFound):
             await client.delete("f", "k")
+
+
+async def test_client_retries_a_shed_call(served: tuple[MemoryService, ZmqServer]) -> None:
+    # Given a server that holds one request at a time, busy with a slow get
+    service, server = served
+    entered, gate = asyncio.Event(), asyncio.Event()
+
+    async def slow_get(namespace: str, key: str) -> Any:
+        entered.set()
+        await gate.wait()
+        raise NotFound("x")
+
+    shed = API_REQUESTS.labels(transport="zmq", method="shed", code="RESOURCE_EXHAUSTED")
+    server.max_in_flight = 1
+    service.get = slow_get  # type: ignore[method-assign]
+    ctx = zmq.asyncio.Context()
+    try:
+        holder = Raw(ctx, server.endpoint)  # kept referenced: a collected socket drops its queued message
+        await holder.send_bytes(b'{"v": 1, "action": "get", "payload": {"namespace": "n", "key": "k"}}')
+        await asyncio.wait_for(entered.wait(), 10)
+        before = shed._value.get()
+
+        def was_shed() -> bool:
+            return bool(shed._value.get() > before)
+
+        async with AsyncZmqClient(server.endpoint, timeout=5, retries=20, backoff=0.02) as client:
+            # When a client reads while the server is busy, and the slow get finishes after the first shed
+            call = asyncio.create_task(client.batch_get("n", ["k"]))
+            await async_wait_until(was_shed, 10, message="a shed reply")
+            gate.set()
+            # Then the client's retry succeeds
+            assert await call == ([], ["k"])
+            assert client.failovers >= 1
+    finally:
+        ctx.destroy(linger=0)
+
+
+async def test_put_accepts_the_payload_as_json_text(raw: Raw) -> None:
+    # Given a payload sent as JSON text (as gRPC's payload_json)  When it is put and read
+    ok(await raw.v1("put", _put(key="text", payload='{"content": "as text"}')))
+    record = ok(await raw.v1("get", {"namespace": "n", "key": "text"}))["record"]
+    # Then it is stored as the object
+    assert record["payload"] == {"content": "as text", "schema_version": 1}
 
 
 async def test_requests_are_counted_with_transport_zmq(raw: Raw) -> None:

@@ -57,10 +57,11 @@ def _client(args: argparse.Namespace, settings: Settings) -> _Client:
         from mfh_api.client_zmq import ZmqClient
 
         endpoints = args.endpoint or [f"tcp://{host}:{s.zmq_port}"]
-        return ZmqClient(endpoints, api_key=key, timeout=args.timeout)
+        return ZmqClient(endpoints, api_key=key, timeout=args.timeout, retries=args.retries)
     from mfh_api.client_grpc import MemoryClient
 
-    return MemoryClient(args.endpoint or [f"{host}:{s.grpc_port}"], api_key=key, timeout=args.timeout)
+    endpoints = args.endpoint or [f"{host}:{s.grpc_port}"]
+    return MemoryClient(endpoints, api_key=key, timeout=args.timeout, retries=args.retries)
 
 
 def _when(ms: int) -> str:
@@ -167,6 +168,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="host:port (gRPC) or tcp://host:port (ZeroMQ); repeat for failover (default: this host's api)",
     )
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per attempt (default: 5)")
+    p.add_argument("--retries", type=int, default=1, help="retries of a failed idempotent call (default: 1)")
 
 
 def register(subparsers: Any) -> None:

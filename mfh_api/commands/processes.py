@@ -20,7 +20,7 @@ __all__ = ["register"]
 def _port(text: str) -> int:
     port = int(text)
     if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{text} is not a port (0-65535; 0 picks a free one)")
+        raise argparse.ArgumentTypeError(f"{text} is not a port number (0-65535)")
     return port
 
 
@@ -64,9 +64,11 @@ def register(subparsers: Any) -> None:
         description="Serve the hub's gRPC and ZeroMQ front doors and the Prometheus endpoint until SIGTERM.",
     )
     api.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without an API key")
-    api.add_argument("--zmq-port", type=_port, help="override server.zmq_port (a second replica on one host)")
-    api.add_argument("--grpc-port", type=_port, help="override server.grpc_port")
-    api.add_argument("--metrics-port", type=_port, help="override server.metrics_port")
+    api.add_argument(
+        "--zmq-port", type=_port, help="override server.zmq_port, e.g. for a second replica on one host (0: any free)"
+    )
+    api.add_argument("--grpc-port", type=_port, help="override server.grpc_port (0: any free)")
+    api.add_argument("--metrics-port", type=_port, help="override server.metrics_port (0: no metrics endpoint)")
     api.set_defaults(func=_api)
 
     worker = subparsers.add_parser(

@@ -196,6 +196,8 @@ async def test_invalid_names_on_reads_are_invalid_argument(api: Api) -> None:
         api.stub().BatchGet(pb.BatchGetRequest(namespace="ns", keys=["ok", "no spaces"]), metadata=MD[0]),
         api.stub().List(pb.ListRequest(namespace="ns", kind="poem"), metadata=MD[0]),
         api.stub().Delete(pb.DeleteRequest(namespace="ns", key="x" * 300), metadata=MD[0]),
+        api.stub().BatchGet(pb.BatchGetRequest(namespace="ns", keys=[f"k{i}" for i in range(1001)]), metadata=MD[0]),
+        api.stub().List(pb.ListRequest(namespace="ns", page_token="not-a-token"), metadata=MD[0]),
     ):
         code, _ = await status_of(call)
         assert code is grpc.StatusCode.INVALID_ARGUMENT
@@ -210,6 +212,11 @@ async def test_missing_or_wrong_api_key_is_unauthenticated_and_writes_nothing(ap
     assert code is grpc.StatusCode.UNAUTHENTICATED
     code, _ = await status_of(api.stub().BatchPut(pb.BatchPutRequest(puts=[put_req("k")]), metadata=metadata))
     assert code is grpc.StatusCode.UNAUTHENTICATED
+    watch = api.stub().Watch(pb.WatchRequest(namespace="ns"), metadata=metadata)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for _ in watch:
+            pass
+    assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
     assert await api.service.hot.get("ns", "k") is None
     assert await api.service.hot.dirty_count() == 0
     await api.serves()

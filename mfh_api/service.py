@@ -607,7 +607,11 @@ class MemoryService:
     # -- watch and health -------------------------------------------------------------------------
 
     async def watch(self, namespace: str, key_prefix: str = "") -> AsyncIterator[MemoryEvent]:
-        """Changes of one namespace as they are persisted (local or replicated); at least once, no backfill."""
+        """Changes of one namespace as they are persisted (local or replicated), from now on (no backfill).
+
+        Each event carries the key's newest state when it is sent, so changes may be coalesced; delivery is
+        at least once while subscribed, and the stream ends with Unavailable if the subscription drops.
+        """
         validate_namespace(namespace)
         if key_prefix:
             validate_key(key_prefix)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 
 from mfh_core import HotStore, SqlStore
+from mfh_core.eventbus import EventBus
 from mfh_core.metrics_http import serve_metrics
-from mfh_models import Settings
+from mfh_models import Settings, Unavailable
 from mfh_tasks.actors import LazyPipeline, declare_persist_actor
 from mfh_tasks.broker import build_broker
 from mfh_tasks.persist import EventPublisher, PersistPipeline
@@ -36,15 +38,31 @@ def build_hot_store(settings: Settings) -> HotStore:
 
 
 async def _build_bus(settings: Settings) -> EventPublisher | None:
+    """The worker's event bus, or None with replication off. NATS being down at start-up is not fatal:
+    the bus keeps trying in the background, and meanwhile events stay unpublished for the outbox."""
     if not settings.replication.enabled:
         return None
-    try:
-        from mfh_core.eventbus import EventBus
-    except ImportError:  # the event bus arrives with replication
-        return None
     bus = EventBus.from_settings(settings.replication, name=f"mfh-worker-{settings.host_id}")
-    await bus.connect()
+    try:
+        await bus.connect()
+    except Unavailable as e:
+        log.warning("NATS unavailable at start-up (%s); persisting without publishing until it is back", e)
+        _background.add(asyncio.ensure_future(_connect_until_up(bus)))
     return bus
+
+
+_background: set[asyncio.Future[None]] = set()
+
+
+async def _connect_until_up(bus: EventBus, interval_s: float = 2.0) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await bus.connect()
+        except Unavailable:
+            continue
+        log.info("NATS is back: publishing again")
+        return
 
 
 def build_worker(settings: Settings) -> tuple[RedisBroker, dramatiq.Actor]:  # type: ignore[type-arg]

@@ -1,25 +1,33 @@
-"""``mfh scheduler``, ``mfh dlq``, ``mfh audit``, ``mfh snapshot``: the operator's commands."""
+"""``mfh scheduler``, ``mfh audit``, ``mfh snapshot``, ``mfh dlq``: the operator's commands.
+
+The first three run ``python -m schedules`` (imports flow one way: mfh_api may not import
+schedules), with this host's settings passed through MFH_HOST and MFH_CONFIG_DIR.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
-from pathlib import Path
+import os
+import subprocess
+import sys
 from typing import Any
 
-from mfh_api.commands import fail, settings_from
+from mfh_api.commands import fail, host_env, settings_from
 
 __all__ = ["register"]
 
 
-def _scheduler(args: argparse.Namespace) -> int:
-    from schedules import run_scheduler
+def _schedules(job: str) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        settings_from(args)  # fail here, readably, on a bad configuration
+        argv = [sys.executable, "-m", "schedules", job]
+        if job == "run":
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.execve(sys.executable, argv, host_env(args))  # signals go straight to the scheduler
+        return subprocess.run(argv, env=host_env(args), check=False).returncode
 
-    settings = settings_from(args)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    asyncio.run(run_scheduler(settings))
-    return 0
+    return run
 
 
 def _dlq(args: argparse.Namespace) -> int:
@@ -36,10 +44,8 @@ def _dlq(args: argparse.Namespace) -> int:
             for d in letters:
                 print(d.describe())
             total = dlq.count()
-            print(
-                f"{total} dead-lettered batch(es) in {dlq.ids_key}"
-                + (f", first {len(letters)} shown" if total > len(letters) else "")
-            )
+            shown = f", first {len(letters)} shown" if total > len(letters) else ""
+            print(f"{total} dead-lettered batch(es) in {dlq.ids_key}{shown}")
         elif args.action == "retry":
             print(f"re-enqueued {dlq.retry(ids)} batch(es)")
         else:
@@ -51,40 +57,23 @@ def _dlq(args: argparse.Namespace) -> int:
     return 0
 
 
-def _audit(args: argparse.Namespace) -> int:
-    from mfh_tasks import build_sql_store
-    from schedules import audit
-
-    settings = settings_from(args)
-    sql = build_sql_store(settings)
-    try:
-        result = audit(sql, report_dir=Path(settings.scheduler.snapshot_dir))
-    finally:
-        sql.close()
-    print(result.to_json())
-    return 0 if result.ok else 1
-
-
-def _snapshot(args: argparse.Namespace) -> int:
-    from mfh_tasks import build_sql_store
-    from schedules import snapshot
-
-    settings = settings_from(args)
-    sql = build_sql_store(settings)
-    try:
-        print(snapshot(sql, Path(settings.scheduler.snapshot_dir)))
-    finally:
-        sql.close()
-    return 0
-
-
 def register(subparsers: Any) -> None:
     sch = subparsers.add_parser(
         "scheduler",
         help="run reconcile, snapshots and the nightly replay audit",
         description="APScheduler jobs of this host; one scheduler per host holds the lease and runs them.",
     )
-    sch.set_defaults(func=_scheduler)
+    sch.set_defaults(func=_schedules("run"))
+
+    audit = subparsers.add_parser(
+        "audit",
+        help="replay the event log now and compare checksums (exit 1 on a mismatch)",
+        description="Writes <snapshot_dir>/audit-latest.json and appends to audit-history.jsonl.",
+    )
+    audit.set_defaults(func=_schedules("audit"))
+
+    snap = subparsers.add_parser("snapshot", help="write a snapshot of every item now")
+    snap.set_defaults(func=_schedules("snapshot"))
 
     dlq = subparsers.add_parser(
         "dlq",
@@ -96,13 +85,3 @@ def register(subparsers: Any) -> None:
     dlq.add_argument("--limit", type=int, default=100, help="list at most this many (oldest first)")
     dlq.add_argument("--all", action="store_true", help="with purge: drop every dead letter")
     dlq.set_defaults(func=_dlq)
-
-    audit = subparsers.add_parser(
-        "audit",
-        help="replay the event log now and compare checksums (exit 1 on a mismatch)",
-        description="Writes <snapshot_dir>/audit-latest.json and appends to audit-history.jsonl.",
-    )
-    audit.set_defaults(func=_audit)
-
-    snap = subparsers.add_parser("snapshot", help="write a snapshot of every item now")
-    snap.set_defaults(func=_snapshot)

@@ -1,0 +1,47 @@
+"""``python -m schedules run|audit|snapshot``: what ``mfh scheduler|audit|snapshot`` execute.
+
+A composition root of its own (``mfh_api`` may not import ``schedules``): settings come from
+MFH_HOST and MFH_CONFIG_DIR, as for the Dramatiq worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from mfh_models import ConfigError, load_settings
+from mfh_tasks import build_sql_store
+from schedules.jobs import audit, snapshot
+from schedules.runner import run_scheduler
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m schedules", description=__doc__)
+    parser.add_argument("job", choices=["run", "audit", "snapshot"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        settings = load_settings()
+    except ConfigError as e:
+        print(f"mfh: {e}", file=sys.stderr)
+        return 2
+    if args.job == "run":
+        asyncio.run(run_scheduler(settings))
+        return 0
+    sql = build_sql_store(settings)
+    try:
+        if args.job == "audit":
+            result = audit(sql, report_dir=Path(settings.scheduler.snapshot_dir))
+            print(result.to_json())
+            return 0 if result.ok else 1
+        print(snapshot(sql, Path(settings.scheduler.snapshot_dir)))
+        return 0
+    finally:
+        sql.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

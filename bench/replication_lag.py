@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import queue
 import shutil
@@ -27,8 +28,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import nats
 import redis
 from _hosts import BenchHost
+from nats.aio.msg import Msg
 
 from mfh_core import HotStore
 from mfh_models import Kind, MemoryEvent, Op, canonical_json
@@ -82,6 +85,8 @@ class Watcher(threading.Thread):
         self.incoming: queue.SimpleQueue[tuple[str, float]] = queue.SimpleQueue()
         self.outstanding: dict[str, tuple[str, float]] = {}  # key -> (redis key, due)
         self.lags_ms: list[float] = []
+        self.due: dict[str, float] = {}
+        self.seen: dict[str, float] = {}
         self.checks = 0
         self.stop = threading.Event()
 
@@ -90,6 +95,7 @@ class Watcher(threading.Thread):
             while not self.incoming.empty():
                 key, due = self.incoming.get_nowait()
                 self.outstanding[key] = (self.item_key.format(key=key), due)
+                self.due[key] = due
             if self.outstanding:
                 keys = list(self.outstanding)
                 found = self.exists(keys=[self.outstanding[k][0] for k in keys])
@@ -98,6 +104,7 @@ class Watcher(threading.Thread):
                 for k, hit in zip(keys, found, strict=True):
                     if hit:
                         self.lags_ms.append((now - self.outstanding.pop(k)[1]) * 1000)
+                        self.seen[k] = now
             time.sleep(0.001)
 
 
@@ -159,6 +166,7 @@ async def main() -> None:
     ap.add_argument("--rate", type=float, default=500.0)
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--batch-delay-ms", type=float, help="override write_behind.batch_max_delay_ms (default: shipped)")
+    ap.add_argument("--split", action="store_true", help="also time each write's arrival on the stream")
     args = ap.parse_args()
 
     base = args.redis_url.rstrip("/")
@@ -174,7 +182,16 @@ async def main() -> None:
     b = BenchHost(name="pc2", redis_url=url_b, overrides=repl)
     api: Api | None = None
     watcher: Watcher | None = None
+    on_stream: dict[str, float] = {}
+    nc = None
     try:
+        if args.split:
+            nc = await nats.connect(nats_url)
+
+            async def arrived(msg: Msg) -> None:
+                on_stream.setdefault(json.loads(msg.data)["key"], time.perf_counter())
+
+            await nc.subscribe("mfh.events.main_pc.>", cb=arrived)
         for h in (a, b):
             h.start_worker(threads=4)
             start_replicator(h)
@@ -198,6 +215,8 @@ async def main() -> None:
                 break
             await asyncio.sleep(0.05)
     finally:
+        if nc is not None:
+            await nc.close()
         if watcher is not None:
             watcher.stop.set()
         if api is not None:
@@ -214,6 +233,12 @@ async def main() -> None:
         f"mean {statistics.fmean(lags):.1f} ms, max {max(lags):.1f} ms"
     )
     print(f"p99 {'<' if p99 < 200 and missing == 0 else 'NOT <'} 200 ms")
+    if args.split:
+        keys = [k for k in watcher.seen if k in on_stream and k.startswith("w-")]
+        to_stream = [(on_stream[k] - watcher.due[k]) * 1000 for k in keys]
+        to_pc2 = [(watcher.seen[k] - on_stream[k]) * 1000 for k in keys]
+        for name, values in (("write -> on the stream (api, worker)", to_stream), ("stream -> pc2 Redis", to_pc2)):
+            print(f"  {name}: p50 {pct(values, 50):.1f} p95 {pct(values, 95):.1f} p99 {pct(values, 99):.1f} ms")
     print(f"lag_p50_ms={p50:.1f} lag_p95_ms={p95:.1f} lag_p99_ms={p99:.1f}")
 
 

@@ -256,7 +256,14 @@ async def _connect(bus: EventBus, stop: asyncio.Event) -> bool:
 
 
 async def run_replication(settings: Settings, stop: asyncio.Event, *, outbox_interval_s: float = 1.0) -> None:
-    """Run this host's replicator and outbox relay until ``stop`` is set (the ``replicator`` process)."""
+    """Run this host's replicator and outbox relay until ``stop`` is set (the ``replicator`` process).
+
+    With replication disabled it only waits: honcho stops every process when one exits.
+    """
+    if not settings.replication.enabled:
+        log.info("replication is disabled for %s (replication.enabled); idle until stopped", settings.host_id)
+        await stop.wait()
+        return
     sql: SqlStore = await asyncio.to_thread(build_sql_store, settings)
     hot: HotStore = build_hot_store(settings)
     bus = EventBus.from_settings(settings.replication, name=f"mfh-replicator-{settings.host_id}")

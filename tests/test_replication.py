@@ -301,6 +301,26 @@ async def test_a_late_event_for_an_expired_entry_does_not_shadow_sql(local: Repl
     assert await stored(local, "k") == ((v10, "pc2", False), (v10, "pc2", False))
 
 
+class FakeMsg:
+    def __init__(self) -> None:
+        self.acked = 0
+
+    async def ack(self) -> None:
+        self.acked += 1
+
+
+async def test_own_events_are_acked_and_skipped_without_touching_the_stores(local: Replicator) -> None:
+    # Given an event of this host's own origin coming back from the stream
+    own_before = REPLICATION_SKIPPED.labels(reason="own")._value.get()
+    msg = FakeMsg()
+    # When the replicator receives it
+    await local._on_message(event("k", 1, origin="main_pc"), msg)
+    # Then it is acked and counted as skipped, and neither store holds it
+    assert msg.acked == 1
+    assert REPLICATION_SKIPPED.labels(reason="own")._value.get() == own_before + 1
+    assert await stored(local, "k") == (None, None)
+
+
 class FakeBus:
     """Acks the first ``accept`` events of each publish, in order; ``connected`` is switchable."""
 
@@ -476,6 +496,10 @@ async def test_replicator_sigkilled_and_restarted_resumes_its_durable_consumer(p
     assert len(logged) == len(set(logged)) == len(pc2.api.events)
     assert set(logged) == {e.event_id for e in pc2.api.events}
     assert main_pc.sql.checksum() == pc2.sql.checksum()
+    # And SIGTERM stops the restarted replicator cleanly
+    assert main_pc.replicator is not None
+    main_pc.replicator.terminate()
+    assert await asyncio.to_thread(main_pc.replicator.wait, 10) == 0
 
 
 async def test_replay_of_each_host_log_gives_its_live_checksum(

@@ -1,6 +1,7 @@
 """Shared fixtures for tests that use real services.
 
-- ``redis_url`` / ``redis_url_b``: Redis db 9 / db 10 (two "hosts"), flushed before the test.
+- ``redis_url`` / ``redis_url_b``: two Redis databases (two "hosts") claimed by this test session,
+  flushed before each test.
   Base URL from ``MFH_TEST_REDIS_URL`` (default ``redis://127.0.0.1:6379``).
 - ``postgres_url``: a fresh database on the server of ``MFH_TEST_POSTGRES_URL`` (default
   ``postgresql://postgres@127.0.0.1:5432/test``), as a SQLAlchemy URL; dropped afterwards.
@@ -40,6 +41,38 @@ def _redis_db_url(db: int) -> str:
     return f"{scheme}://{host}/{db}"
 
 
+_CLAIM_DB = 14  # claims live here, away from the databases the tests flush
+_CLAIM_TTL_S = 3600
+#: Pairs of Redis databases a test session can claim, so that two sessions on one machine (two
+#: developers, or a test run beside a bench) never flush each other's data. Benches use 12 and 15.
+_DB_PAIRS = [(2, 3), (4, 5), (6, 7), (8, 9), (10, 11)]
+
+
+@pytest.fixture(scope="session")
+def _redis_dbs() -> Iterator[tuple[int, int]]:
+    """Claim a free pair of Redis databases for this session (``MFH_TEST_REDIS_DBS=a,b`` forces one)."""
+    import redis
+
+    token = f"{os.getpid()}-{secrets.token_hex(4)}"
+    forced = os.environ.get("MFH_TEST_REDIS_DBS")
+    pairs = [tuple(int(x) for x in forced.split(","))] if forced else _DB_PAIRS
+    client = redis.Redis.from_url(_redis_db_url(_CLAIM_DB), socket_connect_timeout=1, socket_timeout=5)
+    require(f"Redis at {_redis_db_url(_CLAIM_DB)}", client.ping)
+    claim = None
+    try:
+        for a, b in pairs:
+            key = f"mfh-test-claim:{a},{b}"
+            if forced or client.set(key, token, nx=True, ex=_CLAIM_TTL_S):
+                claim = key
+                yield (a, b)
+                return
+        unavailable("every Redis test database pair is claimed by another test session")
+    finally:
+        if claim is not None and client.get(claim) == token.encode():
+            client.delete(claim)
+        client.close()
+
+
 def _flushed_redis(db: int) -> str:
     import redis
 
@@ -54,15 +87,15 @@ def _flushed_redis(db: int) -> str:
 
 
 @pytest.fixture
-def redis_url() -> str:
-    """Redis db 9, empty at the start of the test."""
-    return _flushed_redis(9)
+def redis_url(_redis_dbs: tuple[int, int]) -> str:
+    """A Redis database of this session's own, empty at the start of the test."""
+    return _flushed_redis(_redis_dbs[0])
 
 
 @pytest.fixture
-def redis_url_b() -> str:
-    """Redis db 10, empty at the start of the test (the second host in two-host tests)."""
-    return _flushed_redis(10)
+def redis_url_b(_redis_dbs: tuple[int, int]) -> str:
+    """A second one, also empty (the second host in two-host tests)."""
+    return _flushed_redis(_redis_dbs[1])
 
 
 @pytest.fixture

@@ -15,7 +15,16 @@ from mfh_core.metrics import LEGACY_V0_CALLS
 from mfh_models import InvalidArgument
 from mfh_models.records import format_validation_error
 
-__all__ = ["DEFAULT_KIND", "DEFAULT_NAMESPACE", "V0_ACTIONS", "V0Request", "error_to_v0", "ok_to_v0", "parse_v0"]
+__all__ = [
+    "DEFAULT_KIND",
+    "DEFAULT_NAMESPACE",
+    "V0_ACTIONS",
+    "V0Request",
+    "count_call",
+    "error_to_v0",
+    "ok_to_v0",
+    "parse_v0",
+]
 
 DEFAULT_NAMESPACE: Final = "default"
 DEFAULT_KIND: Final = "memory_item"
@@ -69,12 +78,16 @@ class V0Request:
     request_id: str | int | None
 
 
+def count_call(obj: dict[str, Any]) -> None:
+    """Count one v0 call by action (bounded labels: anything unknown is "unknown"), refused ones too."""
+    action = obj.get("action")
+    LEGACY_V0_CALLS.labels(action=action if isinstance(action, str) and action in V0_ACTIONS else "unknown").inc()
+
+
 def parse_v0(obj: dict[str, Any]) -> V0Request:
-    """Translate a v0 request to v1 (and count it); InvalidArgument for anything malformed."""
+    """Translate a v0 request to v1; InvalidArgument for anything malformed."""
     raw_action = obj.get("action")
-    label = raw_action if isinstance(raw_action, str) and raw_action in V0_ACTIONS else "unknown"
-    LEGACY_V0_CALLS.labels(action=label).inc()
-    if label == "unknown":
+    if not isinstance(raw_action, str) or raw_action not in V0_ACTIONS:
         shown = repr(raw_action)[:40] if raw_action is not None else "missing"
         raise InvalidArgument(f"unknown action {shown}; expected one of {', '.join(V0_ACTIONS)}")
     try:

@@ -251,6 +251,8 @@ class ZmqServer:
         obj = decode_json(body)
         call.legacy = "v" not in obj
         call.rid = request_id(obj, "request_id" if call.legacy else "id")
+        if call.legacy:
+            legacy_v0.count_call(obj)  # refused calls too: they still show a legacy agent is out there
         self._authenticate(obj)  # before anything else looks at the request: no handler runs unauthenticated
         if call.legacy:
             call.v0 = legacy_v0.parse_v0(obj)

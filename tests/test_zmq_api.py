@@ -18,7 +18,7 @@ from services import async_wait_until
 from mfh_api.client_zmq import AsyncZmqClient, ZmqClient
 from mfh_api.service import Durability, MemoryService, PutSpec, build_service
 from mfh_api.zmq_server import ZmqServer
-from mfh_core.metrics import API_REQUESTS
+from mfh_core.metrics import API_REQUESTS, LEGACY_V0_CALLS
 from mfh_models import NotFound, VersionConflict
 
 API_KEY = "s3cret-key"
@@ -335,9 +335,12 @@ async def test_missing_or_wrong_api_key_is_unauthenticated_and_runs_nothing(
         # When a put and a legacy v0 put arrive without the right key
         put = {"namespace": "n", "key": "k", "kind": "memory_item", "payload": NOTE}
         err(await peer.v1("put", put, **extra), "UNAUTHENTICATED")
+        v0_puts = LEGACY_V0_CALLS.labels(action="put")
+        counted = v0_puts._value.get()
         v0 = await peer.ask({"action": "put", "key": "k", "value": NOTE, **extra})
         # Then both are refused and nothing was staged; with the key the same put succeeds
         assert v0["status"] == "error" and v0["error_code"] == "UNAUTHENTICATED"
+        assert v0_puts._value.get() == counted + 1  # refused, yet counted: a legacy agent is still out there
         assert await service.hot.redis.zcard(service.hot.dirty_key) == 0
         ok(await peer.v1("put", put, api_key=API_KEY))
     finally:

@@ -224,6 +224,8 @@ def spawn(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[by
 
 
 async def main(args: argparse.Namespace) -> None:
+    if args.nice:
+        os.nice(args.nice)  # inherited by the servers spawned below
     prefix = f"bench{uuid.uuid4().hex[:8]}"
     grpc_port, zmq_port, bare_port = _free_port(), _free_port(), _free_port()
     host = BenchHost(
@@ -280,7 +282,13 @@ async def main(args: argparse.Namespace) -> None:
         for batch in _chunks(list(r.scan_iter(match=f"{prefix}:*", count=1000)), 500):
             r.delete(*batch)
         r.close()
-    pairs = [f"rate={args.rate:g}", f"duration_s={args.duration:g}", f"rounds={args.rounds}"]
+    pairs = [
+        f"rate={args.rate:g}",
+        f"duration_s={args.duration:g}",
+        f"rounds={args.rounds}",
+        f"nice={args.nice}",
+        f"load1={os.getloadavg()[0]:.2f}",
+    ]
     for name, st in results.items():
         for q in ("p50", "p95", "p99"):
             pairs.append(f"{name}_{q}_ms=" + ("nan" if st is None else f"{st[q]:.2f}"))
@@ -297,6 +305,13 @@ if __name__ == "__main__":
     ap.add_argument("--rate", type=float, default=1000.0, help="requests per second (open loop)")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds measured per target")
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds per target (percentiles over all)")
+    ap.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="niceness increment for this run and its servers (negative needs root): on a shared machine, "
+        "measures MFH rather than whatever else is running; the last line records it",
+    )
     ap.add_argument("--timeout", type=float, default=5.0, help="per-request timeout (counted as an error)")
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/15", help="nothing is flushed; keys are removed")
     ap.add_argument("--bare-server", type=int, metavar="PORT", help=argparse.SUPPRESS)

@@ -9,6 +9,7 @@ when the client set none; errors come from the one table in :mod:`mfh_api.errors
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -45,6 +46,16 @@ _NO_DEADLINE: Final = 1e6  # grpc reports "no deadline" as None or a huge number
 _MARGIN: Final = 0.05  # answer with our own DEADLINE_EXCEEDED message before grpc cancels the call
 R = TypeVar("R")
 _KINDS: Final = frozenset(k.value for k in Kind)
+
+
+@functools.cache
+def _latency(method: str) -> Any:
+    return API_LATENCY.labels("grpc", method)  # labels() takes a lock: resolve each child once
+
+
+@functools.cache
+def _ok_count(method: str) -> Any:
+    return API_REQUESTS.labels("grpc", method, "OK")
 
 
 def to_pb_record(r: Record) -> Any:
@@ -196,7 +207,7 @@ class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
             status = (grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
         finally:
             elapsed = time.perf_counter() - start
-            API_LATENCY.labels("grpc", name).observe(elapsed)
+            _latency(name).observe(elapsed)
         code = status[0].name
         API_REQUESTS.labels("grpc", name, code).inc()
         await _abort(context, status)
@@ -264,7 +275,7 @@ class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
         self, name: str, request: Any, context: grpc.aio.ServicerContext[Any, Any], fn: Callable[[float], Awaitable[R]]
     ) -> R:
         result = await self._call(name, request, context, fn)
-        API_REQUESTS.labels("grpc", name, "OK").inc()
+        _ok_count(name).inc()
         return result
 
     async def Watch(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:

@@ -70,6 +70,8 @@ MAX_PAGE_SIZE: Final = 1000
 DEFAULT_PAGE_SIZE: Final = 100
 _MAX_VERSION: Final = (1 << 63) - 1
 _READ_ONLY: Final = "read-only mode: redis unavailable"
+_CACHE_HIT: Final = CACHE_LOOKUPS.labels("hit")  # labels() takes a lock: resolve the children once
+_CACHE_MISS: Final = CACHE_LOOKUPS.labels("miss")
 
 
 class Durability(StrEnum):
@@ -431,9 +433,9 @@ class MemoryService:
         except Unavailable:
             entry, redis_ok = None, False
         if entry is not None:
-            CACHE_LOOKUPS.labels("hit").inc()
+            _CACHE_HIT.inc()
             return entry.record
-        CACHE_LOOKUPS.labels("miss").inc()
+        _CACHE_MISS.inc()
         try:
             row = await self._sql(lambda: self.sql.get(namespace, key))
         except Unavailable as e:
@@ -469,9 +471,9 @@ class MemoryService:
                 hits, redis_ok = {}, False
             found.update({k: e.record for k, e in hits.items()})
             misses = [k for k in unique if k not in found]
-            CACHE_LOOKUPS.labels("hit").inc(len(found))
+            _CACHE_HIT.inc(len(found))
             if misses:
-                CACHE_LOOKUPS.labels("miss").inc(len(misses))
+                _CACHE_MISS.inc(len(misses))
                 try:
                     rows = await self._sql(lambda: self.sql.get_many(namespace, misses))
                 except Unavailable as e:

@@ -98,11 +98,14 @@ class PutSpec:
 
 @dataclass(frozen=True)
 class _ValidPut:
+    """A checked change, ready to stage; a delete has no kind (the key keeps its own) and payload "null"."""
+
     namespace: str
     key: str
-    kind: Kind
+    kind: Kind | None
     payload: str
     expected_version: int | None
+    op: Op = Op.PUT
 
 
 def _check_expected(v: int | None) -> int | None:
@@ -133,20 +136,23 @@ def _result(e: MemoryEvent) -> PutResult:
 
 # -- atomic multi-put staging -----------------------------------------------------------------------
 
-# Like mfh_core/lua/stage.lua for several keys at once: every expected_version and the backlog bound
-# are checked before anything is written, so a BatchPut is all or nothing. Versions grow within the batch.
-# KEYS: hlc, dirty, item1..itemN  ARGV: origin, max_backlog, then per item: kind, payload, has_expected, exp_ms, exp_ctr
+# Like mfh_core/lua/stage.lua for several keys at once: every check (expected_version, a delete's key
+# must be live, the backlog bound) runs before anything is written, so a BatchPut is all or nothing and
+# a Delete cannot tombstone a key that another call deleted a moment before. Versions grow within a batch.
+# KEYS: hlc, dirty, item1..itemN
+# ARGV: origin, max_backlog, then per item: op, kind, payload, has_expected, exp_ms, exp_ctr
 _STAGE_MANY_LUA: Final = """
 local hlc, dirty = KEYS[1], KEYS[2]
 local n = #KEYS - 2
 local cur, new_dirty = {}, 0
 for i = 1, n do
-  local item, base = KEYS[i + 2], 2 + (i - 1) * 5
-  local c = redis.call('HMGET', item, 'vm', 'vc', 'd')
+  local item, base = KEYS[i + 2], 2 + (i - 1) * 6
+  local c = redis.call('HMGET', item, 'vm', 'vc', 'd', 'k')
   cur[i] = c
-  if ARGV[base + 3] == '1' then
-    local em, ec = tonumber(ARGV[base + 4]), tonumber(ARGV[base + 5])
-    local cm, cc = tonumber(c[1]), tonumber(c[2])
+  local cm, cc = tonumber(c[1]), tonumber(c[2])
+  if ARGV[base + 1] == 'delete' and ((not cm) or c[3] == '1') then return {'absent', tostring(i)} end
+  if ARGV[base + 4] == '1' then
+    local em, ec = tonumber(ARGV[base + 5]), tonumber(ARGV[base + 6])
     if em == 0 and ec == 0 then
       if cm and c[3] ~= '1' then return {'conflict', tostring(i), c[1], c[2]} end
     elseif (not cm) or cm ~= em or cc ~= ec then
@@ -166,7 +172,7 @@ local hm, hc = tonumber(h[1]), tonumber(h[2]) or 0
 local snow = string.format('%.0f', now)
 local out = {'ok', snow}
 for i = 1, n do
-  local item, base = KEYS[i + 2], 2 + (i - 1) * 5
+  local item, base = KEYS[i + 2], 2 + (i - 1) * 6
   local m, c = now, 0
   local function bump(om, oc)
     if om and (om > m or (om == m and oc + 1 > c)) then m, c = om, oc + 1 end
@@ -175,31 +181,39 @@ for i = 1, n do
   bump(tonumber(cur[i][1]), tonumber(cur[i][2]) or 0)
   if c > 65535 then m, c = m + 1, 0 end
   hm, hc = m, c
+  local kind = ARGV[base + 2]
+  if kind == '' then kind = cur[i][4] or 'memory_item' end
+  local deleted = '0'
+  if ARGV[base + 1] == 'delete' then deleted = '1' end
   local ms, cs = string.format('%.0f', m), string.format('%.0f', c)
-  redis.call('HSET', item, 'vm', ms, 'vc', cs, 'o', ARGV[1], 'd', '0', 'k', ARGV[base + 1], 'p', ARGV[base + 2],
+  redis.call('HSET', item, 'vm', ms, 'vc', cs, 'o', ARGV[1], 'd', deleted, 'k', kind, 'p', ARGV[base + 3],
     'u', snow, 'dirty', '1')
   redis.call('PERSIST', item)
   redis.call('ZADD', dirty, now, item)
   out[#out + 1] = ms
   out[#out + 1] = cs
+  out[#out + 1] = kind
 end
 redis.call('HSET', hlc, 'm', string.format('%.0f', hm), 'c', string.format('%.0f', hc))
 return out
 """
 
 
-async def _stage_many(hot: HotStore, script: AsyncScript, puts: Sequence[_ValidPut]) -> list[MemoryEvent]:
-    """Stage every put or none (VersionConflict / ResourceExhausted name the first put that failed)."""
-    keys = [hot.hlc_key, hot.dirty_key, *(hot.item_key(p.namespace, p.key) for p in puts)]
+async def _stage_many(hot: HotStore, script: AsyncScript, changes: Sequence[_ValidPut]) -> list[MemoryEvent]:
+    """Stage every change or none (NotFound / VersionConflict / ResourceExhausted name the first that failed)."""
+    keys = [hot.hlc_key, hot.dirty_key, *(hot.item_key(p.namespace, p.key) for p in changes)]
     args: list[Any] = [hot.origin, hot.max_backlog]
-    for p in puts:
+    for p in changes:
         ms, ctr = unpack(p.expected_version) if p.expected_version is not None else (0, 0)
-        args += [p.kind.value, p.payload, "1" if p.expected_version is not None else "0", ms, ctr]
+        kind = p.kind.value if p.kind is not None else ""
+        args += [p.op.value, kind, p.payload, "1" if p.expected_version is not None else "0", ms, ctr]
     res = await script(keys=keys, args=args)
-    if res[0] == "conflict":
-        p = puts[int(res[1]) - 1]
+    if res[0] in ("conflict", "absent"):
+        i = int(res[1]) - 1
+        p, where = changes[i], f"puts[{i}]: " if len(changes) > 1 else ""
+        if res[0] == "absent":
+            raise NotFound(f"{where}{p.namespace}/{p.key} not found")
         current = pack(int(res[2]), int(res[3]))
-        where = f"puts[{int(res[1]) - 1}]: " if len(puts) > 1 else ""
         raise VersionConflict(
             f"{where}{p.namespace}/{p.key}: expected version {p.expected_version}, current is {current or 'absent'}",
             current_version=current,
@@ -211,17 +225,17 @@ async def _stage_many(hot: HotStore, script: AsyncScript, puts: Sequence[_ValidP
     now = int(res[1])
     return [
         MemoryEvent(
-            event_id=event_id_for(hot.origin, v := pack(int(res[2 + 2 * i]), int(res[3 + 2 * i]))),
-            op=Op.PUT,
+            event_id=event_id_for(hot.origin, v := pack(int(res[2 + 3 * i]), int(res[3 + 3 * i]))),
+            op=p.op,
             namespace=p.namespace,
             key=p.key,
-            kind=p.kind,
+            kind=Kind(res[4 + 3 * i]),
             payload=p.payload,
             version=v,
             origin=hot.origin,
             created_at=now,
         )
-        for i, p in enumerate(puts)
+        for i, p in enumerate(changes)
     ]
 
 
@@ -597,11 +611,8 @@ class MemoryService:
             current = await self._ensure_hot(namespace, key)
             if current is None or current.deleted:
                 raise NotFound(f"{namespace}/{key} not found")
-            event = await self._redis_write(
-                lambda: self.hot.stage(
-                    op=Op.DELETE, namespace=namespace, key=key, kind=None, payload="null", expected_version=expected
-                )
-            )
+            tombstone = _ValidPut(namespace, key, None, "null", expected, op=Op.DELETE)
+            [event] = await self._redis_write(lambda: _stage_many(self.hot, self._stage_many, [tombstone]))
             waiters = await self._enqueue([event], durability)
         await self._await_persisted([event], waiters, started, timeout)
         return _result(event)

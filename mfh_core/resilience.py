@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from enum import StrEnum
 from typing import TypeVar
 
-from mfh_models import ResourceExhausted, Unavailable
+from mfh_models import MFHError, ResourceExhausted, Unavailable
 
 __all__ = ["Bulkhead", "CircuitBreaker", "CircuitState"]
 
@@ -93,6 +93,9 @@ class CircuitBreaker:
             result = await fn()
         except Unavailable:
             self.record_failure()
+            raise
+        except MFHError:  # NotFound, a conflict...: the dependency answered, so it is up
+            self.record_success()
             raise
         except BaseException:
             self._release_trial()

@@ -15,13 +15,14 @@ from factories import event
 from hosts import TestHost, make_host
 from services import REDIS_URL_DEFAULT, async_wait_until, require
 
-from mfh_api.service import Durability, MemoryService, PutSpec, build_service
+from mfh_api.service import Durability, MemoryService, PutResult, PutSpec, build_service
 from mfh_core import HotStore, SqlStore
 from mfh_core.resilience import Bulkhead, CircuitBreaker, CircuitState
 from mfh_models import (
     MAX_PAYLOAD_BYTES,
     DeadlineExceeded,
     InvalidArgument,
+    Kind,
     MemoryEvent,
     NotFound,
     Op,
@@ -227,6 +228,19 @@ async def test_delete_of_an_absent_or_deleted_key_is_not_found(svc: MemoryServic
     with pytest.raises(NotFound):
         await svc.get("ns", "sql-only")
     await nothing_staged_except(svc, {"sql-only"})
+
+
+async def test_concurrent_deletes_of_one_key_leave_exactly_one_tombstone(svc: MemoryService) -> None:
+    # Given a live knowledge record
+    await svc.put(PutSpec("ns", "k", "knowledge_record", {"subject": "sky"}))
+    # When ten callers delete it at once
+    results = await asyncio.gather(*(svc.delete("ns", "k") for _ in range(10)), return_exceptions=True)
+    # Then one delete wins, the others are told NOT_FOUND, and the tombstone keeps the key's kind
+    won = [r for r in results if isinstance(r, PutResult)]
+    assert len(won) == 1 and all(isinstance(r, NotFound) for r in results if not isinstance(r, PutResult))
+    entry = await svc.hot.get("ns", "k")
+    assert entry is not None and entry.record.deleted and entry.record.kind is Kind.KNOWLEDGE_RECORD
+    assert entry.record.version == won[0].version
 
 
 async def nothing_staged_except(s: MemoryService, keys: set[str]) -> None:

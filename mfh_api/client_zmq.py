@@ -179,6 +179,7 @@ class ZmqClient(_Calls):
         return self._sock
 
     def close(self) -> None:
+        """Close the socket (the shared context stays)."""
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
@@ -219,22 +220,26 @@ class ZmqClient(_Calls):
         raise self._no_reply(action, t, attempts)
 
     def get(self, namespace: str, key: str, *, timeout: float | None = None) -> Record:
+        """The live record; NotFound if absent or deleted."""
         return record_from_json(self.call("get", {"namespace": namespace, "key": key}, timeout)["record"])
 
     def batch_get(
         self, namespace: str, keys: Sequence[str], *, timeout: float | None = None
     ) -> tuple[list[Record], list[str]]:
+        """(live records in request order, keys absent or deleted)."""
         data = self.call("batch_get", {"namespace": namespace, "keys": list(keys)}, timeout)
         return self._records(data), list(data["missing"])
 
     def put(
         self, spec: PutSpec, *, durability: Durability = Durability.ACCEPTED, timeout: float | None = None
     ) -> PutResult:
+        """Create or replace one record; VersionConflict if ``spec.expected_version`` does not match."""
         return self._result(self.call("put", self._put(spec, durability), timeout))
 
     def batch_put(
         self, specs: Sequence[PutSpec], *, durability: Durability = Durability.ACCEPTED, timeout: float | None = None
     ) -> list[PutResult]:
+        """Several puts, all or nothing; one result per put, in order."""
         data = self.call("batch_put", self._batch_put(specs, durability), timeout)
         return [self._result(r) for r in data["results"]]
 
@@ -247,6 +252,7 @@ class ZmqClient(_Calls):
         durability: Durability = Durability.ACCEPTED,
         timeout: float | None = None,
     ) -> PutResult:
+        """Tombstone one record; NotFound if absent or already deleted."""
         return self._result(self.call("delete", self._delete(namespace, key, expected_version, durability), timeout))
 
     def list(
@@ -260,6 +266,7 @@ class ZmqClient(_Calls):
         include_deleted: bool = False,
         timeout: float | None = None,
     ) -> tuple[list[Record], str]:
+        """One page (records, next page token; ``""`` on the last page)."""
         payload = self._list(namespace, kind, key_prefix, page_size, page_token, include_deleted)
         data = self.call("list", payload, timeout)
         return self._records(data), str(data["next_page_token"])
@@ -296,6 +303,7 @@ class AsyncZmqClient(_Calls):
         return self._sock
 
     def close(self) -> None:
+        """Close the socket (the shared context stays)."""
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
@@ -340,6 +348,7 @@ class AsyncZmqClient(_Calls):
         raise self._no_reply(action, t, attempts)
 
     async def get(self, namespace: str, key: str, *, timeout: float | None = None) -> Record:  # noqa: ASYNC109
+        """The live record; NotFound if absent or deleted."""
         return record_from_json((await self.call("get", {"namespace": namespace, "key": key}, timeout))["record"])
 
     async def batch_get(
@@ -349,6 +358,7 @@ class AsyncZmqClient(_Calls):
         *,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> tuple[list[Record], list[str]]:
+        """(live records in request order, keys absent or deleted)."""
         data = await self.call("batch_get", {"namespace": namespace, "keys": list(keys)}, timeout)
         return self._records(data), list(data["missing"])
 
@@ -359,6 +369,7 @@ class AsyncZmqClient(_Calls):
         durability: Durability = Durability.ACCEPTED,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> PutResult:
+        """Create or replace one record; VersionConflict if ``spec.expected_version`` does not match."""
         return self._result(await self.call("put", self._put(spec, durability), timeout))
 
     async def batch_put(
@@ -368,6 +379,7 @@ class AsyncZmqClient(_Calls):
         durability: Durability = Durability.ACCEPTED,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> list[PutResult]:
+        """Several puts, all or nothing; one result per put, in order."""
         data = await self.call("batch_put", self._batch_put(specs, durability), timeout)
         return [self._result(r) for r in data["results"]]
 
@@ -380,6 +392,7 @@ class AsyncZmqClient(_Calls):
         durability: Durability = Durability.ACCEPTED,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> PutResult:
+        """Tombstone one record; NotFound if absent or already deleted."""
         payload = self._delete(namespace, key, expected_version, durability)
         return self._result(await self.call("delete", payload, timeout))
 
@@ -394,6 +407,7 @@ class AsyncZmqClient(_Calls):
         include_deleted: bool = False,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> tuple[list[Record], str]:
+        """One page (records, next page token; ``""`` on the last page)."""
         payload = self._list(namespace, kind, key_prefix, page_size, page_token, include_deleted)
         data = await self.call("list", payload, timeout)
         return self._records(data), str(data["next_page_token"])

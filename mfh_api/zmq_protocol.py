@@ -49,16 +49,22 @@ class _Strict(BaseModel):
 
 
 class GetPayload(_Strict):
+    """``get``: one key."""
+
     namespace: StrictStr
     key: StrictStr
 
 
 class BatchGetPayload(_Strict):
+    """``batch_get``: several keys of one namespace."""
+
     namespace: StrictStr
     keys: list[StrictStr] = Field(max_length=MAX_BATCH)
 
 
 class PutPayload(_Strict):
+    """``put`` (and each entry of ``batch_put``): the payload as an object or as JSON text."""
+
     namespace: StrictStr
     key: StrictStr
     kind: StrictStr
@@ -68,11 +74,15 @@ class PutPayload(_Strict):
 
 
 class BatchPutPayload(_Strict):
+    """``batch_put``: all or nothing, one durability for the batch."""
+
     puts: list[PutPayload] = Field(min_length=1, max_length=MAX_BATCH)
     durability: DurabilityName = "accepted"
 
 
 class DeletePayload(_Strict):
+    """``delete``: a versioned tombstone, optionally conditional."""
+
     namespace: StrictStr
     key: StrictStr
     expected_version: Version | None = None
@@ -80,6 +90,8 @@ class DeletePayload(_Strict):
 
 
 class ListPayload(_Strict):
+    """``list``: one page in key order; the service caps ``page_size``."""
+
     namespace: StrictStr
     kind: StrictStr | None = None
     key_prefix: StrictStr = ""
@@ -196,6 +208,7 @@ def record_from_json(obj: dict[str, Any]) -> Record:
 
 
 def ok_reply(rid: str | int | None, data: Any) -> dict[str, Any]:
+    """The v1 success reply around an action's ``data``."""
     return {"v": 1, "id": rid, "status": "ok", "data": data}
 
 
@@ -205,4 +218,5 @@ def error_reply(rid: str | int | None, error: dict[str, Any]) -> dict[str, Any]:
 
 
 def encode(reply: dict[str, Any]) -> bytes:
+    """Compact UTF-8 JSON, the one wire form of every reply."""
     return json.dumps(reply, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

@@ -126,6 +126,7 @@ class ZmqServer:
 
     @classmethod
     def from_settings(cls, service: MemoryService, settings: Settings) -> ZmqServer:
+        """The server of the ``server`` settings section (bind, port, key, limits)."""
         s = settings.server
         return cls(
             service,
@@ -139,6 +140,7 @@ class ZmqServer:
 
     @property
     def endpoint(self) -> str:
+        """The address clients connect to, e.g. ``tcp://127.0.0.1:5713``."""
         host = f"[{self.bind}]" if ":" in self.bind else self.bind
         return f"tcp://{host}:{self.port}"
 

@@ -39,6 +39,7 @@ EXIT_CODES: Final[tuple[tuple[type[MFHError], int], ...]] = (
 
 
 def exit_code(e: MFHError) -> int:
+    """The exit code for a hub error (1 for anything not in the table)."""
     for cls, code in EXIT_CODES:
         if isinstance(e, cls):
             return code

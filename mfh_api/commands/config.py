@@ -23,6 +23,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
+    """Add ``mfh config show``."""
     config = subparsers.add_parser("config", help="inspect the configuration")
     actions = config.add_subparsers(title="config commands", metavar="ACTION")
     show = actions.add_parser(

@@ -172,6 +172,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: Any) -> None:
+    """Add ``mfh get``, ``put``, ``delete`` and ``list``."""
     get = subparsers.add_parser("get", help="print one memory", description="Print one live record and its payload.")
     get.add_argument("namespace")
     get.add_argument("key")

@@ -58,6 +58,7 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
+    """Add ``mfh api`` and ``mfh worker``."""
     api = subparsers.add_parser(
         "api",
         help="serve gRPC, ZeroMQ (v1 and v0) and /metrics",

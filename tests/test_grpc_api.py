@@ -16,7 +16,7 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hosts import TestHost, make_host
-from services import REDIS_URL_DEFAULT, async_wait_until, require
+from services import REDIS_URL_DEFAULT, async_wait_until, free_port, require
 
 from mfh_api.app import run_api
 from mfh_api.client_grpc import AsyncMemoryClient, MemoryClient
@@ -282,6 +282,19 @@ async def test_sync_client_has_the_same_methods(api: Api) -> None:
                 c.get("ns", "s")
 
     await asyncio.to_thread(use)
+
+
+async def test_client_skips_a_dead_endpoint_even_for_conditional_writes(api: Api) -> None:
+    # Given a client whose first endpoint has nothing listening
+    async with AsyncMemoryClient([f"127.0.0.1:{free_port()}", api.target], api_key=KEY, backoff=0.01) as c:
+        # When it reads, and writes with an expected_version (only retried when it cannot have run)
+        r = await c.put(PutSpec("ns", "cas", "memory_item", {"content": "1"}, expected_version=0))
+        assert (await c.get("ns", "cas")).version == r.version
+        # Then both calls landed on the live endpoint, after one failover
+        assert c.failovers == 1
+        # and a conditional write that ran is never repeated: a stale one fails at once
+        with pytest.raises(VersionConflict):
+            await c.put(PutSpec("ns", "cas", "memory_item", {"content": "2"}, expected_version=0))
 
 
 async def test_api_refuses_a_public_bind_without_a_key(tmp_path: Path, redis_url: str) -> None:

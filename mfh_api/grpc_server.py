@@ -185,7 +185,6 @@ class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
         self, name: str, request: Any, context: grpc.aio.ServicerContext[Any, Any], fn: Callable[[float], Awaitable[R]]
     ) -> R:
         start = time.perf_counter()
-        code = "OK"
         status: tuple[grpc.StatusCode, str]
         try:
             if isinstance(request, _Malformed):
@@ -199,8 +198,8 @@ class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
                 raise DeadlineExceeded(f"{name} did not finish within {budget:.3g}s") from None
         except MFHError as e:
             status = grpc_status(e)
-        except asyncio.CancelledError:
-            code = "CANCELLED"
+        except asyncio.CancelledError:  # the client went away or its deadline passed
+            API_REQUESTS.labels("grpc", name, "CANCELLED").inc()
             raise
         except Exception:
             log.exception("%s failed", name)
@@ -208,8 +207,7 @@ class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
         finally:
             elapsed = time.perf_counter() - start
             _latency(name).observe(elapsed)
-        code = status[0].name
-        API_REQUESTS.labels("grpc", name, code).inc()
+        API_REQUESTS.labels("grpc", name, status[0].name).inc()
         await _abort(context, status)
 
     async def Get(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:

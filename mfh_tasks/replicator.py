@@ -1,10 +1,10 @@
 """Replicator: applies other hosts' events from JetStream on this host, by the same version rules.
 
 One durable pull consumer per host (``replicator-<host_id>``) reads the whole stream. Events of
-this host's own origin are acked and skipped. The others are gathered into micro-batches, applied
-to the hot store (only if newer by ``(version, origin)``; the host clock moves past them), then
-persisted in one SQL transaction by the worker's persist path without being published again, and
-only then acked. A redelivery or a duplicate changes nothing (DESIGN.md invariants 1-3).
+this host's own origin are acked and skipped. The others go to the hot store as they arrive (only
+if newer by ``(version, origin)``; the host clock moves past them), then through the worker's
+persist path in larger SQL transactions without being published again, and only then are they
+acked. A redelivery or a duplicate changes nothing (DESIGN.md invariants 1-3).
 
 ``python -m mfh_tasks.replicator`` (what ``mfh replicator`` runs) also runs the outbox relay.
 """
@@ -17,7 +17,7 @@ import functools
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from mfh_core import HotStore, SqlStore
@@ -85,10 +85,11 @@ class Replicator:
         self._hot_done: asyncio.Queue[Applied] = asyncio.Queue()
         self._sub: DurableSubscription | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._unacked = 0
+        self._held: dict[int, Any] = {}  # messages received and not yet acked or nak'ed, by id()
         self._idle = asyncio.Event()
         self._idle.set()
         self._closing = False
+        self.received = 0  # deliveries, redeliveries included
 
     async def start(self) -> None:
         """Create (or resume) the durable consumer and start applying."""
@@ -105,12 +106,19 @@ class Replicator:
         )
         log.info("replicator for %s: consumer %s on stream %s", self.host_id, self._sub.durable, self.bus.stream)
 
+    async def consumer_info(self) -> dict[str, int]:
+        """The durable consumer's counters on the server (pending, ack pending, redelivered, ...)."""
+        if self._sub is None:
+            raise Unavailable("the replicator is not started")
+        return await self._sub.info()
+
     async def _on_message(self, event: MemoryEvent, msg: Any) -> None:
+        self.received += 1
         if event.origin == self.host_id:
             REPLICATION_SKIPPED.labels(reason="own").inc()
             await msg.ack()
             return
-        self._unacked += 1
+        self._held[id(msg)] = msg
         self._idle.clear()
         self._incoming.put_nowait((event, msg))  # acked by the persist loop, after the apply
 
@@ -139,11 +147,12 @@ class Replicator:
                 for _, msg, _ in batch:
                     with contextlib.suppress(Exception):  # a lost ack means a harmless redelivery
                         await msg.ack()
-                self._settled(len(batch))
+                self._settled(msg for _, msg, _ in batch)
 
     async def _with_retry(self, batch: list[Pending], step: Callable[[list[MemoryEvent]], Awaitable[T]]) -> T | None:
-        """Run ``step(events)``; retry while a store is unavailable (keeping the messages ours);
-        on anything else, nak the batch for a later redelivery and return None."""
+        """Run ``step(events)``; retry while a store is unavailable, keeping every held message ours
+        (in progress) so JetStream does not redeliver it meanwhile; on any other error nak the batch
+        for a later redelivery and return None."""
         events = [e for e, _ in batch]
         delay = 0.1
         while True:
@@ -153,23 +162,23 @@ class Replicator:
                 if self._closing:
                     raise
                 log.warning("replicator: %d events not applied (%s); retrying in %.1fs", len(events), e, delay)
-                for _, msg in batch:
+                for msg in list(self._held.values()):
                     with contextlib.suppress(Exception):
                         await msg.in_progress()
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, self.ack_wait_s / 2)
             except Exception:
                 log.exception("replicator: a batch of %d events failed; JetStream redelivers it", len(events))
                 for _, msg in batch:
                     with contextlib.suppress(Exception):
                         await msg.nak(delay=5.0)
-                self._settled(len(batch))
+                self._settled(msg for _, msg in batch)
                 return None
 
-    def _settled(self, n: int) -> None:
-        self._unacked -= n
-        if self._unacked <= 0:
-            self._unacked = 0
+    def _settled(self, msgs: Iterable[Any]) -> None:
+        for msg in msgs:
+            self._held.pop(id(msg), None)
+        if not self._held:
             self._idle.set()
 
     async def apply_hot(self, events: Sequence[MemoryEvent]) -> list[bool]:

@@ -29,7 +29,7 @@ from mfh_core import HotStore, SqlStore
 from mfh_core.eventbus import EventBus
 from mfh_core.metrics import REPLICATION_APPLIED, REPLICATION_LAG, REPLICATION_SKIPPED, UNPUBLISHED_EVENTS
 from mfh_core.sqlstore import metadata
-from mfh_models import ChecksumRow, Kind, MemoryEvent, Op, canonical_json, items_checksum
+from mfh_models import ChecksumRow, Kind, MemoryEvent, Op, Unavailable, canonical_json, items_checksum
 from mfh_tasks import PersistPipeline, WriteBatcher, build_broker, build_hot_store, declare_persist_actor, encode_batch
 from mfh_tasks.outbox import OutboxRelay
 from mfh_tasks.replay import open_target, replay_from_sql, replay_from_stream
@@ -319,6 +319,53 @@ async def test_own_events_are_acked_and_skipped_without_touching_the_stores(loca
     assert msg.acked == 1
     assert REPLICATION_SKIPPED.labels(reason="own")._value.get() == own_before + 1
     assert await stored(local, "k") == (None, None)
+
+
+class FlakyPipeline(PersistPipeline):
+    """SQL is 'down' until ``down_until`` (monotonic seconds): persisting raises Unavailable."""
+
+    down_until = 0.0
+
+    async def persist(self, events: Sequence[MemoryEvent], *, publish: bool = True) -> None:
+        if time.monotonic() < self.down_until:
+            raise Unavailable("sqlite unavailable: database is locked (simulated)")
+        await super().persist(events, publish=publish)
+
+
+async def test_a_store_outage_longer_than_ack_wait_is_ridden_out_without_redeliveries(
+    local: Replicator, nats_server: NatsServer
+) -> None:
+    # Given a replicator whose SQL store is down for 3 s, three times its ack_wait (so messages wait in its queue)
+    bus = EventBus(
+        nats_url=nats_server.url, stream="t_outage", subject_prefix="mfh.outage", duplicate_window_s=60, max_age_s=600
+    )
+    await bus.connect()
+    sql, hot = local.pipeline.sql, local.pipeline.hot
+    pipeline = FlakyPipeline(sql=sql, hot=hot)
+    pipeline.down_until = time.monotonic() + 3.0
+    replicator = Replicator(bus=bus, pipeline=pipeline, host_id="main_pc", ack_wait_s=1.0, persist_batch_max=50)
+    try:
+        await replicator.start()
+        # When pc2's events arrive meanwhile
+        events = [event(f"k{i}", i, origin="pc2") for i in range(1, 301)]
+        assert len(await bus.publish_many(events)) == len(events)
+        # Then they are readable from Redis at once, and in SQL once it is back, each exactly once
+        await async_wait_until(lambda: hot.get("ns", "k300"), 5, message="the hot store to have the events")
+        assert sql.counts()["events"] == 0
+        await async_wait_until(
+            lambda: asyncio.to_thread(lambda: sql.counts()["events"] == len(events)), 15, message="SQL to catch up"
+        )
+        assert sql.checksum() == expected_checksum(events)
+
+        # And the held messages were kept in progress: JetStream redelivered none of them
+        async def all_acked() -> bool:
+            return (await replicator.consumer_info())["num_ack_pending"] == 0
+
+        await async_wait_until(all_acked, 5, message="every message to be acked")
+        assert replicator.received == len(events)
+    finally:
+        await replicator.close()
+        await bus.close()
 
 
 class FakeBus:

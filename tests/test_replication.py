@@ -495,7 +495,11 @@ async def test_nats_down_for_5s_mid_writes_loses_nothing(pair: tuple[Side, Side]
     keys = [f"k{i}" for i in range(40)]
 
     async def outage() -> None:
-        await asyncio.sleep(1.0)  # the writers are under way
+        await async_wait_until(  # both hosts are replicating
+            lambda: asyncio.to_thread(lambda: all(s.sql.counts()["events"] > 200 for s in pair)),
+            20,
+            message="replication under way",
+        )
         await asyncio.to_thread(fresh_nats.stop)
         await asyncio.sleep(5.0)  # the outage itself: what this test is about
         await asyncio.to_thread(fresh_nats.start)

@@ -25,6 +25,7 @@ from factories import event
 from hosts import TestHost, make_host
 from services import NatsServer, async_wait_until
 
+from mfh_api.cli import main as mfh
 from mfh_core import HotStore, SqlStore
 from mfh_core.eventbus import EventBus
 from mfh_core.metrics import REPLICATION_APPLIED, REPLICATION_LAG, REPLICATION_SKIPPED, UNPUBLISHED_EVENTS
@@ -554,7 +555,7 @@ async def test_replicator_sigkilled_and_restarted_resumes_its_durable_consumer(p
 
 
 async def test_replay_of_each_host_log_gives_its_live_checksum(
-    pair: tuple[Side, Side], tmp_path: Path, postgres_url: str
+    pair: tuple[Side, Side], tmp_path: Path, postgres_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     main_pc, pc2 = pair
     keys = [f"k{i}" for i in range(30)]
@@ -584,3 +585,9 @@ async def test_replay_of_each_host_log_gives_its_live_checksum(
         target.close()
     assert result.checksum == main_pc.sql.checksum() == pc2.sql.checksum()
     assert result.events == len(main_pc.api.events) + len(pc2.api.events)
+    # And `mfh replay --from-stream` on pc2 prints it
+    capsys.readouterr()
+    where = ["--host", "pc2", "--config-dir", str(pc2.host.config_dir)]
+    argv = [*where, "replay", "--from-stream", "--quiet", "--into", f"sqlite:///{tmp_path}/cli-stream.db"]
+    assert await asyncio.to_thread(mfh, argv) == 0
+    assert capsys.readouterr().out.strip() == result.checksum

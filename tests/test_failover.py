@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import uuid
 from collections.abc import Iterator
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from hosts import TestHost, make_host
-from services import REDIS_URL_DEFAULT, async_wait_until, free_port, require, tcp_open
+from services import async_wait_until, free_port, tcp_open
 
 from mfh_api.client_grpc import AsyncMemoryClient
 from mfh_api.service import PutSpec
@@ -19,17 +18,6 @@ from mfh_core import SqlStore
 from mfh_models import MFHError
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def redis_url() -> str:
-    """Other suites flush db 9 while these run: a db of our own (never flushed) and a fresh key prefix."""
-    import redis
-
-    scheme, _, rest = os.environ.get("MFH_TEST_REDIS_URL", REDIS_URL_DEFAULT).partition("://")
-    url = f"{scheme}://{rest.split('/', 1)[0]}/14"
-    require(f"Redis at {url}", lambda: redis.Redis.from_url(url, socket_connect_timeout=1).ping())
-    return url
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -12,11 +11,10 @@ from typing import Any
 
 import grpc
 import pytest
-import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hosts import TestHost, make_host
-from services import REDIS_URL_DEFAULT, async_wait_until, free_port, require
+from services import async_wait_until, free_port
 
 from mfh_api.app import run_api
 from mfh_api.client_grpc import AsyncMemoryClient, MemoryClient
@@ -27,15 +25,6 @@ from mfh_models import MAX_PAYLOAD_BYTES, ConfigError, MemoryEvent, NotFound, Op
 
 KEY = "test-key"
 MAX_MESSAGE = 512 * 1024  # above MAX_PAYLOAD_BYTES, so both limits can be hit separately
-
-
-@pytest.fixture
-def redis_url() -> str:
-    """Other suites flush db 9 while these run: a db of our own (never flushed) and a fresh key prefix per test."""
-    scheme, _, rest = os.environ.get("MFH_TEST_REDIS_URL", REDIS_URL_DEFAULT).partition("://")
-    url = f"{scheme}://{rest.split('/', 1)[0]}/13"
-    require(f"Redis at {url}", lambda: redis.Redis.from_url(url, socket_connect_timeout=1).ping())
-    return url
 
 
 @dataclass
@@ -84,11 +73,6 @@ async def api(tmp_path: Path, redis_url: str) -> AsyncIterator[Api]:
         await server.stop(grace=1)
         await service.close()
         host.stop_all()
-        r = redis.Redis.from_url(redis_url)
-        keys = list(r.scan_iter(match=f"{host.settings.storage.redis_prefix}:*", count=1000))
-        if keys:
-            r.delete(*keys)
-        r.close()
 
 
 MD = ((("x-api-key", KEY),),)

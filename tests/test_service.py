@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 import pytest
 from factories import event
 from hosts import TestHost, make_host
-from services import REDIS_URL_DEFAULT, async_wait_until, require
+from services import async_wait_until
 
 from mfh_api.service import Durability, MemoryService, PutResult, PutSpec, build_service
 from mfh_core import HotStore, SqlStore
@@ -33,17 +32,6 @@ from mfh_models import (
 from mfh_tasks import WriteBatcher
 
 
-@pytest.fixture
-def redis_url() -> str:
-    """Other suites flush db 9 while these run: a db of our own (never flushed) and a fresh key prefix per test."""
-    import redis
-
-    scheme, _, rest = os.environ.get("MFH_TEST_REDIS_URL", REDIS_URL_DEFAULT).partition("://")
-    url = f"{scheme}://{rest.split('/', 1)[0]}/13"
-    require(f"Redis at {url}", lambda: redis.Redis.from_url(url, socket_connect_timeout=1).ping())
-    return url
-
-
 def unique_prefix() -> str:
     return f"t{uuid.uuid4().hex[:10]}"
 
@@ -54,23 +42,11 @@ def host_for(tmp_path: Path, redis_url: str, **overrides: Any) -> TestHost:
     )
 
 
-def purge(h: TestHost) -> None:
-    """Remove this test's keys (our db is shared by every test run and never flushed)."""
-    import redis
-
-    r = redis.Redis.from_url(h.settings.storage.redis_url)
-    keys = list(r.scan_iter(match=f"{h.settings.storage.redis_prefix}:*", count=1000))
-    if keys:
-        r.delete(*keys)
-    r.close()
-
-
 @pytest.fixture
 def host(tmp_path: Path, redis_url: str) -> Any:
     h = host_for(tmp_path, redis_url, resilience={"circuit_breaker": {"reset_timeout": 60}})
     yield h
     h.stop_all()
-    purge(h)
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -61,6 +62,7 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=50_000)
     ap.add_argument("--batch", type=int, default=5000)
     ap.add_argument("--into", help="replay target URL (default: an empty SQLite file in a temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir with the databases (about 250 MB)")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="mfh-bench-replay-"))
@@ -93,6 +95,8 @@ def main() -> None:
     print(file=sys.stderr)
     target.close()
     source.close()
+    if not args.keep:
+        shutil.rmtree(tmp, ignore_errors=True)
     ok = result.checksum == live
     print(f"replay (events table -> {args.into or 'SQLite'}): {result.events} events in {result.seconds:.2f} s")
     print(f"checksum {result.checksum} {'equals' if ok else 'DIFFERS FROM'} the live one")

@@ -170,6 +170,7 @@ async def main() -> None:
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--batch-delay-ms", type=float, help="override write_behind.batch_max_delay_ms (default: shipped)")
     ap.add_argument("--split", action="store_true", help="also time each write's arrival on the stream")
+    ap.add_argument("--keep", action="store_true", help="keep the work dirs (logs, SQLite files, NATS store)")
     args = ap.parse_args()
 
     base = args.redis_url.rstrip("/")
@@ -228,6 +229,9 @@ async def main() -> None:
             h.stop()
         nats_proc.terminate()
         nats_proc.wait(timeout=10)
+        if not args.keep:
+            for d in (work, a.dir, b.dir):
+                shutil.rmtree(d, ignore_errors=True)
     lags = watcher.lags_ms
     missing = sent - len(lags)
     p50, p95, p99 = pct(lags, 50), pct(lags, 95), pct(lags, 99)

@@ -29,10 +29,15 @@ class EventPublisher(Protocol):
 class PersistPipeline:
     """apply_batch → publish → mark_clean, for one host."""
 
-    def __init__(self, *, sql: SqlStore, hot: HotStore, bus: EventPublisher | None = None) -> None:
+    def __init__(
+        self, *, sql: SqlStore, hot: HotStore, bus: EventPublisher | None = None, mark_interval_s: float = 0.2
+    ) -> None:
         self.sql = sql
         self.hot = hot
         self.bus = bus
+        self.mark_interval_s = mark_interval_s
+        self._acked: list[str] = []
+        self._marker: asyncio.Task[None] | None = None
 
     async def persist(self, events: Sequence[MemoryEvent], *, publish: bool = True) -> None:
         """Persist a batch; ``publish=False`` for events that came from another host's stream."""
@@ -41,8 +46,7 @@ class PersistPipeline:
             await asyncio.to_thread(self.sql.apply_batch, events, published=not publish or self.bus is None)
             if publish and self.bus is not None:
                 acked = await self.bus.publish_many(events)
-                if acked:
-                    await asyncio.to_thread(self.sql.mark_published, acked)
+                self._mark_later(acked)
                 if len(acked) < len(events):
                     missing = len(events) - len(acked)
                     log.warning("%d of %d events not published; the outbox relays them", missing, len(events))
@@ -53,3 +57,27 @@ class PersistPipeline:
         PERSIST_BATCHES.labels(result="ok").inc()
         PERSIST_EVENTS.inc(len(events))
         PERSIST_SECONDS.observe(time.perf_counter() - t0)
+
+    def _mark_later(self, event_ids: list[str]) -> None:
+        # One SQL write per interval instead of one per batch: a second transaction per message was
+        # a third of a worker's time. An id not marked yet (worker killed) is relayed by the outbox,
+        # which takes only events older than a second, and JetStream drops the duplicate by Msg-Id.
+        self._acked.extend(event_ids)
+        if self._acked and (self._marker is None or self._marker.done()):
+            self._marker = asyncio.ensure_future(self._mark_soon())
+
+    async def _mark_soon(self) -> None:
+        await asyncio.sleep(self.mark_interval_s)
+        await self.flush_marks()
+
+    async def flush_marks(self) -> None:
+        """Mark the events published so far (also at shutdown)."""
+        ids, self._acked = self._acked, []
+        if not ids:
+            return
+        try:
+            await asyncio.to_thread(self.sql.mark_published, ids)
+        except Exception as e:
+            log.warning("could not mark %d events published yet (%s); retrying", len(ids), e)
+            self._acked.extend(ids)
+            self._marker = asyncio.ensure_future(self._mark_soon())

@@ -64,7 +64,9 @@ class TestHost:
         for p in self.procs:
             if p.poll() is None:
                 try:
-                    os.killpg(p.pid, signal.SIGTERM)
+                    # The leader only: dramatiq forwards it once to its workers; a group-wide
+                    # SIGTERM reaches each worker twice, and a second one makes it hang.
+                    p.send_signal(signal.SIGTERM)
                     p.wait(timeout=10)
                 except (ProcessLookupError, subprocess.TimeoutExpired):
                     self.kill(p)

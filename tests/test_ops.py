@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from factories import payload
 from hosts import TestHost, make_host
-from services import async_wait_until
+from services import async_wait_until, wait_until
 
 from mfh_core import SqlStore
 from mfh_models import Kind, Op
@@ -72,3 +75,17 @@ def _no_dirty(hot):  # type: ignore[no-untyped-def]
         return await hot.dirty_count() == 0
 
     return check
+
+
+def test_mfh_worker_stops_cleanly_when_its_process_group_gets_sigterm(tmp_path: Path, redis_url: str) -> None:
+    host = make_host(tmp_path, redis_url=redis_url)
+    # Given `mfh worker` started the way honcho starts it (a session of its own)
+    p = host.spawn("mfh_api.cli", "worker", "--processes", "1", "--threads", "2", log_name="mfh-worker")
+    wait_until(lambda: "ready for action" in host.log("mfh-worker"), 30, message="worker ready")
+    # When the whole group gets SIGTERM, as honcho does
+    t0 = time.monotonic()
+    os.killpg(p.pid, signal.SIGTERM)
+    # Then it shuts down gracefully, promptly
+    assert p.wait(timeout=30) == 0, host.log("mfh-worker")
+    assert time.monotonic() - t0 < 15
+    assert "Worker has been shut down" in host.log("mfh-worker")

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
+import contextlib
+import ctypes
+import signal
+import subprocess
 import sys
 from typing import Any
 
@@ -52,9 +55,34 @@ def _worker(args: argparse.Namespace) -> int:
     threads = args.threads or wb.worker_threads
     argv = [sys.executable, "-m", "dramatiq", "mfh_tasks.worker_main", "--processes", str(processes)]
     argv += ["--threads", str(threads)]
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, argv, host_env(args))  # dramatiq handles signals and forks its workers
+    return _supervise(argv, host_env(args))
+
+
+def _supervise(argv: list[str], env: dict[str, str]) -> int:
+    """Run dramatiq in a session of its own and pass it exactly one SIGTERM.
+
+    honcho stops a process by signalling its whole group; a dramatiq worker process that gets a
+    second SIGTERM (one from the group signal, one forwarded by dramatiq's main process) calls
+    sys.exit in its main thread and then hangs on its own threads instead of shutting down.
+    """
+    child = subprocess.Popen(argv, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    stopping = False
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    return child.wait()
+
+
+def _die_with_parent() -> None:
+    # If this supervisor is SIGKILLed, dramatiq still gets its one SIGTERM (Linux).
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def register(subparsers: Any) -> None:

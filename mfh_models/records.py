@@ -7,6 +7,7 @@ envelope, :class:`Record`, addressed by ``(namespace, key)``. Every accepted cha
 
 from __future__ import annotations
 
+import json
 import re
 from enum import StrEnum
 from typing import Any, Final
@@ -179,12 +180,27 @@ def event_id_for(origin: str, version: int) -> str:
     return f"{origin}-{version}"
 
 
-class Record(BaseModel):
-    """The envelope every stored memory travels in; ``payload`` is canonical JSON text."""
+class _Addressed(BaseModel):
+    """A model addressed by (namespace, key), both validated."""
 
     model_config = ConfigDict(frozen=True)
     namespace: str
     key: str
+
+    @field_validator("namespace")
+    @classmethod
+    def _ns(cls, v: str) -> str:
+        return validate_namespace(v)
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, v: str) -> str:
+        return validate_key(v)
+
+
+class Record(_Addressed):
+    """The envelope every stored memory travels in; ``payload`` is canonical JSON text."""
+
     kind: Kind
     payload: str
     version: int = Field(ge=0)
@@ -193,46 +209,21 @@ class Record(BaseModel):
     updated_at: int = Field(default=0, ge=0, description="unix milliseconds of the change")
     schema_version: int = SCHEMA_VERSION
 
-    @field_validator("namespace")
-    @classmethod
-    def _ns(cls, v: str) -> str:
-        return validate_namespace(v)
-
-    @field_validator("key")
-    @classmethod
-    def _key(cls, v: str) -> str:
-        return validate_key(v)
-
     def payload_obj(self) -> Any:
-        import json
-
         return json.loads(self.payload)
 
 
-class MemoryEvent(BaseModel):
+class MemoryEvent(_Addressed):
     """One accepted change: the unit of the event log, the persist batches and replication."""
 
-    model_config = ConfigDict(frozen=True)
     event_id: str
     op: Op
-    namespace: str
-    key: str
     kind: Kind
     payload: str = Field(description="canonical JSON text; 'null' for a delete")
     version: int = Field(gt=0, lt=1 << 63)
     origin: str
     created_at: int = Field(ge=0, description="unix milliseconds when the change was staged")
     schema_version: int = SCHEMA_VERSION
-
-    @field_validator("namespace")
-    @classmethod
-    def _ns(cls, v: str) -> str:
-        return validate_namespace(v)
-
-    @field_validator("key")
-    @classmethod
-    def _key(cls, v: str) -> str:
-        return validate_key(v)
 
     @field_validator("origin")
     @classmethod

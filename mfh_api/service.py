@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -19,30 +18,22 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final, TypeVar
 
-import redis.asyncio as aioredis
-from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from mfh_core import HotStore, SqlStore
+from mfh_api.changefeed import ChangeFeed
+from mfh_core import Change, HotStore, SqlStore
 from mfh_core.metrics import CACHE_LOOKUPS
 from mfh_core.resilience import Bulkhead, CircuitBreaker
 from mfh_models import (
     DeadlineExceeded,
     InvalidArgument,
-    Kind,
     MemoryEvent,
-    MFHError,
     NotFound,
     Op,
     Record,
-    ResourceExhausted,
     Settings,
     Unavailable,
-    VersionConflict,
-    event_id_for,
-    pack,
     parse_kind,
-    unpack,
     validate_key,
     validate_namespace,
     validate_payload,
@@ -96,18 +87,6 @@ class PutSpec:
     expected_version: int | None = None
 
 
-@dataclass(frozen=True)
-class _ValidPut:
-    """A checked change, ready to stage; a delete has no kind (the key keeps its own) and payload "null"."""
-
-    namespace: str
-    key: str
-    kind: Kind | None
-    payload: str
-    expected_version: int | None
-    op: Op = Op.PUT
-
-
 def _check_expected(v: int | None) -> int | None:
     if v is None:
         return None
@@ -116,7 +95,7 @@ def _check_expected(v: int | None) -> int | None:
     return v
 
 
-def _validate_put(spec: PutSpec) -> _ValidPut:
+def _validate_put(spec: PutSpec) -> Change:
     ns, key = validate_namespace(spec.namespace), validate_key(spec.key)
     payload = spec.payload
     if isinstance(payload, bytes | str):
@@ -127,240 +106,11 @@ def _validate_put(spec: PutSpec) -> _ValidPut:
         except (ValueError, UnicodeDecodeError) as e:
             raise InvalidArgument(f"payload_json is not valid JSON: {e}") from None
     kind, text = validate_payload(spec.kind, payload)
-    return _ValidPut(ns, key, kind, text, _check_expected(spec.expected_version))
+    return Change(Op.PUT, ns, key, kind, text, _check_expected(spec.expected_version))
 
 
 def _result(e: MemoryEvent) -> PutResult:
     return PutResult(version=e.version, event_id=e.event_id)
-
-
-# -- atomic multi-put staging -----------------------------------------------------------------------
-
-# Like mfh_core/lua/stage.lua for several keys at once: every check (expected_version, a delete's key
-# must be live, the backlog bound) runs before anything is written, so a BatchPut is all or nothing and
-# a Delete cannot tombstone a key that another call deleted a moment before. Versions grow within a batch.
-# KEYS: hlc, dirty, item1..itemN
-# ARGV: origin, max_backlog, then per item: op, kind, payload, has_expected, exp_ms, exp_ctr
-_STAGE_MANY_LUA: Final = """
-local hlc, dirty = KEYS[1], KEYS[2]
-local n = #KEYS - 2
-local cur, new_dirty = {}, 0
-for i = 1, n do
-  local item, base = KEYS[i + 2], 2 + (i - 1) * 6
-  local c = redis.call('HMGET', item, 'vm', 'vc', 'd', 'k')
-  cur[i] = c
-  local cm, cc = tonumber(c[1]), tonumber(c[2])
-  if ARGV[base + 1] == 'delete' and ((not cm) or c[3] == '1') then return {'absent', tostring(i)} end
-  if ARGV[base + 4] == '1' then
-    local em, ec = tonumber(ARGV[base + 5]), tonumber(ARGV[base + 6])
-    if em == 0 and ec == 0 then
-      if cm and c[3] ~= '1' then return {'conflict', tostring(i), c[1], c[2]} end
-    elseif (not cm) or cm ~= em or cc ~= ec then
-      return {'conflict', tostring(i), c[1] or '0', c[2] or '0'}
-    end
-  end
-  if not redis.call('ZSCORE', dirty, item) then new_dirty = new_dirty + 1 end
-end
-local max_backlog = tonumber(ARGV[2])
-if max_backlog > 0 and new_dirty > 0 and redis.call('ZCARD', dirty) + new_dirty > max_backlog then
-  return {'backlog'}
-end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local h = redis.call('HMGET', hlc, 'm', 'c')
-local hm, hc = tonumber(h[1]), tonumber(h[2]) or 0
-local snow = string.format('%.0f', now)
-local out = {'ok', snow}
-for i = 1, n do
-  local item, base = KEYS[i + 2], 2 + (i - 1) * 6
-  local m, c = now, 0
-  local function bump(om, oc)
-    if om and (om > m or (om == m and oc + 1 > c)) then m, c = om, oc + 1 end
-  end
-  bump(hm, hc)
-  bump(tonumber(cur[i][1]), tonumber(cur[i][2]) or 0)
-  if c > 65535 then m, c = m + 1, 0 end
-  hm, hc = m, c
-  local kind = ARGV[base + 2]
-  if kind == '' then kind = cur[i][4] or 'memory_item' end
-  local deleted = '0'
-  if ARGV[base + 1] == 'delete' then deleted = '1' end
-  local ms, cs = string.format('%.0f', m), string.format('%.0f', c)
-  redis.call('HSET', item, 'vm', ms, 'vc', cs, 'o', ARGV[1], 'd', deleted, 'k', kind, 'p', ARGV[base + 3],
-    'u', snow, 'dirty', '1')
-  redis.call('PERSIST', item)
-  redis.call('ZADD', dirty, now, item)
-  out[#out + 1] = ms
-  out[#out + 1] = cs
-  out[#out + 1] = kind
-end
-redis.call('HSET', hlc, 'm', string.format('%.0f', hm), 'c', string.format('%.0f', hc))
-return out
-"""
-
-
-async def _stage_many(hot: HotStore, script: AsyncScript, changes: Sequence[_ValidPut]) -> list[MemoryEvent]:
-    """Stage every change or none (NotFound / VersionConflict / ResourceExhausted name the first that failed)."""
-    keys = [hot.hlc_key, hot.dirty_key, *(hot.item_key(p.namespace, p.key) for p in changes)]
-    args: list[Any] = [hot.origin, hot.max_backlog]
-    for p in changes:
-        ms, ctr = unpack(p.expected_version) if p.expected_version is not None else (0, 0)
-        kind = p.kind.value if p.kind is not None else ""
-        args += [p.op.value, kind, p.payload, "1" if p.expected_version is not None else "0", ms, ctr]
-    res = await script(keys=keys, args=args)
-    if res[0] in ("conflict", "absent"):
-        i = int(res[1]) - 1
-        p, where = changes[i], f"puts[{i}]: " if len(changes) > 1 else ""
-        if res[0] == "absent":
-            raise NotFound(f"{where}{p.namespace}/{p.key} not found")
-        current = pack(int(res[2]), int(res[3]))
-        raise VersionConflict(
-            f"{where}{p.namespace}/{p.key}: expected version {p.expected_version}, current is {current or 'absent'}",
-            current_version=current,
-        )
-    if res[0] == "backlog":
-        raise ResourceExhausted(
-            f"write backlog is full ({hot.max_backlog} unpersisted entries): the SQL store is behind; retry later"
-        )
-    now = int(res[1])
-    return [
-        MemoryEvent(
-            event_id=event_id_for(hot.origin, v := pack(int(res[2 + 3 * i]), int(res[3 + 3 * i]))),
-            op=p.op,
-            namespace=p.namespace,
-            key=p.key,
-            kind=Kind(res[4 + 3 * i]),
-            payload=p.payload,
-            version=v,
-            origin=hot.origin,
-            created_at=now,
-        )
-        for i, p in enumerate(changes)
-    ]
-
-
-# -- the persisted channel: PERSISTED waiters and Watch streams ---------------------------------------
-
-
-class _Watcher:
-    def __init__(self, namespace: str, prefix: str, size: int) -> None:
-        self.namespace, self.prefix = namespace, prefix
-        self.queue: asyncio.Queue[tuple[str, int] | None] = asyncio.Queue(size)
-        self.error: MFHError | None = None
-
-    def fail(self, error: MFHError) -> None:
-        if self.error is None:
-            self.error = error
-            with contextlib.suppress(asyncio.QueueFull):
-                self.queue.put_nowait(None)
-
-    async def next(self) -> tuple[str, int]:
-        item = await self.queue.get() if self.error is None else None
-        if item is None:
-            assert self.error is not None
-            raise self.error
-        return item
-
-
-class ChangeFeed:
-    """One Redis subscription per service to ``HotStore.persisted_channel`` (mark_clean publishes
-    ``[[namespace, key, version], ...]`` after each SQL commit): wakes PERSISTED waiters, feeds Watch."""
-
-    def __init__(self, *, redis_url: str, channel: str, watch_queue_size: int = 1000) -> None:
-        self._redis: aioredis.Redis = aioredis.Redis.from_url(
-            redis_url, decode_responses=True, socket_connect_timeout=5.0, socket_keepalive=True
-        )
-        self.channel = channel
-        self.watch_queue_size = watch_queue_size
-        self._waiters: dict[tuple[str, str, int], asyncio.Future[None]] = {}
-        self._watchers: set[_Watcher] = set()
-        self._task: asyncio.Task[None] | None = None
-        self._subscribed: asyncio.Event | None = None
-        self.connected = False
-
-    async def start(self, wait: float = 5.0) -> None:
-        self._subscribed = asyncio.Event()
-        self._task = asyncio.create_task(self._run(), name="mfh-changefeed")
-        try:
-            await asyncio.wait_for(self._subscribed.wait(), wait)
-        except TimeoutError:
-            log.warning("not subscribed to %s yet; PERSISTED writes and Watch wait for redis", self.channel)
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        for w in list(self._watchers):
-            w.fail(Unavailable("server is shutting down"))
-        await self._redis.aclose()
-
-    async def _run(self) -> None:
-        backoff = 0.05
-        while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(self.channel)
-                self.connected, backoff = True, 0.05
-                assert self._subscribed is not None
-                self._subscribed.set()
-                while True:
-                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    if msg is not None:
-                        self._dispatch(msg["data"])
-            except (RedisError, OSError) as e:
-                if self.connected:
-                    log.warning("change feed lost its redis subscription: %s", e)
-                self.connected = False
-                # Watchers may have missed changes: end their streams so clients re-list and re-watch.
-                for w in list(self._watchers):
-                    w.fail(Unavailable(f"watch interrupted: redis subscription lost ({e})"))
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
-
-    def _dispatch(self, data: Any) -> None:
-        try:
-            entries = [(str(ns), str(key), int(v)) for ns, key, v in json.loads(data)]
-        except (ValueError, TypeError):
-            log.warning("ignoring a malformed message on %s: %.200r", self.channel, data)
-            return
-        for ns, key, v in entries:
-            fut = self._waiters.get((ns, key, v))
-            if fut is not None and not fut.done():
-                fut.set_result(None)
-            for w in self._watchers:
-                if w.namespace == ns and key.startswith(w.prefix):
-                    try:
-                        w.queue.put_nowait((key, v))
-                    except asyncio.QueueFull:
-                        w.fail(ResourceExhausted("watch stream fell behind; list again and re-watch"))
-
-    def expect(self, events: Sequence[MemoryEvent]) -> list[asyncio.Future[None]]:
-        """Futures resolved when each event's batch is committed (register before enqueueing)."""
-        loop = asyncio.get_running_loop()
-        futs = []
-        for e in events:
-            fut = self._waiters.setdefault((e.namespace, e.key, e.version), loop.create_future())
-            futs.append(fut)
-        return futs
-
-    def forget(self, events: Sequence[MemoryEvent]) -> None:
-        for e in events:
-            self._waiters.pop((e.namespace, e.key, e.version), None)
-
-    @contextlib.asynccontextmanager
-    async def subscribe(self, namespace: str, prefix: str) -> AsyncIterator[_Watcher]:
-        if not self.connected:
-            raise Unavailable("watch unavailable: not subscribed to redis")
-        w = _Watcher(namespace, prefix, self.watch_queue_size)
-        self._watchers.add(w)
-        try:
-            yield w
-        finally:
-            self._watchers.discard(w)
 
 
 class MemoryService:
@@ -387,7 +137,6 @@ class MemoryService:
         self.sql_breaker = CircuitBreaker("sql", failure_threshold=cb.failure_threshold, reset_timeout=cb.reset_timeout)
         self.bulkhead = Bulkhead("memory service", max_concurrent=bh.max_concurrent, max_queue_size=bh.max_queue_size)
         self.feed = ChangeFeed(redis_url=settings.storage.redis_url, channel=hot.persisted_channel)
-        self._stage_many = hot.redis.register_script(_STAGE_MANY_LUA)
         self._closed = False
 
     async def start(self) -> None:
@@ -572,7 +321,7 @@ class MemoryService:
             return []
         if len(specs) > MAX_BATCH_PUTS:
             raise InvalidArgument(f"at most {MAX_BATCH_PUTS} puts per BatchPut, got {len(specs)}")
-        puts: list[_ValidPut] = []
+        puts: list[Change] = []
         seen: set[tuple[str, str]] = set()
         for i, spec in enumerate(specs):
             try:
@@ -588,7 +337,7 @@ class MemoryService:
             for p in puts:
                 if p.expected_version is not None:
                     await self._ensure_hot(p.namespace, p.key)
-            events = await self._redis_write(lambda: _stage_many(self.hot, self._stage_many, puts))
+            events = await self._redis_write(lambda: self.hot.stage_many(puts))
             waiters = await self._enqueue(events, durability)
         await self._await_persisted(events, waiters, started, timeout)
         return [_result(e) for e in events]
@@ -611,8 +360,8 @@ class MemoryService:
             current = await self._ensure_hot(namespace, key)
             if current is None or current.deleted:
                 raise NotFound(f"{namespace}/{key} not found")
-            tombstone = _ValidPut(namespace, key, None, "null", expected, op=Op.DELETE)
-            [event] = await self._redis_write(lambda: _stage_many(self.hot, self._stage_many, [tombstone]))
+            tombstone = Change(Op.DELETE, namespace, key, None, "null", expected)
+            [event] = await self._redis_write(lambda: self.hot.stage_many([tombstone]))
             waiters = await self._enqueue([event], durability)
         await self._await_persisted([event], waiters, started, timeout)
         return _result(event)

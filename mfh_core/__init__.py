@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mfh_core.eventbus import DurableSubscription, EventBus
-from mfh_core.hotstore import HotEntry, HotStore
+from mfh_core.hotstore import Change, HotEntry, HotStore
 from mfh_core.sqlstore import ApplyResult, SqlStore
 
-__all__ = ["ApplyResult", "DurableSubscription", "EventBus", "HotEntry", "HotStore", "SqlStore"]
+__all__ = ["ApplyResult", "Change", "DurableSubscription", "EventBus", "HotEntry", "HotStore", "SqlStore"]

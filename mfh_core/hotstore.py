@@ -23,6 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from mfh_models import (
     Kind,
     MemoryEvent,
+    NotFound,
     Op,
     Record,
     ResourceExhausted,
@@ -33,7 +34,7 @@ from mfh_models import (
     unpack,
 )
 
-__all__ = ["HotEntry", "HotStore", "StagedWrite"]
+__all__ = ["Change", "HotEntry", "HotStore"]
 
 _FIELDS = ("vm", "vc", "o", "d", "k", "p", "u", "dirty")
 
@@ -65,10 +66,15 @@ class HotEntry:
 
 
 @dataclass(frozen=True, slots=True)
-class StagedWrite:
-    """An accepted change: its event goes into a persist batch."""
+class Change:
+    """A validated change to stage; a delete has no kind (the key keeps its own) and payload "null"."""
 
-    event: MemoryEvent
+    op: Op
+    namespace: str
+    key: str
+    kind: Kind | None
+    payload: str
+    expected_version: int | None = None
 
 
 class HotStore:
@@ -131,43 +137,56 @@ class HotStore:
         payload: str,
         expected_version: int | None = None,
     ) -> MemoryEvent:
-        """Atomically version and stage one change; raises VersionConflict or ResourceExhausted."""
-        exp_ms, exp_ctr = unpack(expected_version) if expected_version is not None else (0, 0)
-        item = self.item_key(namespace, key)
-        args = [
-            op.value,
-            kind.value if kind is not None else "",
-            payload,
-            self.origin,
-            "1" if expected_version is not None else "0",
-            exp_ms,
-            exp_ctr,
-            self.max_backlog,
-        ]
-        res = await self._call(self._stage, [item, self.hlc_key, self.dirty_key], args)
-        status = res[0]
-        if status == "conflict":
-            current = pack(int(res[1]), int(res[2]))
+        """Atomically version and stage one change (see :meth:`stage_many`)."""
+        [event] = await self.stage_many([Change(op, namespace, key, kind, payload, expected_version)])
+        return event
+
+    async def stage_many(self, changes: Sequence[Change]) -> list[MemoryEvent]:
+        """Version and stage every change or none, in one Lua call.
+
+        Raises NotFound (a delete of an absent or deleted key), VersionConflict or ResourceExhausted
+        (the dirty set is at ``max_backlog``), naming the first change that failed.
+        """
+        keys = [self.hlc_key, self.dirty_key, *(self.item_key(c.namespace, c.key) for c in changes)]
+        args: list[Any] = [self.origin, self.max_backlog]
+        for c in changes:
+            ms, ctr = unpack(c.expected_version) if c.expected_version is not None else (0, 0)
+            kind = c.kind.value if c.kind is not None else ""
+            args += [c.op.value, kind, c.payload, "1" if c.expected_version is not None else "0", ms, ctr]
+        res = await self._call(self._stage, keys, args)
+        if res[0] in ("conflict", "absent"):
+            i = int(res[1]) - 1
+            c, where = changes[i], f"puts[{i}]: " if len(changes) > 1 else ""
+            if res[0] == "absent":
+                raise NotFound(f"{where}{c.namespace}/{c.key} not found")
+            current = pack(int(res[2]), int(res[3]))
             raise VersionConflict(
-                f"{namespace}/{key}: expected version {expected_version}, current is {current or 'absent'}",
+                f"{where}{c.namespace}/{c.key}: expected version {c.expected_version}, "
+                f"current is {current or 'absent'}",
                 current_version=current,
             )
-        if status == "backlog":
+        if res[0] == "backlog":
             raise ResourceExhausted(
                 f"write backlog is full ({self.max_backlog} unpersisted entries): the SQL store is behind; retry later"
             )
-        version = pack(int(res[1]), int(res[2]))
-        return MemoryEvent(
-            event_id=event_id_for(self.origin, version),
-            op=op,
-            namespace=namespace,
-            key=key,
-            kind=Kind(res[4]),
-            payload=payload,
-            version=version,
-            origin=self.origin,
-            created_at=int(res[3]),
-        )
+        now = int(res[1])
+        events = []
+        for i, c in enumerate(changes):
+            version = pack(int(res[2 + 3 * i]), int(res[3 + 3 * i]))
+            events.append(
+                MemoryEvent(
+                    event_id=event_id_for(self.origin, version),
+                    op=c.op,
+                    namespace=c.namespace,
+                    key=c.key,
+                    kind=Kind(res[4 + 3 * i]),
+                    payload=c.payload,
+                    version=version,
+                    origin=self.origin,
+                    created_at=now,
+                )
+            )
+        return events
 
     async def apply(self, record: Record, *, from_sql: bool) -> bool:
         """Take a version made elsewhere if it is newer; True when it was applied.

@@ -163,3 +163,26 @@ async def test_get_many_returns_hits_only(hot: HotStore) -> None:
     await put(hot, "b")
     got = await hot.get_many("ns", ["a", "zz", "b"])
     assert sorted(got) == ["a", "b"]
+
+
+async def test_stage_many_is_all_or_nothing(hot: HotStore) -> None:
+    from mfh_core import Change
+    from mfh_models import NotFound
+
+    v = await put(hot, "a", "old")
+    # Given a batch whose second change has a stale expected_version
+    batch = [
+        Change(Op.PUT, "ns", "new", Kind.MEMORY_ITEM, payload("n")),
+        Change(Op.PUT, "ns", "a", Kind.MEMORY_ITEM, payload("a2"), expected_version=v - 1),
+    ]
+    # Then it is refused naming that change, and the first change was not written either
+    with pytest.raises(VersionConflict, match=r"puts\[1\]"):
+        await hot.stage_many(batch)
+    assert await hot.get("ns", "new") is None
+    # A delete of a key that is absent (or already a tombstone) is NotFound and writes nothing
+    with pytest.raises(NotFound):
+        await hot.stage(op=Op.DELETE, namespace="ns", key="never", kind=None, payload="null")
+    assert await hot.get("ns", "never") is None
+    # A good batch gets growing versions, one per change
+    events = await hot.stage_many([Change(Op.PUT, "ns", f"b{i}", Kind.MEMORY_ITEM, payload("x")) for i in range(3)])
+    assert [e.version for e in events] == sorted({e.version for e in events})

@@ -1,45 +1,63 @@
--- Stage a put or delete: check expected_version, refuse past the backlog bound, assign the next
--- hybrid-logical-clock version, write the entry dirty (no TTL) and index it in the dirty set.
--- Versions are handled as (ms, counter) pairs: Lua numbers are doubles and cannot hold 64 bits.
--- KEYS: item, hlc, dirty
--- ARGV: op, kind, payload, origin, has_expected, exp_ms, exp_ctr, max_backlog
-local item, hlc, dirty = KEYS[1], KEYS[2], KEYS[3]
-local cur = redis.call('HMGET', item, 'vm', 'vc', 'd', 'k')
-local cm, cc = tonumber(cur[1]), tonumber(cur[2])
-
-if ARGV[5] == '1' then
-  local em, ec = tonumber(ARGV[6]), tonumber(ARGV[7])
-  if em == 0 and ec == 0 then
-    if cm and cur[3] ~= '1' then return {'conflict', cur[1], cur[2]} end
-  elseif (not cm) or cm ~= em or cc ~= ec then
-    return {'conflict', cur[1] or '0', cur[2] or '0'}
+-- Stage puts and deletes atomically: every check (expected_version, a delete's key must be live,
+-- the backlog bound) runs before anything is written, so a batch is all or nothing and a delete
+-- cannot tombstone a key another call deleted a moment before. Each change gets the next
+-- hybrid-logical-clock version (versions grow within a batch), is written dirty with no TTL and
+-- is indexed in the dirty set. Versions are (ms, counter) pairs: Lua numbers cannot hold 64 bits.
+-- KEYS: hlc, dirty, item1..itemN
+-- ARGV: origin, max_backlog, then per item: op, kind ('' keeps the key's own), payload,
+--       has_expected, exp_ms, exp_ctr
+-- Returns {'ok', now, ms1, ctr1, kind1, ...} | {'absent', i} | {'conflict', i, ms, ctr} | {'backlog'}
+local hlc, dirty = KEYS[1], KEYS[2]
+local n = #KEYS - 2
+local cur, new_dirty = {}, 0
+for i = 1, n do
+  local item, base = KEYS[i + 2], 2 + (i - 1) * 6
+  local c = redis.call('HMGET', item, 'vm', 'vc', 'd', 'k')
+  cur[i] = c
+  local cm, cc = tonumber(c[1]), tonumber(c[2])
+  if ARGV[base + 1] == 'delete' and ((not cm) or c[3] == '1') then return {'absent', tostring(i)} end
+  if ARGV[base + 4] == '1' then
+    local em, ec = tonumber(ARGV[base + 5]), tonumber(ARGV[base + 6])
+    if em == 0 and ec == 0 then
+      if cm and c[3] ~= '1' then return {'conflict', tostring(i), c[1], c[2]} end
+    elseif (not cm) or cm ~= em or cc ~= ec then
+      return {'conflict', tostring(i), c[1] or '0', c[2] or '0'}
+    end
   end
+  if not redis.call('ZSCORE', dirty, item) then new_dirty = new_dirty + 1 end
 end
-
-local max_backlog = tonumber(ARGV[8])
-if max_backlog > 0 and redis.call('ZCARD', dirty) >= max_backlog and not redis.call('ZSCORE', dirty, item) then
+local max_backlog = tonumber(ARGV[2])
+if max_backlog > 0 and new_dirty > 0 and redis.call('ZCARD', dirty) + new_dirty > max_backlog then
   return {'backlog'}
 end
-
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local h = redis.call('HMGET', hlc, 'm', 'c')
-local m, c = now, 0
-local function bump(om, oc)
-  if om and (om > m or (om == m and oc + 1 > c)) then m, c = om, oc + 1 end
+local hm, hc = tonumber(h[1]), tonumber(h[2]) or 0
+local snow = string.format('%.0f', now)
+local out = {'ok', snow}
+for i = 1, n do
+  local item, base = KEYS[i + 2], 2 + (i - 1) * 6
+  local m, c = now, 0
+  local function bump(om, oc)
+    if om and (om > m or (om == m and oc + 1 > c)) then m, c = om, oc + 1 end
+  end
+  bump(hm, hc)
+  bump(tonumber(cur[i][1]), tonumber(cur[i][2]) or 0)
+  if c > 65535 then m, c = m + 1, 0 end
+  hm, hc = m, c
+  local kind = ARGV[base + 2]
+  if kind == '' then kind = cur[i][4] or 'memory_item' end
+  local deleted = '0'
+  if ARGV[base + 1] == 'delete' then deleted = '1' end
+  local ms, cs = string.format('%.0f', m), string.format('%.0f', c)
+  redis.call('HSET', item, 'vm', ms, 'vc', cs, 'o', ARGV[1], 'd', deleted, 'k', kind, 'p', ARGV[base + 3],
+    'u', snow, 'dirty', '1')
+  redis.call('PERSIST', item)
+  redis.call('ZADD', dirty, now, item)
+  out[#out + 1] = ms
+  out[#out + 1] = cs
+  out[#out + 1] = kind
 end
-bump(tonumber(h[1]), tonumber(h[2]) or 0)
-bump(cm, cc or 0)
-if c > 65535 then m, c = m + 1, 0 end
-
-local kind = ARGV[2]
-if kind == '' then kind = cur[4] or 'memory_item' end
-local deleted = '0'
-if ARGV[1] == 'delete' then deleted = '1' end
-local ms, cs = string.format('%.0f', m), string.format('%.0f', c)
-redis.call('HSET', hlc, 'm', ms, 'c', cs)
-redis.call('HSET', item, 'vm', ms, 'vc', cs, 'o', ARGV[4], 'd', deleted, 'k', kind, 'p', ARGV[3],
-  'u', string.format('%.0f', now), 'dirty', '1')
-redis.call('PERSIST', item)
-redis.call('ZADD', dirty, now, item)
-return {'ok', ms, cs, string.format('%.0f', now), kind}
+redis.call('HSET', hlc, 'm', string.format('%.0f', hm), 'c', string.format('%.0f', hc))
+return out

@@ -159,6 +159,9 @@ def _mask_url_password(url: str) -> str:
     return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1****@", url)
 
 
+#: The host whose file applies when neither --host nor MFH_HOST names one.
+DEFAULT_HOST = "main_pc"
+
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::([^}]*))?\}")
 
 
@@ -226,11 +229,16 @@ def load_settings(
 ) -> Settings:
     """Merge default.yaml, the host's file and ``overrides``; interpolate; validate.
 
-    ``host`` falls back to ``MFH_HOST`` in ``env``; with neither, default.yaml stands alone.
+    ``host`` falls back to ``MFH_HOST`` in ``env``, then to ``main_pc`` when the config dir has its
+    file; otherwise default.yaml stands alone.
     """
     env = os.environ if env is None else env
     cdir = Path(config_dir) if config_dir is not None else Path(env.get("MFH_CONFIG_DIR") or default_config_dir())
     host = host or env.get("MFH_HOST") or None
+    if host is None and (cdir / f"{DEFAULT_HOST}.yaml").exists():
+        # The first host is the default everywhere (CLI, workers, scheduler), so that a command run
+        # without --host reads the same stores as the Procfile's processes.
+        host = DEFAULT_HOST
     files = [cdir / "default.yaml"]
     if host:
         host_file = cdir / f"{host}.yaml"

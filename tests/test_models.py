@@ -168,3 +168,10 @@ def test_bad_config_names_the_file_field_and_reason(tmp_path: Path, host_yaml: s
 def test_unknown_host_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no configuration for host"):
         load_settings("nowhere", config_dir=_config_dir(tmp_path, ""), env={})
+
+
+def test_without_a_host_the_first_host_applies(tmp_path: Path) -> None:
+    # A command run without --host must read the same stores as the Procfile's processes.
+    assert load_settings(env={}).storage.sqlite_path == load_settings("main_pc", env={}).storage.sqlite_path
+    cdir = _config_dir(tmp_path, "")
+    assert load_settings(config_dir=cdir, env={}).storage.sqlite_path == "var/memory.db"  # no main_pc.yaml there

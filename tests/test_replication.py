@@ -30,7 +30,7 @@ from mfh_core import HotStore, SqlStore
 from mfh_core.eventbus import EventBus
 from mfh_core.metrics import REPLICATION_APPLIED, REPLICATION_LAG, REPLICATION_SKIPPED, UNPUBLISHED_EVENTS
 from mfh_core.sqlstore import metadata
-from mfh_models import ChecksumRow, Kind, MemoryEvent, Op, Unavailable, canonical_json, items_checksum
+from mfh_models import ChecksumRow, Kind, MemoryEvent, NotFound, Op, Unavailable, canonical_json, items_checksum
 from mfh_tasks import PersistPipeline, WriteBatcher, build_broker, build_hot_store, declare_persist_actor, encode_batch
 from mfh_tasks.outbox import OutboxRelay
 from mfh_tasks.replay import open_target, replay_from_sql, replay_from_stream
@@ -64,8 +64,12 @@ class Api:
         await self.batcher.submit(e)
         return e
 
-    async def delete(self, key: str, namespace: str = "ns") -> MemoryEvent:
-        e = await self.hot.stage(op=Op.DELETE, namespace=namespace, key=key, kind=None, payload="null")
+    async def delete(self, key: str, namespace: str = "ns") -> MemoryEvent | None:
+        """None, as the api's NOT_FOUND, when the key is absent or already deleted here."""
+        try:
+            e = await self.hot.stage(op=Op.DELETE, namespace=namespace, key=key, kind=None, payload="null")
+        except NotFound:
+            return None
         self.events.append(e)
         await self.batcher.submit(e)
         return e

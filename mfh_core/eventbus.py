@@ -7,19 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import json
 import logging
 import secrets
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, Final
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
@@ -33,375 +29,31 @@ from nats.js.api import (
 from nats.js.client import JetStreamContext
 from pydantic import ValidationError
 
+from mfh_core.jetstream import (
+    EXPECTED_STREAM_HEADER,
+    FIRST,
+    JS_API_TIMEOUT_S,
+    MSG_ID_HEADER,
+    NATS_ERRORS,
+    PENDING_BUFFER_BYTES,
+    PING_INTERVAL_S,
+    PULL_HEARTBEAT_S,
+    RECONNECT_WAIT_S,
+    AckMux,
+    ConsumerGone,
+    PullFeed,
+    all_done,
+    msg_metadata,
+    translate_error,
+)
+from mfh_core.subscription import DurableSubscription, EventHandler
 from mfh_models import InvalidArgument, MemoryEvent, Unavailable
 from mfh_models.records import format_validation_error
 from mfh_models.settings import ReplicationSettings
 
-__all__ = ["EXPECTED_STREAM_HEADER", "MSG_ID_HEADER", "DurableSubscription", "EventBus", "EventHandler"]
-
 log = logging.getLogger("mfh.eventbus")
 
-MSG_ID_HEADER: Final = "Nats-Msg-Id"
-EXPECTED_STREAM_HEADER: Final = "Nats-Expected-Stream"
-#: Client-side buffer for commands written while reconnecting (PITFALLS: set one deliberately).
-PENDING_BUFFER_BYTES: Final = 8 * 1024 * 1024
-RECONNECT_WAIT_S: Final = 0.5
-#: Seconds between client PINGs; two missed PONGs mark a silently dead server.
-PING_INTERVAL_S: Final = 10
-JS_API_TIMEOUT_S: Final = 5.0
-#: A pull request lives this long on the server; heartbeats show it is still there.
-PULL_EXPIRES_S: Final = 10.0
-PULL_HEARTBEAT_S: Final = 1.0
-
-EventHandler = Callable[[MemoryEvent, Msg], Awaitable[None]]
-FIRST: Final = asyncio.FIRST_COMPLETED
-
-_NATS_ERRORS: Final = (nats.errors.Error, OSError, asyncio.TimeoutError)
-
-
-def _translate(e: BaseException, what: str) -> Exception:
-    """NATS errors as hub errors: a rejected request is the caller's fault, anything else is 'unavailable'."""
-    if isinstance(e, nats.js.errors.BadRequestError):
-        return InvalidArgument(f"{what}: {e.description or e}")
-    if isinstance(e, ValueError):
-        return InvalidArgument(f"{what}: {e}")
-    return Unavailable(f"{what}: {type(e).__name__}: {e}")
-
-
-def _status(msg: Msg) -> str | None:
-    return msg.headers.get("Status") if msg.headers else None
-
-
-def _description(msg: Msg) -> str:
-    return (msg.headers or {}).get("Description", "")
-
-
-def _ack_error(msg: Msg) -> str | None:
-    """None when ``msg`` is a PubAck (a duplicate one too), else why the publish failed."""
-    status = _status(msg)
-    if status:
-        return f"status {status} {_description(msg)}".strip() if status != "503" else "no stream answered (503)"
-    try:
-        resp = json.loads(msg.data)
-    except ValueError:
-        return "unreadable PubAck"
-    if not isinstance(resp, dict):
-        return "unreadable PubAck"
-    if "error" in resp:
-        err = resp["error"]
-        return str(err.get("description", err)) if isinstance(err, dict) else str(err)
-    return None if "seq" in resp else "PubAck without a sequence"
-
-
-class _AckMux:
-    """PubAcks to futures through one wildcard inbox: no task or timer per message, unlike ``js.publish``.
-
-    Not nats-py's ``publish_async``: in 2.16 an error reply leaves its future pending forever."""
-
-    def __init__(self, nc: NATS) -> None:
-        self._nc = nc
-        self._prefix = nc.new_inbox() + "."
-        self._futures: dict[str, asyncio.Future[str | None]] = {}
-        self._tokens = itertools.count(1)
-        self._sub: Subscription | None = None
-
-    async def start(self) -> None:
-        self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
-
-    async def send(
-        self, subject: str, payload: bytes, headers: dict[str, str]
-    ) -> tuple[str, asyncio.Future[str | None]]:
-        token = str(next(self._tokens))
-        fut: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-        self._futures[token] = fut
-        try:
-            await self._nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
-        except BaseException:
-            self._futures.pop(token, None)
-            raise
-        return token, fut
-
-    def forget(self, token: str) -> None:
-        fut = self._futures.pop(token, None)
-        if fut is not None and not fut.done():
-            fut.cancel()
-
-    async def _on_reply(self, msg: Msg) -> None:
-        fut = self._futures.pop(msg.subject[len(self._prefix) :], None)
-        if fut is not None and not fut.done():
-            fut.set_result(_ack_error(msg))
-
-
-class _ConsumerGone(Exception):
-    """The consumer (or its stream) no longer answers pull requests: it must be created again."""
-
-
-class _PullFeed:
-    """One pull consumer's messages; the open pull request is re-sent when used up, expired, silent (missed
-    heartbeats) or after a reconnect, so a NATS restart, which forgets pull requests, is survived."""
-
-    def __init__(self, bus: EventBus, consumer: str, *, batch: int) -> None:
-        self._bus = bus
-        self.consumer = consumer
-        self._batch = max(1, batch)
-        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
-        self._sub: Subscription | None = None
-        self._inbox = ""
-        self._requests = itertools.count(1)
-        self._reply = ""  # reply subject of the current pull request
-        self._outstanding = 0  # messages the current request may still deliver
-        self._expires_at = 0.0
-        self._watch_until = 0.0  # no heartbeat or message by then: the request is lost
-        self._reconnects = -1
-
-    async def start(self) -> None:
-        nc = self._bus._client()
-        self._inbox = nc.new_inbox()
-        self._sub = await nc.subscribe(self._inbox + ".*", cb=self._on_msg)
-
-    async def _on_msg(self, msg: Msg) -> None:
-        # Liveness is judged on arrival, not on consumption, so a slow handler does not cause extra pulls.
-        if not _status(msg) or msg.subject == self._reply:
-            self._watch_until = asyncio.get_running_loop().time() + 3 * PULL_HEARTBEAT_S
-        self._queue.put_nowait(msg)
-
-    def restart(self, consumer: str) -> None:
-        """Point the feed at another consumer; its first ``next`` sends a fresh pull request."""
-        self.consumer = consumer
-        self._outstanding = 0
-
-    def buffered(self) -> list[Msg]:
-        """Delivered messages nobody has taken yet (to nak on close)."""
-        out: list[Msg] = []
-        while not self._queue.empty():
-            msg = self._queue.get_nowait()
-            if not _status(msg):
-                out.append(msg)
-        return out
-
-    async def stop(self) -> None:
-        if self._sub is not None:
-            with contextlib.suppress(*_NATS_ERRORS):
-                await self._sub.unsubscribe()
-            self._sub = None
-
-    def _needs_pull(self, now: float) -> bool:
-        return (
-            self._outstanding <= 0
-            or now >= self._expires_at
-            or now >= self._watch_until
-            or self._reconnects != self._bus._reconnects
-        )
-
-    async def _pull(self, nc: NATS, now: float) -> None:
-        self._reply = f"{self._inbox}.{next(self._requests)}"
-        request = {
-            "batch": self._batch,
-            "expires": int(PULL_EXPIRES_S * 1e9),
-            "idle_heartbeat": int(PULL_HEARTBEAT_S * 1e9),
-        }
-        subject = f"{self._bus._js_prefix}.CONSUMER.MSG.NEXT.{self._bus.stream}.{self.consumer}"
-        await nc.publish(subject, json.dumps(request).encode(), reply=self._reply)
-        self._outstanding = self._batch
-        self._expires_at = now + PULL_EXPIRES_S + 1.0
-        self._watch_until = now + 3 * PULL_HEARTBEAT_S
-        self._reconnects = self._bus._reconnects
-
-    async def next(self, within_s: float) -> Msg | None:
-        """The next delivered message, or None after ``within_s`` seconds; raises _ConsumerGone."""
-        loop = asyncio.get_running_loop()
-        end = loop.time() + within_s
-        while True:
-            now = loop.time()
-            nc = self._bus._client()
-            if nc.is_connected and self._needs_pull(now):
-                await self._pull(nc, now)
-            if self._queue.empty():
-                wait = min(end, self._watch_until, self._expires_at) - now
-                if not nc.is_connected:
-                    wait = min(end - now, 0.1)
-                if now >= end:
-                    return None
-                try:
-                    msg = await asyncio.wait_for(self._queue.get(), timeout=max(wait, 0.001))
-                except TimeoutError:
-                    continue
-            else:
-                msg = self._queue.get_nowait()
-            status = _status(msg)
-            if status is None:
-                self._outstanding -= 1
-                return msg
-            if msg.subject != self._reply:
-                continue  # about an older pull request
-            if status == "100":
-                continue  # idle heartbeat: the request is alive
-            if status == "503":
-                raise _ConsumerGone(f"consumer {self.consumer} does not answer (503)")
-            description = _description(msg)
-            if status == "409" and ("Deleted" in description or "push" in description):
-                raise _ConsumerGone(f"consumer {self.consumer}: {description}")
-            if status not in ("404", "408", "409"):
-                log.warning("pull request for %s ended with status %s %s", self.consumer, status, description)
-            self._outstanding = 0  # request over (expired, no messages, ...): pull again
-
-
-class DurableSubscription:
-    """A durable consumer fed to the handler (which acks) by one task. Pull, not push: a request a restarted
-    server forgot is just sent again, and flow is bounded by our batch, not by client-side pending limits."""
-
-    def __init__(self, bus: EventBus, config: ConsumerConfig, handler: EventHandler, *, batch: int) -> None:
-        assert config.durable_name
-        self.durable = config.durable_name
-        self._bus = bus
-        self._config = config
-        self._handler = handler
-        self._feed = _PullFeed(bus, self.durable, batch=batch)
-        self._task: asyncio.Task[None] | None = None
-        self._in_handler = False
-        self._closing = False
-        self.handled = 0
-        self.terminated = 0
-
-    async def _start(self) -> None:
-        await self._bus._add_consumer(self._config)
-        await self._feed.start()
-        self._task = asyncio.create_task(self._run(), name=f"mfh-eventbus-{self.durable}")
-
-    @property
-    def running(self) -> bool:
-        return self._task is not None and not self._task.done()
-
-    async def _run(self) -> None:
-        backoff = 0.5
-        while not self._closing:
-            try:
-                msg = await self._feed.next(PULL_EXPIRES_S)
-            except _ConsumerGone as e:
-                log.warning("%s; creating it again", e)
-                await self._recreate()
-                continue
-            except (*_NATS_ERRORS, Unavailable) as e:
-                if self._bus._nc is None or self._bus._nc.is_closed:
-                    log.info("consumer %s stops: the connection is closed", self.durable)
-                    return
-                log.warning("consumer %s: %s: %s; retrying in %.1fs", self.durable, type(e).__name__, e, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
-            backoff = 0.5
-            if msg is not None:
-                await self._dispatch(msg)
-
-    async def _recreate(self) -> None:
-        delay = 0.5
-        while not self._closing:
-            try:
-                await self._bus.ensure_stream()  # a fresh server has lost the stream too
-                await self._bus._add_consumer(self._config)
-                self._feed.restart(self.durable)
-                log.info("consumer %s created again", self.durable)
-                return
-            except (Unavailable, InvalidArgument) as e:
-                log.warning("consumer %s cannot be created yet (%s); retrying in %.1fs", self.durable, e, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-
-    async def _dispatch(self, msg: Msg) -> None:
-        try:
-            event = EventBus.decode(msg.data)
-        except InvalidArgument as e:
-            log.error("consumer %s: terminating a malformed message on %s: %s", self.durable, msg.subject, e)
-            self.terminated += 1
-            await _quietly(msg.term(), "term")
-            return
-        self._in_handler = True
-        try:
-            await self._handler(event, msg)
-            self.handled += 1
-        except Exception:
-            delay = _redelivery_delay(msg)
-            log.exception("consumer %s: handler failed on %s; redelivery in %.1fs", self.durable, event.event_id, delay)
-            await _quietly(msg.nak(delay=delay), "nak")
-        finally:
-            self._in_handler = False
-
-    async def info(self) -> dict[str, int]:
-        """The consumer's counters on the server (pending, ack pending, redelivered, delivered seq)."""
-        js = self._bus._jetstream()
-        try:
-            ci = await js.consumer_info(self._bus.stream, self.durable)
-        except (*_NATS_ERRORS, ValueError) as e:
-            raise _translate(e, f"consumer info {self.durable}") from e
-        return {
-            "num_pending": ci.num_pending or 0,
-            "num_ack_pending": ci.num_ack_pending or 0,
-            "num_redelivered": ci.num_redelivered or 0,
-            "delivered_stream_seq": ci.delivered.stream_seq if ci.delivered else 0,
-            "ack_floor_stream_seq": ci.ack_floor.stream_seq if ci.ack_floor else 0,
-        }
-
-    async def close(self, *, wait_s: float = 10.0) -> None:
-        """Stop fetching; a running handler may finish; messages fetched but not handled are nak'ed."""
-        self._closing = True
-        task = self._task
-        if task is not None and not task.done():
-            if not self._in_handler:
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                await asyncio.wait_for(asyncio.shield(task), wait_s)
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        await self._feed.stop()
-        nc = self._bus._nc
-        if nc is not None and not nc.is_closed:
-            for msg in self._feed.buffered():
-                await _quietly(msg.nak(), "nak")
-        self._bus._subs.discard(self)
-
-
-def _all_done(futures: Sequence[asyncio.Future[Any]]) -> asyncio.Future[None]:
-    """One future for many, without a task per future (``asyncio.gather`` wraps each one)."""
-    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    remaining = len(futures)
-
-    def one(_: asyncio.Future[Any]) -> None:
-        nonlocal remaining
-        remaining -= 1
-        if remaining <= 0 and not done.done():
-            done.set_result(None)
-
-    for f in futures:
-        f.add_done_callback(one)
-    if not futures:
-        done.set_result(None)
-    return done
-
-
-def _metadata(msg: Msg | None) -> Msg.Metadata | None:
-    if msg is None:
-        return None
-    try:
-        return msg.metadata
-    except (nats.errors.Error, ValueError, IndexError):
-        return None
-
-
-def _redelivery_delay(msg: Msg) -> float:
-    try:
-        attempts = msg.metadata.num_delivered
-    except Exception:
-        attempts = 1
-    return float(min(30.0, 0.5 * 2 ** min(max(attempts - 1, 0), 6)))
-
-
-async def _quietly(aw: Awaitable[None], what: str) -> None:
-    try:
-        await aw
-    except Exception as e:
-        log.debug("%s failed: %s: %s", what, type(e).__name__, e)
+__all__ = ["EXPECTED_STREAM_HEADER", "MSG_ID_HEADER", "DurableSubscription", "EventBus", "EventHandler"]
 
 
 class EventBus:
@@ -436,7 +88,7 @@ class EventBus:
         self.name = name
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
-        self._acks: _AckMux | None = None
+        self._acks: AckMux | None = None
         self._js_prefix = "$JS.API"
         self._reconnects = 0
         self._errors_logged = 0
@@ -485,19 +137,19 @@ class EventBus:
         try:
             # With max_reconnect_attempts=-1 nats-py retries the first connect forever: bound it here.
             await asyncio.wait_for(nc.connect(**options), wait_s)
-        except (*_NATS_ERRORS, ValueError) as e:
+        except (*NATS_ERRORS, ValueError) as e:
             with contextlib.suppress(Exception):
                 await nc.close()
             raise Unavailable(f"cannot connect to NATS at {self.nats_url}: {type(e).__name__}: {e}") from e
         self._nc = nc
         self._js = nc.jetstream(timeout=JS_API_TIMEOUT_S)
-        self._acks = _AckMux(nc)
+        self._acks = AckMux(nc)
         try:
             await self._acks.start()
             await self.ensure_stream()
         except BaseException as e:
             await self.close()
-            if isinstance(e, _NATS_ERRORS):
+            if isinstance(e, NATS_ERRORS):
                 raise Unavailable(f"NATS at {self.nats_url}: {type(e).__name__}: {e}") from e
             raise
         log.info("connected to NATS at %s (stream %s)", self.nats_url, self.stream)
@@ -598,8 +250,8 @@ class EventBus:
             if diff:
                 await js.update_stream(cfg.evolve(**diff))
                 log.info("updated stream %s: %s", self.stream, diff)
-        except (*_NATS_ERRORS, ValueError) as e:
-            raise _translate(e, f"stream {self.stream}") from e
+        except (*NATS_ERRORS, ValueError) as e:
+            raise translate_error(e, f"stream {self.stream}") from e
 
     async def stream_info(self) -> dict[str, Any]:
         """Message count, first/last sequence and the settings that matter, as plain data."""
@@ -622,8 +274,8 @@ class EventBus:
     async def _stream_info(self) -> StreamInfo:
         try:
             return await self._jetstream().stream_info(self.stream)
-        except (*_NATS_ERRORS, ValueError) as e:
-            raise _translate(e, f"stream {self.stream}") from e
+        except (*NATS_ERRORS, ValueError) as e:
+            raise translate_error(e, f"stream {self.stream}") from e
 
     # -- events -----------------------------------------------------------------------------
 
@@ -698,14 +350,14 @@ class EventBus:
                 except (nats.errors.BadSubjectError, nats.errors.MaxPayloadError, nats.errors.BadHeaderError) as e:
                     reason = reason or f"{type(e).__name__} for {event.event_id}"
                     continue
-                except _NATS_ERRORS as e:
+                except NATS_ERRORS as e:
                     reason = reason or f"{type(e).__name__}: {e}"
                     break
                 inflight.append((event.event_id, token, fut, loop.time()))
             if inflight:
                 pending = [f for _, _, f, _ in inflight if not f.done()]
                 if pending and not down.done():
-                    all_acked = _all_done(pending)
+                    all_acked = all_done(pending)
                     wait_s = max(inflight[-1][3] + timeout - loop.time(), 0)
                     await asyncio.wait((all_acked, down), timeout=wait_s, return_when=FIRST)
         finally:
@@ -729,8 +381,8 @@ class EventBus:
     async def _add_consumer(self, config: ConsumerConfig) -> None:
         try:
             await self._jetstream().add_consumer(self.stream, config)
-        except (*_NATS_ERRORS, ValueError) as e:
-            raise _translate(e, f"consumer {config.name} on {self.stream}") from e
+        except (*NATS_ERRORS, ValueError) as e:
+            raise translate_error(e, f"consumer {config.name} on {self.stream}") from e
 
     async def subscribe_durable(
         self,
@@ -764,23 +416,23 @@ class EventBus:
         last, next_seq = state.last_seq, max(start_seq, state.first_seq, 1)
         if state.messages == 0 or next_seq > last:
             return
-        feed: _PullFeed | None = None
+        feed: PullFeed | None = None
         consumer = ""
         expected = 1  # next consumer sequence
         stalled_since: float | None = None
         loop = asyncio.get_running_loop()
         try:
             consumer = await self._ephemeral(next_seq)
-            feed = _PullFeed(self, consumer, batch=batch)
+            feed = PullFeed(self, consumer, batch=batch)
             await feed.start()
             while next_seq <= last:
                 try:
                     msg = await feed.next(2 * PULL_HEARTBEAT_S)
-                except _ConsumerGone:
+                except ConsumerGone:
                     msg, expected = None, 0
-                except _NATS_ERRORS as e:
+                except NATS_ERRORS as e:
                     raise Unavailable(f"reading stream {self.stream}: {type(e).__name__}: {e}") from e
-                md = _metadata(msg)
+                md = msg_metadata(msg)
                 if md is not None and md.consumer == consumer and md.sequence.consumer != expected:
                     expected = 0  # a delivery was lost: start over from next_seq
                 if msg is None or md is None or expected == 0:
@@ -836,5 +488,5 @@ class EventBus:
         js = self._js
         if js is None or self._nc is None or not self._nc.is_connected:
             return
-        with contextlib.suppress(*_NATS_ERRORS):
+        with contextlib.suppress(*NATS_ERRORS):
             await js.delete_consumer(self.stream, name)

@@ -1,0 +1,148 @@
+"""Durable JetStream consumers: a pull loop feeding one handler, which acks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from nats.aio.msg import Msg
+from nats.js.api import (
+    ConsumerConfig,
+)
+
+from mfh_core.jetstream import (
+    NATS_ERRORS,
+    PULL_EXPIRES_S,
+    ConsumerGone,
+    PullFeed,
+    quietly,
+    redelivery_delay,
+    translate_error,
+)
+from mfh_models import InvalidArgument, MemoryEvent, Unavailable
+
+if TYPE_CHECKING:
+    from mfh_core.eventbus import EventBus
+
+log = logging.getLogger("mfh.eventbus")
+
+EventHandler = Callable[[MemoryEvent, Msg], Awaitable[None]]
+
+
+class DurableSubscription:
+    """A durable consumer fed to the handler (which acks) by one task. Pull, not push: a request a restarted
+    server forgot is just sent again, and flow is bounded by our batch, not by client-side pending limits."""
+
+    def __init__(self, bus: EventBus, config: ConsumerConfig, handler: EventHandler, *, batch: int) -> None:
+        assert config.durable_name
+        self.durable = config.durable_name
+        self._bus = bus
+        self._config = config
+        self._handler = handler
+        self._feed = PullFeed(bus, self.durable, batch=batch)
+        self._task: asyncio.Task[None] | None = None
+        self._in_handler = False
+        self._closing = False
+        self.handled = 0
+        self.terminated = 0
+
+    async def _start(self) -> None:
+        await self._bus._add_consumer(self._config)
+        await self._feed.start()
+        self._task = asyncio.create_task(self._run(), name=f"mfh-eventbus-{self.durable}")
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def _run(self) -> None:
+        backoff = 0.5
+        while not self._closing:
+            try:
+                msg = await self._feed.next(PULL_EXPIRES_S)
+            except ConsumerGone as e:
+                log.warning("%s; creating it again", e)
+                await self._recreate()
+                continue
+            except (*NATS_ERRORS, Unavailable) as e:
+                if self._bus._nc is None or self._bus._nc.is_closed:
+                    log.info("consumer %s stops: the connection is closed", self.durable)
+                    return
+                log.warning("consumer %s: %s: %s; retrying in %.1fs", self.durable, type(e).__name__, e, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.5
+            if msg is not None:
+                await self._dispatch(msg)
+
+    async def _recreate(self) -> None:
+        delay = 0.5
+        while not self._closing:
+            try:
+                await self._bus.ensure_stream()  # a fresh server has lost the stream too
+                await self._bus._add_consumer(self._config)
+                self._feed.restart(self.durable)
+                log.info("consumer %s created again", self.durable)
+                return
+            except (Unavailable, InvalidArgument) as e:
+                log.warning("consumer %s cannot be created yet (%s); retrying in %.1fs", self.durable, e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _dispatch(self, msg: Msg) -> None:
+        try:
+            event = self._bus.decode(msg.data)
+        except InvalidArgument as e:
+            log.error("consumer %s: terminating a malformed message on %s: %s", self.durable, msg.subject, e)
+            self.terminated += 1
+            await quietly(msg.term(), "term")
+            return
+        self._in_handler = True
+        try:
+            await self._handler(event, msg)
+            self.handled += 1
+        except Exception:
+            delay = redelivery_delay(msg)
+            log.exception("consumer %s: handler failed on %s; redelivery in %.1fs", self.durable, event.event_id, delay)
+            await quietly(msg.nak(delay=delay), "nak")
+        finally:
+            self._in_handler = False
+
+    async def info(self) -> dict[str, int]:
+        """The consumer's counters on the server (pending, ack pending, redelivered, delivered seq)."""
+        js = self._bus._jetstream()
+        try:
+            ci = await js.consumer_info(self._bus.stream, self.durable)
+        except (*NATS_ERRORS, ValueError) as e:
+            raise translate_error(e, f"consumer info {self.durable}") from e
+        return {
+            "num_pending": ci.num_pending or 0,
+            "num_ack_pending": ci.num_ack_pending or 0,
+            "num_redelivered": ci.num_redelivered or 0,
+            "delivered_stream_seq": ci.delivered.stream_seq if ci.delivered else 0,
+            "ack_floor_stream_seq": ci.ack_floor.stream_seq if ci.ack_floor else 0,
+        }
+
+    async def close(self, *, wait_s: float = 10.0) -> None:
+        """Stop fetching; a running handler may finish; messages fetched but not handled are nak'ed."""
+        self._closing = True
+        task = self._task
+        if task is not None and not task.done():
+            if not self._in_handler:
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), wait_s)
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self._feed.stop()
+        nc = self._bus._nc
+        if nc is not None and not nc.is_closed:
+            for msg in self._feed.buffered():
+                await quietly(msg.nak(), "nak")
+        self._bus._subs.discard(self)

@@ -60,6 +60,8 @@ MAX_BATCH_PUTS: Final = 500
 MAX_PAGE_SIZE: Final = 1000
 DEFAULT_PAGE_SIZE: Final = 100
 _MAX_VERSION: Final = (1 << 63) - 1
+#: How often a PERSISTED waiter checks SQL itself, in case the change feed missed the commit notice.
+_PERSISTED_RECHECK_S: Final = 0.5
 _READ_ONLY: Final = "read-only mode: redis unavailable"
 _CACHE_HIT: Final = CACHE_LOOKUPS.labels("hit")  # labels() takes a lock: resolve the children once
 _CACHE_MISS: Final = CACHE_LOOKUPS.labels("miss")
@@ -288,16 +290,35 @@ class MemoryService:
         if waiters is None:
             return
         limit = budget if budget is not None else self.settings.server.deadline_seconds
-        left = limit - (asyncio.get_running_loop().time() - started)
+        loop = asyncio.get_running_loop()
+        all_done = asyncio.gather(*waiters)
         try:
-            await asyncio.wait_for(asyncio.gather(*waiters), max(left, 0.0))
-        except TimeoutError:
-            raise DeadlineExceeded(
-                f"{len(events)} write(s) accepted (version {events[0].version}) but not yet persisted "
-                f"within {limit:.3g}s; they will still be written to SQL"
-            ) from None
+            while True:
+                left = limit - (loop.time() - started)
+                if left <= 0:
+                    raise DeadlineExceeded(
+                        f"{len(events)} write(s) accepted (version {events[0].version}) but not yet persisted "
+                        f"within {limit:.3g}s; they will still be written to SQL"
+                    )
+                try:
+                    await asyncio.wait_for(asyncio.shield(all_done), min(left, _PERSISTED_RECHECK_S))
+                    return
+                except TimeoutError:
+                    await self._settle_from_sql(events, waiters)
         finally:
+            all_done.cancel()
             self.feed.forget(events)
+
+    async def _settle_from_sql(self, events: list[MemoryEvent], waiters: list[asyncio.Future[None]]) -> None:
+        """A commit notice can be missed (the change feed was reconnecting): the events table is the proof."""
+        missing = [e.event_id for e, w in zip(events, waiters, strict=True) if not w.done()]
+        try:
+            found = await self._sql(lambda: self.sql.existing_events(missing))
+        except Unavailable:
+            return
+        for e, w in zip(events, waiters, strict=True):
+            if e.event_id in found and not w.done():
+                w.set_result(None)
 
     async def put(
         self,

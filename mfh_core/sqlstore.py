@@ -384,6 +384,16 @@ class SqlStore:
                 yield int(r.seq), _event(r)
             last = int(rows[-1].seq)
 
+    def existing_events(self, event_ids: Sequence[str]) -> set[str]:
+        """Which of these events are committed: the proof a PERSISTED waiter falls back on."""
+        t = events_table
+        found: set[str] = set()
+        with self._guard(), self._read.connect() as conn:
+            for i in range(0, len(event_ids), 500):
+                stmt = sa.select(t.c.event_id).where(t.c.event_id.in_(event_ids[i : i + 500]))
+                found.update(conn.execute(stmt).scalars())
+        return found
+
     def unpublished(self, *, limit: int = 1000) -> list[tuple[int, MemoryEvent]]:
         """The oldest events not yet on JetStream, in commit order."""
         t = events_table

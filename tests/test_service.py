@@ -285,6 +285,18 @@ async def test_persisted_put_answers_only_after_the_sql_commit(svc: MemoryServic
     assert row is not None and row.deleted and row.version == d.version
 
 
+async def test_persisted_put_is_answered_even_when_the_commit_notice_is_missed(
+    svc: MemoryService, host: TestHost
+) -> None:
+    # Given a worker, and a change feed that hears nothing (as while its subscription reconnects)
+    host.start_worker(threads=2)
+    await svc.feed.close()
+    # When a PERSISTED put is made, Then it is answered once the row is committed (the events table is checked)
+    r = await svc.put(item("k"), durability=Durability.PERSISTED, timeout=30)
+    row = svc.sql.get("ns", "k")
+    assert row is not None and row.version == r.version
+
+
 async def test_persisted_put_past_its_deadline_says_the_write_still_lands(svc: MemoryService, host: TestHost) -> None:
     # Given no worker running
     with pytest.raises(DeadlineExceeded, match="still be written"):

@@ -12,7 +12,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
 
 from mfh_core.metrics_http import serve_metrics
 from mfh_models import MemoryEvent, Settings
@@ -75,29 +77,13 @@ async def run_scheduler(settings: Settings, *, stop: asyncio.Event | None = None
 
     scheduler = AsyncIOScheduler()
     scheduler.add_job(keep_lease, "interval", seconds=lease.ttl_ms / 3000, id="lease", max_instances=1)
-    scheduler.add_job(
-        leader_only("reconcile", do_reconcile),
-        "interval",
-        seconds=sch.reconcile_interval_seconds,
-        id="reconcile",
-        max_instances=1,
-        coalesce=True,
-    )
-    scheduler.add_job(
-        leader_only("snapshot", do_snapshot),
-        "interval",
-        seconds=sch.snapshot_interval_seconds,
-        id="snapshot",
-        max_instances=1,
-        coalesce=True,
-    )
-    scheduler.add_job(
-        leader_only("audit", do_audit),
-        CronTrigger.from_crontab(sch.audit_cron, timezone="UTC"),
-        id="audit",
-        max_instances=1,
-        coalesce=True,
-    )
+    jobs: list[tuple[str, Callable[[], Awaitable[None]], BaseTrigger]] = [
+        ("reconcile", do_reconcile, IntervalTrigger(seconds=sch.reconcile_interval_seconds)),
+        ("snapshot", do_snapshot, IntervalTrigger(seconds=sch.snapshot_interval_seconds)),
+        ("audit", do_audit, CronTrigger.from_crontab(sch.audit_cron, timezone="UTC")),
+    ]
+    for name, job, trigger in jobs:
+        scheduler.add_job(leader_only(name, job), trigger, id=name, max_instances=1, coalesce=True)
     await keep_lease()
     scheduler.start()
     log.info(

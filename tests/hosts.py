@@ -15,7 +15,9 @@ from typing import Any
 
 import yaml
 
-from mfh_models import Settings, default_config_dir, load_settings
+from mfh_core import HotStore
+from mfh_models import Kind, MemoryEvent, NotFound, Op, Settings, canonical_json, default_config_dir, load_settings
+from mfh_tasks import WriteBatcher, build_broker, build_hot_store, declare_persist_actor, encode_batch
 
 # Quick recovery for tests: a dead worker's messages are requeued 1 s after its last heartbeat,
 # and every broker call runs maintenance.
@@ -114,3 +116,47 @@ def _deep_update(base: dict[str, Any], extra: dict[str, Any]) -> None:
             _deep_update(base[k], v)
         else:
             base[k] = v
+
+
+class InProcessApi:
+    """The api side of one host, in this process: stage in Redis, then batch and enqueue (what the api does).
+
+    ``events`` keeps every accepted change, for tests that compute the expected end state.
+    """
+
+    def __init__(self, host: TestHost) -> None:
+        s = host.settings
+        self.broker = build_broker(s)
+        self.actor = declare_persist_actor(self.broker, s)
+        self.hot: HotStore = build_hot_store(s)
+        self.batcher = WriteBatcher(
+            self._send,
+            max_size=s.write_behind.batch_max_size,
+            max_delay_s=s.write_behind.batch_max_delay_ms / 1000,
+        )
+        self.events: list[MemoryEvent] = []
+
+    def _send(self, events: list[MemoryEvent]) -> None:
+        self.actor.send(encode_batch(events))
+
+    async def put(self, key: str, text: str, namespace: str = "ns") -> MemoryEvent:
+        payload = canonical_json({"content": text})
+        e = await self.hot.stage(op=Op.PUT, namespace=namespace, key=key, kind=Kind.MEMORY_ITEM, payload=payload)
+        self.events.append(e)
+        await self.batcher.submit(e)
+        return e
+
+    async def delete(self, key: str, namespace: str = "ns") -> MemoryEvent | None:
+        """None, as the api's NOT_FOUND, when the key is absent or already deleted here."""
+        try:
+            e = await self.hot.stage(op=Op.DELETE, namespace=namespace, key=key, kind=None, payload="null")
+        except NotFound:
+            return None
+        self.events.append(e)
+        await self.batcher.submit(e)
+        return e
+
+    async def close(self) -> None:
+        await self.batcher.close()
+        await self.hot.close()
+        self.broker.close()

@@ -6,11 +6,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from hosts import TestHost, make_host
+from hosts import InProcessApi, TestHost, make_host
 from proxy import TcpProxy
 from services import async_wait_until
 from sqlalchemy.engine import make_url
-from test_write_behind import Sender
 
 from mfh_core import SqlStore
 
@@ -37,7 +36,7 @@ async def test_writes_are_accepted_while_sql_is_down_and_land_when_it_returns(
     pg_host: tuple[TestHost, TcpProxy], postgres_url: str
 ) -> None:
     host, proxy = pg_host
-    sender = Sender(host)
+    sender = InProcessApi(host)
     sql = SqlStore(postgres_url)
     try:
         # Given a worker persisting into Postgres
@@ -65,5 +64,5 @@ async def test_writes_are_accepted_while_sql_is_down_and_land_when_it_returns(
         sql.close()
 
 
-async def _dirty_zero(sender: Sender) -> bool:
+async def _dirty_zero(sender: InProcessApi) -> bool:
     return await sender.hot.dirty_count() == 0

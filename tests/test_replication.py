@@ -22,16 +22,16 @@ import nats
 import pytest
 import sqlalchemy as sa
 from factories import event
-from hosts import TestHost, make_host
+from hosts import InProcessApi, TestHost, make_host
 from services import NatsServer, async_wait_until
 
 from mfh_api.cli import main as mfh
-from mfh_core import HotStore, SqlStore
+from mfh_core import SqlStore
 from mfh_core.eventbus import EventBus
 from mfh_core.metrics import REPLICATION_APPLIED, REPLICATION_LAG, REPLICATION_SKIPPED, UNPUBLISHED_EVENTS
 from mfh_core.sqlstore import metadata
-from mfh_models import ChecksumRow, Kind, MemoryEvent, NotFound, Op, Unavailable, canonical_json, items_checksum
-from mfh_tasks import PersistPipeline, WriteBatcher, build_broker, build_hot_store, declare_persist_actor, encode_batch
+from mfh_models import ChecksumRow, Kind, MemoryEvent, Op, Unavailable, items_checksum
+from mfh_tasks import PersistPipeline, build_hot_store
 from mfh_tasks.outbox import OutboxRelay
 from mfh_tasks.replay import open_target, replay_from_sql, replay_from_stream
 from mfh_tasks.replicator import Replicator, consumer_name
@@ -39,53 +39,12 @@ from mfh_tasks.replicator import Replicator, consumer_name
 # -- two hosts ------------------------------------------------------------------------------------
 
 
-class Api:
-    """The api side of one host, in this process: stage in Redis, then batch and enqueue."""
-
-    def __init__(self, host: TestHost) -> None:
-        s = host.settings
-        self.broker = build_broker(s)
-        self.actor = declare_persist_actor(self.broker, s)
-        self.hot: HotStore = build_hot_store(s)
-        self.batcher = WriteBatcher(
-            self._send,
-            max_size=s.write_behind.batch_max_size,
-            max_delay_s=s.write_behind.batch_max_delay_ms / 1000,
-        )
-        self.events: list[MemoryEvent] = []
-
-    def _send(self, events: list[MemoryEvent]) -> None:
-        self.actor.send(encode_batch(events))
-
-    async def put(self, key: str, text: str, namespace: str = "ns") -> MemoryEvent:
-        payload = canonical_json({"content": text})
-        e = await self.hot.stage(op=Op.PUT, namespace=namespace, key=key, kind=Kind.MEMORY_ITEM, payload=payload)
-        self.events.append(e)
-        await self.batcher.submit(e)
-        return e
-
-    async def delete(self, key: str, namespace: str = "ns") -> MemoryEvent | None:
-        """None, as the api's NOT_FOUND, when the key is absent or already deleted here."""
-        try:
-            e = await self.hot.stage(op=Op.DELETE, namespace=namespace, key=key, kind=None, payload="null")
-        except NotFound:
-            return None
-        self.events.append(e)
-        await self.batcher.submit(e)
-        return e
-
-    async def close(self) -> None:
-        await self.batcher.close()
-        await self.hot.close()
-        self.broker.close()
-
-
 @dataclass
 class Side:
     """One host of the pair: its config and processes, its api, and a reader of its SQL."""
 
     host: TestHost
-    api: Api
+    api: InProcessApi
     sql: SqlStore
     replicator: subprocess.Popen[bytes] | None = field(default=None)
 
@@ -105,7 +64,7 @@ def make_side(tmp_path: Path, name: str, redis_url: str, nats_url: str) -> Side:
     host = make_host(tmp_path, name=name, redis_url=redis_url, nats_url=nats_url)
     sql = SqlStore(host.settings.storage.database_url)
     sql.create_schema()
-    return Side(host=host, api=Api(host), sql=sql)
+    return Side(host=host, api=InProcessApi(host), sql=sql)
 
 
 async def start_pair(a: Side, b: Side) -> None:
@@ -208,7 +167,7 @@ def empty_database(url: str) -> None:
         engine.dispose()
 
 
-async def mixed_writes(api: Api, keys: Sequence[str], n: int, seed: int, *, rate_per_s: float = 400) -> None:
+async def mixed_writes(api: InProcessApi, keys: Sequence[str], n: int, seed: int, *, rate_per_s: float = 400) -> None:
     """``n`` puts and deletes on ``keys`` in a seeded random order, paced at about ``rate_per_s``."""
     rng = random.Random(seed)
     t0 = time.monotonic()

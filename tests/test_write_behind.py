@@ -7,13 +7,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from factories import payload
-from hosts import TestHost, make_host
+from hosts import InProcessApi, TestHost, make_host
 from services import async_wait_until
 
 from mfh_core import HotStore, SqlStore
-from mfh_models import InvalidArgument, Kind, MemoryEvent, Op
-from mfh_tasks import WriteBatcher, build_broker, build_hot_store, declare_persist_actor, decode_batch, encode_batch
+from mfh_models import InvalidArgument, MemoryEvent
+from mfh_tasks import WriteBatcher, decode_batch
 
 
 @pytest.fixture
@@ -21,31 +20,6 @@ async def host(tmp_path: Path, redis_url: str) -> AsyncIterator[TestHost]:
     h = make_host(tmp_path, redis_url=redis_url, overrides={"write_behind": {"batch_max_size": 50}})
     yield h
     h.stop_all()
-
-
-class Sender:
-    """The api side of the pipeline: hot store, broker and batcher, in this process."""
-
-    def __init__(self, host: TestHost) -> None:
-        s = host.settings
-        self.broker = build_broker(s)
-        self.actor = declare_persist_actor(self.broker, s)
-        self.hot: HotStore = build_hot_store(s)
-        self.batcher = WriteBatcher(
-            lambda evs: self.actor.send(encode_batch(evs)),
-            max_size=s.write_behind.batch_max_size,
-            max_delay_s=s.write_behind.batch_max_delay_ms / 1000,
-        )
-
-    async def put(self, key: str, text: str) -> MemoryEvent:
-        e = await self.hot.stage(op=Op.PUT, namespace="ns", key=key, kind=Kind.MEMORY_ITEM, payload=payload(text))
-        await self.batcher.submit(e)
-        return e
-
-    async def close(self) -> None:
-        await self.batcher.close()
-        await self.hot.close()
-        self.broker.close()
 
 
 def sql_for(host: TestHost) -> SqlStore:
@@ -56,7 +30,7 @@ def sql_for(host: TestHost) -> SqlStore:
 
 async def test_worker_killed_mid_batch_loses_no_write(host: TestHost) -> None:
     # Given 5,000 acknowledged writes (staged in Redis, batches enqueued) and a worker persisting them
-    sender = Sender(host)
+    sender = InProcessApi(host)
     sql = sql_for(host)
     try:
         writes = await asyncio.gather(*(sender.put(f"k{i}", f"v{i}") for i in range(5000)))
@@ -86,7 +60,7 @@ async def _zero(hot: HotStore) -> bool:
 
 async def test_persist_waits_for_sql_and_ttl_starts_after(host: TestHost) -> None:
     # Given a running worker
-    sender = Sender(host)
+    sender = InProcessApi(host)
     sql = sql_for(host)
     host.start_worker(threads=2)
     try:

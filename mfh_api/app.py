@@ -1,8 +1,9 @@
 """The api process: settings → service → gRPC + ZeroMQ servers + Prometheus endpoint, until a signal.
 
 ``python -m mfh_api.app [--host main_pc] [--insecure]`` runs it (``mfh api`` does the same).
-Shutdown on SIGTERM/SIGINT: report NOT_SERVING, stop taking calls, let running ones finish,
-flush the write batcher into the queue, close the stores.
+Shutdown on SIGTERM/SIGINT: report NOT_SERVING, answer new calls UNAVAILABLE ("shutting down",
+so clients fail over; never CANCELLED), let running ones finish, flush the write batcher into the
+queue, close the stores.
 """
 
 from __future__ import annotations
@@ -115,9 +116,11 @@ async def run_api(settings: Settings, *, insecure: bool = False, stop: asyncio.E
         log.info("shutting down")
     finally:
         started = time.monotonic()
-        await grpc_server.stop(grace=min(settings.server.deadline_seconds, 10.0))
-        if zmq is not None:
-            await zmq.close()
+        # Both front doors drain at once: new calls get UNAVAILABLE (retry elsewhere), calls in flight
+        # finish (their own deadline, plus a margin, bounds the wait), then the stores close.
+        grace = min(settings.server.deadline_seconds + 1.0, 10.0)
+        stops = [grpc_server.stop(grace=grace)] + ([zmq.close(grace=grace)] if zmq is not None else [])
+        await asyncio.gather(*stops)
         await service.close()
         if httpd is not None:
             httpd.shutdown()

@@ -34,6 +34,7 @@ from mfh_models import (
     MFHError,
     Record,
     Settings,
+    Unavailable,
 )
 
 __all__ = ["SERVICE_NAME", "GrpcServer", "MemoryFusionServicer", "from_pb_record", "to_pb_record"]
@@ -43,6 +44,7 @@ log = logging.getLogger("mfh.grpc")
 SERVICE_NAME: Final = pb.DESCRIPTOR.services_by_name["MemoryFusion"].full_name
 _AUTH_EXEMPT: Final = ("/grpc.health.v1.Health/",)  # load balancers probe without a key
 _NO_DEADLINE: Final = 1e6  # grpc reports "no deadline" as None or a huge number
+_SHUTTING_DOWN: Final = "server is shutting down; retry on another replica (nothing was done)"
 _MARGIN: Final = 0.05  # answer with our own DEADLINE_EXCEEDED message before grpc cancels the call
 R = TypeVar("R")
 _KINDS: Final = frozenset(k.value for k in Kind)
@@ -180,13 +182,18 @@ class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
     def __init__(self, service: MemoryService, settings: Settings) -> None:
         self.service = service
         self.deadline = settings.server.deadline_seconds
+        self.draining = False  # shutting down: new calls are answered UNAVAILABLE (clients fail over)
+        self.in_flight = 0  # calls running now (the shutdown waits for them)
 
     async def _call(
         self, name: str, request: Any, context: grpc.aio.ServicerContext[Any, Any], fn: Callable[[float], Awaitable[R]]
     ) -> R:
         start = time.perf_counter()
         status: tuple[grpc.StatusCode, str]
+        self.in_flight += 1
         try:
+            if self.draining:
+                raise Unavailable(_SHUTTING_DOWN)
             if isinstance(request, _Malformed):
                 raise InvalidArgument(f"malformed {name}Request: {request.error}")
             remaining = context.time_remaining()
@@ -205,6 +212,7 @@ class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
             log.exception("%s failed", name)
             status = (grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
         finally:
+            self.in_flight -= 1
             elapsed = time.perf_counter() - start
             _latency(name).observe(elapsed)
         API_REQUESTS.labels("grpc", name, status[0].name).inc()
@@ -313,6 +321,7 @@ class GrpcServer:
         self._server: grpc.aio.Server | None = None
         self._port = 0
         self._health_task: asyncio.Task[None] | None = None
+        self._servicer: MemoryFusionServicer | None = None
 
     @property
     def port(self) -> int:
@@ -332,7 +341,8 @@ class GrpcServer:
             options=options,
             maximum_concurrent_rpcs=s.max_concurrent_rpcs,
         )
-        handlers = _method_handlers(MemoryFusionServicer(self.service, self.settings))
+        self._servicer = MemoryFusionServicer(self.service, self.settings)
+        handlers = _method_handlers(self._servicer)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
         server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -366,9 +376,16 @@ class GrpcServer:
                 log.exception("health update failed")
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Report NOT_SERVING, stop taking calls, let running ones finish for ``grace`` seconds."""
+        """Report NOT_SERVING, answer new calls UNAVAILABLE ("shutting down": clients fail over), let running
+        ones finish for up to ``grace`` seconds, then close. No call is left to be CANCELLED by the close."""
         if self._health_task is not None:
             self._health_task.cancel()
         await self.health.enter_graceful_shutdown()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        if self._servicer is not None:
+            self._servicer.draining = True
+            while self._servicer.in_flight > 0 and loop.time() < deadline:
+                await asyncio.sleep(0.01)
         if self._server is not None:
-            await self._server.stop(grace)
+            await self._server.stop(max(deadline - loop.time(), 0.2))

@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 from mfh_api.changefeed import ChangeFeed
 from mfh_core import Change, HotStore, SqlStore
 from mfh_core.metrics import CACHE_LOOKUPS
-from mfh_core.resilience import Bulkhead, CircuitBreaker
+from mfh_core.resilience import Bulkhead, OutageLog, breaker_from_settings
 from mfh_models import (
     DeadlineExceeded,
     InvalidArgument,
@@ -133,10 +133,11 @@ class MemoryService:
         self.batcher = batcher
         self._on_close = list(on_close)
         cb, bh = settings.resilience.circuit_breaker, settings.resilience.bulkhead
-        self.redis_breaker = CircuitBreaker(
-            "redis", failure_threshold=cb.failure_threshold, reset_timeout=cb.reset_timeout
+        self.redis_breaker = breaker_from_settings("redis", cb, logger=log)
+        self.sql_breaker = breaker_from_settings("sql", cb, logger=log)
+        self._enqueue_outage = OutageLog(
+            "write queue", what="write calls not enqueued", logger=log, summary_every_s=cb.summary_every_seconds
         )
-        self.sql_breaker = CircuitBreaker("sql", failure_threshold=cb.failure_threshold, reset_timeout=cb.reset_timeout)
         self.bulkhead = Bulkhead("memory service", max_concurrent=bh.max_concurrent, max_queue_size=bh.max_queue_size)
         self.feed = ChangeFeed(redis_url=settings.storage.redis_url, channel=hot.persisted_channel)
         self._closed = False
@@ -272,12 +273,32 @@ class MemoryService:
         """Hand staged events to the batcher (acknowledged once enqueued); PERSISTED waiters are registered first."""
         waiters = self.feed.expect(events) if durability is Durability.PERSISTED else None
         try:
-            # Shielded: once staged, a write is enqueued even if the caller goes away.
-            await asyncio.shield(self.batcher.submit_many(events))
+            # Shielded: once staged, a write is enqueued (or taken back) even if the caller goes away.
+            await asyncio.shield(self._enqueue_or_unstage(events))
         except BaseException:
             self.feed.forget(events)
             raise
         return waiters
+
+    async def _enqueue_or_unstage(self, events: list[MemoryEvent]) -> None:
+        """Enqueue the batch of staged events; when that fails, take them back, so that UNAVAILABLE means
+        nothing was staged (docs/api.md). A write that cannot be taken back (Redis went away too, or what
+        was below it is unknown) stays staged and dirty: it is acknowledged, and reconcile enqueues it."""
+        try:
+            await self.batcher.submit_many(events)
+        except Unavailable as e:
+            failure = e
+        else:
+            self._enqueue_outage.success()
+            return
+        try:
+            unstaged = await self.hot.unstage(events)
+        except (Unavailable, RedisError) as e:
+            self._enqueue_outage.failure(f"{failure.message}; could not take the write back either ({e})")
+            return
+        self._enqueue_outage.failure(failure.message)
+        if unstaged:
+            raise Unavailable(f"{failure.message}; nothing was staged, retry") from failure
 
     async def _await_persisted(
         self,

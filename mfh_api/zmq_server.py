@@ -38,7 +38,7 @@ from mfh_api.zmq_protocol import (
     request_id,
 )
 from mfh_core.metrics import API_LATENCY, API_REQUESTS
-from mfh_models import DeadlineExceeded, InvalidArgument, MFHError, Settings, Unauthenticated
+from mfh_models import DeadlineExceeded, InvalidArgument, MFHError, Settings, Unauthenticated, Unavailable
 
 __all__ = ["ZmqServer", "dispatch"]
 
@@ -123,6 +123,7 @@ class ZmqServer:
         self._sock: zmq.asyncio.Socket | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._draining = False
 
     @classmethod
     def from_settings(cls, service: MemoryService, settings: Settings) -> ZmqServer:
@@ -163,7 +164,12 @@ class ZmqServer:
         return self.port
 
     async def close(self, grace: float = 2.0) -> None:
-        """Stop receiving, let requests in flight answer (up to ``grace`` seconds), close the socket."""
+        """Answer new requests UNAVAILABLE ("shutting down": clients fail over), let requests in flight
+        answer (up to ``grace`` seconds), then stop receiving and close the socket."""
+        self._draining = True
+        running = set(self._tasks)
+        if running:
+            await asyncio.wait(running, timeout=grace)
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -262,6 +268,8 @@ class ZmqServer:
         else:
             req = parse_v1(obj)
             call.method, payload, timeout = req.action, req.payload, req.timeout_s
+        if self._draining:
+            raise Unavailable("server is shutting down; retry on another replica (nothing was done)")
         budget = min(timeout or self.deadline_seconds, 300.0)
         try:
             async with asyncio.timeout(budget):

@@ -87,6 +87,7 @@ class EventBus:
         self.publish_timeout_s = float(publish_timeout_s)
         self.name = name
         self._nc: NATS | None = None
+        self.last_publish_error: str | None = None  # why the last publish_many fell short
         self._js: JetStreamContext | None = None
         self._acks: AckMux | None = None
         self._js_prefix = "$JS.API"
@@ -309,6 +310,7 @@ class EventBus:
             return []
         nc, acks, down = self._nc, self._acks, self._down
         if nc is None or acks is None or down is None or down.done() or not nc.is_connected:
+            self.last_publish_error = "NATS is not connected"
             log.debug("NATS is not connected: %d events left for the outbox", len(events))
             return []
         loop = asyncio.get_running_loop()
@@ -364,12 +366,9 @@ class EventBus:
             for event_id, token, fut, _ in inflight:
                 settle(event_id, token, fut)
         if len(published) < len(events):
-            log.warning(
-                "published %d of %d events (%s); the rest are left for the outbox",
-                len(published),
-                len(events),
-                reason or "not sent",
-            )
+            # Callers report shortfalls once per outage (mfh_core.resilience.OutageLog), not per batch.
+            self.last_publish_error = reason or "not sent"
+            log.debug("published %d of %d events (%s)", len(published), len(events), self.last_publish_error)
         return published
 
     async def publish(self, event: MemoryEvent) -> bool:

@@ -1,8 +1,9 @@
 """Redis hot store: one hash per (namespace, key), staged writes, the host's hybrid logical clock.
 
-Entries are written by three Lua scripts so each step is atomic (DESIGN.md invariants 1, 3, 5):
+Entries are written by four Lua scripts so each step is atomic (DESIGN.md invariants 1, 3, 5):
 ``stage`` assigns a version and writes a dirty entry with no TTL; ``mark_clean`` starts the TTL
-only for the version that reached SQL; ``apply`` takes a remote or SQL version only if newer.
+only for the version that reached SQL; ``apply`` takes a remote or SQL version only if newer;
+``unstage`` takes back a staged version whose batch could not be enqueued.
 Every dirty entry is also in one sorted set (score = staged ms), which bounds the backlog and
 lets reconcile re-enqueue anything whose batch went missing.
 """
@@ -110,6 +111,7 @@ class HotStore:
         self._stage = self.redis.register_script(_lua("stage.lua"))
         self._apply = self.redis.register_script(_lua("apply.lua"))
         self._mark_clean = self.redis.register_script(_lua("mark_clean.lua"))
+        self._unstage = self.redis.register_script(_lua("unstage.lua"))
 
     def item_key(self, namespace: str, key: str) -> str:
         return f"{self.prefix}:i:{namespace}:{key}"
@@ -187,6 +189,22 @@ class HotStore:
                 )
             )
         return events
+
+    async def unstage(self, events: Sequence[MemoryEvent]) -> bool:
+        """Take back the staged versions of one call whose batch was never enqueued, all or nothing.
+
+        True: none of them is staged any more (each entry holds what it held before). False: all
+        stay staged, because what was below one of them is unknown; they are then persisted like
+        any staged write whose batch went missing (reconcile). Atomic with the version checks: an
+        entry that moved on to a newer version is left as it is.
+        """
+        if not events:
+            return True
+        keys = [self.dirty_key, *(self.item_key(e.namespace, e.key) for e in events)]
+        args: list[Any] = []
+        for e in events:
+            args.extend(unpack(e.version))
+        return bool(await self._call(self._unstage, keys, args) == "unstaged")
 
     async def apply(self, record: Record, *, from_sql: bool) -> bool:
         """Take a version made elsewhere if it is newer; True when it was applied.

@@ -92,8 +92,13 @@ class ReplicationSettings(_Section):
 
 
 class CircuitBreakerSettings(_Section):
+    """An open breaker probes ``first_probe_seconds`` after opening, then backs off (with jitter) up to
+    ``reset_timeout`` between probes: a store that answers again is back within about ``reset_timeout``."""
+
     failure_threshold: int = Field(default=5, ge=1)
-    reset_timeout: float = Field(default=30.0, gt=0)
+    reset_timeout: float = Field(default=1.0, gt=0, le=60, description="longest wait between two probes")
+    first_probe_seconds: float = Field(default=0.1, gt=0)
+    summary_every_seconds: float = Field(default=15.0, gt=0, description="outage summary log interval")
 
 
 class BulkheadSettings(_Section):

@@ -16,7 +16,7 @@ import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 from pydantic import ValidationError
 
-from mfh_models import InvalidArgument, MemoryEvent, Settings
+from mfh_models import InvalidArgument, MemoryEvent, Settings, Unavailable
 from mfh_tasks.persist import PersistPipeline
 
 __all__ = ["PERSIST_ACTOR", "declare_persist_actor", "decode_batch", "encode_batch"]
@@ -50,7 +50,12 @@ def declare_persist_actor(
             raise RuntimeError("persist_batch runs only in a worker built with a pipeline")
         batch = decode_batch(events)
         p = await pipeline()
-        await p.persist(batch)
+        try:
+            await p.persist(batch)
+        except Unavailable as e:
+            # Retried with the actor's backoff like any failure, but without a traceback per batch:
+            # the pipeline's breaker and outage logs report the outage once (and a summary).
+            raise dramatiq.Retry(e.message) from None
 
     wb = settings.write_behind
     decorate = dramatiq.actor(

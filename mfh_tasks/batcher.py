@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
 from mfh_models import MemoryEvent, Unavailable
 
 __all__ = ["WriteBatcher"]
@@ -32,6 +34,7 @@ class WriteBatcher:
         self.max_delay_s = max_delay_s
         self._pending: list[MemoryEvent] = []
         self._waiters: list[asyncio.Future[None]] = []
+        self._starts: list[int] = []  # where each waiter's events begin in _pending
         self._timer: asyncio.TimerHandle | None = None
         self._slots = asyncio.Semaphore(max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -47,6 +50,7 @@ class WriteBatcher:
             return
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
+        self._starts.append(len(self._pending))
         self._pending.extend(events)
         self._waiters.append(fut)
         if len(self._pending) >= self.max_size:
@@ -61,24 +65,37 @@ class WriteBatcher:
             self._timer = None
         if not self._pending:
             return
-        events, waiters = self._pending, self._waiters
-        self._pending, self._waiters = [], []
-        task = asyncio.ensure_future(self._send_batch(events, waiters))
+        events, waiters, starts = self._pending, self._waiters, self._starts
+        self._pending, self._waiters, self._starts = [], [], []
+        task = asyncio.ensure_future(self._send_batch(events, waiters, starts))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _send_batch(self, events: list[MemoryEvent], waiters: list[asyncio.Future[None]]) -> None:
+    async def _send_batch(
+        self, events: list[MemoryEvent], waiters: list[asyncio.Future[None]], starts: list[int]
+    ) -> None:
         async with self._slots:
+            sent = 0
             try:
                 # Split oversize batches so one message stays small enough to retry cheaply.
                 for i in range(0, len(events), self.max_size):
                     await asyncio.to_thread(self._send, events[i : i + self.max_size])
+                    sent = min(i + self.max_size, len(events))
                     self.batches_sent += 1
             except Exception as e:
+                # Only callers none of whose events can have gone out are told it failed (they then take
+                # their writes back). A caller with some of its events enqueued, or after a timeout (the
+                # message may be in the queue), is acknowledged: its events are staged and dirty, and
+                # reconcile enqueues whatever did not go out (a duplicate is harmless: apply is idempotent).
                 err = Unavailable(f"could not enqueue the write batch: {e}")
-                for w in waiters:
-                    if not w.done():
+                maybe_sent = isinstance(e, TimeoutError | RedisTimeoutError)
+                for w, start in zip(waiters, starts, strict=True):
+                    if w.done():
+                        continue
+                    if start >= sent and not maybe_sent:
                         w.set_exception(err)
+                    else:
+                        w.set_result(None)
                 return
         for w in waiters:
             if not w.done():

@@ -18,6 +18,7 @@ from typing import Protocol
 
 from mfh_core import SqlStore
 from mfh_core.metrics import UNPUBLISHED_EVENTS
+from mfh_core.resilience import OutageLog
 from mfh_models import MemoryEvent, MFHError
 
 __all__ = ["OutboxRelay", "RelayBus"]
@@ -56,6 +57,9 @@ class OutboxRelay:
         self.min_age_ms = min_age_ms
         self._clock_ms = clock_ms
         self.relayed = 0
+        # An outage costs a line when it starts, a summary now and then, and a line when it ends.
+        self.sql_outage = OutageLog("outbox SQL", what="passes skipped", logger=log)
+        self.nats_outage = OutageLog("outbox NATS publish", what="events not relayed", logger=log)
 
     async def relay_once(self) -> int:
         """One pass: publish every unpublished event old enough, in seq order; return how many were acked.
@@ -75,6 +79,11 @@ class OutboxRelay:
             if not events or not self.bus.connected:
                 return total
             acked = await self.bus.publish_many(events)
+            if len(acked) < len(events):
+                reason = getattr(self.bus, "last_publish_error", None) or "not acked"
+                self.nats_outage.failure(reason, count=len(events) - len(acked))
+            else:
+                self.nats_outage.success()
             if acked:
                 await asyncio.to_thread(self.sql.mark_published, acked)
                 total += len(acked)
@@ -106,7 +115,9 @@ class OutboxRelay:
                 try:
                     await self.relay_once()
                 except MFHError as e:  # SQL unavailable: try again next interval
-                    log.warning("outbox pass failed: %s", e)
+                    self.sql_outage.failure(e.message)
+                else:
+                    self.sql_outage.success()
                 next_pass = loop.time() + self.interval_s
             was_connected = connected
             with contextlib.suppress(TimeoutError):

@@ -3,6 +3,10 @@
 apply to SQL in one transaction (idempotent) → publish to JetStream (outbox on failure) →
 mark the Redis entries clean. Every step can be repeated safely, so a batch that fails at any
 point is simply retried whole.
+
+SQL sits behind a circuit breaker: while it is open, batches wait for its probe (up to
+``sql_wait_s``) instead of each hitting SQL, and an outage costs a log line when it starts, a
+summary every ``summary_every_s`` and a line when it ends; NATS publish shortfalls likewise.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Protocol
 
 from mfh_core import HotStore, SqlStore
 from mfh_core.metrics import PERSIST_BATCHES, PERSIST_EVENTS, PERSIST_SECONDS
+from mfh_core.resilience import CircuitBreaker, OutageLog
 from mfh_models import MemoryEvent
 
 __all__ = ["EventPublisher", "PersistPipeline"]
@@ -30,12 +35,25 @@ class PersistPipeline:
     """apply_batch → publish → mark_clean, for one host."""
 
     def __init__(
-        self, *, sql: SqlStore, hot: HotStore, bus: EventPublisher | None = None, mark_interval_s: float = 0.2
+        self,
+        *,
+        sql: SqlStore,
+        hot: HotStore,
+        bus: EventPublisher | None = None,
+        mark_interval_s: float = 0.2,
+        sql_breaker: CircuitBreaker | None = None,
+        sql_wait_s: float = 0.0,
+        summary_every_s: float = 15.0,
     ) -> None:
         self.sql = sql
         self.hot = hot
         self.bus = bus
         self.mark_interval_s = mark_interval_s
+        self.sql_breaker = sql_breaker or CircuitBreaker("sql", logger=log, summary_every_s=summary_every_s)
+        self.sql_wait_s = sql_wait_s
+        self.nats_outage = OutageLog(
+            "NATS publish", what="events left for the outbox", logger=log, summary_every_s=summary_every_s
+        )
         self._acked: list[str] = []
         self._marker: asyncio.Task[None] | None = None
 
@@ -43,13 +61,18 @@ class PersistPipeline:
         """Persist a batch; ``publish=False`` for events that came from another host's stream."""
         t0 = time.perf_counter()
         try:
-            await asyncio.to_thread(self.sql.apply_batch, events, published=not publish or self.bus is None)
+            published = not publish or self.bus is None
+            await self.sql_breaker.call(
+                lambda: asyncio.to_thread(self.sql.apply_batch, events, published=published), wait=self.sql_wait_s
+            )
             if publish and self.bus is not None:
                 acked = await self.bus.publish_many(events)
                 self._mark_later(acked)
                 if len(acked) < len(events):
-                    missing = len(events) - len(acked)
-                    log.warning("%d of %d events not published; the outbox relays them", missing, len(events))
+                    reason = getattr(self.bus, "last_publish_error", None) or "not acked"
+                    self.nats_outage.failure(f"{reason}; the outbox relays them", count=len(events) - len(acked))
+                else:
+                    self.nats_outage.success()
             await self.hot.mark_clean(events)
         except Exception:
             PERSIST_BATCHES.labels(result="error").inc()

@@ -11,6 +11,7 @@ from dramatiq.brokers.redis import RedisBroker
 from mfh_core import HotStore, SqlStore
 from mfh_core.eventbus import EventBus
 from mfh_core.metrics_http import serve_metrics
+from mfh_core.resilience import breaker_from_settings
 from mfh_models import Settings, Unavailable
 from mfh_tasks.actors import LazyPipeline, declare_persist_actor
 from mfh_tasks.broker import build_broker
@@ -19,6 +20,9 @@ from mfh_tasks.persist import EventPublisher, PersistPipeline
 __all__ = ["build_hot_store", "build_sql_store", "build_worker"]
 
 log = logging.getLogger("mfh.worker")
+
+#: How long a batch waits for an open SQL breaker's probe before it is retried with backoff.
+_SQL_WAIT_S = 5.0
 
 
 def build_sql_store(settings: Settings) -> SqlStore:
@@ -70,12 +74,24 @@ def build_worker(settings: Settings) -> tuple[RedisBroker, dramatiq.Actor]:  # t
     broker = build_broker(settings)
     sql = build_sql_store(settings)
 
+    cb = settings.resilience.circuit_breaker
+
     async def build() -> PersistPipeline:
         serve_metrics(settings.metrics.worker_port, what="worker")
-        return PersistPipeline(sql=sql, hot=build_hot_store(settings), bus=await _build_bus(settings))
+        return PersistPipeline(
+            sql=sql,
+            hot=build_hot_store(settings),
+            bus=await _build_bus(settings),
+            sql_breaker=breaker_from_settings("sql", cb, logger=log),
+            sql_wait_s=_SQL_WAIT_S,
+            summary_every_s=cb.summary_every_seconds,
+        )
 
     actor = declare_persist_actor(broker, settings, LazyPipeline(build))
     dramatiq.set_broker(broker)
+    # One "Retrying message" line per batch retry is a flood during an outage; the breaker and the
+    # pipeline's outage logs say it once (and "Retries exceeded" is a warning, still shown).
+    logging.getLogger("dramatiq.middleware.retries.Retries").setLevel(logging.WARNING)
     log.info(
         "worker for host %s: %s, queue %s",
         settings.host_id,

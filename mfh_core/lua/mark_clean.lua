@@ -14,6 +14,7 @@ for i = 2, #KEYS do
     redis.call('ZREM', dirty, item)
   elseif cur[1] == vm and cur[2] == vc then
     redis.call('HSET', item, 'dirty', '0')
+    redis.call('HDEL', item, 'pst', 'pvm', 'pvc', 'pd', 'pk', 'po', 'pp', 'pu')
     redis.call('EXPIRE', item, ttl)
     redis.call('ZREM', dirty, item)
     cleaned = cleaned + 1

@@ -3,6 +3,9 @@
 -- cannot tombstone a key another call deleted a moment before. Each change gets the next
 -- hybrid-logical-clock version (versions grow within a batch), is written dirty with no TTL and
 -- is indexed in the dirty set. Versions are (ms, counter) pairs: Lua numbers cannot hold 64 bits.
+-- What the entry held before is remembered for unstage.lua (a write whose batch could not be
+-- enqueued is taken back): 'pst' = 'n' (nothing unpersisted before: unstage deletes the entry and
+-- reads fall back to SQL), 'd' (an unpersisted version, copied into the p* fields, is restored).
 -- KEYS: hlc, dirty, item1..itemN
 -- ARGV: origin, max_backlog, then per item: op, kind ('' keeps the key's own), payload,
 --       has_expected, exp_ms, exp_ctr
@@ -12,7 +15,7 @@ local n = #KEYS - 2
 local cur, new_dirty = {}, 0
 for i = 1, n do
   local item, base = KEYS[i + 2], 2 + (i - 1) * 6
-  local c = redis.call('HMGET', item, 'vm', 'vc', 'd', 'k')
+  local c = redis.call('HMGET', item, 'vm', 'vc', 'd', 'k', 'dirty')
   cur[i] = c
   local cm, cc = tonumber(c[1]), tonumber(c[2])
   if ARGV[base + 1] == 'delete' and ((not cm) or c[3] == '1') then return {'absent', tostring(i)} end
@@ -51,6 +54,14 @@ for i = 1, n do
   local deleted = '0'
   if ARGV[base + 1] == 'delete' then deleted = '1' end
   local ms, cs = string.format('%.0f', m), string.format('%.0f', c)
+  if cur[i][5] == '1' then
+    local prev = redis.call('HMGET', item, 'o', 'p', 'u')
+    redis.call('HSET', item, 'pst', 'd', 'pvm', cur[i][1], 'pvc', cur[i][2], 'pd', cur[i][3], 'pk', cur[i][4],
+      'po', prev[1] or '', 'pp', prev[2] or 'null', 'pu', prev[3] or '0')
+  else
+    redis.call('HDEL', item, 'pvm', 'pvc', 'pd', 'pk', 'po', 'pp', 'pu')
+    redis.call('HSET', item, 'pst', 'n')
+  end
   redis.call('HSET', item, 'vm', ms, 'vc', cs, 'o', ARGV[1], 'd', deleted, 'k', kind, 'p', ARGV[base + 3],
     'u', snow, 'dirty', '1')
   redis.call('PERSIST', item)

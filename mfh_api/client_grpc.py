@@ -1,15 +1,8 @@
 """gRPC clients for MFH: :class:`MemoryClient` (sync) and :class:`AsyncMemoryClient` (async).
 
 Same methods, typed with the models; errors are the mfh_models exceptions. Several endpoints
-("host:port") give failover: on UNAVAILABLE or DEADLINE_EXCEEDED the call moves to the next one.
-Retry policy, decided by what a repeat could do:
-
-- reads (Get, BatchGet, List): retried on UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED;
-- unconditional Put/BatchPut: retried the same way (at least once: a repeat writes the same
-  content again under a newer version, so the stored state is the same);
-- conditional writes (an expected_version) and Delete: retried only when the call never reached
-  a server (connection refused) or was refused before running (RESOURCE_EXHAUSTED), because a
-  repeat of one that ran would answer FAILED_PRECONDITION or NOT_FOUND.
+("host:port") give failover: a retryable failure moves the call to the next one. The retry policy
+is :mod:`mfh_api.retry_policy` (the same for every client; docs/api.md has the table).
 """
 
 from __future__ import annotations
@@ -18,7 +11,6 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -27,39 +19,37 @@ from mfh_api.auth import API_KEY_METADATA
 from mfh_api.errors import exception_for
 from mfh_api.grpc_server import from_pb_record
 from mfh_api.proto import pb, pb_grpc
+from mfh_api.retry_policy import SERVER_ANSWER_METADATA, CallKind, delay, retryable
 from mfh_api.service import Durability, PutResult, PutSpec
 from mfh_models import InvalidArgument, MemoryEvent, Op, Record, canonical_json, event_id_for
 
 __all__ = ["AsyncMemoryClient", "MemoryClient"]
 
 T = TypeVar("T")
-_S = grpc.StatusCode
 
 
-class _Retry(Enum):
-    ALWAYS = "always"  # safe to repeat
-    NOT_RUN = "not_run"  # only if the server cannot have run it
+def _answered_by_server(e: grpc.RpcError) -> bool:
+    try:
+        md = e.trailing_metadata() or ()
+    except Exception:  # an error raised before any call was made
+        return False
+    return any(item[0] == SERVER_ANSWER_METADATA for item in md if isinstance(item, tuple))
 
 
-_RETRY_ALWAYS = frozenset({_S.UNAVAILABLE, _S.DEADLINE_EXCEEDED, _S.RESOURCE_EXHAUSTED})
-_NEVER_SENT = ("failed to connect", "connection refused", "dns resolution failed", "no route to host")
-
-
-def _retryable(policy: _Retry, e: grpc.RpcError) -> bool:
+def _retryable(kind: CallKind, e: grpc.RpcError) -> bool:
     code = e.code()
-    if policy is _Retry.ALWAYS:
-        return code in _RETRY_ALWAYS
-    details = (e.details() or "").lower()
-    if code is _S.RESOURCE_EXHAUSTED:
-        return "message larger than max" not in details and "received message larger" not in details
-    return code is _S.UNAVAILABLE and any(s in details for s in _NEVER_SENT)
+    return retryable(kind, code.name, e.details() or "", answered_by_server=_answered_by_server(e))
+
+
+def _code(e: grpc.RpcError) -> str:
+    return str(e.code().name)
 
 
 @dataclass(frozen=True)
 class _Call(Generic[T]):
     method: str
     request: Any
-    retry: _Retry
+    retry: CallKind
     convert: Callable[[Any], T]
 
 
@@ -81,24 +71,24 @@ def _result(m: Any) -> PutResult:
 
 def _get(namespace: str, key: str) -> _Call[Record]:
     req = pb.GetRequest(namespace=namespace, key=key)
-    return _Call("Get", req, _Retry.ALWAYS, lambda m: from_pb_record(m.record))
+    return _Call("Get", req, CallKind.READ, lambda m: from_pb_record(m.record))
 
 
 def _batch_get(namespace: str, keys: Sequence[str]) -> _Call[tuple[list[Record], list[str]]]:
     req = pb.BatchGetRequest(namespace=namespace, keys=list(keys))
-    return _Call("BatchGet", req, _Retry.ALWAYS, lambda m: ([from_pb_record(r) for r in m.records], list(m.missing)))
+    return _Call("BatchGet", req, CallKind.READ, lambda m: ([from_pb_record(r) for r in m.records], list(m.missing)))
 
 
 def _put(spec: PutSpec, durability: Durability) -> _Call[PutResult]:
     req = _put_request(spec)
     req.durability = _durability(durability)
-    retry = _Retry.ALWAYS if spec.expected_version is None else _Retry.NOT_RUN
+    retry = CallKind.WRITE if spec.expected_version is None else CallKind.CONDITIONAL
     return _Call("Put", req, retry, _result)
 
 
 def _batch_put(specs: Sequence[PutSpec], durability: Durability) -> _Call[list[PutResult]]:
     req = pb.BatchPutRequest(puts=[_put_request(s) for s in specs], durability=_durability(durability))
-    retry = _Retry.ALWAYS if all(s.expected_version is None for s in specs) else _Retry.NOT_RUN
+    retry = CallKind.WRITE if all(s.expected_version is None for s in specs) else CallKind.CONDITIONAL
     return _Call("BatchPut", req, retry, lambda m: [_result(r) for r in m.results])
 
 
@@ -106,7 +96,7 @@ def _delete(namespace: str, key: str, expected_version: int | None, durability: 
     req = pb.DeleteRequest(namespace=namespace, key=key, durability=_durability(durability))
     if expected_version is not None:
         req.expected_version = expected_version
-    return _Call("Delete", req, _Retry.NOT_RUN, _result)
+    return _Call("Delete", req, CallKind.CONDITIONAL, _result)
 
 
 def _list(
@@ -120,7 +110,7 @@ def _list(
         page_token=page_token,
         include_deleted=include_deleted,
     )
-    return _Call("List", req, _Retry.ALWAYS, lambda m: ([from_pb_record(r) for r in m.records], m.next_page_token))
+    return _Call("List", req, CallKind.READ, lambda m: ([from_pb_record(r) for r in m.records], m.next_page_token))
 
 
 def _event(m: Any) -> MemoryEvent:
@@ -189,8 +179,8 @@ class _Base:
         if len(self.endpoints) > 1:
             self._down_until[i] = time.monotonic() + self.cooldown
 
-    def _delay(self, attempt: int) -> float:
-        return float(min(self.backoff * (2**attempt), 1.0))
+    def _delay(self, attempt: int, code: str) -> float:
+        return delay(attempt, self.backoff, code)
 
 
 class AsyncMemoryClient(_Base):
@@ -217,7 +207,7 @@ class AsyncMemoryClient(_Base):
             except grpc.aio.AioRpcError as e:
                 if attempt + 1 < attempts and _retryable(call.retry, e):
                     self._failed(i)
-                    await asyncio.sleep(self._delay(attempt))
+                    await asyncio.sleep(self._delay(attempt, _code(e)))
                     continue
                 raise exception_for(e.code(), e.details() or "") from e
         raise AssertionError("unreachable")
@@ -325,7 +315,7 @@ class MemoryClient(_Base):
             except grpc.RpcError as e:
                 if attempt + 1 < attempts and _retryable(call.retry, e):
                     self._failed(i)
-                    time.sleep(self._delay(attempt))
+                    time.sleep(self._delay(attempt, _code(e)))
                     continue
                 raise exception_for(e.code(), e.details() or "") from e
         raise AssertionError("unreachable")

@@ -1,10 +1,9 @@
 """ZeroMQ clients (sync and async) with the gRPC client's method names, for agents that speak ZeroMQ.
 
 Reliability is the Lazy Pirate pattern on a DEALER socket: wait ``timeout`` seconds for the reply,
-then close the socket, reopen it on the next endpoint and resend. The retry policy matches the
-gRPC client's: reads and unconditional puts are resent after a timeout, UNAVAILABLE,
-DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED; deletes and conditional writes only after
-RESOURCE_EXHAUSTED (refused before running), since a repeat of one that ran would fail.
+then close the socket, reopen it on the next endpoint and resend when the call may be repeated.
+The retry policy is the gRPC client's, :mod:`mfh_api.retry_policy` (docs/api.md has the table);
+no reply at all counts as a lost connection (reads and unconditional puts are resent).
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ import zmq
 import zmq.asyncio
 
 from mfh_api.errors import exception_for_zmq
+from mfh_api.retry_policy import CallKind, delay, retryable
 from mfh_api.service import Durability, PutResult, PutSpec
 from mfh_api.zmq_protocol import record_from_json
 from mfh_models import (
@@ -27,8 +27,6 @@ from mfh_models import (
     InvalidArgument,
     MFHError,
     Record,
-    ResourceExhausted,
-    Unavailable,
 )
 
 __all__ = ["AsyncZmqClient", "ZmqClient"]
@@ -75,19 +73,19 @@ class _Calls:
     def _attempts(self) -> int:
         return max(self.retries, len(self.endpoints) - 1) + 1
 
-    def _delay(self, attempt: int) -> float:
-        return float(min(self.backoff * 2**attempt, 1.0))
+    def _delay(self, attempt: int, code: str) -> float:
+        return delay(attempt, self.backoff, code)
 
     @staticmethod
-    def _idempotent(action: str, payload: dict[str, Any]) -> bool:
-        """Safe to resend: the same final state however many times it is applied."""
+    def _kind(action: str, payload: dict[str, Any]) -> CallKind:
+        """What a repeat of the call could do (mfh_api.retry_policy)."""
         if action in _READS:
-            return True
-        if action == "put":
-            return payload.get("expected_version") is None
-        if action == "batch_put":
-            return all(p.get("expected_version") is None for p in payload["puts"])
-        return False
+            return CallKind.READ
+        if action == "put" and payload.get("expected_version") is None:
+            return CallKind.WRITE
+        if action == "batch_put" and all(p.get("expected_version") is None for p in payload["puts"]):
+            return CallKind.WRITE
+        return CallKind.CONDITIONAL
 
     @staticmethod
     def _reply(frames: list[bytes], rid: str) -> dict[str, Any] | None:
@@ -106,9 +104,12 @@ class _Calls:
         raise exception_for_zmq(err if isinstance(err, dict) else {})
 
     @staticmethod
-    def _resend(idempotent: bool, e: MFHError) -> bool:
-        """Whether an error reply may be retried: see the module docstring."""
-        return isinstance(e, ResourceExhausted) or (idempotent and isinstance(e, Unavailable))
+    def _retry_after(kind: CallKind, reply: dict[str, Any]) -> str | None:
+        """The error code of an error reply that may be retried (see the module docstring), else None."""
+        err = reply.get("error")
+        code = str(err.get("code", "")) if isinstance(err, dict) else ""
+        message = str(err.get("message", "")) if isinstance(err, dict) else ""
+        return code if retryable(kind, code, message, answered_by_server=True) else None
 
     def _rotate(self) -> None:
         self.failovers += 1
@@ -194,7 +195,7 @@ class ZmqClient(_Calls):
         """Send one v1 request and return its ``data``; raises the MFHError of an error reply."""
         t = timeout or self.timeout
         rid, body = self._request(action, payload, t)
-        idempotent = self._idempotent(action, payload)
+        kind = self._kind(action, payload)
         attempts = self._attempts()
         for attempt in range(attempts):
             sock = self._socket()
@@ -207,16 +208,14 @@ class ZmqClient(_Calls):
             if reply is None:  # Lazy Pirate: this socket may hold a dead peer's queue; start afresh
                 self.close()
                 self._rotate()
-                if idempotent:
+                if attempt + 1 < attempts and retryable(kind, "NO_REPLY"):
                     continue
                 raise self._no_reply(action, t, attempt + 1)
-            try:
+            code = self._retry_after(kind, reply) if reply.get("status") != "ok" else None
+            if code is None or attempt + 1 >= attempts:
                 return self._data(reply)
-            except MFHError as e:
-                if attempt + 1 >= attempts or not self._resend(idempotent, e):
-                    raise
-                self._rotate()
-                time.sleep(self._delay(attempt))
+            self._rotate()
+            time.sleep(self._delay(attempt, code))
         raise self._no_reply(action, t, attempts)
 
     def get(self, namespace: str, key: str, *, timeout: float | None = None) -> Record:
@@ -322,7 +321,7 @@ class AsyncZmqClient(_Calls):
     async def _call(self, action: str, payload: dict[str, Any], timeout: float | None) -> Any:  # noqa: ASYNC109
         t = timeout or self.timeout
         rid, body = self._request(action, payload, t)
-        idempotent = self._idempotent(action, payload)
+        kind = self._kind(action, payload)
         attempts = self._attempts()
         for attempt in range(attempts):
             sock = self._socket()
@@ -332,19 +331,17 @@ class AsyncZmqClient(_Calls):
             while reply is None and (left := deadline - time.monotonic()) > 0:
                 if await sock.poll(int(left * 1000) + 1):  # POLLIN by default
                     reply = self._reply(await sock.recv_multipart(), rid)
-            if reply is None:  # Lazy Pirate: close, reopen on the next endpoint, resend
+            if reply is None:  # Lazy Pirate: this socket may hold a dead peer's queue; start afresh
                 self.close()
                 self._rotate()
-                if idempotent:
+                if attempt + 1 < attempts and retryable(kind, "NO_REPLY"):
                     continue
                 raise self._no_reply(action, t, attempt + 1)
-            try:
+            code = self._retry_after(kind, reply) if reply.get("status") != "ok" else None
+            if code is None or attempt + 1 >= attempts:
                 return self._data(reply)
-            except MFHError as e:
-                if attempt + 1 >= attempts or not self._resend(idempotent, e):
-                    raise
-                self._rotate()
-                await asyncio.sleep(self._delay(attempt))
+            self._rotate()
+            await asyncio.sleep(self._delay(attempt, code))
         raise self._no_reply(action, t, attempts)
 
     async def get(self, namespace: str, key: str, *, timeout: float | None = None) -> Record:  # noqa: ASYNC109

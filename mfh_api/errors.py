@@ -95,6 +95,8 @@ def zmq_error(exc: BaseException) -> dict[str, Any]:
 
 def exception_for(code: grpc.StatusCode, message: str) -> MFHError:
     """Client side: the exception for a gRPC status (unknown codes become a plain MFHError)."""
+    if code is grpc.StatusCode.CANCELLED:  # an MFH server never cancels a call: the connection was cut
+        return Unavailable(f"call cancelled (connection cut or server stopped): {message}")
     row = _BY_GRPC.get(code)
     if row is None:
         err = MFHError(f"{code.name}: {message}")

@@ -9,6 +9,7 @@ when the client set none; errors come from the one table in :mod:`mfh_api.errors
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -23,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from mfh_api.auth import API_KEY_METADATA, ApiKeyCheck
 from mfh_api.errors import INTERNAL_MESSAGE, grpc_status
 from mfh_api.proto import pb, pb_grpc
+from mfh_api.retry_policy import SERVER_ANSWER_METADATA
 from mfh_api.service import Durability, MemoryService, PutSpec
 from mfh_core.metrics import API_LATENCY, API_REQUESTS
 from mfh_models import (
@@ -184,6 +186,14 @@ class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
         self.deadline = settings.server.deadline_seconds
         self.draining = False  # shutting down: new calls are answered UNAVAILABLE (clients fail over)
         self.in_flight = 0  # calls running now (the shutdown waits for them)
+        self._idle = asyncio.Event()
+
+    async def drain(self, timeout: float) -> None:  # noqa: ASYNC109 - the shutdown's grace period
+        """From now on answer UNAVAILABLE; wait (up to ``timeout`` s) for the calls already running."""
+        self.draining = True
+        if self.in_flight > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout)
 
     async def _call(
         self, name: str, request: Any, context: grpc.aio.ServicerContext[Any, Any], fn: Callable[[float], Awaitable[R]]
@@ -213,6 +223,8 @@ class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
             status = (grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
         finally:
             self.in_flight -= 1
+            if self.draining and self.in_flight == 0:
+                self._idle.set()
             elapsed = time.perf_counter() - start
             _latency(name).observe(elapsed)
         API_REQUESTS.labels("grpc", name, status[0].name).inc()
@@ -307,7 +319,9 @@ def _watch_event(ev: MemoryEvent) -> Any:
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], status: tuple[grpc.StatusCode, str]) -> NoReturn:
-    await context.abort(status[0], status[1])
+    # The marker tells a client the server itself answered (an UNAVAILABLE from it means nothing was done),
+    # as opposed to the transport failing mid-call (mfh_api.retry_policy).
+    await context.abort(status[0], status[1], trailing_metadata=((SERVER_ANSWER_METADATA, "1"),))
     raise AssertionError("unreachable: abort raises")
 
 
@@ -384,8 +398,6 @@ class GrpcServer:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         if self._servicer is not None:
-            self._servicer.draining = True
-            while self._servicer.in_flight > 0 and loop.time() < deadline:
-                await asyncio.sleep(0.01)
+            await self._servicer.drain(grace)
         if self._server is not None:
             await self._server.stop(max(deadline - loop.time(), 0.2))

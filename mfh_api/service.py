@@ -266,6 +266,8 @@ class MemoryService:
         """A Redis step of a write: any Redis failure means the hub is read-only for now."""
         try:
             return await self._redis(fn)
+        except DeadlineExceeded:  # a Redis timeout while staging: the outcome is unknown, not "read-only"
+            raise
         except Unavailable as e:
             raise Unavailable(f"{_READ_ONLY} ({e.message})") from e
 

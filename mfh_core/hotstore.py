@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from mfh_models import (
+    DeadlineExceeded,
     Kind,
     MemoryEvent,
     NotFound,
@@ -147,7 +148,9 @@ class HotStore:
         """Version and stage every change or none, in one Lua call.
 
         Raises NotFound (a delete of an absent or deleted key), VersionConflict or ResourceExhausted
-        (the dirty set is at ``max_backlog``), naming the first change that failed.
+        (the dirty set is at ``max_backlog``), naming the first change that failed; Unavailable when
+        Redis cannot be reached (nothing staged), DeadlineExceeded when it did not answer in time
+        (the change may be staged: reconcile then persists it).
         """
         keys = [self.hlc_key, self.dirty_key, *(self.item_key(c.namespace, c.key) for c in changes)]
         args: list[Any] = [self.origin, self.max_backlog]
@@ -155,7 +158,12 @@ class HotStore:
             ms, ctr = unpack(c.expected_version) if c.expected_version is not None else (0, 0)
             kind = c.kind.value if c.kind is not None else ""
             args += [c.op.value, kind, c.payload, "1" if c.expected_version is not None else "0", ms, ctr]
-        res = await self._call(self._stage, keys, args)
+        try:
+            res = await self._stage(keys=keys, args=args)
+        except RedisTimeoutError as e:  # the script may have run: the caller cannot be told "nothing was staged"
+            raise DeadlineExceeded(f"redis did not answer in time while staging; the write may be staged ({e})") from e
+        except RedisConnectionError as e:
+            raise Unavailable(f"redis unavailable: {e}") from e
         if res[0] in ("conflict", "absent"):
             i = int(res[1]) - 1
             c, where = changes[i], f"puts[{i}]: " if len(changes) > 1 else ""

@@ -73,6 +73,7 @@ class OutageLog:
     def failure(self, reason: str, *, count: int = 1) -> None:
         """Record ``count`` failed things; logs only at the start and when a summary is due."""
         now = self._clock()
+        reason = " ".join(reason.split())  # driver messages span lines: keep one line per entry
         if self._since is None:
             self._since, self._count, self._next_summary = now, count, now + self.summary_every_s
             self.log.warning("%s unavailable: %s", self.name, reason)

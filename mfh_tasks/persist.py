@@ -20,7 +20,7 @@ from typing import Protocol
 from mfh_core import HotStore, SqlStore
 from mfh_core.metrics import PERSIST_BATCHES, PERSIST_EVENTS, PERSIST_SECONDS
 from mfh_core.resilience import CircuitBreaker, OutageLog
-from mfh_models import MemoryEvent
+from mfh_models import MemoryEvent, MFHError
 
 __all__ = ["EventPublisher", "PersistPipeline"]
 
@@ -99,8 +99,9 @@ class PersistPipeline:
         if not ids:
             return
         try:
-            await asyncio.to_thread(self.sql.mark_published, ids)
+            await self.sql_breaker.call(lambda: asyncio.to_thread(self.sql.mark_published, ids))
         except Exception as e:
-            log.warning("could not mark %d events published yet (%s); retrying", len(ids), e)
+            if not isinstance(e, MFHError):  # SQL being down is reported by the breaker, once
+                log.warning("could not mark %d events published yet (%s); retrying", len(ids), e)
             self._acked.extend(ids)
             self._marker = asyncio.ensure_future(self._mark_soon())

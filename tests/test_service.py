@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -16,7 +17,7 @@ from services import async_wait_until
 
 from mfh_api.service import Durability, MemoryService, PutResult, PutSpec, build_service
 from mfh_core import HotStore, SqlStore
-from mfh_core.resilience import Bulkhead, CircuitBreaker, CircuitState
+from mfh_core.resilience import Bulkhead, CircuitBreaker, CircuitState, OutageLog
 from mfh_models import (
     MAX_PAYLOAD_BYTES,
     DeadlineExceeded,
@@ -44,7 +45,7 @@ def host_for(tmp_path: Path, redis_url: str, **overrides: Any) -> TestHost:
 
 @pytest.fixture
 def host(tmp_path: Path, redis_url: str) -> Any:
-    h = host_for(tmp_path, redis_url, resilience={"circuit_breaker": {"reset_timeout": 60}})
+    h = host_for(tmp_path, redis_url, resilience={"circuit_breaker": {"reset_timeout": 60, "first_probe_seconds": 60}})
     yield h
     h.stop_all()
 
@@ -368,9 +369,12 @@ async def test_redis_down_serves_sql_reads_and_refuses_writes_read_only(svc: Mem
 # -- resilience primitives ---------------------------------------------------------------------------------
 
 
-async def test_circuit_breaker_opens_after_failures_and_half_opens_after_the_timeout() -> None:
+async def test_circuit_breaker_probes_with_backoff_and_jitter_then_closes_on_success(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given a breaker that opens after 2 failures, probes 0.1 s after opening, backs off up to 1 s
     now = [0.0]
-    cb = CircuitBreaker("dep", failure_threshold=2, reset_timeout=10, clock=lambda: now[0])
+    cb = CircuitBreaker("dep", failure_threshold=2, reset_timeout=1.0, first_probe=0.1, clock=lambda: now[0])
 
     async def fail() -> None:
         raise Unavailable("down")
@@ -378,14 +382,50 @@ async def test_circuit_breaker_opens_after_failures_and_half_opens_after_the_tim
     async def ok() -> str:
         return "ok"
 
+    caplog.set_level(logging.INFO, "mfh.resilience")
     for _ in range(2):
         with pytest.raises(Unavailable, match="down"):
             await cb.call(fail)
-    with pytest.raises(Unavailable, match="circuit open"):
-        await cb.call(ok)
-    now[0] = 10.0
-    assert cb.state is CircuitState.HALF_OPEN
-    assert await cb.call(ok) == "ok" and cb.state is CircuitState.CLOSED
+    # When it is open, calls are refused at once until a probe is due
+    for _ in range(50):
+        with pytest.raises(Unavailable, match="circuit open"):
+            await cb.call(ok)
+    assert cb.state is CircuitState.OPEN and cb.probes == 0
+    # Then each failed probe doubles the wait (jittered +-20 %), capped at reset_timeout
+    waits = []
+    for _ in range(6):
+        start = now[0]
+        while not cb.allow():
+            now[0] += 0.01
+        waits.append(now[0] - start)
+        cb.record_failure("still down")
+    assert 0.07 <= waits[0] <= 0.13 and 0.15 <= waits[1] <= 0.25
+    assert all(0.79 <= w <= 1.21 for w in waits[4:]), waits
+    assert cb.probes == 6
+    # And one probe at a time: while it runs, others are refused
+    while not cb.allow():
+        now[0] += 0.01
+    assert not cb.allow()
+    cb.record_success()
+    assert cb.state is CircuitState.CLOSED and await cb.call(ok) == "ok"
+    # and the outage cost one line when it began and one when it ended (none per refused call)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert "dep (circuit open) unavailable" in lines[0] and "dep (circuit open) is back" in lines[1]
+
+
+async def test_outage_log_summarises_at_most_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    out = OutageLog("thing", what="batches deferred", summary_every_s=10, clock=lambda: now[0])
+    caplog.set_level(logging.INFO, "mfh.resilience")
+    for _ in range(1000):
+        out.failure("boom")
+        now[0] += 0.025  # 25 s of failures, 40 a second
+    out.success()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 4, lines  # start, two summaries (at 10 s and 20 s), end
+    assert "thing unavailable for 10 s, " in lines[1] and "batches deferred" in lines[1]
+    assert lines[-1].startswith("thing is back after 25.0 s (1000 batches deferred")
 
 
 async def test_bulkhead_queues_up_to_its_bound_then_refuses() -> None:

@@ -214,6 +214,7 @@ class ZmqClient(_Calls):
             code = self._retry_after(kind, reply) if reply.get("status") != "ok" else None
             if code is None or attempt + 1 >= attempts:
                 return self._data(reply)
+            self.close()  # the socket is connected to one endpoint: reopen it on the next one
             self._rotate()
             time.sleep(self._delay(attempt, code))
         raise self._no_reply(action, t, attempts)
@@ -340,6 +341,7 @@ class AsyncZmqClient(_Calls):
             code = self._retry_after(kind, reply) if reply.get("status") != "ok" else None
             if code is None or attempt + 1 >= attempts:
                 return self._data(reply)
+            self.close()  # the socket is connected to one endpoint: reopen it on the next one
             self._rotate()
             await asyncio.sleep(self._delay(attempt, code))
         raise self._no_reply(action, t, attempts)

@@ -174,7 +174,9 @@ async def test_sigterm_under_load_answers_nothing_cancelled_and_clients_fail_ove
 
 
 @pytest.fixture
-async def draining_and_live(tmp_path: Path, redis_url: str) -> AsyncIterator[tuple[GrpcServer, GrpcServer, ZmqServer, ZmqServer]]:
+async def draining_and_live(
+    tmp_path: Path, redis_url: str
+) -> AsyncIterator[tuple[GrpcServer, GrpcServer, ZmqServer, ZmqServer]]:
     """Two servers of one service: the first is shutting down (answers UNAVAILABLE), the second serves."""
     host = _host(tmp_path, redis_url, server={"grpc_port": 0, "zmq_port": 0})
     svc = await build_service(host.settings)

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-from typing import Final
 
+from mfh_client.types import API_KEY_METADATA
 from mfh_models import ConfigError, Settings, Unauthenticated
 
 __all__ = ["API_KEY_METADATA", "ApiKeyCheck", "check_bind_is_safe", "is_loopback"]
-
-API_KEY_METADATA: Final = "x-api-key"
 
 
 class ApiKeyCheck:

@@ -21,11 +21,13 @@ from grpc_health.v1 import _async as health_aio  # the class `health.aio` re-exp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from mfh_api.auth import API_KEY_METADATA, ApiKeyCheck
-from mfh_api.errors import INTERNAL_MESSAGE, grpc_status
-from mfh_api.proto import pb, pb_grpc
-from mfh_api.retry_policy import SERVER_ANSWER_METADATA
+from mfh_api.auth import ApiKeyCheck
 from mfh_api.service import Durability, MemoryService, PutSpec
+from mfh_client.codecs import from_pb_record, to_pb_record
+from mfh_client.codes import INTERNAL_MESSAGE, grpc_status
+from mfh_client.proto import pb, pb_grpc
+from mfh_client.retry import SERVER_ANSWER_METADATA
+from mfh_client.types import API_KEY_METADATA
 from mfh_core.metrics import API_LATENCY, API_REQUESTS
 from mfh_models import (
     SCHEMA_VERSION,
@@ -34,7 +36,6 @@ from mfh_models import (
     Kind,
     MemoryEvent,
     MFHError,
-    Record,
     Settings,
     Unavailable,
 )
@@ -60,34 +61,6 @@ def _latency(method: str) -> Any:
 @functools.cache
 def _ok_count(method: str) -> Any:
     return API_REQUESTS.labels("grpc", method, "OK")
-
-
-def to_pb_record(r: Record) -> Any:
-    return pb.Record(
-        namespace=r.namespace,
-        key=r.key,
-        kind=r.kind.value,
-        payload_json=r.payload,
-        version=r.version,
-        origin=r.origin,
-        deleted=r.deleted,
-        updated_at_ms=r.updated_at,
-        schema_version=r.schema_version,
-    )
-
-
-def from_pb_record(m: Any) -> Record:
-    return Record.model_construct(
-        namespace=m.namespace,
-        key=m.key,
-        kind=Kind(m.kind) if m.kind in _KINDS else m.kind,
-        payload=m.payload_json,
-        version=m.version,
-        origin=m.origin,
-        deleted=m.deleted,
-        updated_at=m.updated_at_ms,
-        schema_version=m.schema_version or SCHEMA_VERSION,
-    )
 
 
 def _spec(put: Any) -> PutSpec:
@@ -320,7 +293,7 @@ def _watch_event(ev: MemoryEvent) -> Any:
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], status: tuple[grpc.StatusCode, str]) -> NoReturn:
     # The marker tells a client the server itself answered (an UNAVAILABLE from it means nothing was done),
-    # as opposed to the transport failing mid-call (mfh_api.retry_policy).
+    # as opposed to the transport failing mid-call (mfh_client.retry).
     await context.abort(status[0], status[1], trailing_metadata=((SERVER_ANSWER_METADATA, "1"),))
     raise AssertionError("unreachable: abort raises")
 

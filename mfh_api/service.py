@@ -14,13 +14,12 @@ import binascii
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any, Final, TypeVar
 
 from redis.exceptions import RedisError
 
 from mfh_api.changefeed import ChangeFeed
+from mfh_client.types import Durability, PutResult, PutSpec
 from mfh_core import Change, HotStore, SqlStore
 from mfh_core.metrics import CACHE_LOOKUPS
 from mfh_core.resilience import Bulkhead, OutageLog, breaker_from_settings
@@ -65,28 +64,6 @@ _PERSISTED_RECHECK_S: Final = 0.5
 _READ_ONLY: Final = "read-only mode: redis unavailable"
 _CACHE_HIT: Final = CACHE_LOOKUPS.labels("hit")  # labels() takes a lock: resolve the children once
 _CACHE_MISS: Final = CACHE_LOOKUPS.labels("miss")
-
-
-class Durability(StrEnum):
-    ACCEPTED = "accepted"  # staged in Redis and its batch enqueued
-    PERSISTED = "persisted"  # committed to SQL
-
-
-@dataclass(frozen=True)
-class PutResult:
-    version: int
-    event_id: str
-
-
-@dataclass(frozen=True)
-class PutSpec:
-    """One put as a client asks for it; ``payload`` is a dict or JSON text."""
-
-    namespace: str
-    key: str
-    kind: str
-    payload: Any
-    expected_version: int | None = None
 
 
 def _check_expected(v: int | None) -> int | None:

@@ -12,7 +12,8 @@ from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
-from mfh_models import InvalidArgument, Record, canonical_json
+from mfh_client.codecs import record_from_json, record_to_json
+from mfh_models import InvalidArgument
 from mfh_models.records import format_validation_error
 
 __all__ = [
@@ -175,36 +176,6 @@ def parse_payload(action: str, payload: dict[str, Any]) -> _Strict:
         return ACTIONS[action].model_validate(payload)
     except ValidationError as e:
         raise InvalidArgument(f"invalid {action} payload: {format_validation_error(e, 'payload.')}") from None
-
-
-def record_to_json(record: Record) -> dict[str, Any]:
-    """A record as the ZeroMQ protocol sends it: the payload as a JSON object, not text."""
-    return {
-        "namespace": record.namespace,
-        "key": record.key,
-        "kind": record.kind.value,
-        "payload": json.loads(record.payload),
-        "version": record.version,
-        "origin": record.origin,
-        "deleted": record.deleted,
-        "updated_at_ms": record.updated_at,
-        "schema_version": record.schema_version,
-    }
-
-
-def record_from_json(obj: dict[str, Any]) -> Record:
-    """The inverse of :func:`record_to_json`, for clients: the payload back to canonical JSON text."""
-    return Record(
-        namespace=obj["namespace"],
-        key=obj["key"],
-        kind=obj["kind"],
-        payload=canonical_json(obj["payload"]),
-        version=obj["version"],
-        origin=obj["origin"],
-        deleted=obj["deleted"],
-        updated_at=obj["updated_at_ms"],
-        schema_version=obj["schema_version"],
-    )
 
 
 def ok_reply(rid: str | int | None, data: Any) -> dict[str, Any]:

@@ -18,7 +18,6 @@ import zmq.asyncio
 
 from mfh_api import legacy_v0
 from mfh_api.auth import ApiKeyCheck
-from mfh_api.errors import zmq_error
 from mfh_api.service import Durability, MemoryService, PutSpec
 from mfh_api.zmq_protocol import (
     RPC_NAMES,
@@ -37,6 +36,7 @@ from mfh_api.zmq_protocol import (
     record_to_json,
     request_id,
 )
+from mfh_client.codes import zmq_error
 from mfh_core.metrics import API_LATENCY, API_REQUESTS
 from mfh_models import DeadlineExceeded, InvalidArgument, MFHError, Settings, Unauthenticated, Unavailable
 

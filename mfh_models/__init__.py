@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from mfh_models.canonical import ChecksumRow, canonical_json, items_checksum, payload_digest
 from mfh_models.errors import (
     ConfigError,
@@ -35,8 +37,22 @@ from mfh_models.records import (
     validate_payload,
 )
 from mfh_models.schemas import json_schemas
-from mfh_models.settings import Settings, default_config_dir, load_settings
 from mfh_models.versions import pack, unpack
+
+if TYPE_CHECKING:
+    from mfh_models.settings import Settings, default_config_dir, load_settings
+
+#: Loaded on first use: an agent that installs only the client never imports settings or YAML.
+_LAZY = {"Settings", "default_config_dir", "load_settings"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from mfh_models import settings
+
+        return getattr(settings, name)
+    raise AttributeError(f"module 'mfh_models' has no attribute {name!r}")
+
 
 __all__ = [
     "KIND_MODELS",

@@ -123,8 +123,8 @@ ensure_venv() {
     local stamp="$VAR/pip-install.stamp" want
     want="$(sha256sum pyproject.toml | cut -d' ' -f1) $("$PY" -c 'import sys; print(sys.version.split()[0])')"
     if [[ $created -eq 1 || ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
-        log "pip install -e '.[dev]' (pyproject.toml changed or fresh venv)"
-        "$PY" -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+        log "pip install -e '.[server,postgres,dev]' (pyproject.toml changed or fresh venv)"
+        "$PY" -m pip install --quiet --disable-pip-version-check -e '.[server,postgres,dev]'
         printf '%s\n' "$want" >"$stamp"
     fi
 }

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Regenerate the Python gRPC modules from ``proto/`` into ``mfh_api/_generated/``.
+"""Regenerate the Python gRPC modules from ``proto/`` into ``mfh_client/_generated/``.
 
 Usage::
 
@@ -14,7 +14,7 @@ How the import problem is solved
 ``protoc`` names Python modules after the proto path, so ``proto/mfh/v1/memory_fusion.proto``
 becomes ``mfh/v1/memory_fusion_pb2.py``, and the generated ``memory_fusion_pb2_grpc.py`` says
 ``from mfh.v1 import memory_fusion_pb2 as ...``, an absolute import of a top-level ``mfh``
-package that does not exist here. Rather than adding ``mfh_api/_generated`` to ``sys.path`` or
+package that does not exist here. Rather than adding ``mfh_client/_generated`` to ``sys.path`` or
 making the proto package path mirror the Python package (``package mfh_api._generated`` would
 leak a Python layout into the wire contract), we:
 
@@ -26,7 +26,7 @@ leak a Python layout into the wire contract), we:
    the start of a line) to the relative ``from . import X``; the script fails if a generated
    file still mentions an ``mfh.v1`` import afterwards, so a change in protoc's output cannot
    slip through silently;
-3. copy the ``mfh/v1/`` files flat into ``mfh_api/_generated/`` next to a fixed ``__init__.py``,
+3. copy the ``mfh/v1/`` files flat into ``mfh_client/_generated/`` next to a fixed ``__init__.py``,
    and (in write mode) remove generated-looking files there that are no longer produced.
 
 ``--check`` runs steps 1-2 into a temporary directory and compares bytes with the committed
@@ -46,11 +46,11 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = "proto"  # relative to the root; the protoc include path
 PROTO_PACKAGE_DIR = "mfh/v1"  # relative to PROTO_DIR; every *.proto in it is generated
-OUT_DIR = "mfh_api/_generated"  # relative to the root
+OUT_DIR = "mfh_client/_generated"  # relative to the root
 
 INIT_TEXT = '''"""Python modules generated from proto/mfh/v1/*.proto: generated; do not edit.
 
-Regenerate with ``python scripts/gen_proto.py``; import them through ``mfh_api.proto``.
+Regenerate with ``python scripts/gen_proto.py``; import them through ``mfh_client.proto``.
 """
 '''
 

@@ -27,9 +27,9 @@ from mfh_api.client_grpc import AsyncMemoryClient, MemoryClient
 from mfh_api.client_zmq import AsyncZmqClient
 from mfh_api.errors import exception_for
 from mfh_api.grpc_server import GrpcServer
-from mfh_api.retry_policy import CallKind, retryable
 from mfh_api.service import MemoryService, PutSpec, build_service
 from mfh_api.zmq_server import ZmqServer
+from mfh_client.retry import CallKind, retryable
 from mfh_core import SqlStore
 from mfh_models import MFHError, NotFound, Unavailable
 from mfh_tasks import WriteBatcher, build_broker, build_hot_store, declare_persist_actor, encode_batch

@@ -13,7 +13,7 @@ from mfh_api.proto import pb, pb_grpc
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GEN_PROTO = REPO_ROOT / "scripts" / "gen_proto.py"
-GENERATED = Path("mfh_api") / "_generated"
+GENERATED = Path("mfh_client") / "_generated"
 
 
 def _run_gen(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -142,7 +142,7 @@ def test_check_fails_on_edited_generated_file(tree_copy: Path) -> None:
     target.write_text(target.read_text(encoding="utf-8") + "# edited by hand\n", encoding="utf-8")
     result = _run_gen("--check", "--root", str(tree_copy), cwd=tree_copy)
     assert result.returncode != 0
-    assert "stale:      mfh_api/_generated/memory_fusion_pb2_grpc.py" in result.stderr
+    assert "stale:      mfh_client/_generated/memory_fusion_pb2_grpc.py" in result.stderr
     assert "python scripts/gen_proto.py" in result.stderr
 
 
@@ -151,8 +151,8 @@ def test_check_fails_on_missing_or_unexpected_file(tree_copy: Path) -> None:
     (tree_copy / GENERATED / "old_pb2.py").write_text("# left over\n", encoding="utf-8")
     result = _run_gen("--check", "--root", str(tree_copy), cwd=tree_copy)
     assert result.returncode != 0
-    assert "missing:    mfh_api/_generated/memory_fusion_pb2.pyi" in result.stderr
-    assert "unexpected: mfh_api/_generated/old_pb2.py" in result.stderr
+    assert "missing:    mfh_client/_generated/memory_fusion_pb2.pyi" in result.stderr
+    assert "unexpected: mfh_client/_generated/old_pb2.py" in result.stderr
 
 
 def test_check_fails_when_proto_changes(tree_copy: Path) -> None:
@@ -160,7 +160,7 @@ def test_check_fails_when_proto_changes(tree_copy: Path) -> None:
     proto.write_text(proto.read_text(encoding="utf-8") + "\nmessage Extra {}\n", encoding="utf-8")
     result = _run_gen("--check", "--root", str(tree_copy), cwd=tree_copy)
     assert result.returncode != 0
-    assert "stale:      mfh_api/_generated/memory_fusion_pb2.py" in result.stderr
+    assert "stale:      mfh_client/_generated/memory_fusion_pb2.py" in result.stderr
 
 
 def test_regenerate_repairs_and_is_deterministic(tree_copy: Path) -> None:

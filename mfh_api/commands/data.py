@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from mfh_api.commands import exit_code, fail, settings_from
-from mfh_api.service import Durability, PutResult, PutSpec
+from mfh_client.types import Durability, PutResult, PutSpec
 from mfh_models import MFHError, Record, Settings
 
 __all__ = ["register"]

@@ -1,5 +1,7 @@
 """The one retry policy of every client (gRPC and ZeroMQ, sync and async); docs/api.md has the table.
 
+:class:`mfh_client.calls.RetryPolicy` asks it; the transports classify each failure.
+
 What a repeat could do decides it:
 
 - reads are always safe to repeat: retried on UNAVAILABLE, CANCELLED, RESOURCE_EXHAUSTED and

@@ -1,0 +1,331 @@
+"""The clients agents use: :class:`MemoryClient` / :class:`AsyncMemoryClient` (gRPC) and
+:class:`ZmqClient` / :class:`AsyncZmqClient` (ZeroMQ), with the same methods and the same errors.
+
+Each method is written once per flavour (blocking or asyncio): it builds a
+:class:`~mfh_client.calls.Call` and hands it to the one retry loop, which asks the transport for
+one attempt at a time and the :class:`~mfh_client.calls.RetryPolicy` whether to try again
+(on another endpoint, when there are several).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any, Protocol, TypeVar
+
+import grpc
+
+from mfh_client import calls
+from mfh_client.calls import Call, Endpoints, Failure, RetryPolicy
+from mfh_client.codecs import event_from_pb
+from mfh_client.codes import exception_for
+from mfh_client.proto import pb
+from mfh_client.transport_grpc import AsyncGrpcTransport, GrpcTransport
+from mfh_client.transport_zmq import AsyncZmqTransport, ZmqTransport, zmq_endpoints
+from mfh_client.types import Durability, PutResult, PutSpec
+from mfh_models.records import MemoryEvent, Record
+
+__all__ = ["AsyncClient", "AsyncMemoryClient", "AsyncZmqClient", "Client", "MemoryClient", "ZmqClient"]
+
+T = TypeVar("T")
+_DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024
+
+
+class SyncTransport(Protocol):
+    def attempt(self, call: Call[Any], i: int, timeout: float) -> Any: ...
+    def close(self) -> None: ...
+
+
+class AsyncTransport(Protocol):
+    async def attempt(self, call: Call[Any], i: int, timeout: float) -> Any: ...  # noqa: ASYNC109
+
+
+class _Base:
+    """Endpoints, timeout and retry policy; a subclass names its transport (``_connect``)."""
+
+    def __init__(
+        self,
+        endpoints: str | Sequence[str],
+        *,
+        api_key: str | None = None,
+        timeout: float = 5.0,
+        retries: int = 3,
+        backoff: float = 0.05,
+        cooldown: float = 2.0,
+        **transport_options: Any,
+    ) -> None:
+        eps = self._addresses([endpoints] if isinstance(endpoints, str) else list(endpoints))
+        self._endpoints = Endpoints(eps, cooldown=cooldown)
+        self.endpoints = self._endpoints.addresses
+        self.timeout = timeout
+        self.policy = RetryPolicy(retries=retries, backoff=backoff)
+        self.failovers = 0  # how many times a call was retried, on another endpoint when there is one
+        self._connect(eps, api_key, **transport_options)
+
+    @staticmethod
+    def _addresses(endpoints: list[str]) -> list[str]:
+        return endpoints
+
+    def _connect(self, addresses: list[str], api_key: str | None, **options: Any) -> None:
+        raise NotImplementedError
+
+    def _retry(self, call: Call[Any], failure: Failure, i: int, attempt: int, attempts: int) -> float | None:
+        """The pause before the next attempt, or None when ``failure`` is the answer."""
+        if attempt + 1 >= attempts or not self.policy.retryable(call, failure):
+            return None
+        self.failovers += 1
+        self._endpoints.failed(i)
+        return self.policy.delay(attempt, failure)
+
+
+class Client(_Base):
+    """Blocking client over any transport; one per thread."""
+
+    transport: SyncTransport
+
+    def _run(self, call: Call[T], timeout: float | None) -> T:
+        t = timeout or self.timeout
+        attempts = self.policy.attempts(len(self.endpoints))
+        for attempt in range(attempts):
+            i = self._endpoints.pick()
+            try:
+                result: T = self.transport.attempt(call, i, t)
+                return result
+            except Failure as f:
+                pause = self._retry(call, f, i, attempt, attempts)
+                if pause is None:
+                    raise f.error from f.__cause__
+                time.sleep(pause)
+        raise AssertionError("unreachable")
+
+    def get(self, namespace: str, key: str, *, timeout: float | None = None) -> Record:
+        """The live record; NotFound if absent or deleted."""
+        return self._run(calls.get(namespace, key), timeout)
+
+    def batch_get(
+        self, namespace: str, keys: Sequence[str], *, timeout: float | None = None
+    ) -> tuple[list[Record], list[str]]:
+        """(live records in request order, keys absent or deleted)."""
+        return self._run(calls.batch_get(namespace, keys), timeout)
+
+    def put(
+        self, spec: PutSpec, *, durability: Durability = Durability.ACCEPTED, timeout: float | None = None
+    ) -> PutResult:
+        """Create or replace one record; VersionConflict if ``spec.expected_version`` does not match."""
+        return self._run(calls.put(spec, durability), timeout)
+
+    def batch_put(
+        self, specs: Sequence[PutSpec], *, durability: Durability = Durability.ACCEPTED, timeout: float | None = None
+    ) -> list[PutResult]:
+        """Several puts, all or nothing; one result per put, in order."""
+        return self._run(calls.batch_put(specs, durability), timeout)
+
+    def delete(
+        self,
+        namespace: str,
+        key: str,
+        *,
+        expected_version: int | None = None,
+        durability: Durability = Durability.ACCEPTED,
+        timeout: float | None = None,
+    ) -> PutResult:
+        """Tombstone one record; NotFound if absent or already deleted."""
+        return self._run(calls.delete(namespace, key, expected_version, durability), timeout)
+
+    def list(
+        self,
+        namespace: str,
+        *,
+        kind: str | None = None,
+        key_prefix: str = "",
+        page_size: int = 100,
+        page_token: str = "",
+        include_deleted: bool = False,
+        timeout: float | None = None,
+    ) -> tuple[list[Record], str]:
+        """One page (records, next page token; ``""`` on the last page)."""
+        return self._run(calls.list_page(namespace, kind, key_prefix, page_size, page_token, include_deleted), timeout)
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def __enter__(self: _C) -> _C:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_C = TypeVar("_C", bound=Client)
+_A = TypeVar("_A", bound="AsyncClient")
+
+
+class AsyncClient(_Base):
+    """asyncio client over any transport; one per event loop. Same methods as :class:`Client`, awaited."""
+
+    transport: AsyncTransport
+
+    async def _run(self, call: Call[T], timeout: float | None) -> T:  # noqa: ASYNC109
+        t = timeout or self.timeout
+        attempts = self.policy.attempts(len(self.endpoints))
+        for attempt in range(attempts):
+            i = self._endpoints.pick()
+            try:
+                result: T = await self.transport.attempt(call, i, t)
+                return result
+            except Failure as f:
+                pause = self._retry(call, f, i, attempt, attempts)
+                if pause is None:
+                    raise f.error from f.__cause__
+                await asyncio.sleep(pause)
+        raise AssertionError("unreachable")
+
+    async def get(self, namespace: str, key: str, *, timeout: float | None = None) -> Record:  # noqa: ASYNC109
+        """The live record; NotFound if absent or deleted."""
+        return await self._run(calls.get(namespace, key), timeout)
+
+    async def batch_get(
+        self,
+        namespace: str,
+        keys: Sequence[str],
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> tuple[list[Record], list[str]]:
+        """(live records in request order, keys absent or deleted)."""
+        return await self._run(calls.batch_get(namespace, keys), timeout)
+
+    async def put(
+        self,
+        spec: PutSpec,
+        *,
+        durability: Durability = Durability.ACCEPTED,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> PutResult:
+        """Create or replace one record; VersionConflict if ``spec.expected_version`` does not match."""
+        return await self._run(calls.put(spec, durability), timeout)
+
+    async def batch_put(
+        self,
+        specs: Sequence[PutSpec],
+        *,
+        durability: Durability = Durability.ACCEPTED,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> list[PutResult]:
+        """Several puts, all or nothing; one result per put, in order."""
+        return await self._run(calls.batch_put(specs, durability), timeout)
+
+    async def delete(
+        self,
+        namespace: str,
+        key: str,
+        *,
+        expected_version: int | None = None,
+        durability: Durability = Durability.ACCEPTED,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> PutResult:
+        """Tombstone one record; NotFound if absent or already deleted."""
+        return await self._run(calls.delete(namespace, key, expected_version, durability), timeout)
+
+    async def list(
+        self,
+        namespace: str,
+        *,
+        kind: str | None = None,
+        key_prefix: str = "",
+        page_size: int = 100,
+        page_token: str = "",
+        include_deleted: bool = False,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> tuple[list[Record], str]:
+        """One page (records, next page token; ``""`` on the last page)."""
+        call = calls.list_page(namespace, kind, key_prefix, page_size, page_token, include_deleted)
+        return await self._run(call, timeout)
+
+    async def aclose(self) -> None:
+        close = getattr(self.transport, "close", None)
+        if close is not None:
+            done = close()
+            if asyncio.iscoroutine(done):
+                await done
+
+    async def __aenter__(self: _A) -> _A:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+# -- gRPC --------------------------------------------------------------------------------------------
+
+
+class MemoryClient(Client):
+    """Blocking gRPC client: ``MemoryClient("127.0.0.1:5714")`` or several ``host:port`` for failover."""
+
+    def _connect(self, addresses: list[str], api_key: str | None, **options: Any) -> None:
+        """Options: ``max_message_bytes`` (default 4 MiB), sent and received."""
+        size = int(options.pop("max_message_bytes", _DEFAULT_MAX_MESSAGE))
+        self.transport = self._grpc = GrpcTransport(addresses, api_key=api_key, max_message_bytes=size, **options)
+
+    def watch(self, namespace: str, key_prefix: str = "") -> Iterator[MemoryEvent]:
+        """Changes as they are persisted; close the iterator (or break) to cancel the stream."""
+        stub = self._grpc.stub(self._endpoints.pick())
+        call = stub.Watch(pb.WatchRequest(namespace=namespace, key_prefix=key_prefix), metadata=self._grpc.metadata)
+        try:
+            for m in call:
+                yield event_from_pb(m)
+        except grpc.RpcError as e:
+            raise exception_for(e.code(), e.details() or "") from e
+        finally:
+            call.cancel()
+
+
+class AsyncMemoryClient(AsyncClient):
+    """asyncio gRPC client; ``async with AsyncMemoryClient([...]) as c:`` or call :meth:`close`."""
+
+    def _connect(self, addresses: list[str], api_key: str | None, **options: Any) -> None:
+        """Options: ``max_message_bytes`` (default 4 MiB), sent and received."""
+        size = int(options.pop("max_message_bytes", _DEFAULT_MAX_MESSAGE))
+        self.transport = self._grpc = AsyncGrpcTransport(addresses, api_key=api_key, max_message_bytes=size, **options)
+
+    async def watch(self, namespace: str, key_prefix: str = "") -> AsyncIterator[MemoryEvent]:
+        """Changes as they are persisted; no retry (re-list and re-watch after an error)."""
+        stub = self._grpc.stub(self._endpoints.pick())
+        call = stub.Watch(pb.WatchRequest(namespace=namespace, key_prefix=key_prefix), metadata=self._grpc.metadata)
+        try:
+            async for m in call:
+                yield event_from_pb(m)
+        except grpc.aio.AioRpcError as e:
+            raise exception_for(e.code(), e.details() or "") from e
+        finally:
+            call.cancel()
+
+    async def close(self) -> None:
+        await self._grpc.close()
+
+
+# -- ZeroMQ ------------------------------------------------------------------------------------------
+
+
+class ZmqClient(Client):
+    """Blocking ZeroMQ client: ``ZmqClient("tcp://127.0.0.1:5713")``; one per thread."""
+
+    _addresses = staticmethod(zmq_endpoints)
+
+    def _connect(self, addresses: list[str], api_key: str | None, **options: Any) -> None:
+        """Options: ``context``, a ``zmq.Context`` (default: the process's shared one)."""
+        self.transport = ZmqTransport(addresses, api_key=api_key, **options)
+
+
+class AsyncZmqClient(AsyncClient):
+    """asyncio ZeroMQ client; one per event loop. Concurrent calls on one client take turns."""
+
+    _addresses = staticmethod(zmq_endpoints)
+
+    def _connect(self, addresses: list[str], api_key: str | None, **options: Any) -> None:
+        """Options: ``context``, a ``zmq.asyncio.Context`` (default: the process's shared one)."""
+        self.transport = self._zmq = AsyncZmqTransport(addresses, api_key=api_key, **options)
+
+    def close(self) -> None:
+        """Close the socket (the shared context stays)."""
+        self._zmq.close()

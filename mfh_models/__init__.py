@@ -35,8 +35,8 @@ from mfh_models.records import (
     validate_payload,
 )
 from mfh_models.schemas import json_schemas
-from mfh_models.untrusted import MAX_JSON_BYTES, MAX_JSON_DEPTH, decode_untrusted_json
 from mfh_models.settings import Settings, default_config_dir, load_settings
+from mfh_models.untrusted import MAX_JSON_BYTES, MAX_JSON_DEPTH, decode_untrusted_json
 from mfh_models.versions import pack, unpack
 
 __all__ = [

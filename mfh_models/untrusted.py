@@ -38,7 +38,7 @@ _SURROGATE: Final = re.compile("[\ud800-\udfff]")
 
 
 def check_json_depth(text: str, max_depth: int = MAX_JSON_DEPTH, *, what: str = "JSON") -> None:
-    """InvalidArgument if arrays/objects in ``text`` nest deeper than ``max_depth`` (brackets in strings do not count)."""
+    """InvalidArgument if arrays and objects in ``text`` nest deeper than ``max_depth`` (strings do not count)."""
     if text.count("[") + text.count("{") <= max_depth:
         return  # cannot nest deeper than it has opening brackets: the common case costs two counts
     brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))

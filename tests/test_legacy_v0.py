@@ -201,7 +201,8 @@ HOSTILE_V0: list[tuple[str, bytes]] = [
     ("deep body", b'{"action": "get", "key": "k", "x": ' + b"[" * DEEP + b"]" * DEEP + b"}"),
     ("deep value", b'{"action": "put", "key": "k", "value": {"content": "x", "metadata": {"a": '
      + b"[" * DEEP + b"]" * DEEP + b"}}}"),
-    ("escaped lone surrogate value", b'{"action": "put", "key": "k", "value": {"content": "x", "metadata": {"m": "\\ud800"}}}'),
+    ("escaped lone surrogate value",
+     b'{"action": "put", "key": "k", "value": {"content": "x", "metadata": {"m": "\\ud800"}}}'),
     ("raw surrogate bytes value", b'{"action": "put", "key": "k", "value": {"content": "\xed\xa0\x80"}}'),
     ("escaped lone surrogate request_id", b'{"action": "get", "key": "k", "request_id": "\\udc80"}'),
     ("deep forged cursor", json.dumps({"action": "list", "cursor": _cursor("[" * DEEP + "]" * DEEP)}).encode()),

@@ -24,7 +24,7 @@ __all__ = ["Guard", "Malformed", "guard_handler", "safe_deserializer"]
 
 log = logging.getLogger("mfh.grpc.guard")
 
-_Context = grpc.aio.ServicerContext  # type: ignore[type-arg]
+
 _PASS_THROUGH: Final = (grpc.aio.AbortError, grpc.aio.UsageError)
 
 

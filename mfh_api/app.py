@@ -24,6 +24,7 @@ from prometheus_client import start_http_server
 from mfh_api.auth import check_bind_is_safe
 from mfh_api.grpc_server import GrpcServer
 from mfh_api.service import MemoryService, build_service
+from mfh_core.redaction import install_loop_exception_handler, install_redaction
 from mfh_models import ConfigError, Settings, load_settings
 
 __all__ = ["JsonFormatter", "configure_logging", "main", "run_api"]
@@ -48,18 +49,22 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:  # the redaction filter leaves a safe rendering here
+            out["exc"] = record.exc_text
         for k in ("grpc_port", "zmq_port", "metrics_port", "host_id"):
             if hasattr(record, k):
                 out[k] = getattr(record, k)
         return json.dumps(out, default=str)
 
 
-def configure_logging(level: int = logging.INFO) -> None:
+def configure_logging(level: int = logging.INFO, settings: Settings | None = None) -> None:
+    """JSON lines on stderr, through the redaction filter (``settings`` adds its exact secrets)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    install_redaction(settings)
 
 
 def _zmq_server(service: MemoryService, settings: Settings) -> _Server | None:
@@ -86,8 +91,10 @@ def _start_metrics(settings: Settings) -> Any:
 async def run_api(settings: Settings, *, insecure: bool = False, stop: asyncio.Event | None = None) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop`` is set); ConfigError before binding if the bind is unsafe."""
     check_bind_is_safe(settings, insecure=insecure)
+    install_redaction(settings)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+    install_loop_exception_handler(loop)  # "Task exception was never retrieved" would print a reply's repr
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)

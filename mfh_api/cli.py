@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import pkgutil
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from mfh_api import commands
-from mfh_models import ConfigError
+from mfh_api.commands import exit_code, fail
+from mfh_core.redaction import install_redaction, redact_text
+from mfh_models import ConfigError, MFHError
 
 __all__ = ["build_parser", "main"]
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _add_globals(parser: argparse.ArgumentParser, default: Any) -> None:
@@ -62,21 +68,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _not_utf8(args: argparse.Namespace) -> str | None:
+    """The first option whose value did not decode as UTF-8 (Python keeps such bytes as lone surrogates)."""
+    for name, value in vars(args).items():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and _SURROGATE.search(item):
+                return name
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse, run the chosen command, return its exit code (2 for usage and configuration errors)."""
+    """Parse, run the chosen command, return its exit code (2 for usage and configuration errors).
+
+    Never a traceback: a hub error is one line with its exit code (:data:`mfh_api.commands.EXIT_CODES`),
+    anything unexpected one line with exit code 1.
+    """
+    logging.basicConfig(level=logging.WARNING, format="mfh: %(levelname)s %(name)s: %(message)s")
+    install_redaction()
     parser = build_parser()
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help(sys.stderr)
         return 2
+    bad = _not_utf8(args)
+    if bad is not None:
+        return fail(f"argument {bad.replace('_', '-')} is not valid UTF-8", 2)
     try:
         return int(func(args) or 0)
     except ConfigError as e:
-        print(f"mfh: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e), 2)
+    except MFHError as e:
+        return fail(f"{e.code}: {e.message}", exit_code(e))
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # a bug of ours: say so in one line; a traceback could quote a payload
+        return fail(f"unexpected {type(e).__name__}: {redact_text(str(e))[:200]}")
 
 
 if __name__ == "__main__":

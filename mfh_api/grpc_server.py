@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from mfh_api.auth import ApiKeyCheck
+from mfh_api.grpc_guard import Guard
 from mfh_api.service import Durability, MemoryService, PutSpec
 from mfh_client.codecs import from_pb_record, to_pb_record
 from mfh_client.codes import INTERNAL_MESSAGE, grpc_status
@@ -71,8 +72,14 @@ def _spec(put: Any) -> PutSpec:
     return PutSpec(namespace=r.namespace, key=r.key, kind=r.kind, payload=r.payload_json, expected_version=expected)
 
 
-def _durability(value: int) -> Durability:
-    return Durability.PERSISTED if value == pb.DURABILITY_PERSISTED else Durability.ACCEPTED
+def _durability(value: int, field: str = "durability") -> Durability:
+    """proto3 enums are open: an unknown number arrives as itself and is refused, not read as ACCEPTED."""
+    if value == pb.DURABILITY_PERSISTED:
+        return Durability.PERSISTED
+    if value in (pb.DURABILITY_UNSPECIFIED, pb.DURABILITY_ACCEPTED):
+        return Durability.ACCEPTED
+    allowed = ", ".join(f"{name} ({number})" for name, number in pb.Durability.items())
+    raise InvalidArgument(f"{field} {value} is not a known Durability; expected one of {allowed}")
 
 
 class _Malformed:
@@ -227,6 +234,8 @@ class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
     async def BatchPut(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         async def run(t: float) -> Any:
             specs = [_spec(p) for p in request.puts]
+            for i, p in enumerate(request.puts):  # ignored inside a batch, but still a Durability
+                _durability(p.durability, f"puts[{i}].durability")
             results = await self.service.batch_put(specs, durability=_durability(request.durability), timeout=t)
             return pb.BatchPutResponse(
                 results=[pb.PutResponse(version=r.version, event_id=r.event_id) for r in results]
@@ -322,9 +331,10 @@ class GrpcServer:
             ("grpc.so_reuseport", 1),  # two api replicas may share one port
         ]
         auth = ApiKeyCheck.from_settings(self.settings)
-        # The interceptor costs a coroutine per call: only installed when there is a key to check.
+        # The key check costs a coroutine per call: only installed when there is a key to check. The
+        # guard, innermost, covers every handler (health and reflection too): no UNKNOWN, no INTERNAL to input.
         server = grpc.aio.server(
-            interceptors=[_Gate(auth)] if auth.required else None,
+            interceptors=[*([_Gate(auth)] if auth.required else []), Guard()],
             options=options,
             maximum_concurrent_rpcs=s.max_concurrent_rpcs,
         )

@@ -32,6 +32,7 @@ from mfh_models import (
     Record,
     Settings,
     Unavailable,
+    decode_untrusted_json,
     parse_kind,
     validate_key,
     validate_namespace,
@@ -58,6 +59,8 @@ MAX_BATCH_GET_KEYS: Final = 1000
 MAX_BATCH_PUTS: Final = 500
 MAX_PAGE_SIZE: Final = 1000
 DEFAULT_PAGE_SIZE: Final = 100
+#: A token holds one key (at most 256 characters) and the scope: anything far bigger is forged.
+_MAX_TOKEN_BYTES: Final = 4096
 _MAX_VERSION: Final = (1 << 63) - 1
 #: How often a PERSISTED waiter checks SQL itself, in case the change feed missed the commit notice.
 _PERSISTED_RECHECK_S: Final = 0.5
@@ -78,12 +81,7 @@ def _validate_put(spec: PutSpec) -> Change:
     ns, key = validate_namespace(spec.namespace), validate_key(spec.key)
     payload = spec.payload
     if isinstance(payload, bytes | str):
-        if len(payload) > 4 * 1024 * 1024:
-            raise InvalidArgument("payload is far larger than the 256 KiB limit")
-        try:
-            payload = json.loads(payload)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise InvalidArgument(f"payload_json is not valid JSON: {e}") from None
+        payload = decode_untrusted_json(payload, what="payload_json")
     kind, text = validate_payload(spec.kind, payload)
     return Change(Op.PUT, ns, key, kind, text, _check_expected(spec.expected_version))
 
@@ -486,9 +484,10 @@ def _decode_token(token: str, scope: list[Any]) -> str:
     if not token:
         return ""
     try:
-        data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        data = decode_untrusted_json(raw, what="page_token", max_bytes=_MAX_TOKEN_BYTES, max_depth=2)
         after, got = data["a"], data["s"]
-    except (ValueError, KeyError, TypeError, binascii.Error):
+    except (InvalidArgument, ValueError, KeyError, TypeError, binascii.Error):
         raise InvalidArgument("page_token is not a token this server issued") from None
     if got != scope or not isinstance(after, str):
         raise InvalidArgument("page_token was issued for another namespace, kind, key_prefix or include_deleted")

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from mfh_client.codecs import record_from_json, record_to_json
-from mfh_models import InvalidArgument
+from mfh_models import MAX_JSON_DEPTH, InvalidArgument, decode_untrusted_json
 from mfh_models.records import format_validation_error
 
 __all__ = [
@@ -40,6 +40,9 @@ __all__ = [
 
 #: A sanity bound on batch sizes; the service enforces its own, smaller limits with precise messages.
 MAX_BATCH: Final = 10_000
+
+#: Levels of a request around a record payload: body, payload, puts, one put, its payload (with room to spare).
+_ENVELOPE_DEPTH: Final = 8
 
 Version = Annotated[StrictInt, Field(ge=0, lt=1 << 64)]
 DurabilityName = Literal["accepted", "persisted"]
@@ -142,11 +145,12 @@ class V1Request:
 
 
 def decode_json(body: bytes) -> dict[str, Any]:
-    """The request as a JSON object; InvalidArgument for bad UTF-8, bad JSON or a non-object."""
-    try:
-        obj = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise InvalidArgument(f"request is not valid JSON: {e}") from None
+    """The request as a JSON object; InvalidArgument for bad UTF-8, bad or too deep JSON, or a non-object.
+
+    The size is bounded by the socket (``MAXMSGSIZE``); the depth leaves room for the envelope
+    around a payload as deep as :data:`MAX_JSON_DEPTH` (``validate_payload`` enforces that one).
+    """
+    obj = decode_untrusted_json(body, what="request", max_bytes=len(body), max_depth=MAX_JSON_DEPTH + _ENVELOPE_DEPTH)
     if not isinstance(obj, dict):
         raise InvalidArgument(f"request must be a JSON object, not {type(obj).__name__}")
     return obj

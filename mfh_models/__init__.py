@@ -37,6 +37,7 @@ from mfh_models.records import (
     validate_payload,
 )
 from mfh_models.schemas import json_schemas
+from mfh_models.untrusted import MAX_JSON_BYTES, MAX_JSON_DEPTH, decode_untrusted_json
 from mfh_models.versions import pack, unpack
 
 if TYPE_CHECKING:
@@ -56,6 +57,8 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "KIND_MODELS",
+    "MAX_JSON_BYTES",
+    "MAX_JSON_DEPTH",
     "MAX_KEY_LENGTH",
     "MAX_NAMESPACE_LENGTH",
     "MAX_PAYLOAD_BYTES",
@@ -79,6 +82,7 @@ __all__ = [
     "Unavailable",
     "VersionConflict",
     "canonical_json",
+    "decode_untrusted_json",
     "default_config_dir",
     "event_id_for",
     "items_checksum",

@@ -24,6 +24,8 @@ def canonical_json(value: Any) -> str:
         return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise InvalidArgument(f"payload is not canonical JSON: {e}") from e
+    except RecursionError:  # a value built in-process, nested past the interpreter's limit
+        raise InvalidArgument("payload is not canonical JSON: nested too deeply") from None
 
 
 def payload_digest(canonical_payload: str) -> str:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mfh_models.canonical import canonical_json
 from mfh_models.errors import InvalidArgument
+from mfh_models.untrusted import MAX_JSON_DEPTH, check_json_depth, refuse_lone_surrogates
 
 __all__ = [
     "KIND_MODELS",
@@ -167,11 +168,19 @@ def validate_payload(kind: str, payload: Any) -> tuple[Kind, str]:
         KIND_MODELS[k].model_validate(payload)
     except ValidationError as e:
         raise InvalidArgument(f"invalid {k.value} payload: {format_validation_error(e)}") from None
+    except (RecursionError, TypeError, ValueError) as e:  # only InvalidArgument leaves this function
+        raise InvalidArgument(f"invalid {k.value} payload: {type(e).__name__}") from None
     stored = dict(payload)
     stored.setdefault("schema_version", SCHEMA_VERSION)
     text = canonical_json(stored)
-    if len(text.encode("utf-8")) > MAX_PAYLOAD_BYTES:
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        refuse_lone_surrogates(text, what="payload")
+        raise  # unreachable: a str fails UTF-8 encoding only on a surrogate
+    if size > MAX_PAYLOAD_BYTES:
         raise InvalidArgument(f"payload is larger than {MAX_PAYLOAD_BYTES} bytes")
+    check_json_depth(text, MAX_JSON_DEPTH, what="payload")
     return k, text
 
 

@@ -17,6 +17,7 @@ from dramatiq.brokers.redis import RedisBroker
 from pydantic import ValidationError
 
 from mfh_models import InvalidArgument, MemoryEvent, Settings, Unavailable
+from mfh_models.records import format_validation_error
 from mfh_tasks.persist import PersistPipeline
 
 __all__ = ["PERSIST_ACTOR", "declare_persist_actor", "decode_batch", "encode_batch"]
@@ -35,7 +36,8 @@ def decode_batch(raw: Any) -> list[MemoryEvent]:
     try:
         return [MemoryEvent.model_validate(e) for e in raw]
     except ValidationError as e:
-        raise InvalidArgument(f"malformed event in batch: {e.errors(include_url=False)[:3]}") from None
+        # The fields and reasons only: errors() carries each input value, the payload included.
+        raise InvalidArgument(f"malformed event in batch: {format_validation_error(e)}") from None
 
 
 def declare_persist_actor(

@@ -24,6 +24,7 @@ from mfh_core import HotStore, SqlStore
 from mfh_core.eventbus import DurableSubscription, EventBus
 from mfh_core.metrics import REPLICATION_APPLIED, REPLICATION_LAG, REPLICATION_SKIPPED
 from mfh_core.metrics_http import serve_metrics
+from mfh_core.redaction import install_loop_exception_handler, install_redaction
 from mfh_models import MemoryEvent, MFHError, Settings, Unavailable, load_settings
 from mfh_tasks.outbox import OutboxRelay
 from mfh_tasks.persist import PersistPipeline
@@ -296,6 +297,7 @@ async def run_replication(settings: Settings, stop: asyncio.Event, *, outbox_int
 async def _serve(settings: Settings) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    install_loop_exception_handler(loop)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     serve_metrics(settings.metrics.replicator_port, addr=settings.server.bind, what="replicator")
@@ -304,8 +306,11 @@ async def _serve(settings: Settings) -> None:
 
 def main(settings: Settings | None = None) -> None:
     """Entry point: read the settings once (MFH_HOST, MFH_CONFIG_DIR) and replicate until SIGTERM."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(_serve(settings or load_settings()))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    install_redaction()
+    settings = settings or load_settings()
+    install_redaction(settings)
+    asyncio.run(_serve(settings))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from dramatiq.brokers.redis import RedisBroker
 from mfh_core import HotStore, SqlStore
 from mfh_core.eventbus import EventBus
 from mfh_core.metrics_http import serve_metrics
+from mfh_core.redaction import redact_text
 from mfh_core.resilience import breaker_from_settings
 from mfh_models import Settings, Unavailable
 from mfh_tasks.actors import LazyPipeline, declare_persist_actor
@@ -95,7 +96,7 @@ def build_worker(settings: Settings) -> tuple[RedisBroker, dramatiq.Actor]:  # t
     log.info(
         "worker for host %s: %s, queue %s",
         settings.host_id,
-        settings.storage.database_url,
+        redact_text(settings.storage.database_url),
         settings.write_behind.queue_name,
     )
     return broker, actor

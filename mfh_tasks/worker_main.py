@@ -7,8 +7,11 @@ and builds the broker and actors. Nothing else imports it.
 
 from __future__ import annotations
 
+from mfh_core.redaction import install_redaction
 from mfh_models import load_settings
 from mfh_tasks.runtime import build_worker
 
+install_redaction()  # dramatiq has configured logging by now; its tracebacks go through the filter too
 settings = load_settings()
+install_redaction(settings)
 broker, persist_batch = build_worker(settings)

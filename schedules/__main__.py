@@ -12,6 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
+from mfh_core.redaction import install_redaction
 from mfh_models import ConfigError, load_settings
 from mfh_tasks import build_sql_store
 from schedules.jobs import audit, snapshot
@@ -22,12 +23,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m schedules", description=__doc__)
     parser.add_argument("job", choices=["run", "audit", "snapshot"])
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True)
+    install_redaction()
     try:
         settings = load_settings()
     except ConfigError as e:
         print(f"mfh: {e}", file=sys.stderr)
         return 2
+    install_redaction(settings)
     if args.job == "run":
         asyncio.run(run_scheduler(settings))
         return 0

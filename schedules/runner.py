@@ -17,6 +17,7 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from mfh_core.metrics_http import serve_metrics
+from mfh_core.redaction import install_loop_exception_handler
 from mfh_models import MemoryEvent, Settings
 from mfh_tasks import build_broker, build_hot_store, build_sql_store, declare_persist_actor, encode_batch
 from schedules.jobs import audit, reconcile, snapshot
@@ -31,6 +32,7 @@ async def run_scheduler(settings: Settings, *, stop: asyncio.Event | None = None
     """Run until SIGTERM/SIGINT (or ``stop`` is set)."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+    install_loop_exception_handler(loop)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     serve_metrics(settings.metrics.scheduler_port, what="scheduler")

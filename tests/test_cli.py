@@ -234,3 +234,41 @@ def test_zmq_client_survives_a_replica_sigkill(tmp_path: Path, redis_url: str) -
     finally:
         for p in host.procs:
             host.kill(p)
+
+
+HOSTILE_ARGS: list[tuple[str, list[str | bytes], str]] = [
+    ("negative page size", ["list", "ns", "--page-size", "-5"], "--page-size"),
+    ("page size not a number", ["list", "ns", "--page-size", "many"], "--page-size"),
+    ("negative expected version on put", ["put", "ns", "k", '{"content": "x"}', "--expected-version", "-1"],
+     "--expected-version"),
+    ("negative expected version on delete", ["delete", "ns", "k", "--expected-version", "-1"], "--expected-version"),
+    ("negative timeout", ["get", "ns", "k", "--timeout", "-1"], "--timeout"),
+    ("non-UTF-8 key", ["get", "ns", b"k\xff"], "key is not valid UTF-8"),
+    ("non-UTF-8 payload", ["put", "ns", "k", b'{"content": "\xff"}'], "payload is not valid UTF-8"),
+    ("50,000-deep payload", ["put", "ns", "k", "[" * 50_000 + "]" * 50_000], "nests deeper than 64"),
+    ("lone surrogate escape in the payload", ["put", "ns", "k", '{"content": "x", "metadata": {"m": "\\ud800"}}'],
+     "lone surrogate"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "args", "needle"), HOSTILE_ARGS, ids=[c[0] for c in HOSTILE_ARGS])
+def test_hostile_arguments_exit_2_with_one_error_line(
+    tmp_path: Path, case: str, args: list[str | bytes], needle: str
+) -> None:
+    # Given a host (no server: every one of these is refused before a call is made)
+    host = make_host(tmp_path, redis_url="redis://127.0.0.1:6379/9")
+    # When mfh gets a hostile argument
+    done = subprocess.run(
+        [sys.executable, "-m", "mfh_api.cli", *args, "--endpoint", f"127.0.0.1:{free_port()}", "--timeout", "0.2"]
+        if case != "negative timeout"
+        else [sys.executable, "-m", "mfh_api.cli", *args],
+        env=host.env,
+        capture_output=True,
+        timeout=60,
+    )
+    # Then it exits 2 with a one-line error naming the problem, and no traceback
+    stderr = done.stderr.decode("utf-8", "replace")
+    assert done.returncode == 2, stderr
+    assert "Traceback" not in stderr and done.stdout == b""
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("mfh") and needle in last, stderr

@@ -285,3 +285,109 @@ async def test_api_refuses_a_public_bind_without_a_key(tmp_path: Path, redis_url
     host = make_host(tmp_path, redis_url=redis_url, overrides={"server": {"bind": "0.0.0.0", "api_key": None}})
     with pytest.raises(ConfigError, match="--insecure"):
         await run_api(host.settings)
+
+
+# -- hostile input (issue 7): no INTERNAL, no UNKNOWN, nothing written ------------------------------------
+
+DEEP = 5000  # json.loads raises RecursionError at about 1,000 levels
+
+
+def _token(raw: str) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    ("payload", "needle"),
+    [
+        ('{"content": "x", "metadata": {"a": ' + "[" * DEEP + "]" * DEEP + "}}", "deeper than 64"),
+        ("[" * DEEP, "deeper than 64"),
+        ('{"content": "x", "metadata": {"note": "\\ud800"}}', "lone surrogate"),  # free-form: no model checks it
+        ('{"content": "x", "metadata": {"\\udfff": 1}}', "lone surrogate"),
+        ('{"content": "x", "importance": NaN}', "NaN"),
+    ],
+    ids=["deep", "deep unterminated", "surrogate value", "surrogate key", "NaN"],
+)
+async def test_hostile_payload_json_is_invalid_argument(api: Api, payload: str, needle: str) -> None:
+    # Given a serving hub  When a Put and a BatchPut carry hostile payload_json
+    got, details = await status_of(api.stub().Put(put_req("k", payload=payload), metadata=MD[0]))
+    batch = pb.BatchPutRequest(puts=[put_req("good"), put_req("k", payload=payload)])
+    got_batch, _ = await status_of(api.stub().BatchPut(batch, metadata=MD[0]))
+    # Then both are INVALID_ARGUMENT saying why, nothing was staged, and the server keeps serving
+    assert got is grpc.StatusCode.INVALID_ARGUMENT and needle in details
+    assert got_batch is grpc.StatusCode.INVALID_ARGUMENT
+    assert await api.service.hot.dirty_count() == 0
+    await api.serves()
+
+
+@pytest.mark.parametrize(
+    "token",
+    [_token("[" * DEEP + "]" * DEEP), _token('{"a": "k", "s": ' + "[" * DEEP + "]" * DEEP + "}"), _token('"\\ud800"')],
+    ids=["deep", "deep scope", "surrogate"],
+)
+async def test_forged_page_token_is_invalid_argument(api: Api, token: str) -> None:
+    code, details = await status_of(api.stub().List(pb.ListRequest(namespace="ns", page_token=token), metadata=MD[0]))
+    assert code is grpc.StatusCode.INVALID_ARGUMENT and "page_token" in details
+    await api.serves()
+
+
+@pytest.mark.parametrize("value", [3, 99, -1])
+async def test_unknown_durability_is_invalid_argument_and_writes_nothing(api: Api, value: int) -> None:
+    # Given a serving hub  When a write names a Durability the proto does not define
+    calls = {
+        "Put": api.stub().Put(put_req("k", durability=value), metadata=MD[0]),
+        "BatchPut": api.stub().BatchPut(pb.BatchPutRequest(puts=[put_req("k")], durability=value), metadata=MD[0]),
+        "BatchPut inner": api.stub().BatchPut(
+            pb.BatchPutRequest(puts=[put_req("k", durability=value)]), metadata=MD[0]
+        ),
+    }
+    # Then each is INVALID_ARGUMENT naming the field and the allowed values, and nothing was staged
+    for name, call in calls.items():
+        code, details = await status_of(call)
+        assert code is grpc.StatusCode.INVALID_ARGUMENT, name
+        assert f"durability {value}" in details and "DURABILITY_PERSISTED (2)" in details, details
+    assert await api.service.hot.dirty_count() == 0
+    await api.client.put(PutSpec("ns", "d", "memory_item", {"content": "x"}))
+    code, details = await status_of(
+        api.stub().Delete(pb.DeleteRequest(namespace="ns", key="d", durability=value), metadata=MD[0])
+    )
+    assert code is grpc.StatusCode.INVALID_ARGUMENT and "durability" in details
+    assert (await api.client.get("ns", "d")).key == "d"  # not deleted
+
+
+GARBAGE = b"\x0a\xff\xff\xff\xff\x0fgarbage"
+
+
+@pytest.mark.parametrize(
+    ("method", "shape"),
+    [
+        ("/grpc.health.v1.Health/Check", "unary"),
+        ("/grpc.health.v1.Health/Watch", "server stream"),
+        ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", "bidi"),
+        (f"/{SERVICE_NAME}/Get", "unary"),
+        (f"/{SERVICE_NAME}/Watch", "server stream"),
+    ],
+)
+async def test_malformed_protobuf_is_invalid_argument_on_every_service(api: Api, method: str, shape: str) -> None:
+    # Given a serving hub  When malformed protobuf reaches our service, health or reflection
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        if shape == "unary":
+            await api.channel.unary_unary(method)(GARBAGE, metadata=MD[0], timeout=5)
+        elif shape == "server stream":
+            async for _ in api.channel.unary_stream(method)(GARBAGE, metadata=MD[0], timeout=5):
+                pass
+        else:
+
+            async def one() -> AsyncIterator[bytes]:
+                yield GARBAGE
+
+            async for _ in api.channel.stream_stream(method)(one(), metadata=MD[0], timeout=5):
+                pass
+    # Then the answer is INVALID_ARGUMENT (grpc itself says UNKNOWN), and every service still answers
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    health = health_pb2_grpc.HealthStub(api.channel)
+    assert (
+        await health.Check(health_pb2.HealthCheckRequest(service=""))
+    ).status == health_pb2.HealthCheckResponse.SERVING
+    await api.serves()

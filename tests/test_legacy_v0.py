@@ -188,3 +188,36 @@ async def test_v0_calls_are_counted_by_action(agent: V0Agent) -> None:
     failure(await agent.ask(action="nonsense"), "INVALID_ARGUMENT")
     # Then each is counted under its own bounded label
     assert (store._value.get(), unknown._value.get()) == (before[0] + 1, before[1] + 1)
+
+
+def _cursor(raw: str) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+DEEP = 5000  # json.loads raises RecursionError at about 1,000 levels
+HOSTILE_V0: list[tuple[str, bytes]] = [
+    ("deep body", b'{"action": "get", "key": "k", "x": ' + b"[" * DEEP + b"]" * DEEP + b"}"),
+    ("deep value", b'{"action": "put", "key": "k", "value": {"content": "x", "metadata": {"a": '
+     + b"[" * DEEP + b"]" * DEEP + b"}}}"),
+    ("escaped lone surrogate value",
+     b'{"action": "put", "key": "k", "value": {"content": "x", "metadata": {"m": "\\ud800"}}}'),
+    ("raw surrogate bytes value", b'{"action": "put", "key": "k", "value": {"content": "\xed\xa0\x80"}}'),
+    ("escaped lone surrogate request_id", b'{"action": "get", "key": "k", "request_id": "\\udc80"}'),
+    ("deep forged cursor", json.dumps({"action": "list", "cursor": _cursor("[" * DEEP + "]" * DEEP)}).encode()),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "body"), HOSTILE_V0, ids=[c[0] for c in HOSTILE_V0])
+async def test_hostile_v0_bodies_get_invalid_argument_and_change_nothing(
+    agent: V0Agent, case: str, body: bytes
+) -> None:
+    # Given a key already stored
+    before = success(await agent.ask(action="put", key="k", value=NOTE))["version"]
+    # When a hostile v0 body arrives  Then it is refused as INVALID_ARGUMENT (not INTERNAL)
+    reply = await agent.send_raw(body)
+    assert reply["status"] == "error", reply
+    assert (reply.get("error_code") or reply["error"]["code"]) == "INVALID_ARGUMENT", reply
+    # And the key is unchanged and the server keeps answering
+    assert success(await agent.ask(action="get", key="k"))["version"] == before

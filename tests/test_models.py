@@ -18,6 +18,7 @@ from mfh_models import (
     Kind,
     MemoryEvent,
     canonical_json,
+    decode_untrusted_json,
     default_config_dir,
     items_checksum,
     json_schemas,
@@ -175,3 +176,86 @@ def test_without_a_host_the_first_host_applies(tmp_path: Path) -> None:
     assert load_settings(env={}).storage.sqlite_path == load_settings("main_pc", env={}).storage.sqlite_path
     cdir = _config_dir(tmp_path, "")
     assert load_settings(config_dir=cdir, env={}).storage.sqlite_path == "var/memory.db"  # no main_pc.yaml there
+
+
+# -- untrusted JSON: one decoder for every door (issue 7, findings 1 and 2) -----------------------------
+
+DEEP = 50_000  # far past json's ~1,000-level recursion limit
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("[" * DEEP + "]" * DEEP, "deeper than 64"),
+        ('{"a":' * DEEP + "1" + "}" * DEEP, "deeper than 64"),
+        ("[" * 65 + "]" * 65, "deeper than 64"),
+        ("[" * DEEP, "deeper than 64"),  # unterminated, too
+        ('{"content": "\\ud800"}', "lone surrogate"),
+        ('{"content": "\\udc00\\ud800"}', "lone surrogate"),  # a low before a high is no pair
+        (b'{"content": "\xed\xa0\x80"}', "not valid UTF-8"),  # a surrogate encoded as raw bytes
+        (b'{"content": "\xff"}', "not valid UTF-8"),
+        ('{"content": "\udcff"}', "lone surrogate"),  # what surrogateescape makes of a non-UTF-8 argument
+        ('{"n": NaN}', "NaN is not allowed"),
+        ('{"n": -Infinity}', "Infinity is not allowed"),
+        ("{nope", "not valid JSON"),
+        ("x" * 101, "larger than 100"),
+    ],
+    ids=lambda v: repr(v)[:30],
+)
+def test_untrusted_json_is_refused_with_invalid_argument(text: str | bytes, needle: str) -> None:
+    # Given hostile JSON  When it is decoded  Then only InvalidArgument comes out, saying why
+    with pytest.raises(InvalidArgument, match=needle):
+        decode_untrusted_json(text, what="payload_json", max_bytes=100 if text == "x" * 101 else 10_000_000)
+
+
+def test_untrusted_json_accepts_what_is_only_tricky() -> None:
+    # Brackets inside strings do not count as nesting; a surrogate pair is one character; 64 levels pass
+    assert decode_untrusted_json('{"s": "' + "[{" * 5000 + '\\"]"}') == {"s": "[{" * 5000 + '"]'}
+    assert decode_untrusted_json('{"e": "\\ud83d\\ude00"}') == {"e": "😀"}
+    assert decode_untrusted_json(b'{"e": "\xf0\x9f\x98\x80"}') == {"e": "😀"}
+    assert decode_untrusted_json('"\\\\ud800"') == "\\ud800"  # an escaped backslash, then text
+    assert decode_untrusted_json("[" * 64 + "]" * 64) is not None
+
+
+def test_untrusted_json_depth_check_is_linear_on_unterminated_strings() -> None:
+    # Given half a million escaped quotes that never close (quadratic for a naive string regex)
+    import time
+
+    text = '"' + '\\"' * 500_000 + "[" * 100
+    started = time.perf_counter()
+    with pytest.raises(InvalidArgument):
+        decode_untrusted_json(text)
+    assert time.perf_counter() - started < 2.0
+
+
+def _nested(levels: int) -> dict[str, object]:
+    root: dict[str, object] = {}
+    node = root
+    for _ in range(levels):
+        child: dict[str, object] = {}
+        node["d"] = child
+        node = child
+    return root
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"content": "\ud800"},  # what json.loads makes of an escaped lone surrogate
+        {"content": "x", "metadata": {"k\udcff": 1}},
+        {"content": "x", "metadata": _nested(5000)},  # built in-process, past json.dumps' recursion limit
+    ],
+    ids=["surrogate value", "surrogate key", "deep in-process"],
+)
+def test_validate_payload_raises_only_invalid_argument(payload: dict[str, object]) -> None:
+    # Given a payload no wire could carry  When it is validated  Then the one error is InvalidArgument
+    with pytest.raises(InvalidArgument):
+        validate_payload("memory_item", payload)
+
+
+def test_validate_payload_caps_nesting_at_64_levels() -> None:
+    ok_payload = json.loads('{"content": "x", "metadata": {"a": ' + "[" * 62 + "]" * 62 + "}}")
+    validate_payload("memory_item", ok_payload)
+    deep = json.loads('{"content": "x", "metadata": {"a": ' + "[" * 63 + "]" * 63 + "}}")
+    with pytest.raises(InvalidArgument, match="deeper than 64"):
+        validate_payload("memory_item", deep)

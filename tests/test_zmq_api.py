@@ -455,3 +455,48 @@ async def test_requests_are_counted_with_transport_zmq(raw: Raw) -> None:
     err(await raw.v1("get", {"namespace": "m", "key": "k"}), "NOT_FOUND")
     # Then the counter moved by one
     assert counter._value.get() == before + 1
+
+
+# -- hostile input (issue 7): every body gets a documented error reply, nothing is written ------------------
+
+DEEP = 5000  # json.loads raises RecursionError at about 1,000 levels
+_DEEP_VALUE = "[" * DEEP + "]" * DEEP
+
+HOSTILE_BODIES: list[tuple[str, bytes]] = [
+    ("deep body", ("[" * DEEP + "]" * DEEP).encode()),
+    ("deep object body", ('{"v": 1, "x": ' + _DEEP_VALUE + "}").encode()),
+    ("deep payload", b'{"v": 1, "id": "r", "action": "put", "payload": {"namespace": "n", "key": "k", '
+     b'"kind": "memory_item", "payload": {"content": "x", "metadata": {"a": ' + _DEEP_VALUE.encode() + b"}}}}"),
+    ("deep payload as text", json.dumps({"v": 1, "action": "put", "payload": {
+        "namespace": "n", "key": "k", "kind": "memory_item", "payload": '{"content": ' + _DEEP_VALUE + "}"}}).encode()),
+    ("escaped lone surrogate in a payload value", b'{"v": 1, "action": "put", "payload": {"namespace": "n", '
+     b'"key": "k", "kind": "memory_item", "payload": {"content": "x", "metadata": {"m": "\\ud800"}}}}'),
+    ("raw surrogate bytes in a payload value", b'{"v": 1, "action": "put", "payload": {"namespace": "n", '
+     b'"key": "k", "kind": "memory_item", "payload": {"content": "\xed\xa0\x80"}}}'),
+    ("escaped lone surrogate as the id", b'{"v": 1, "id": "\\ud800", "action": "get", '
+     b'"payload": {"namespace": "n", "key": "k"}}'),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "body"), HOSTILE_BODIES, ids=[c[0] for c in HOSTILE_BODIES])
+async def test_hostile_bodies_are_invalid_argument_and_write_nothing(
+    served: tuple[MemoryService, ZmqServer], raw: Raw, case: str, body: bytes
+) -> None:
+    # Given a serving hub  When a hostile body arrives
+    await raw.send_bytes(body)
+    # Then it is answered INVALID_ARGUMENT (not INTERNAL), nothing is staged, and the server keeps serving
+    err(await raw.recv(), "INVALID_ARGUMENT")
+    service = served[0]
+    assert await service.hot.redis.zcard(service.hot.dirty_key) == 0
+    err(await raw.v1("get", {"namespace": "n", "key": "k"}), "NOT_FOUND")
+
+
+@pytest.mark.parametrize("value", [3, 99, -1, "ACCEPTED", None])
+async def test_unknown_durability_is_invalid_argument(raw: Raw, value: Any) -> None:
+    # Given a serving hub  When a write names a durability that is not one of the two
+    put = {"namespace": "n", "key": "k", "kind": "memory_item", "payload": NOTE, "durability": value}
+    for action, payload in (("put", put), ("batch_put", {"puts": [_put()], "durability": value})):
+        message = err(await raw.v1(action, payload), "INVALID_ARGUMENT")
+        # Then the message names the field and the allowed values
+        assert "durability" in message and "accepted" in message and "persisted" in message, message
+    err(await raw.v1("get", {"namespace": "n", "key": "k"}), "NOT_FOUND")

@@ -25,7 +25,17 @@ from mfh_models import (
     load_settings,
 )
 
-__all__ = ["EXIT_CODES", "exit_code", "fail", "host_env", "settings_from"]
+__all__ = [
+    "EXIT_CODES",
+    "count",
+    "exit_code",
+    "fail",
+    "host_env",
+    "non_negative_int",
+    "positive_float",
+    "positive_int",
+    "settings_from",
+]
 
 #: Exit codes of ``mfh`` (README "Operating"): 0 ok, 1 other error, 2 usage or invalid argument.
 EXIT_CODES: Final[tuple[tuple[type[MFHError], int], ...]] = (
@@ -44,6 +54,40 @@ def exit_code(e: MFHError) -> int:
         if isinstance(e, cls):
             return code
     return 1
+
+
+def _int(text: str, least: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not an integer") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{text[:40]} is below {least}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer from 0 (a version, a page size), refused at parse time with exit code 2."""
+    return _int(text, 0)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer from 1 (a count of processes, threads, rows)."""
+    return _int(text, 1)
+
+
+count = non_negative_int  # retries, limits
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number above 0 (seconds)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text[:40]} is not a number of seconds above 0")
+    return value
 
 
 def fail(message: str, code: int = 1) -> int:

@@ -14,9 +14,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from mfh_api.commands import exit_code, fail, settings_from
+from mfh_api.commands import count, exit_code, fail, non_negative_int, positive_float, settings_from
 from mfh_client.types import Durability, PutResult, PutSpec
-from mfh_models import MFHError, Record, Settings
+from mfh_models import InvalidArgument, MFHError, Record, Settings, decode_untrusted_json
 
 __all__ = ["register"]
 
@@ -92,9 +92,9 @@ def _payload(args: argparse.Namespace) -> Any:
     else:
         raise _Usage("give the payload as an argument, or with --file PATH (--file - reads stdin)")
     try:
-        return json.loads(text)
-    except ValueError as e:
-        raise _Usage(f"the payload is not valid JSON: {e}") from None
+        return decode_untrusted_json(text, what="the payload")
+    except InvalidArgument as e:
+        raise _Usage(e.message) from None
 
 
 def _durability(args: argparse.Namespace) -> Durability:
@@ -167,8 +167,8 @@ def _common(p: argparse.ArgumentParser) -> None:
         action="append",
         help="host:port (gRPC) or tcp://host:port (ZeroMQ); repeat for failover (default: this host's api)",
     )
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds per attempt (default: 5)")
-    p.add_argument("--retries", type=int, default=1, help="retries of a failed idempotent call (default: 1)")
+    p.add_argument("--timeout", type=positive_float, default=5.0, help="seconds per attempt (default: 5)")
+    p.add_argument("--retries", type=count, default=1, help="retries of a failed idempotent call (default: 1)")
 
 
 def register(subparsers: Any) -> None:
@@ -186,7 +186,9 @@ def register(subparsers: Any) -> None:
     put.add_argument("payload", nargs="?", help='the payload JSON, e.g. \'{"content": "..."}\'')
     put.add_argument("--file", help="read the payload JSON from a file ('-' for stdin)")
     put.add_argument("--kind", default="memory_item", choices=("memory_item", "session_data", "knowledge_record"))
-    put.add_argument("--expected-version", type=int, help="write only if the key is at this version (0: absent)")
+    put.add_argument(
+        "--expected-version", type=non_negative_int, help="write only if the key is at this version (0: absent)"
+    )
     put.add_argument("--persisted", action="store_true", help="answer after the SQL commit, not on acceptance")
     _common(put)
     put.set_defaults(func=_runner(_put))
@@ -194,7 +196,7 @@ def register(subparsers: Any) -> None:
     delete = subparsers.add_parser("delete", help="delete one memory", description="Tombstone one record.")
     delete.add_argument("namespace")
     delete.add_argument("key")
-    delete.add_argument("--expected-version", type=int, help="delete only if the key is at this version")
+    delete.add_argument("--expected-version", type=non_negative_int, help="delete only if the key is at this version")
     delete.add_argument("--persisted", action="store_true", help="answer after the SQL commit")
     _common(delete)
     delete.set_defaults(func=_runner(_delete))
@@ -203,7 +205,7 @@ def register(subparsers: Any) -> None:
     ls.add_argument("namespace")
     ls.add_argument("--kind", choices=("memory_item", "session_data", "knowledge_record"))
     ls.add_argument("--prefix", default="", help="only keys starting with this")
-    ls.add_argument("--page-size", type=int, default=100)
+    ls.add_argument("--page-size", type=non_negative_int, default=100, help="0: the server's default")
     ls.add_argument("--page-token", default="", help="continue from a previous listing")
     ls.add_argument("--all", action="store_true", help="follow page tokens to the end")
     ls.add_argument("--include-deleted", action="store_true", help="show tombstones too")

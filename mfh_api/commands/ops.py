@@ -12,7 +12,7 @@ import subprocess
 import sys
 from typing import Any
 
-from mfh_api.commands import fail, host_env, settings_from
+from mfh_api.commands import count, fail, host_env, settings_from
 
 __all__ = ["register"]
 
@@ -82,6 +82,6 @@ def register(subparsers: Any) -> None:
     )
     dlq.add_argument("action", choices=["list", "retry", "purge"])
     dlq.add_argument("ids", nargs="*", help="message ids (default: all for retry; purge needs ids or --all)")
-    dlq.add_argument("--limit", type=int, default=100, help="list at most this many (oldest first)")
+    dlq.add_argument("--limit", type=count, default=100, help="list at most this many (oldest first)")
     dlq.add_argument("--all", action="store_true", help="with purge: drop every dead letter")
     dlq.set_defaults(func=_dlq)

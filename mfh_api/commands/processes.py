@@ -15,7 +15,7 @@ import subprocess
 import sys
 from typing import Any
 
-from mfh_api.commands import fail, host_env, settings_from
+from mfh_api.commands import fail, host_env, positive_int, settings_from
 
 __all__ = ["register"]
 
@@ -105,6 +105,6 @@ def register(subparsers: Any) -> None:
         help="run the Dramatiq write-behind workers",
         description="exec `python -m dramatiq mfh_tasks.worker_main` with this host's settings.",
     )
-    worker.add_argument("--processes", type=int, help="default: write_behind.worker_processes")
-    worker.add_argument("--threads", type=int, help="default: write_behind.worker_threads")
+    worker.add_argument("--processes", type=positive_int, help="default: write_behind.worker_processes")
+    worker.add_argument("--threads", type=positive_int, help="default: write_behind.worker_threads")
     worker.set_defaults(func=_worker)

@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from mfh_api.commands import exit_code, fail, settings_from
+from mfh_api.commands import exit_code, fail, positive_int, settings_from
 from mfh_models import MFHError
 
 __all__ = ["ProgressBar", "register"]
@@ -135,7 +135,7 @@ def register(subparsers: Any) -> None:
     replay.add_argument("--into", required=True, metavar="DATABASE_URL", help="sqlite:///file.db or postgresql://...")
     replay.add_argument("--from-stream", action="store_true", help="read the JetStream stream, not the events table")
     replay.add_argument("--source", metavar="DATABASE_URL", help="events table to read (default: this host's)")
-    replay.add_argument("--batch", type=int, default=5000, help="events per transaction (default: 5000)")
+    replay.add_argument("--batch", type=positive_int, default=5000, help="events per transaction (default: 5000)")
     replay.add_argument("--quiet", action="store_true", help="no progress bar")
     replay.set_defaults(func=_replay)
 

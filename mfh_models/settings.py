@@ -55,7 +55,7 @@ class StorageSettings(_Section):
     write_strategy: Literal["event_sourcing", "direct"] = "event_sourcing"
     sqlite_path: str = "var/memory.db"
     postgres_url: str | None = None
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = "redis://127.0.0.1:6380/0"  # the hub's own Redis, with AOF (scripts/hub_redis.py)
     redis_prefix: str = Field(default="mfh", pattern=r"^[A-Za-z0-9_.\-]{1,32}$")
     cache_ttl_seconds: int = Field(default=900, ge=1)
 

@@ -286,7 +286,7 @@ class HotStore:
         seen_at_low: set[str] = set()
         while True:
             found: list[Any] = await self.redis.zrangebyscore(
-                self.dirty_key, low, high, start=0, num=page, withscores=True
+                self.dirty_key, low, high, start=len(seen_at_low), num=page, withscores=True
             )
             rows: list[tuple[str, float]] = [(str(pair[0]), float(pair[1])) for pair in found]
             members = [m for m, _ in rows if m not in seen_at_low]
@@ -310,7 +310,8 @@ class HotStore:
                 yield events
             if len(rows) < page:
                 return
-            # Next page from the last score on (inclusive: many entries can share one millisecond).
+            # Next page from the last score on, past the entries of that score already seen (many
+            # entries can share one millisecond; members of one score come in a fixed order).
             last = rows[-1][1]
             if low != str(int(last)):
                 seen_at_low = set()

@@ -84,7 +84,10 @@ async def check_persistence(client: aioredis.Redis, *, url: str, process: str) -
 
 async def run_id_of(client: aioredis.Redis) -> str | None:
     """The server's ``run_id``: a new one means Redis restarted (and lost or reloaded what it held)."""
-    info = await client.info("server")
+    try:
+        info = await client.info("server")
+    except ResponseError:  # INFO refused: restarts go unseen; the stale sweep and reconcile still run
+        return None
     rid = info.get("run_id")
     return _text(rid) if rid else None
 

@@ -28,6 +28,7 @@ from mfh_core import Change, SqlStore
 from mfh_core.redis_health import check_persistence, persistence_of
 from mfh_models import Kind, MemoryEvent, Op, canonical_json, load_settings
 from mfh_tasks import build_broker, build_hot_store, declare_persist_actor, encode_batch
+from mfh_tasks.recovery import DirtySweeper
 
 #: What the repository ships (make_host speeds recovery up for other tests; these tests must not).
 _WB = load_settings(env={}).write_behind
@@ -230,5 +231,32 @@ async def test_a_down_redis_is_not_reported_as_a_persistence_mode(tmp_path: Path
     hot = build_hot_store(s)
     try:
         assert await asyncio.wait_for(check_persistence(hot.redis, url=s.storage.redis_url, process="t"), 10) is None
+    finally:
+        await hot.close()
+
+
+async def test_the_sweep_enqueues_each_stale_entry_once_across_workers(tmp_path: Path, redis_url: str) -> None:
+    s = make_host(tmp_path, redis_url=redis_url).settings
+    hot = build_hot_store(s)
+    sent: list[list[MemoryEvent]] = []
+    a, b = (DirtySweeper(hot, sent.append, stale_s=0.001, process=p) for p in ("a", "b"))
+    payload = canonical_json({"content": "x"})
+    try:
+        # Given 30 dirty entries staged in one call (one millisecond), and a Redis no sweeper has seen
+        await hot.stage_many([Change(Op.PUT, "ns", f"k{i}", Kind.MEMORY_ITEM, payload) for i in range(30)])
+        # When two workers' sweepers tick: the first one re-enqueues every dirty entry (a Redis it has
+        # not seen may have restarted), the other one nothing
+        assert await a.tick() == 30
+        assert await b.tick() == 0
+        # and entries staged later are taken once, by whichever ticks first, once they are stale
+        later = await hot.stage_many([Change(Op.PUT, "ns", f"n{i}", Kind.MEMORY_ITEM, payload) for i in range(5)])
+        await async_wait_until(lambda: b.tick(), 5, message="the later entries to be swept")
+        assert await a.tick() == 0
+        assert sorted(e.key for batch in sent for e in batch) == sorted(
+            [f"k{i}" for i in range(30)] + [e.key for e in later]
+        )
+        # Paging through many entries of one millisecond returns each once
+        pages = [p async for p in hot.dirty_events(page=7)]
+        assert sorted(e.key for p in pages for e in p) == sorted({e.key for batch in sent for e in batch})
     finally:
         await hot.close()

@@ -25,6 +25,7 @@ from mfh_api.auth import check_bind_is_safe
 from mfh_api.grpc_server import GrpcServer
 from mfh_api.service import MemoryService, build_service
 from mfh_core.redaction import install_loop_exception_handler, install_redaction
+from mfh_core.redis_health import check_persistence
 from mfh_models import ConfigError, Settings, load_settings
 
 __all__ = ["JsonFormatter", "configure_logging", "main", "run_api"]
@@ -99,6 +100,7 @@ async def run_api(settings: Settings, *, insecure: bool = False, stop: asyncio.E
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     service = await build_service(settings)
+    await check_persistence(service.hot.redis, url=settings.storage.redis_url, process="api")
     grpc_server = GrpcServer(service, settings)
     zmq = _zmq_server(service, settings)
     httpd = None

@@ -11,7 +11,7 @@ lets reconcile re-enqueue anything whose batch went missing.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -113,6 +113,10 @@ class HotStore:
         self._apply = self.redis.register_script(_lua("apply.lua"))
         self._mark_clean = self.redis.register_script(_lua("mark_clean.lua"))
         self._unstage = self.redis.register_script(_lua("unstage.lua"))
+        self._sweep_window = self.redis.register_script(_lua("sweep_window.lua"))
+        self.sweep_cursor_key = f"{prefix}:recovery:swept_upto"
+        self.run_id_key = f"{prefix}:recovery:run_id"
+        self.reconnect_key = f"{prefix}:recovery:reconnect"
 
     def item_key(self, namespace: str, key: str) -> str:
         return f"{self.prefix}:i:{namespace}:{key}"
@@ -289,16 +293,70 @@ class HotStore:
 
     async def stale_dirty(self, *, older_than_ms: int, limit: int = 1000) -> list[MemoryEvent]:
         """Events of entries dirty since before ``older_than_ms`` (unix ms): batches that may be lost."""
-        members = await self.redis.zrangebyscore(self.dirty_key, "-inf", older_than_ms, start=0, num=limit)
-        events: list[MemoryEvent] = []
-        for item in map(str, members):
-            ns, key = self._split_item_key(item)
-            entry = await self.get(ns, key)
-            if entry is None:
-                await self.redis.zrem(self.dirty_key, item)
-            elif entry.dirty:
-                events.append(entry.to_event())
-        return events
+        out: list[MemoryEvent] = []
+        async for page in self.dirty_events(upto_ms=older_than_ms, page=min(limit, 2000)):
+            out.extend(page)
+            if len(out) >= limit:
+                break
+        return out[:limit]
+
+    async def dirty_events(
+        self, *, after_ms: int | None = None, upto_ms: int | None = None, page: int = 2000
+    ) -> AsyncIterator[list[MemoryEvent]]:
+        """Pages of events of the entries staged in ``(after_ms, upto_ms]`` (None: unbounded) and still dirty.
+
+        One ZRANGEBYSCORE and one pipelined read per page. Index members whose entry is gone are removed.
+        """
+        low: str = f"({after_ms}" if after_ms is not None else "-inf"
+        high: str = str(upto_ms) if upto_ms is not None else "+inf"
+        seen_at_low: set[str] = set()
+        while True:
+            found: list[Any] = await self.redis.zrangebyscore(
+                self.dirty_key, low, high, start=len(seen_at_low), num=page, withscores=True
+            )
+            rows: list[tuple[str, float]] = [(str(pair[0]), float(pair[1])) for pair in found]
+            members = [m for m, _ in rows if m not in seen_at_low]
+            if not members:
+                return
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for item in members:
+                    pipe.hmget(item, list(_FIELDS))
+                raws = await pipe.execute()
+            events, gone = [], []
+            for item, raw in zip(members, raws, strict=True):
+                ns, key = self._split_item_key(item)
+                entry = self._entry(ns, key, raw)
+                if entry is None:
+                    gone.append(item)
+                elif entry.dirty:
+                    events.append(entry.to_event())
+            if gone:
+                await self.redis.zrem(self.dirty_key, *gone)
+            if events:
+                yield events
+            if len(rows) < page:
+                return
+            # Next page from the last score on, past the entries of that score already seen (many
+            # entries can share one millisecond; members of one score come in a fixed order).
+            last = rows[-1][1]
+            if low != str(int(last)):
+                seen_at_low = set()
+            low = str(int(last))
+            seen_at_low.update(m for m, sc in rows if sc == last)
+
+    async def sweep_window(self, *, stale_ms: int) -> tuple[int | None, int]:
+        """Take the next window of staged times to sweep: ``(after, upto]``, upto = Redis time - ``stale_ms``."""
+        after, upto = await self._call(self._sweep_window, [self.sweep_cursor_key], [stale_ms])
+        return (int(after) if after else None), int(upto)
+
+    async def claim_restart(self, run_id: str) -> bool:
+        """True once per Redis run for the first caller that sees ``run_id`` differ from the one recorded."""
+        previous = await self.redis.set(self.run_id_key, run_id, get=True)
+        return previous != run_id
+
+    async def claim_reconnect(self, *, within_ms: int = 10_000) -> bool:
+        """True for the first of the processes that saw Redis come back within ``within_ms`` of each other."""
+        return bool(await self.redis.set(self.reconnect_key, self.origin, nx=True, px=within_ms))
 
     def _entry(self, namespace: str, key: str, raw: list[str | None]) -> HotEntry | None:
         vm, vc, origin, deleted, kind, payload, updated, dirty = raw

@@ -18,9 +18,11 @@ __all__ = [
     "PERSIST_EVENTS",
     "PERSIST_SECONDS",
     "RECONCILE_REENQUEUED",
+    "REDIS_PERSISTENCE",
     "REPLICATION_APPLIED",
     "REPLICATION_LAG",
     "REPLICATION_SKIPPED",
+    "REQUEUED_DIRTY",
     "UNPUBLISHED_EVENTS",
     "WRITE_BATCHES",
 ]
@@ -58,3 +60,14 @@ REPLICATION_SKIPPED = Counter(
     "mfh_replication_skipped_total", "Remote events skipped (own origin, or not newer)", ["reason"]
 )
 RECONCILE_REENQUEUED = Counter("mfh_reconcile_reenqueued_total", "Stale dirty entries re-enqueued by reconcile")
+REQUEUED_DIRTY = Counter(
+    "mfh_requeued_dirty_total",
+    "Dirty entries re-enqueued by a worker: stale (their batch may never have been sent) or after a Redis restart",
+    ["reason"],
+)
+REDIS_PERSISTENCE = Gauge(
+    "mfh_redis_persistence",
+    "What the Redis this process uses keeps on disk: 1 for the current mode (aof, rdb, none, unknown), 0 for others;"
+    " with none, a Redis crash loses every write not yet in SQL",
+    ["mode"],
+)

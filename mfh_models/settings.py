@@ -22,6 +22,7 @@ __all__ = [
     "BulkheadSettings",
     "CircuitBreakerSettings",
     "MetricsSettings",
+    "RecoverySettings",
     "ReplicationSettings",
     "ResilienceSettings",
     "SchedulerSettings",
@@ -54,7 +55,7 @@ class StorageSettings(_Section):
     write_strategy: Literal["event_sourcing", "direct"] = "event_sourcing"
     sqlite_path: str = "var/memory.db"
     postgres_url: str | None = None
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = "redis://127.0.0.1:6380/0"  # the hub's own Redis, with AOF (scripts/hub_redis.py)
     redis_prefix: str = Field(default="mfh", pattern=r"^[A-Za-z0-9_.\-]{1,32}$")
     cache_ttl_seconds: int = Field(default=900, ge=1)
 
@@ -72,8 +73,8 @@ class WriteBehindSettings(_Section):
     max_retries: int = Field(default=25, ge=0)
     min_backoff_ms: int = Field(default=200, ge=1)
     max_backoff_ms: int = Field(default=10_000, ge=1)
-    heartbeat_timeout_ms: int = Field(default=15_000, ge=500)
-    maintenance_chance: int = Field(default=50_000, ge=1, le=1_000_000, description="per million broker calls")
+    heartbeat_timeout_ms: int = Field(default=10_000, ge=500)
+    maintenance_chance: int = Field(default=1_000, ge=1, le=1_000_000, description="per million broker calls")
     dead_message_ttl_ms: int = Field(default=7 * 86_400_000, ge=1000)
     worker_processes: int = Field(default=1, ge=1)
     worker_threads: int = Field(default=4, ge=1)
@@ -118,6 +119,20 @@ class SchedulerSettings(_Section):
     reconcile_interval_seconds: float = Field(default=30, gt=0)
 
 
+class RecoverySettings(_Section):
+    """How fast lost batches come back (docs/operations.md, "Recovery"); a worker runs both timers.
+
+    ``maintenance_interval_seconds``: Dramatiq's requeue of a dead worker's messages runs on this timer
+    instead of on a random fraction of broker calls. ``sweep_*``: entries dirty for longer than
+    ``sweep_stale_seconds`` are re-enqueued once (their batch may never have been sent), and all
+    dirty entries are re-enqueued at once when Redis restarted (a new ``run_id``) or came back.
+    """
+
+    maintenance_interval_seconds: float = Field(default=2.0, ge=0, description="0 turns the timer off")
+    sweep_interval_seconds: float = Field(default=2.0, ge=0, description="0 turns the sweep off")
+    sweep_stale_seconds: float = Field(default=10.0, gt=0)
+
+
 class MetricsSettings(_Section):
     """Prometheus ports of the non-api processes (the api's is ``server.metrics_port``); 0 turns one off."""
 
@@ -139,6 +154,7 @@ class Settings(_Section):
     resilience: ResilienceSettings = ResilienceSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
     metrics: MetricsSettings = MetricsSettings()
+    recovery: RecoverySettings = RecoverySettings()
 
     @model_validator(mode="after")
     def _check_host(self) -> Settings:

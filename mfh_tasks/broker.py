@@ -1,8 +1,10 @@
 """The Dramatiq broker, built from settings (Redis broker on the host's Redis).
 
 Shipped settings bound recovery: a killed worker's batches are redelivered once its heartbeat
-is ``heartbeat_timeout_ms`` old and a maintenance pass runs, which ``maintenance_chance`` makes
-likely within seconds (Dramatiq's defaults are 60 s and a 0.1% chance per call).
+is ``heartbeat_timeout_ms`` old and a maintenance pass runs. Dramatiq runs that pass on a random
+``maintenance_chance`` of broker calls, which an idle worker makes one or two of a second (a
+requeue 23-69 s after a kill); a worker therefore also runs it on a timer
+(:meth:`HubBroker.run_maintenance`, every ``recovery.maintenance_interval_seconds``).
 """
 
 from __future__ import annotations
@@ -20,10 +22,26 @@ from dramatiq.middleware import (
 
 from mfh_models import Settings
 
-__all__ = ["build_broker"]
+__all__ = ["HubBroker", "build_broker"]
+
+_MAINTENANCE = "maintenance"  # a dispatch command the Lua script has no branch for: maintenance only
 
 
-def build_broker(settings: Settings) -> RedisBroker:
+class HubBroker(RedisBroker):
+    """A RedisBroker whose maintenance pass (requeue of dead workers' messages) can be run on demand."""
+
+    def _should_do_maintenance(self, command: str) -> int:
+        if command == _MAINTENANCE:
+            return 1
+        return int(super()._should_do_maintenance(command))
+
+    def run_maintenance(self) -> None:
+        """One maintenance pass on every declared queue and delay queue; also this process's heartbeat."""
+        for queue in sorted(self.get_declared_queues() | self.delay_queues):
+            self.do_maintenance(queue)
+
+
+def build_broker(settings: Settings) -> HubBroker:
     """A RedisBroker with our retry policy and the AsyncIO middleware for async actors."""
     wb = settings.write_behind
     middleware = [
@@ -35,7 +53,7 @@ def build_broker(settings: Settings) -> RedisBroker:
         Retries(max_retries=wb.max_retries, min_backoff=wb.min_backoff_ms, max_backoff=wb.max_backoff_ms),
         AsyncIO(),
     ]
-    return RedisBroker(  # type: ignore[no-untyped-call]
+    return HubBroker(  # type: ignore[no-untyped-call]
         url=settings.storage.redis_url,
         middleware=middleware,
         heartbeat_timeout=wb.heartbeat_timeout_ms,

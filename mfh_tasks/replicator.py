@@ -25,6 +25,7 @@ from mfh_core.eventbus import DurableSubscription, EventBus
 from mfh_core.metrics import REPLICATION_APPLIED, REPLICATION_LAG, REPLICATION_SKIPPED
 from mfh_core.metrics_http import serve_metrics
 from mfh_core.redaction import install_loop_exception_handler, install_redaction
+from mfh_core.redis_health import check_persistence
 from mfh_models import MemoryEvent, MFHError, Settings, Unavailable, load_settings
 from mfh_tasks.outbox import OutboxRelay
 from mfh_tasks.persist import PersistPipeline
@@ -276,6 +277,7 @@ async def run_replication(settings: Settings, stop: asyncio.Event, *, outbox_int
         return
     sql: SqlStore = await asyncio.to_thread(build_sql_store, settings)
     hot: HotStore = build_hot_store(settings)
+    await check_persistence(hot.redis, url=settings.storage.redis_url, process="replicator")
     bus = EventBus.from_settings(settings.replication, name=f"mfh-replicator-{settings.host_id}")
     replicator: Replicator | None = None
     try:

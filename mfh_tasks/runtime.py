@@ -10,13 +10,13 @@ from dramatiq.brokers.redis import RedisBroker
 
 from mfh_core import HotStore, SqlStore
 from mfh_core.eventbus import EventBus
-from mfh_core.metrics_http import serve_metrics
 from mfh_core.redaction import redact_text
 from mfh_core.resilience import breaker_from_settings
-from mfh_models import Settings, Unavailable
-from mfh_tasks.actors import LazyPipeline, declare_persist_actor
+from mfh_models import MemoryEvent, Settings, Unavailable
+from mfh_tasks.actors import LazyPipeline, declare_persist_actor, encode_batch
 from mfh_tasks.broker import build_broker
 from mfh_tasks.persist import EventPublisher, PersistPipeline
+from mfh_tasks.recovery import Recovery
 
 __all__ = ["build_hot_store", "build_sql_store", "build_worker"]
 
@@ -78,7 +78,6 @@ def build_worker(settings: Settings) -> tuple[RedisBroker, dramatiq.Actor]:  # t
     cb = settings.resilience.circuit_breaker
 
     async def build() -> PersistPipeline:
-        serve_metrics(settings.metrics.worker_port, what="worker")
         return PersistPipeline(
             sql=sql,
             hot=build_hot_store(settings),
@@ -89,6 +88,14 @@ def build_worker(settings: Settings) -> tuple[RedisBroker, dramatiq.Actor]:  # t
         )
 
     actor = declare_persist_actor(broker, settings, LazyPipeline(build))
+
+    def send(events: list[MemoryEvent]) -> None:
+        actor.send(encode_batch(events))
+
+    # Metrics, the Redis persistence check, the maintenance timer and the dirty sweep (recovery.py).
+    broker.add_middleware(
+        Recovery(settings=settings, broker=broker, send=send, hot_factory=lambda: build_hot_store(settings))
+    )
     dramatiq.set_broker(broker)
     # One "Retrying message" line per batch retry is a flood during an outage; the breaker and the
     # pipeline's outage logs say it once (and "Retries exceeded" is a warning, still shown).

@@ -5,7 +5,6 @@ Each job is a plain function of its collaborators, so tests and ``mfh`` commands
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 import json
 import logging
@@ -18,6 +17,7 @@ from pathlib import Path
 from mfh_core import HotStore, SqlStore
 from mfh_core.metrics import DIRTY_ENTRIES, RECONCILE_REENQUEUED
 from mfh_models import MemoryEvent, items_checksum
+from mfh_tasks.recovery import requeue_dirty
 
 __all__ = ["AuditResult", "audit", "reconcile", "snapshot"]
 
@@ -33,13 +33,11 @@ async def reconcile(
     """
     DIRTY_ENTRIES.set(await hot.dirty_count())
     older_than = int(time.time() * 1000 - stale_after_s * 1000)
-    events = await hot.stale_dirty(older_than_ms=older_than, limit=10_000)
-    for i in range(0, len(events), batch):
-        await asyncio.to_thread(send, events[i : i + batch])
-    if events:
-        RECONCILE_REENQUEUED.inc(len(events))
-        log.warning("reconcile: re-enqueued %d entries dirty for over %.0f s", len(events), stale_after_s)
-    return len(events)
+    n = await requeue_dirty(hot, send, upto_ms=older_than, batch=batch)
+    if n:
+        RECONCILE_REENQUEUED.inc(n)
+        log.warning("reconcile: re-enqueued %d entries dirty for over %.0f s", n, stale_after_s)
+    return n
 
 
 def snapshot(sql: SqlStore, directory: Path, *, keep: int = 24) -> Path:

@@ -18,6 +18,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from mfh_core.metrics_http import serve_metrics
 from mfh_core.redaction import install_loop_exception_handler
+from mfh_core.redis_health import check_persistence
 from mfh_models import MemoryEvent, Settings
 from mfh_tasks import build_broker, build_hot_store, build_sql_store, declare_persist_actor, encode_batch
 from schedules.jobs import audit, reconcile, snapshot
@@ -37,6 +38,7 @@ async def run_scheduler(settings: Settings, *, stop: asyncio.Event | None = None
         loop.add_signal_handler(sig, stop.set)
     serve_metrics(settings.metrics.scheduler_port, what="scheduler")
     hot = build_hot_store(settings)
+    await check_persistence(hot.redis, url=settings.storage.redis_url, process="scheduler")
     sql = build_sql_store(settings)
     broker = build_broker(settings)
     actor = declare_persist_actor(broker, settings)

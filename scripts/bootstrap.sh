@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Bring this machine to the point where the hub and its tests can run.
 #
-#   scripts/bootstrap.sh              venv + Redis (127.0.0.1:6379) + NATS/JetStream (127.0.0.1:4222)
+#   scripts/bootstrap.sh              venv + test Redis (127.0.0.1:6379) + NATS/JetStream (127.0.0.1:4222)
 #   scripts/bootstrap.sh --postgres   ... plus Postgres (127.0.0.1:5432, trust for user postgres, database test)
+#   scripts/bootstrap.sh --hub        venv + the hub's Redis (append-only file; scripts/hub_redis.py) + NATS
+#                                     (--allow-volatile-redis: accept a configured Redis that keeps nothing)
 #
 # Idempotent and quick when everything is already in place. Works from any cwd; all paths are
 # relative to the repository root. On a fresh Debian machine (as root, or with sudo) it installs
@@ -13,11 +15,15 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 WANT_POSTGRES=0
+WANT_HUB=0
+HUB_REDIS_ARGS=()
 for arg in "$@"; do
     case "$arg" in
         --postgres) WANT_POSTGRES=1 ;;
+        --hub) WANT_HUB=1 ;;
+        --allow-volatile-redis) HUB_REDIS_ARGS+=(--allow-volatile) ;;
         -h | --help)
-            sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+            sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
             exit 0
             ;;
         *)
@@ -130,8 +136,19 @@ ensure_venv() {
 }
 
 # ---------------------------------------------------------------------------------------------
-# 2. Redis at 127.0.0.1:6379
+# 2. Redis: for the tests at 127.0.0.1:6379 (nothing kept on disk: tests need no durability), or
+#    for the hub (--hub) the configured one, which must keep an append-only file (hub_redis.py)
 # ---------------------------------------------------------------------------------------------
+ensure_redis_server_installed() {
+    if ! command -v redis-server >/dev/null 2>&1; then apt_install redis-server; fi
+}
+
+ensure_hub_redis() {
+    ensure_redis_server_installed
+    # Exit code 3: the configured Redis keeps nothing on disk (the script said what would be lost).
+    "$PY" scripts/hub_redis.py --dir "$VAR" ${HUB_REDIS_ARGS[@]+"${HUB_REDIS_ARGS[@]}"} || exit $?
+}
+
 ensure_redis() {
     if probe redis 6379; then return 0; fi
     if ! command -v redis-server >/dev/null 2>&1; then
@@ -244,7 +261,11 @@ PYEOF
 }
 
 ensure_venv
-ensure_redis
+if [[ $WANT_HUB -eq 1 ]]; then
+    ensure_hub_redis
+else
+    ensure_redis
+fi
 ensure_nats
 if [[ $WANT_POSTGRES -eq 1 ]]; then
     ensure_postgres

@@ -1,0 +1,8 @@
+"""The fault suite (issue 10): real hub processes against private services, each hit by one hard fault.
+
+Every scenario drives mixed writes through the gRPC client, records each write as acknowledged,
+failed or unknown (:mod:`faults.load`), and ends with the same checks (:mod:`faults.checks`):
+every acknowledged write is in SQL at its version or newer, replaying the event log into an empty
+database gives the live checksum, and new writes succeed without manual steps. Each scenario prints
+its figures as one ``name=value`` line, repeated in pytest's terminal summary.
+"""

@@ -1,6 +1,7 @@
 """Fixtures of the fault suite, and the figures of every scenario in pytest's terminal summary.
 
 - ``redis_server``: a private AOF redis-server for this test (SIGKILL and restart it at will).
+- ``pg_via_proxy``: a fresh Postgres database behind a TCP proxy (``tests/proxy.py``) that cuts it off.
 - ``hosts``: makes :class:`~faults.harness.FaultHost` s and stops every process they started.
 - ``figures``: the scenario's :class:`~faults.checks.Figures`; its ``name=value`` line is printed
   (``pytest -s``), written to ``<tmp>/figures.txt`` and repeated in the terminal summary, so CI
@@ -15,9 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from proxy import TcpProxy
+from sqlalchemy.engine import make_url
 
 from faults.checks import Figures
 from faults.harness import FaultHost, RedisServer, make_fault_host
+from mfh_core import SqlStore
 
 _LINES: list[str] = []
 
@@ -76,3 +80,21 @@ def hosts(tmp_path: Path) -> Iterator[Callable[..., FaultHost]]:
     deadline = time.monotonic() + 5.0
     for host in made:
         host.reap(deadline)
+
+
+@pytest.fixture
+def pg_via_proxy(postgres_url: str) -> Iterator[tuple[str, str, TcpProxy]]:
+    """A fresh Postgres database with the schema, and a URL to it through a proxy a test can cut.
+
+    Yields (direct URL, for the checks; proxied URL, for the host; the proxy).
+    """
+    url = make_url(postgres_url)
+    store = SqlStore(postgres_url)
+    store.create_schema()
+    store.close()
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432).start()
+    via_proxy = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    try:
+        yield postgres_url, via_proxy, proxy
+    finally:
+        proxy.cut()

@@ -205,7 +205,6 @@ async def wait_for_acks(ledger: Ledger, count: int, timeout: float) -> None:  # 
     deadline = time.monotonic() + timeout
     while ledger.count("acked") < count:
         if time.monotonic() > deadline:
-            raise AssertionError(
-                f"only {ledger.count('acked')} of {count} writes acknowledged after {timeout}s; errors: {ledger.top_errors()}"
-            )
+            acked, errors = ledger.count("acked"), ledger.top_errors()
+            raise AssertionError(f"only {acked} of {count} writes acknowledged after {timeout}s; errors: {errors}")
         await asyncio.sleep(0.02)

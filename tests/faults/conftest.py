@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from proxy import TcpProxy
 from sqlalchemy.engine import make_url
 
 from faults.checks import Figures
-from faults.harness import FaultHost, RedisServer, make_fault_host
+from faults.harness import FaultHost, RedisServer, make_fault_host, stop_hosts
 from mfh_core import SqlStore
 
 _LINES: list[str] = []
@@ -66,7 +65,8 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def hosts(tmp_path: Path) -> Iterator[Callable[..., FaultHost]]:
+def hosts(tmp_path: Path, redis_server: RedisServer) -> Iterator[Callable[..., FaultHost]]:
+    """Hosts (keyword arguments of :func:`make_fault_host`); their processes stop before Redis does."""
     made: list[FaultHost] = []
 
     def make(**kwargs: Any) -> FaultHost:
@@ -75,11 +75,7 @@ def hosts(tmp_path: Path) -> Iterator[Callable[..., FaultHost]]:
         return host
 
     yield make
-    for host in made:
-        host.terminate()
-    deadline = time.monotonic() + 5.0
-    for host in made:
-        host.reap(deadline)
+    stop_hosts(made)
 
 
 @pytest.fixture

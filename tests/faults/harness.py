@@ -225,6 +225,15 @@ class FaultHost:
         return "\n".join(f"--- {self.name} {role}\n{self.log(role)}" for role in self.procs)
 
 
+def stop_hosts(made: list[FaultHost], grace_s: float = 5.0) -> None:
+    """SIGTERM every process of every host at once, then SIGKILL what is left after ``grace_s``."""
+    for host in made:
+        host.terminate()
+    deadline = time.monotonic() + grace_s
+    for host in made:
+        host.reap(deadline)
+
+
 def make_fault_host(
     tmp_path: Path,
     *,

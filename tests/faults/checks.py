@@ -180,7 +180,9 @@ async def finish(
     fig.expect(not lost, f"{len(lost)} acknowledged writes not in SQL{label} (first: {[w.key for w in lost[:3]]})")
     fig.expect(
         not landed,
-        f"{len(landed)} writes answered as failed are in SQL{label} ({landed[0].errors[-1:]})" if landed else "",
+        f"{len(landed)} writes answered as failed are in SQL{label} (attempts of the first: {landed[0].errors})"
+        if landed
+        else "",
     )
     acked, persisted_s = await new_writes_succeed(endpoints, checker, prefix=f"after{label}")
     fig.set(**{f"after_acked{label}": acked, f"after_persist_s{label}": persisted_s})

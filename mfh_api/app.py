@@ -23,7 +23,7 @@ from prometheus_client import start_http_server
 from mfh_api.auth import check_bind_is_safe
 from mfh_api.grpc_server import GrpcServer
 from mfh_api.service import MemoryService, build_service
-from mfh_models import ConfigError, Settings, load_settings
+from mfh_models import ConfigError, Settings, StoreNotCurrent, load_settings
 
 __all__ = ["JsonFormatter", "configure_logging", "main", "run_api"]
 
@@ -137,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"mfh api: {e}", file=sys.stderr)
         return 2
+    except StoreNotCurrent as e:
+        print(f"mfh api: {e}", file=sys.stderr)
+        return 1
     except OSError as e:
         print(f"mfh api: {e}", file=sys.stderr)
         return 1

@@ -10,6 +10,7 @@ from mfh_models.errors import (
     MFHError,
     NotFound,
     ResourceExhausted,
+    StoreNotCurrent,
     Unauthenticated,
     Unavailable,
     VersionConflict,
@@ -35,7 +36,7 @@ from mfh_models.records import (
     validate_payload,
 )
 from mfh_models.schemas import json_schemas
-from mfh_models.settings import Settings, default_config_dir, load_settings
+from mfh_models.settings import Settings, default_config_dir, default_data_dir, load_settings
 from mfh_models.versions import pack, unpack
 
 __all__ = [
@@ -59,11 +60,13 @@ __all__ = [
     "ResourceExhausted",
     "SessionData",
     "Settings",
+    "StoreNotCurrent",
     "Unauthenticated",
     "Unavailable",
     "VersionConflict",
     "canonical_json",
     "default_config_dir",
+    "default_data_dir",
     "event_id_for",
     "items_checksum",
     "json_schemas",

@@ -7,8 +7,14 @@ and builds the broker and actors. Nothing else imports it.
 
 from __future__ import annotations
 
-from mfh_models import load_settings
+import sys
+
+from mfh_models import StoreNotCurrent, load_settings
 from mfh_tasks.runtime import build_worker
 
 settings = load_settings()
-broker, persist_batch = build_worker(settings)
+try:
+    broker, persist_batch = build_worker(settings)
+except StoreNotCurrent as e:  # one line, not dramatiq's import traceback (`mfh worker` checks first)
+    print(f"mfh worker: {e}", file=sys.stderr)
+    raise SystemExit(3) from None

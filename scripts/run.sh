@@ -8,6 +8,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 bash scripts/bootstrap.sh
+# The hub's data (SQLite files, snapshots, audit reports) stays in the checkout's var/, as before.
+export MFH_DATA_DIR="${MFH_DATA_DIR:-$ROOT/var}"
 
 procfile_given=0
 for arg in "$@"; do

@@ -227,3 +227,30 @@ def test_a_bad_audit_cron_is_refused_by_settings_validation(tmp_path: Path, cron
     with pytest.raises(ConfigError, match=why) as e:
         load_settings("h", config_dir=cdir, env={})
     assert "scheduler.audit_cron" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_payload_of_an_older_schema_version_is_upcast_on_read() -> None:
+    from mfh_models import SCHEMA_VERSION, Kind
+    from mfh_models.upcast import Upcasters
+
+    # Given a future release at schema_version 2 that split MemoryItem "content" into "text" + "lang"
+    upcasters = Upcasters(target=SCHEMA_VERSION + 1)
+
+    @upcasters.register(Kind.MEMORY_ITEM, from_version=SCHEMA_VERSION)
+    def _split_content(p: dict[str, object]) -> dict[str, object]:
+        p["text"] = p.pop("content")
+        p.setdefault("lang", "en")
+        return p
+
+    stored = '{"content":"hello","schema_version":1}'
+    # When a stored v1 payload is read
+    text, version = upcasters.upcast_text(Kind.MEMORY_ITEM, stored, SCHEMA_VERSION)
+    # Then it arrives in v2's shape, and a v2 payload passes untouched
+    assert version == SCHEMA_VERSION + 1
+    assert json.loads(text) == {"text": "hello", "lang": "en", "schema_version": 2}
+    assert upcasters.upcast_text(Kind.MEMORY_ITEM, text, version) == (text, version)
+    # A kind with no step, or a payload from a newer release, is a clear error
+    with pytest.raises(InvalidArgument, match="no upcaster for session_data"):
+        upcasters.upcast_text(Kind.SESSION_DATA, stored, SCHEMA_VERSION)
+    with pytest.raises(InvalidArgument, match="newer"):
+        upcasters.upcast(Kind.MEMORY_ITEM, {}, SCHEMA_VERSION + 2)

@@ -19,7 +19,7 @@ def build_legacy_store(url: str, *, rows: bool = True) -> None:
     dialect = "sqlite" if u.get_backend_name() == "sqlite" else "postgres"
     sql = (FIXTURES / f"store_0_1_0.{dialect}.sql").read_text(encoding="utf-8")
     if not rows:
-        sql = sql.split("-- rows", 1)[0]
+        sql = sql.split("\n-- rows\n", 1)[0]
     if dialect == "sqlite":
         assert u.database
         con = sqlite3.connect(u.database)

@@ -22,6 +22,10 @@ def store(db_url: str, request: pytest.FixtureRequest) -> Iterator[SqlStore]:
     """A new store created at head, or one of release 0.1.0 (tests/fixtures) upgraded by ``mfh db upgrade``."""
     if request.param == "upgraded":
         build_legacy_store(db_url, rows=False)
+        legacy = SqlStore(db_url)
+        state = legacy.schema_state()
+        legacy.close()
+        assert state.revision is None and state.has_tables  # the 0.1.0 tables, not an empty database
         assert cli_main(["db", "upgrade", "--url", db_url]) == 0
     s = SqlStore(db_url)
     s.create_schema()

@@ -269,8 +269,8 @@ class SqlStore:
         def _on_connect(dbapi_conn: Any, _rec: Any) -> None:
             dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
             cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA busy_timeout=10000")  # first: switching to WAL can wait on another starter
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA busy_timeout=10000")
             cur.execute("PRAGMA synchronous=NORMAL")
             # Inline auto-checkpoints gave 35-48 ms p99 spikes; a background thread checkpoints instead.
             cur.execute("PRAGMA wal_autocheckpoint=0")

@@ -131,3 +131,20 @@ def test_each_process_refuses_a_store_that_is_not_current(legacy_host: TestHost,
     if command[0] == "checksum":
         again = mfh("checksum", env=legacy_host.env)
         assert again.returncode == 0 and again.stdout.strip() == LEGACY_CHECKSUM, again.stderr
+
+
+def test_processes_starting_together_on_an_empty_database_create_it_once(db_url: str) -> None:
+    # Given four processes' stores opening one brand-new database at the same moment
+    from concurrent.futures import ThreadPoolExecutor
+
+    stores = [SqlStore(db_url) for _ in range(4)]
+    try:
+        # When each checks its schema at start
+        with ThreadPoolExecutor(len(stores)) as pool:
+            errors = [f.exception() for f in [pool.submit(s.create_schema) for s in stores]]
+        # Then none fails (no "table already exists"), and the store is at head
+        assert errors == [None] * len(stores)
+        assert stores[0].schema_state().current
+    finally:
+        for s in stores:
+            s.close()

@@ -26,7 +26,7 @@ from mfh_api.grpc_server import GrpcServer
 from mfh_api.service import MemoryService, build_service
 from mfh_core.redaction import install_loop_exception_handler, install_redaction
 from mfh_core.redis_health import check_persistence
-from mfh_models import ConfigError, Settings, load_settings
+from mfh_models import ConfigError, Settings, StoreNotCurrent, load_settings
 
 __all__ = ["JsonFormatter", "configure_logging", "main", "run_api"]
 
@@ -149,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"mfh api: {e}", file=sys.stderr)
         return 2
+    except StoreNotCurrent as e:
+        print(f"mfh api: {e}", file=sys.stderr)
+        return 1
     except OSError as e:
         print(f"mfh api: {e}", file=sys.stderr)
         return 1

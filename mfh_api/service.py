@@ -497,13 +497,18 @@ def _decode_token(token: str, scope: list[Any]) -> str:
 async def build_service(settings: Settings) -> MemoryService:
     """Composition root of the api side: hot store, SQL store, broker + persist sender, batcher."""
     from mfh_tasks import build_broker, build_hot_store, declare_persist_actor, encode_batch
+    from mfh_tasks.runtime import warn_if_store_switched
 
-    hot = build_hot_store(settings)
     sql = SqlStore(settings.storage.database_url)
     try:
-        await asyncio.to_thread(sql.create_schema)
+        await asyncio.to_thread(sql.create_schema)  # StoreNotCurrent: refuse to start (`mfh db upgrade`)
     except Unavailable as e:  # reads are still served from Redis (DESIGN.md degraded modes)
         log.warning("SQL unavailable at start: %s", e)
+    except BaseException:
+        sql.close()
+        raise
+    hot = build_hot_store(settings)
+    await warn_if_store_switched(settings, sql, hot=hot)
     broker = build_broker(settings)
     actor = declare_persist_actor(broker, settings)
     wb = settings.write_behind

@@ -272,6 +272,14 @@ class EventBus:
             "storage": str(getattr(cfg.storage, "value", cfg.storage)),
         }
 
+    async def messages_from(self, origin: str) -> int:
+        """How many messages on the stream ``origin`` published (its subjects ``<prefix>.<origin>.>``)."""
+        try:
+            info = await self._jetstream().stream_info(self.stream, subjects_filter=f"{self.subject_prefix}.{origin}.>")
+        except (*NATS_ERRORS, ValueError) as e:
+            raise translate_error(e, f"stream {self.stream}") from e
+        return sum((info.state.subjects or {}).values())
+
     async def _stream_info(self) -> StreamInfo:
         try:
             return await self._jetstream().stream_info(self.stream)

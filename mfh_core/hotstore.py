@@ -285,6 +285,14 @@ class HotStore:
         """Seconds left before the entry expires; -1 when it has no TTL (dirty), -2 when absent."""
         return int(await self.redis.ttl(self.item_key(namespace, key)))
 
+    async def holds_data(self) -> bool:
+        """Whether this Redis has ever staged a write here (its clock exists) or holds any entry."""
+        if await self.redis.exists(self.hlc_key):
+            return True
+        async for _ in self.redis.scan_iter(match=f"{self.prefix}:i:*", count=1000):
+            return True
+        return False
+
     async def dirty_count(self) -> int:
         try:
             return int(await self.redis.zcard(self.dirty_key))

@@ -6,6 +6,11 @@ guard ``excluded.(version, origin) > items.(version, origin)``, so any permutati
 with duplicates, gives the same rows. The hot path uses the DB-API directly (executemany on
 SQLite, execute_values on Postgres): SQLAlchemy's generic executemany is a round trip per row
 on psycopg2 for ON CONFLICT statements.
+
+URLs: ``postgresql://`` (and ``postgres://``) mean psycopg2, the installed driver the batch path is
+written for (SQLAlchemy 2.1 alone would map them to psycopg 3): :func:`engine_url` is the one place.
+The schema comes from the migrations in :mod:`mfh_core.migrations`; :meth:`SqlStore.create_schema`
+creates a brand-new database at head and refuses one that is behind (``mfh db upgrade``).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, SQLAlchemyError
 
 from mfh_models import (
     ChecksumRow,
@@ -30,11 +35,21 @@ from mfh_models import (
     MemoryEvent,
     Op,
     Record,
+    StoreNotCurrent,
     Unavailable,
     items_checksum,
 )
 
-__all__ = ["ApplyResult", "Snapshot", "SqlStore", "events_table", "items_table", "metadata"]
+__all__ = [
+    "ApplyResult",
+    "Snapshot",
+    "SqlStore",
+    "display_url",
+    "engine_url",
+    "events_table",
+    "items_table",
+    "metadata",
+]
 
 log = logging.getLogger("mfh.sqlstore")
 
@@ -87,6 +102,38 @@ _ITEM_UPDATE = (
     "WHERE excluded.version > items.version "
     "OR (excluded.version = items.version AND excluded.origin > items.origin)"
 )
+
+
+#: Schemes that mean Postgres through psycopg2; any other ``postgresql+<driver>`` is refused.
+_PG_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg2")
+#: pg_advisory_xact_lock key held while a store's schema is checked or migrated ("mfh" + 1).
+_SCHEMA_LOCK = 0x6D666801
+
+
+def engine_url(url: str) -> str:
+    """The URL SQLAlchemy gets: ``postgresql://`` and ``postgres://`` become ``postgresql+psycopg2://``.
+
+    SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3, which is not a dependency; the bulk
+    upserts use psycopg2's ``execute_values``. Every SqlStore (api, worker, replicator, scheduler,
+    replay, migrate, checksum) goes through here.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise InvalidArgument(f"{display_url(url)} is not a database URL: use sqlite:///file.db or postgresql://...")
+    low = scheme.lower()
+    if low in _PG_SCHEMES:
+        return f"postgresql+psycopg2://{rest}"
+    if low.startswith(("postgresql+", "postgres+")):
+        raise InvalidArgument(f"driver {scheme!r} is not supported: use postgresql:// (the hub uses psycopg2)")
+    return url
+
+
+def display_url(url: str) -> str:
+    """The URL with its password masked, for messages and logs."""
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url.split("://", 1)[0] + "://..." if "://" in url else "(not a URL)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,31 +199,59 @@ class Snapshot:
 
     def iter_events(self, *, batch: int = 5000) -> Iterator[list[MemoryEvent]]:
         """The whole log in commit order, in lists of up to ``batch`` events."""
+        for rows in self.iter_event_rows(batch=batch):
+            yield [e for e, _ in rows]
+
+    def iter_event_rows(self, *, batch: int = 5000) -> Iterator[list[tuple[MemoryEvent, bool]]]:
+        """The whole log in commit order as (event, published), in lists of up to ``batch``."""
         t = events_table
         last = 0
         while True:
             rows = self._conn.execute(sa.select(t).where(t.c.seq > last).order_by(t.c.seq).limit(batch)).all()
             if not rows:
                 return
-            yield [_event(r) for r in rows]
+            yield [(_event(r), bool(r.published)) for r in rows]
             last = int(rows[-1].seq)
+
+    def iter_records(self, *, batch: int = 5000) -> Iterator[list[Record]]:
+        """Every item row (tombstones too) in key order, in lists of up to ``batch``."""
+        t = items_table
+        stmt = sa.select(t).order_by(t.c.namespace, t.c.key)
+        out: list[Record] = []
+        for r in self._conn.execution_options(yield_per=batch).execute(stmt):
+            out.append(_record(r))
+            if len(out) >= batch:
+                yield out
+                out = []
+        if out:
+            yield out
+
+    def counts(self) -> dict[str, int]:
+        """Items and events as of this snapshot."""
+        items = self._conn.execute(sa.select(sa.func.count()).select_from(items_table)).scalar_one()
+        events = self._conn.execute(sa.select(sa.func.count()).select_from(events_table)).scalar_one()
+        return {"items": int(items), "events": int(events)}
 
 
 class SqlStore:
     """Items and events in SQL. Thread-safe; sync (callers on an event loop use a thread)."""
 
     def __init__(self, url: str, *, pool_size: int = 5, checkpoint_interval_s: float = 1.0) -> None:
-        self.url = url
-        self.dialect = sa.engine.make_url(url).get_backend_name()
+        self.url = url  # as given; the engine gets engine_url(url)
+        real = engine_url(url)
+        try:
+            self.dialect = sa.engine.make_url(real).get_backend_name()
+        except ArgumentError as e:
+            raise InvalidArgument(f"{display_url(url)} is not a database URL: {e}") from None
         if self.dialect not in ("sqlite", "postgresql"):
             raise InvalidArgument(f"unsupported database {self.dialect!r}: use sqlite:/// or postgresql://")
         self._stop = threading.Event()
         self._checkpointer: threading.Thread | None = None
         if self.dialect == "sqlite":
-            self._write = self._sqlite_engine(url, immediate=True)
-            self._read = self._sqlite_engine(url, immediate=False)
+            self._write = self._sqlite_engine(real, immediate=True)
+            self._read = self._sqlite_engine(real, immediate=False)
         else:
-            eng = sa.create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+            eng = sa.create_engine(real, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
             self._write = self._read = eng
         self._checkpoint_interval_s = checkpoint_interval_s
 
@@ -194,8 +269,8 @@ class SqlStore:
         def _on_connect(dbapi_conn: Any, _rec: Any) -> None:
             dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
             cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA busy_timeout=10000")  # first: switching to WAL can wait on another starter
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA busy_timeout=10000")
             cur.execute("PRAGMA synchronous=NORMAL")
             # Inline auto-checkpoints gave 35-48 ms p99 spikes; a background thread checkpoints instead.
             cur.execute("PRAGMA wal_autocheckpoint=0")
@@ -209,9 +284,51 @@ class SqlStore:
         return eng
 
     def create_schema(self) -> None:
-        """Create the tables if absent (idempotent)."""
-        with self._guard():
-            metadata.create_all(self._write)
+        """Check at start that the store is current: a brand-new, empty database is created at head;
+        one that is behind (or made by a newer release) raises :class:`StoreNotCurrent`."""
+        from mfh_core import migrations
+
+        with self._guard(), self._schema_lock() as conn:
+            state = migrations.schema_state(conn)
+            if state.empty:
+                migrations.upgrade(conn)
+                log.info("created the schema of %s at revision %s", display_url(self.url), state.head)
+            elif not state.current:
+                raise StoreNotCurrent(
+                    f"the SQL store {display_url(self.url)} is {state.describe()}: run `mfh db upgrade`"
+                    + (" with a newer release" if state.unknown else "")
+                )
+        self._start_checkpointer()
+
+    def schema_state(self) -> Any:
+        """Where the store's schema stands (a :class:`mfh_core.migrations.SchemaState`)."""
+        from mfh_core import migrations
+
+        with self._guard(), self._read.connect() as conn:
+            return migrations.schema_state(conn)
+
+    def upgrade_schema(self) -> tuple[str | None, str]:
+        """Apply the pending migrations (``mfh db upgrade``); return (revision before, revision after)."""
+        from mfh_core import migrations
+
+        with self._guard(), self._schema_lock() as conn:
+            try:
+                before_after = migrations.upgrade(conn)
+            except ValueError as e:
+                raise StoreNotCurrent(f"the SQL store {display_url(self.url)} cannot be upgraded: {e}") from None
+        self._start_checkpointer()
+        return before_after
+
+    @contextmanager
+    def _schema_lock(self) -> Iterator[Connection]:
+        """One write transaction that no other process's schema check or migration overlaps
+        (SQLite: BEGIN IMMEDIATE; Postgres: a transaction-scoped advisory lock)."""
+        with self._write.begin() as conn:
+            if self.dialect == "postgresql":
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK})")
+            yield conn
+
+    def _start_checkpointer(self) -> None:
         if self.dialect == "sqlite" and self._checkpointer is None:
             self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="sqlite-checkpoint", daemon=True)
             self._checkpointer.start()
@@ -270,33 +387,79 @@ class SqlStore:
             )
             for e in winners
         ]
+        self._write_rows(ev_rows, item_rows)
+        return ApplyResult(len(ev_rows), len(item_rows))
+
+    def import_rows(self, events: Sequence[tuple[MemoryEvent, bool]], items: Sequence[Record]) -> None:
+        """Copy rows from another store as they are (``mfh migrate``): events in the given (commit)
+        order with their published flag, items under the same version guard as ``apply_batch``."""
+        ev_rows = [
+            (
+                e.event_id,
+                e.op.value,
+                e.namespace,
+                e.key,
+                e.kind.value,
+                e.payload,
+                e.version,
+                e.origin,
+                e.created_at,
+                e.schema_version,
+                published,
+            )
+            for e, published in events
+        ]
+        item_rows = [
+            (
+                r.namespace,
+                r.key,
+                r.kind.value,
+                r.payload,
+                r.version,
+                r.origin,
+                r.deleted,
+                r.updated_at,
+                r.schema_version,
+            )
+            for r in sorted(items, key=lambda r: (r.namespace, r.key))
+        ]
+        self._write_rows(ev_rows, item_rows)
+
+    def _write_rows(self, ev_rows: Sequence[tuple[Any, ...]], item_rows: Sequence[tuple[Any, ...]]) -> None:
+        """Insert event rows (idempotent by id) and upsert item rows (version-guarded) in one transaction."""
         with self._guard(), self._write.begin() as conn:
             cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
             try:
                 if self.dialect == "sqlite":
-                    cur.executemany(
-                        f"INSERT INTO events ({_EVENT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
-                        "ON CONFLICT (event_id) DO NOTHING",
-                        ev_rows,
-                    )
-                    cur.executemany(
-                        f"INSERT INTO items ({_ITEM_COLS}) VALUES (?,?,?,?,?,?,?,?,?) {_ITEM_UPDATE}", item_rows
-                    )
+                    if ev_rows:
+                        cur.executemany(
+                            f"INSERT INTO events ({_EVENT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
+                            "ON CONFLICT (event_id) DO NOTHING",
+                            ev_rows,
+                        )
+                    if item_rows:
+                        cur.executemany(
+                            f"INSERT INTO items ({_ITEM_COLS}) VALUES (?,?,?,?,?,?,?,?,?) {_ITEM_UPDATE}", item_rows
+                        )
                 else:
                     from psycopg2.extras import execute_values
 
-                    execute_values(
-                        cur,
-                        f"INSERT INTO events ({_EVENT_COLS}) VALUES %s ON CONFLICT (event_id) DO NOTHING",
-                        ev_rows,
-                        page_size=1000,
-                    )
-                    execute_values(
-                        cur, f"INSERT INTO items ({_ITEM_COLS}) VALUES %s {_ITEM_UPDATE}", item_rows, page_size=1000
-                    )
+                    if ev_rows:
+                        execute_values(
+                            cur,
+                            f"INSERT INTO events ({_EVENT_COLS}) VALUES %s ON CONFLICT (event_id) DO NOTHING",
+                            ev_rows,
+                            page_size=1000,
+                        )
+                    if item_rows:
+                        execute_values(
+                            cur,
+                            f"INSERT INTO items ({_ITEM_COLS}) VALUES %s {_ITEM_UPDATE}",
+                            item_rows,
+                            page_size=1000,
+                        )
             finally:
                 cur.close()
-        return ApplyResult(len(ev_rows), len(item_rows))
 
     def mark_published(self, event_ids: Sequence[str]) -> None:
         """Record that these events are on JetStream (the outbox relays the rest)."""

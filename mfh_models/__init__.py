@@ -12,6 +12,7 @@ from mfh_models.errors import (
     MFHError,
     NotFound,
     ResourceExhausted,
+    StoreNotCurrent,
     Unauthenticated,
     Unavailable,
     VersionConflict,
@@ -41,10 +42,10 @@ from mfh_models.untrusted import MAX_JSON_BYTES, MAX_JSON_DEPTH, decode_untruste
 from mfh_models.versions import pack, unpack
 
 if TYPE_CHECKING:
-    from mfh_models.settings import Settings, default_config_dir, load_settings
+    from mfh_models.settings import Settings, default_config_dir, default_data_dir, load_settings
 
 #: Loaded on first use: an agent that installs only the client never imports settings or YAML.
-_LAZY = {"Settings", "default_config_dir", "load_settings"}
+_LAZY = {"Settings", "default_config_dir", "default_data_dir", "load_settings"}
 
 
 def __getattr__(name: str) -> Any:
@@ -78,12 +79,14 @@ __all__ = [
     "ResourceExhausted",
     "SessionData",
     "Settings",
+    "StoreNotCurrent",
     "Unauthenticated",
     "Unavailable",
     "VersionConflict",
     "canonical_json",
     "decode_untrusted_json",
     "default_config_dir",
+    "default_data_dir",
     "event_id_for",
     "items_checksum",
     "json_schemas",

@@ -5,6 +5,7 @@
     │   └── ConfigError           a configuration file or variable is wrong (raised at start-up)
     ├── NotFound                  NOT_FOUND: no live record under that key
     ├── VersionConflict           FAILED_PRECONDITION: expected_version does not match
+    ├── StoreNotCurrent           FAILED_PRECONDITION: the SQL schema needs ``mfh db upgrade`` (start-up)
     ├── Unauthenticated           UNAUTHENTICATED: missing or wrong API key
     ├── ResourceExhausted         RESOURCE_EXHAUSTED: backlog or concurrency limit reached
     └── Unavailable               UNAVAILABLE: a store is down; safe to retry
@@ -23,6 +24,7 @@ __all__ = [
     "MFHError",
     "NotFound",
     "ResourceExhausted",
+    "StoreNotCurrent",
     "Unauthenticated",
     "Unavailable",
     "VersionConflict",
@@ -60,6 +62,12 @@ class VersionConflict(MFHError):
     def __init__(self, message: str, *, current_version: int = 0) -> None:
         super().__init__(message)
         self.current_version = current_version
+
+
+class StoreNotCurrent(MFHError):
+    """The SQL store's schema is not the one this release runs on; the message names the command."""
+
+    code = "FAILED_PRECONDITION"
 
 
 class Unauthenticated(MFHError):

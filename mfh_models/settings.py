@@ -1,7 +1,13 @@
-"""Settings: ``config/default.yaml``, then the host file, then ``${VAR:default}`` from the environment.
+"""Settings: ``default.yaml``, then the host file, then ``${VAR:default}`` from the environment.
 
 Read once at an entry point with :func:`load_settings` and passed down as one frozen object.
 A bad file fails at start-up with the file, the field and the reason (:class:`ConfigError`).
+
+The default configuration ships inside this package (``mfh_models/config/``; the repository's
+``config/`` points at it); ``--config-dir`` or ``MFH_CONFIG_DIR`` name another directory.
+Relative data paths (``storage.sqlite_path``, ``scheduler.snapshot_dir``) resolve against one data
+directory, ``MFH_DATA_DIR`` (default ``$XDG_DATA_HOME/mfh``, else ``~/.local/share/mfh``), once,
+when the settings are loaded: never against the current directory.
 """
 
 from __future__ import annotations
@@ -13,8 +19,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from mfh_models.crontab import validate_crontab
 from mfh_models.errors import ConfigError
 from mfh_models.records import validate_origin
 
@@ -31,6 +38,7 @@ __all__ = [
     "StorageSettings",
     "WriteBehindSettings",
     "default_config_dir",
+    "default_data_dir",
     "load_settings",
 ]
 
@@ -53,7 +61,7 @@ class ServerSettings(_Section):
 
 class StorageSettings(_Section):
     write_strategy: Literal["event_sourcing", "direct"] = "event_sourcing"
-    sqlite_path: str = "var/memory.db"
+    sqlite_path: str = "memory.db"
     postgres_url: str | None = None
     redis_url: str = "redis://127.0.0.1:6380/0"  # the hub's own Redis, with AOF (scripts/hub_redis.py)
     redis_prefix: str = Field(default="mfh", pattern=r"^[A-Za-z0-9_.\-]{1,32}$")
@@ -114,9 +122,15 @@ class ResilienceSettings(_Section):
 
 class SchedulerSettings(_Section):
     snapshot_interval_seconds: float = Field(default=3600, gt=0)
-    snapshot_dir: str = "var/snapshots"
+    snapshot_dir: str = Field(default="snapshots", min_length=1)
+    snapshot_keep: int = Field(default=24, ge=1, description="snapshots kept per host")
     audit_cron: str = "30 3 * * *"
     reconcile_interval_seconds: float = Field(default=30, gt=0)
+
+    @field_validator("audit_cron")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        return validate_crontab(v)
 
 
 class RecoverySettings(_Section):
@@ -147,6 +161,7 @@ class Settings(_Section):
     title: str = "MemoryFusionHubConfig"
     version: str = "1.0"
     host_id: str = "main_pc"
+    data_dir: str | None = Field(default=None, description="where relative data paths resolve (absolute)")
     server: ServerSettings = ServerSettings()
     storage: StorageSettings = StorageSettings()
     write_behind: WriteBehindSettings = WriteBehindSettings()
@@ -237,8 +252,39 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def default_config_dir() -> Path:
-    """``config/`` beside the packages (the repository root)."""
-    return Path(__file__).resolve().parent.parent / "config"
+    """The configuration shipped inside this package (``mfh_models/config``)."""
+    return Path(__file__).resolve().parent / "config"
+
+
+def default_data_dir(env: Mapping[str, str]) -> Path:
+    """``$MFH_DATA_DIR``, else ``$XDG_DATA_HOME/mfh``, else ``~/.local/share/mfh`` (absolute)."""
+    if env.get("MFH_DATA_DIR"):
+        return Path(env["MFH_DATA_DIR"]).expanduser().absolute()
+    if env.get("XDG_DATA_HOME"):
+        return Path(env["XDG_DATA_HOME"]).expanduser().absolute() / "mfh"
+    home = env.get("HOME")
+    return (Path(home) if home else Path.home()) / ".local" / "share" / "mfh"
+
+
+#: Settings that name files or directories: relative values resolve against the data directory.
+_DATA_PATHS = (("storage", "sqlite_path"), ("scheduler", "snapshot_dir"))
+
+
+def _resolve_data_paths(merged: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    data_dir = Path(merged["data_dir"]).expanduser() if merged.get("data_dir") else default_data_dir(env)
+    data_dir = data_dir.absolute()
+    out = dict(merged, data_dir=str(data_dir))
+    defaults = Settings()
+    for section, field in _DATA_PATHS:
+        if not isinstance(out.get(section) or {}, dict):
+            continue  # validation names the section
+        sec = dict(out.get(section) or {})
+        raw = sec.get(field, getattr(getattr(defaults, section), field))
+        if isinstance(raw, str) and raw:
+            path = Path(raw).expanduser()
+            sec[field] = str(path if path.is_absolute() else data_dir / path)
+        out[section] = sec
+    return out
 
 
 def load_settings(
@@ -276,6 +322,7 @@ def load_settings(
         merged = _merge(merged, overrides)
     if host and "host_id" not in merged:
         merged["host_id"] = host
+    merged = _resolve_data_paths(merged, env)
     try:
         return Settings.model_validate(merged)
     except ValidationError as e:

@@ -29,7 +29,7 @@ from mfh_core.redis_health import check_persistence
 from mfh_models import MemoryEvent, MFHError, Settings, Unavailable, load_settings
 from mfh_tasks.outbox import OutboxRelay
 from mfh_tasks.persist import PersistPipeline
-from mfh_tasks.runtime import build_hot_store, build_sql_store
+from mfh_tasks.runtime import build_hot_store, build_sql_store, warn_if_store_switched
 
 __all__ = ["Replicator", "consumer_name", "main", "run_replication"]
 
@@ -283,6 +283,7 @@ async def run_replication(settings: Settings, stop: asyncio.Event, *, outbox_int
     try:
         if not await _connect(bus, stop):
             return
+        await warn_if_store_switched(settings, sql, hot=hot, bus=bus)
         replicator = Replicator(bus=bus, pipeline=PersistPipeline(sql=sql, hot=hot), host_id=settings.host_id)
         await replicator.start()
         relay = OutboxRelay(sql=sql, bus=bus, interval_s=outbox_interval_s)

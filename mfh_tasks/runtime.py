@@ -12,24 +12,64 @@ from mfh_core import HotStore, SqlStore
 from mfh_core.eventbus import EventBus
 from mfh_core.redaction import redact_text
 from mfh_core.resilience import breaker_from_settings
-from mfh_models import MemoryEvent, Settings, Unavailable
+from mfh_models import MemoryEvent, MFHError, Settings, Unavailable
 from mfh_tasks.actors import LazyPipeline, declare_persist_actor, encode_batch
 from mfh_tasks.broker import build_broker
 from mfh_tasks.persist import EventPublisher, PersistPipeline
 from mfh_tasks.recovery import Recovery
 
-__all__ = ["build_hot_store", "build_sql_store", "build_worker"]
+__all__ = ["build_hot_store", "build_sql_store", "build_worker", "warn_if_store_switched"]
 
 log = logging.getLogger("mfh.worker")
+store_log = logging.getLogger("mfh.store")
 
 #: How long a batch waits for an open SQL breaker's probe before it is retried with backoff.
 _SQL_WAIT_S = 5.0
 
 
 def build_sql_store(settings: Settings) -> SqlStore:
+    """The host's SQL store, checked to be current (raises StoreNotCurrent, naming ``mfh db upgrade``)."""
     store = SqlStore(settings.storage.database_url)
-    store.create_schema()
+    try:
+        store.create_schema()
+    except BaseException:
+        store.close()
+        raise
     return store
+
+
+async def warn_if_store_switched(
+    settings: Settings, sql: SqlStore, *, hot: HotStore | None = None, bus: EventBus | None = None
+) -> str | None:
+    """Log a loud warning (and return it) when the SQL store is empty while this host's Redis or the
+    stream says the host has data: the store was switched (say SQLite to Postgres) without a copy."""
+    try:
+        counts = await asyncio.to_thread(sql.counts)
+    except MFHError:
+        return None  # down: nothing to compare; the process says so elsewhere
+    if counts["items"] or counts["events"]:
+        return None
+    witness = None
+    try:
+        if hot is not None and await hot.holds_data():
+            witness = f"its Redis (prefix {settings.storage.redis_prefix!r}) holds its clock or entries"
+        elif bus is not None and (n := await bus.messages_from(settings.host_id)):
+            witness = f"the stream holds {n} events it published"
+    except Exception as e:  # a check that cannot run must not stop the process
+        store_log.info("store switch check skipped: %s", type(e).__name__)
+        return None
+    if witness is None:
+        return None
+    from mfh_core.sqlstore import display_url
+
+    message = (
+        f"SQL STORE IS EMPTY: {display_url(sql.url)} has no items or events, but host {settings.host_id}'s {witness}. "
+        "Was the store switched (for example SQLite to Postgres) without copying it? Its data will be missing "
+        "once the cache expires, and the hosts will differ. Stop the host and copy the old store into this one: "
+        "mfh migrate --from OLD_URL --to NEW_URL (docs/operations.md, 'Moving a host from SQLite to Postgres')."
+    )
+    store_log.warning(message)
+    return message
 
 
 def build_hot_store(settings: Settings) -> HotStore:

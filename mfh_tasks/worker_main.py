@@ -7,11 +7,17 @@ and builds the broker and actors. Nothing else imports it.
 
 from __future__ import annotations
 
+import sys
+
 from mfh_core.redaction import install_redaction
-from mfh_models import load_settings
+from mfh_models import StoreNotCurrent, load_settings
 from mfh_tasks.runtime import build_worker
 
 install_redaction()  # dramatiq has configured logging by now; its tracebacks go through the filter too
 settings = load_settings()
 install_redaction(settings)
-broker, persist_batch = build_worker(settings)
+try:
+    broker, persist_batch = build_worker(settings)
+except StoreNotCurrent as e:  # one line, not dramatiq's import traceback (`mfh worker` checks first)
+    print(f"mfh worker: {e}", file=sys.stderr)
+    raise SystemExit(3) from None

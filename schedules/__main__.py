@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from mfh_core.redaction import install_redaction
-from mfh_models import ConfigError, load_settings
+from mfh_models import ConfigError, MFHError, Settings, load_settings
 from mfh_tasks import build_sql_store
 from schedules.jobs import audit, snapshot
 from schedules.runner import run_scheduler
@@ -31,16 +31,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mfh: {e}", file=sys.stderr)
         return 2
     install_redaction(settings)
-    if args.job == "run":
-        asyncio.run(run_scheduler(settings))
-        return 0
+    try:
+        if args.job == "run":
+            asyncio.run(run_scheduler(settings))
+            return 0
+        return _once(args.job, settings)
+    except MFHError as e:  # a store that is down or not current: one line, not a traceback
+        print(f"mfh: {args.job}: {e}", file=sys.stderr)
+        return 1
+
+
+def _once(job: str, settings: Settings) -> int:
+    sch = settings.scheduler
     sql = build_sql_store(settings)
     try:
-        if args.job == "audit":
-            result = audit(sql, report_dir=Path(settings.scheduler.snapshot_dir))
+        if job == "audit":
+            result = audit(sql, host=settings.host_id, report_dir=Path(sch.snapshot_dir))
             print(result.to_json())
             return 0 if result.ok else 1
-        print(snapshot(sql, Path(settings.scheduler.snapshot_dir)))
+        print(snapshot(sql, Path(sch.snapshot_dir), host=settings.host_id, keep=sch.snapshot_keep))
         return 0
     finally:
         sql.close()

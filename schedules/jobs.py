@@ -1,6 +1,8 @@
 """The scheduler's jobs: reconcile lost batches, take snapshots, run the replay audit.
 
 Each job is a plain function of its collaborators, so tests and ``mfh`` commands run it directly.
+Files carry the host id (``snapshot-<host>-<stamp>.jsonl.gz``, ``audit-latest-<host>.json``,
+``audit-history-<host>.jsonl``), so hosts sharing one directory never overwrite or prune each other's.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -19,7 +22,7 @@ from mfh_core.metrics import DIRTY_ENTRIES, RECONCILE_REENQUEUED
 from mfh_models import MemoryEvent, items_checksum
 from mfh_tasks.recovery import requeue_dirty
 
-__all__ = ["AuditResult", "audit", "reconcile", "snapshot"]
+__all__ = ["AuditResult", "audit", "audit_paths", "reconcile", "snapshot", "snapshots_of"]
 
 log = logging.getLogger("mfh.schedules")
 
@@ -40,20 +43,29 @@ async def reconcile(
     return n
 
 
-def snapshot(sql: SqlStore, directory: Path, *, keep: int = 24) -> Path:
-    """Write every item (tombstones too) as gzipped JSON lines, headed by the checksum; keep the newest ``keep``."""
+def snapshots_of(directory: Path, host: str) -> list[Path]:
+    """This host's snapshot files in ``directory``, oldest first (another host's never match)."""
+    pattern = re.compile(rf"snapshot-{re.escape(host)}-\d{{8}}T\d{{9}}Z\.jsonl\.gz")
+    return sorted(p for p in directory.glob(f"snapshot-{host}-*.jsonl.gz") if pattern.fullmatch(p.name))
+
+
+def snapshot(sql: SqlStore, directory: Path, *, host: str, keep: int = 24) -> Path:
+    """Write every item (tombstones too) as gzipped JSON lines, headed by the checksum and the host;
+    keep this host's newest ``keep``."""
     directory.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    final = directory / f"snapshot-{stamp}.jsonl.gz"
+    now = time.time()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{int(now * 1000) % 1000:03d}Z"
+    final = directory / f"snapshot-{host}-{stamp}.jsonl.gz"
     tmp = final.with_suffix(".tmp")
     with sql.snapshot() as snap:
         rows = sorted(snap.iter_items(), key=lambda r: (r.namespace.encode(), r.key.encode()))
     with gzip.open(tmp, "wt", encoding="utf-8") as out:
-        out.write(json.dumps({"checksum": items_checksum(rows), "items": len(rows), "taken_at": stamp}) + "\n")
+        head = {"checksum": items_checksum(rows), "items": len(rows), "taken_at": stamp, "host": host}
+        out.write(json.dumps(head) + "\n")
         for r in rows:
             out.write(json.dumps(r._asdict(), separators=(",", ":")) + "\n")
     tmp.rename(final)
-    for old in sorted(directory.glob("snapshot-*.jsonl.gz"))[:-keep]:
+    for old in snapshots_of(directory, host)[:-keep]:
         old.unlink()
     log.info("snapshot %s written", final)
     return final
@@ -61,6 +73,7 @@ def snapshot(sql: SqlStore, directory: Path, *, keep: int = 24) -> Path:
 
 @dataclass(frozen=True, slots=True)
 class AuditResult:
+    host: str
     ok: bool
     live_checksum: str
     replay_checksum: str
@@ -72,7 +85,12 @@ class AuditResult:
         return json.dumps(asdict(self))
 
 
-def audit(sql: SqlStore, *, report_dir: Path | None = None) -> AuditResult:
+def audit_paths(report_dir: Path, host: str) -> tuple[Path, Path]:
+    """This host's audit files: (latest, history)."""
+    return report_dir / f"audit-latest-{host}.json", report_dir / f"audit-history-{host}.jsonl"
+
+
+def audit(sql: SqlStore, *, host: str, report_dir: Path | None = None) -> AuditResult:
     """Replay the event log into an empty SQLite and compare checksums with the live items table.
 
     Both sides come from one read snapshot, so writes during the audit cannot make it disagree.
@@ -92,6 +110,7 @@ def audit(sql: SqlStore, *, report_dir: Path | None = None) -> AuditResult:
         finally:
             target.close()
     result = AuditResult(
+        host=host,
         ok=live == replayed,
         live_checksum=live,
         replay_checksum=replayed,
@@ -101,8 +120,11 @@ def audit(sql: SqlStore, *, report_dir: Path | None = None) -> AuditResult:
     )
     if report_dir is not None:
         report_dir.mkdir(parents=True, exist_ok=True)
-        (report_dir / "audit-latest.json").write_text(result.to_json() + "\n")
-        with (report_dir / "audit-history.jsonl").open("a") as f:
+        latest, history = audit_paths(report_dir, host)
+        partial = latest.with_suffix(".tmp")
+        partial.write_text(result.to_json() + "\n")
+        partial.replace(latest)
+        with history.open("a") as f:
             f.write(result.to_json() + "\n")
     (log.info if result.ok else log.error)("replay audit: %s", result.to_json())
     return result

@@ -64,10 +64,10 @@ async def run_scheduler(settings: Settings, *, stop: asyncio.Event | None = None
         await reconcile(hot, send, stale_after_s=settings.write_behind.stale_dirty_seconds)
 
     async def do_snapshot() -> None:
-        await asyncio.to_thread(snapshot, sql, Path(sch.snapshot_dir))
+        await asyncio.to_thread(snapshot, sql, Path(sch.snapshot_dir), host=settings.host_id, keep=sch.snapshot_keep)
 
     async def do_audit() -> None:
-        await asyncio.to_thread(audit, sql, report_dir=report_dir)
+        await asyncio.to_thread(audit, sql, host=settings.host_id, report_dir=report_dir)
 
     async def keep_lease() -> None:
         was = lease.held

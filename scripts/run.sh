@@ -18,6 +18,8 @@ if [[ "${1:-}" == "--allow-volatile-redis" ]]; then
     shift
 fi
 bash scripts/bootstrap.sh "${boot[@]}"
+# The hub's data (SQLite files, snapshots, audit reports) stays in the checkout's var/, as before.
+export MFH_DATA_DIR="${MFH_DATA_DIR:-$ROOT/var}"
 
 procfile_given=0
 for arg in "$@"; do

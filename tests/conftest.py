@@ -4,7 +4,8 @@
   flushed before each test.
   Base URL from ``MFH_TEST_REDIS_URL`` (default ``redis://127.0.0.1:6379``).
 - ``postgres_url``: a fresh database on the server of ``MFH_TEST_POSTGRES_URL`` (default
-  ``postgresql://postgres@127.0.0.1:5432/test``), as a SQLAlchemy URL; dropped afterwards.
+  ``postgresql://postgres@127.0.0.1:5432/test``), as the plain ``postgresql://`` URL users type
+  (the hub picks the driver); dropped afterwards. ``postgres_url_b``: a second one.
 - ``sqlite_url``: a SQLite file in the test's tmp dir.
 - ``db_url``: parametrized over sqlite and postgres, for contract suites that run on both.
 - ``nats_server`` (module scope) / ``fresh_nats`` (per test): a private nats-server with
@@ -17,6 +18,7 @@ Plain helpers (``wait_until``, ``async_wait_until``, ``free_port``, ``require``)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from collections.abc import Iterator
@@ -98,34 +100,47 @@ def redis_url_b(_redis_dbs: tuple[int, int]) -> str:
     return _flushed_redis(_redis_dbs[1])
 
 
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A fresh, empty Postgres database (``postgresql+psycopg2://...``), dropped after the test."""
+@contextlib.contextmanager
+def _fresh_postgres() -> Iterator[str]:
     import psycopg2
     from sqlalchemy.engine import make_url
 
-    server = os.environ.get("MFH_TEST_POSTGRES_URL", POSTGRES_URL_DEFAULT)
+    server = make_url(os.environ.get("MFH_TEST_POSTGRES_URL", POSTGRES_URL_DEFAULT)).set(drivername="postgresql")
+    server_url = server.render_as_string(hide_password=False)
     admin = None
 
     def connect() -> None:
         nonlocal admin
-        admin = psycopg2.connect(server, connect_timeout=3)
+        admin = psycopg2.connect(server_url, connect_timeout=3)
 
-    require(f"Postgres at {server}", connect)
+    require(f"Postgres at {server.render_as_string(hide_password=True)}", connect)
     assert admin is not None
     admin.autocommit = True
     name = f"mfh_t_{secrets.token_hex(6)}"
     try:
         with admin.cursor() as cur:
             cur.execute(f'CREATE DATABASE "{name}"')
-        url = make_url(server).set(drivername="postgresql+psycopg2", database=name)
-        yield url.render_as_string(hide_password=False)
+        yield server.set(database=name).render_as_string(hide_password=False)
     finally:
         try:
             with admin.cursor() as cur:
                 cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             admin.close()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty Postgres database as the plain ``postgresql://...`` URL, dropped after the test."""
+    with _fresh_postgres() as url:
+        yield url
+
+
+@pytest.fixture
+def postgres_url_b() -> Iterator[str]:
+    """A second one (a replay or migration target)."""
+    with _fresh_postgres() as url:
+        yield url
 
 
 @pytest.fixture

@@ -175,7 +175,9 @@ def test_without_a_host_the_first_host_applies(tmp_path: Path) -> None:
     # A command run without --host must read the same stores as the Procfile's processes.
     assert load_settings(env={}).storage.sqlite_path == load_settings("main_pc", env={}).storage.sqlite_path
     cdir = _config_dir(tmp_path, "")
-    assert load_settings(config_dir=cdir, env={}).storage.sqlite_path == "var/memory.db"  # no main_pc.yaml there
+    data = tmp_path / "data"
+    got = load_settings(config_dir=cdir, env={"MFH_DATA_DIR": str(data)}).storage.sqlite_path
+    assert got == str(data / "memory.db")  # no main_pc.yaml there: default.yaml's file, under the data dir
 
 
 # -- untrusted JSON: one decoder for every door (issue 7, findings 1 and 2) -----------------------------
@@ -259,3 +261,80 @@ def test_validate_payload_caps_nesting_at_64_levels() -> None:
     deep = json.loads('{"content": "x", "metadata": {"a": ' + "[" * 63 + "]" * 63 + "}}")
     with pytest.raises(InvalidArgument, match="deeper than 64"):
         validate_payload("memory_item", deep)
+
+
+def test_relative_data_paths_resolve_against_the_data_dir_never_the_cwd(tmp_path: Path) -> None:
+    cdir = _config_dir(tmp_path, "scheduler:\n  snapshot_dir: snaps\nstorage:\n  sqlite_path: /abs/h.db\n")
+    # MFH_DATA_DIR wins; relative paths land under it, absolute ones stay
+    s = load_settings("h", config_dir=cdir, env={"MFH_DATA_DIR": str(tmp_path / "d")})
+    assert s.data_dir == str(tmp_path / "d")
+    assert s.scheduler.snapshot_dir == str(tmp_path / "d" / "snaps") and s.storage.sqlite_path == "/abs/h.db"
+    # without it: $XDG_DATA_HOME/mfh, else ~/.local/share/mfh
+    s = load_settings("h", config_dir=cdir, env={"XDG_DATA_HOME": str(tmp_path / "x")})
+    assert s.scheduler.snapshot_dir == str(tmp_path / "x" / "mfh" / "snaps")
+    s = load_settings("h", config_dir=cdir, env={"HOME": str(tmp_path / "home")})
+    assert s.scheduler.snapshot_dir == str(tmp_path / "home" / ".local" / "share" / "mfh" / "snaps")
+
+
+def test_the_default_configuration_ships_inside_the_package() -> None:
+    import mfh_models
+
+    assert default_config_dir() == Path(mfh_models.__file__).parent / "config"
+    assert {"default.yaml", "main_pc.yaml", "pc2.yaml"} <= {p.name for p in default_config_dir().iterdir()}
+
+
+@pytest.mark.parametrize(
+    "cron", ["30 3 * * *", "*/15 * * * *", "0 0-23/2 1,15 * mon-fri", "5 4 * jan-mar 0", "0 12 31 12 6"]
+)
+def test_a_valid_audit_cron_is_accepted_and_apscheduler_takes_it(tmp_path: Path, cron: str) -> None:
+    from apscheduler.triggers.cron import CronTrigger
+
+    cdir = _config_dir(tmp_path, f"scheduler:\n  audit_cron: '{cron}'\n")
+    assert load_settings("h", config_dir=cdir, env={}).scheduler.audit_cron == cron
+    CronTrigger.from_crontab(cron, timezone="UTC")
+
+
+@pytest.mark.parametrize(
+    ("cron", "why"),
+    [
+        ("30 3 * *", "5 fields"),
+        ("61 3 * * *", "out of range"),
+        ("0 24 * * *", "out of range"),
+        ("*/0 * * * *", "step"),
+        ("0 3 * * someday", "not a number"),
+        ("0 5-2 * * *", "backwards"),
+        ("every night", "5 fields"),
+    ],
+)
+def test_a_bad_audit_cron_is_refused_by_settings_validation(tmp_path: Path, cron: str, why: str) -> None:
+    cdir = _config_dir(tmp_path, f"scheduler:\n  audit_cron: '{cron}'\n")
+    with pytest.raises(ConfigError, match=why) as e:
+        load_settings("h", config_dir=cdir, env={})
+    assert "scheduler.audit_cron" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_payload_of_an_older_schema_version_is_upcast_on_read() -> None:
+    from mfh_models import SCHEMA_VERSION, Kind
+    from mfh_models.upcast import Upcasters
+
+    # Given a future release at schema_version 2 that split MemoryItem "content" into "text" + "lang"
+    upcasters = Upcasters(target=SCHEMA_VERSION + 1)
+
+    @upcasters.register(Kind.MEMORY_ITEM, from_version=SCHEMA_VERSION)
+    def _split_content(p: dict[str, object]) -> dict[str, object]:
+        p["text"] = p.pop("content")
+        p.setdefault("lang", "en")
+        return p
+
+    stored = '{"content":"hello","schema_version":1}'
+    # When a stored v1 payload is read
+    text, version = upcasters.upcast_text(Kind.MEMORY_ITEM, stored, SCHEMA_VERSION)
+    # Then it arrives in v2's shape, and a v2 payload passes untouched
+    assert version == SCHEMA_VERSION + 1
+    assert json.loads(text) == {"text": "hello", "lang": "en", "schema_version": 2}
+    assert upcasters.upcast_text(Kind.MEMORY_ITEM, text, version) == (text, version)
+    # A kind with no step, or a payload from a newer release, is a clear error
+    with pytest.raises(InvalidArgument, match="no upcaster for session_data"):
+        upcasters.upcast_text(Kind.SESSION_DATA, stored, SCHEMA_VERSION)
+    with pytest.raises(InvalidArgument, match="newer"):
+        upcasters.upcast(Kind.MEMORY_ITEM, {}, SCHEMA_VERSION + 2)

@@ -36,7 +36,8 @@ def test_dlq_and_audit_commands(tmp_path: Path, redis_url: str) -> None:
     # The audit of an empty store passes and leaves its report where operators read it
     out = mfh(host, "audit")
     assert out.returncode == 0 and json.loads(out.stdout)["ok"] is True, out.stderr
-    assert json.loads((Path(host.settings.scheduler.snapshot_dir) / "audit-latest.json").read_text())["ok"] is True
+    report = Path(host.settings.scheduler.snapshot_dir) / f"audit-latest-{host.name}.json"
+    assert json.loads(report.read_text())["ok"] is True
 
 
 async def test_scheduler_reconciles_a_write_whose_batch_was_lost(tmp_path: Path, redis_url: str) -> None:

@@ -29,7 +29,7 @@ from mfh_api.cli import main as mfh
 from mfh_core import SqlStore
 from mfh_core.eventbus import EventBus
 from mfh_core.metrics import REPLICATION_APPLIED, REPLICATION_LAG, REPLICATION_SKIPPED, UNPUBLISHED_EVENTS
-from mfh_core.sqlstore import metadata
+from mfh_core.sqlstore import engine_url, metadata
 from mfh_models import ChecksumRow, Kind, MemoryEvent, Op, Unavailable, items_checksum
 from mfh_tasks import PersistPipeline, build_hot_store
 from mfh_tasks.outbox import OutboxRelay
@@ -160,9 +160,11 @@ async def stream_ids(settings_side: Side) -> set[str]:
 
 def empty_database(url: str) -> None:
     """Drop our tables (one Postgres database serves both hosts' replays)."""
-    engine = sa.create_engine(url)
+    engine = sa.create_engine(engine_url(url))
     try:
         metadata.drop_all(engine)
+        with engine.begin() as conn:  # and the schema's revision, so the next replay creates it afresh
+            conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
     finally:
         engine.dispose()
 

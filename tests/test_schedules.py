@@ -21,6 +21,7 @@ from mfh_models import Kind, MemoryEvent, Op
 from mfh_tasks import build_broker, build_hot_store, declare_persist_actor, encode_batch
 from mfh_tasks.dlq import DeadLetters
 from schedules import Lease, audit, reconcile, snapshot
+from schedules.jobs import audit_paths, snapshots_of
 
 
 @pytest.fixture
@@ -54,25 +55,59 @@ async def test_reconcile_re_enqueues_only_stale_dirty_entries(redis_url: str) ->
 
 def test_audit_passes_on_a_consistent_store_and_catches_drift(store: SqlStore, tmp_path: Path) -> None:
     store.apply_batch([event(f"k{i % 7}", i, op=Op.DELETE if i % 4 == 0 else Op.PUT) for i in range(1, 60)])
-    result = audit(store, report_dir=tmp_path)
+    result = audit(store, host="main_pc", report_dir=tmp_path)
     assert result.ok and result.events == 59 and result.live_checksum == store.checksum()
-    assert json.loads((tmp_path / "audit-latest.json").read_text())["ok"] is True
+    assert json.loads((tmp_path / "audit-latest-main_pc.json").read_text())["ok"] is True
     # When an item drifts from its log (edited behind the hub's back)
     with store._write.begin() as conn:
         conn.execute(sa.text("UPDATE items SET payload = '{\"content\":\"tampered\"}' WHERE key = 'k1'"))
     # Then the audit says so
-    bad = audit(store, report_dir=tmp_path)
+    bad = audit(store, host="main_pc", report_dir=tmp_path)
     assert not bad.ok and bad.replay_checksum == result.live_checksum
-    assert len((tmp_path / "audit-history.jsonl").read_text().splitlines()) == 2
+    assert len((tmp_path / "audit-history-main_pc.jsonl").read_text().splitlines()) == 2
 
 
 def test_snapshot_holds_every_item_and_the_checksum(store: SqlStore, tmp_path: Path) -> None:
     store.apply_batch([event("a", 1), event("b", 2, op=Op.DELETE)])
-    path = snapshot(store, tmp_path, keep=2)
+    path = snapshot(store, tmp_path, host="main_pc", keep=2)
     with gzip.open(path, "rt") as f:
         header, *rows = [json.loads(line) for line in f]
-    assert header["checksum"] == store.checksum() and header["items"] == 2
+    assert header["checksum"] == store.checksum() and header["items"] == 2 and header["host"] == "main_pc"
     assert [(r["key"], r["deleted"]) for r in rows] == [("a", False), ("b", True)]
+
+
+def test_two_hosts_sharing_a_snapshot_dir_keep_their_own_files(tmp_path: Path) -> None:
+    # Given two hosts (one a prefix of the other's name) with different data, writing to one directory
+    shared = tmp_path / "snapshots"
+    stores = {}
+    for host, n in (("pc", 1), ("pc-2", 3)):
+        stores[host] = SqlStore(f"sqlite:///{tmp_path}/{host}.db")
+        stores[host].create_schema()
+        stores[host].apply_batch([event(f"{host}-k{i}", i + 1) for i in range(n)])
+    try:
+        # When each snapshots and audits several times, keeping 2 snapshots
+        for _ in range(3):
+            for host, store in stores.items():
+                snapshot(store, shared, host=host, keep=2)
+        audit(stores["pc"], host="pc", report_dir=shared)
+        audit(stores["pc-2"], host="pc-2", report_dir=shared)
+        # Then each host keeps its own newest two (retention counts one host only) ...
+        for host, store in stores.items():
+            mine = snapshots_of(shared, host)
+            assert len(mine) == 2, sorted(p.name for p in shared.iterdir())
+            with gzip.open(mine[-1], "rt") as f:
+                header = json.loads(f.readline())
+            assert header["host"] == host and header["checksum"] == store.checksum()
+        assert len(list(shared.glob("snapshot-*.jsonl.gz"))) == 4
+        # ... and its own audit report, which the other's audit did not overwrite
+        for host, store in stores.items():
+            latest, history = audit_paths(shared, host)
+            report = json.loads(latest.read_text())
+            assert report["host"] == host and report["live_checksum"] == store.checksum()
+            assert len(history.read_text().splitlines()) == 1
+    finally:
+        for store in stores.values():
+            store.close()
 
 
 async def test_only_one_lease_holder_and_handover(redis_url: str) -> None:

@@ -12,6 +12,8 @@ import sqlalchemy as sa
 from nats.js.errors import NotFoundError
 from services import NatsServer, async_wait_until, free_port, tcp_open, wait_until
 
+from mfh_core.sqlstore import engine_url
+
 
 def test_redis_fixture_gives_empty_db(redis_url: str, redis_url_b: str) -> None:
     assert redis_url != redis_url_b
@@ -28,7 +30,7 @@ def test_redis_fixture_gives_empty_db(redis_url: str, redis_url_b: str) -> None:
 
 
 def test_db_url_select_1(db_url: str) -> None:
-    engine = sa.create_engine(db_url)
+    engine = sa.create_engine(engine_url(db_url))
     try:
         with engine.connect() as conn:
             assert conn.execute(sa.text("select 1")).scalar_one() == 1
@@ -37,8 +39,8 @@ def test_db_url_select_1(db_url: str) -> None:
 
 
 def test_postgres_url_is_a_fresh_database(postgres_url: str) -> None:
-    assert postgres_url.startswith("postgresql+psycopg2://")
-    engine = sa.create_engine(postgres_url)
+    assert postgres_url.startswith("postgresql://")  # the URL users type, not a driver-specific one
+    engine = sa.create_engine(engine_url(postgres_url))
     try:
         with engine.connect() as conn:
             name = conn.execute(sa.text("select current_database()")).scalar_one()

@@ -10,13 +10,23 @@ import pytest
 from factories import event
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from legacy_store import build_legacy_store
 
+from mfh_api.cli import main as cli_main
 from mfh_core import SqlStore
 from mfh_models import InvalidArgument, Op, Unavailable
 
 
-@pytest.fixture
-def store(db_url: str) -> Iterator[SqlStore]:
+@pytest.fixture(params=["fresh", "upgraded"])
+def store(db_url: str, request: pytest.FixtureRequest) -> Iterator[SqlStore]:
+    """A new store created at head, or one of release 0.1.0 (tests/fixtures) upgraded by ``mfh db upgrade``."""
+    if request.param == "upgraded":
+        build_legacy_store(db_url, rows=False)
+        legacy = SqlStore(db_url)
+        state = legacy.schema_state()
+        legacy.close()
+        assert state.revision is None and state.has_tables  # the 0.1.0 tables, not an empty database
+        assert cli_main(["db", "upgrade", "--url", db_url]) == 0
     s = SqlStore(db_url)
     s.create_schema()
     yield s

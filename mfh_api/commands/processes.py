@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 from mfh_api.commands import fail, host_env, positive_int, settings_from
+from mfh_models import Settings, StoreNotCurrent, Unavailable
 
 __all__ = ["register"]
 
@@ -43,6 +44,8 @@ def _api(args: argparse.Namespace) -> int:
     configure_logging()
     try:
         asyncio.run(run_api(settings, insecure=args.insecure))
+    except StoreNotCurrent as e:
+        return fail(f"api: {e}")
     except OSError as e:  # typically a port already in use
         return fail(f"api: {e}")
     return 0
@@ -50,12 +53,32 @@ def _api(args: argparse.Namespace) -> int:
 
 def _worker(args: argparse.Namespace) -> int:
     settings = settings_from(args)  # fail here, readably, on a bad configuration
+    refusal = _store_refusal(settings)
+    if refusal is not None:
+        return fail(f"worker: {refusal}")
     wb = settings.write_behind
     processes = args.processes or wb.worker_processes
     threads = args.threads or wb.worker_threads
     argv = [sys.executable, "-m", "dramatiq", "mfh_tasks.worker_main", "--processes", str(processes)]
     argv += ["--threads", str(threads)]
     return _supervise(argv, host_env(args))
+
+
+def _store_refusal(settings: Settings) -> str | None:
+    """Why the worker must not start (its SQL store is not current), or None. A store that is down is
+    not a refusal: the worker retries its batches until it is back."""
+    from mfh_core import SqlStore
+
+    store = SqlStore(settings.storage.database_url)
+    try:
+        store.create_schema()
+    except StoreNotCurrent as e:
+        return str(e)
+    except Unavailable:
+        return None
+    finally:
+        store.close()
+    return None
 
 
 def _supervise(argv: list[str], env: dict[str, str]) -> int:

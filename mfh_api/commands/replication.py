@@ -14,7 +14,7 @@ import time
 from typing import Any, TextIO
 
 from mfh_api.commands import exit_code, fail, positive_int, settings_from
-from mfh_models import MFHError
+from mfh_models import MFHError, StoreNotCurrent
 
 __all__ = ["ProgressBar", "register"]
 
@@ -22,8 +22,9 @@ __all__ = ["ProgressBar", "register"]
 class ProgressBar:
     """A one-line progress bar on stderr, redrawn at most ten times a second."""
 
-    def __init__(self, label: str, *, stream: TextIO | None = None, width: int = 30) -> None:
+    def __init__(self, label: str, *, stream: TextIO | None = None, width: int = 30, unit: str = "events") -> None:
         self.label = label
+        self.unit = unit
         self.stream = stream or sys.stderr
         self.width = width
         self._t0 = time.perf_counter()
@@ -39,9 +40,9 @@ class ProgressBar:
         if total:
             frac = min(done / total, 1.0)
             bar = "#" * int(frac * self.width)
-            line = f"{self.label} [{bar:<{self.width}}] {frac:6.1%} {done}/{total} events {rate:,.0f}/s"
+            line = f"{self.label} [{bar:<{self.width}}] {frac:6.1%} {done}/{total} {self.unit} {rate:,.0f}/s"
         else:
-            line = f"{self.label} {done} events {rate:,.0f}/s"
+            line = f"{self.label} {done} {self.unit} {rate:,.0f}/s"
         self.stream.write("\r" + line)
         self.stream.flush()
         self._drawn = True
@@ -55,7 +56,10 @@ class ProgressBar:
 def _replicator(args: argparse.Namespace) -> int:
     from mfh_tasks.replicator import main
 
-    main(settings_from(args))
+    try:
+        main(settings_from(args))
+    except StoreNotCurrent as e:
+        return fail(f"replicator: {e}")
     return 0
 
 
@@ -110,6 +114,7 @@ def _checksum(args: argparse.Namespace) -> int:
     try:
         store = SqlStore(settings.storage.database_url)
         try:
+            store.create_schema()  # a fresh store is created at head; one that is behind is refused
             print(store.checksum())
         finally:
             store.close()

@@ -117,7 +117,10 @@ async def test_persisted_put_returns_once_the_row_is_in_sql_and_list_and_watch_s
 
     task = asyncio.create_task(watch())
     await async_wait_until(lambda: len(api.service.feed._watchers) == 1, 10, message="watch registered")
-    r = await api.client.put(PutSpec("ns", "w/1", "memory_item", {"content": "p"}), durability=Durability.PERSISTED)
+    # The worker was just started: on a loaded machine its boot alone can take seconds, so the
+    # deadline is generous; the point is that the answer comes only once the row is in SQL.
+    spec = PutSpec("ns", "w/1", "memory_item", {"content": "p"})
+    r = await api.client.put(spec, durability=Durability.PERSISTED, timeout=30)
     row = api.service.sql.get("ns", "w/1")
     assert row is not None and row.version == r.version
     await asyncio.wait_for(task, 30)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -120,8 +121,9 @@ def test_a_fresh_non_editable_install_is_the_slim_client(tmp_path: Path, hub: tu
     py = str(venv / "bin" / "python")
     before = _packages(py)
     env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    src = _clean_copy(tmp_path / "src")  # as a user's checkout: no venv, no build leftovers
     done = subprocess.run(
-        [py, "-m", "pip", "install", "--quiet", str(REPO)], capture_output=True, text=True, timeout=600, env=env
+        [py, "-m", "pip", "install", "--quiet", str(src)], capture_output=True, text=True, timeout=600, env=env
     )
     assert done.returncode == 0, done.stderr[-3000:]
     # Then it installed the project and at most MAX_BASE_DEPENDENCIES packages besides
@@ -139,6 +141,19 @@ def test_a_fresh_non_editable_install_is_the_slim_client(tmp_path: Path, hub: tu
     assert agent.returncode == 0, agent.stderr[-3000:]
     loaded = json.loads(agent.stdout.strip().splitlines()[-1])
     assert not [m for m in loaded if m.split(".")[0] in ("redis", "sqlalchemy", "dramatiq", "nats", "mfh_core")]
+
+
+def _clean_copy(dest: Path) -> Path:
+    """The repository's files without the venv, caches or build output (an in-tree build would leave
+    a build/ directory in the checkout, and stale files there end up in later wheels)."""
+    junk = {".venv", "var", "build", ".git", ".mypy_cache", ".ruff_cache", ".pytest_cache", ".hypothesis"}
+    shutil.copytree(
+        REPO,
+        dest,
+        symlinks=True,
+        ignore=lambda _d, names: [n for n in names if n in junk or n.endswith(".egg-info") or n == "__pycache__"],
+    )
+    return dest
 
 
 def _packages(python: str) -> list[str]:

@@ -7,11 +7,20 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import re
+from typing import Final
 
 from mfh_client.types import API_KEY_METADATA
 from mfh_models import ConfigError, Settings, Unauthenticated
 
 __all__ = ["API_KEY_METADATA", "ApiKeyCheck", "check_bind_is_safe", "is_loopback"]
+
+#: Keys made only of these are written verbatim by every JSON encoder (no escapes), so a body that
+#: carries such a key holds it byte for byte: :meth:`ApiKeyCheck.scan_json` can look for it unparsed.
+_VERBATIM_KEY: Final = re.compile(rb"[A-Za-z0-9_.~+=:;@!#$%*?^|()\[\]{},-]+")
+_KEY_FIELD: Final = b'"api_key"'
+_KEY_VALUE: Final = re.compile(rb'\s*:\s*"([^"\\]*)"')
+_KEY_COLON: Final = re.compile(rb"\s*:")
 
 
 class ApiKeyCheck:
@@ -36,6 +45,30 @@ class ApiKeyCheck:
             return False
         raw = presented.encode("utf-8") if isinstance(presented, str) else presented
         return hmac.compare_digest(raw, self._expected)
+
+    def scan_json(self, body: bytes) -> str | None:
+        """Before any parsing: None if the JSON ``body`` may carry the key (check it again once parsed),
+        else why it cannot ("missing api_key" / "wrong api_key"). Linear in the body, no allocation
+        beyond the candidates; each candidate is compared in constant time, as :meth:`ok` does."""
+        if self._expected is None or not self._scannable:
+            return None
+        found = False
+        start = body.find(_KEY_FIELD)
+        while start >= 0:
+            m = _KEY_VALUE.match(body, start + len(_KEY_FIELD))
+            if m is not None:
+                if m.group(1):
+                    found = True
+                if hmac.compare_digest(m.group(1), self._expected):
+                    return None
+            elif _KEY_COLON.match(body, start + len(_KEY_FIELD)):
+                found = True  # a key that is not a string: wrong, not missing
+            start = body.find(_KEY_FIELD, start + 1)
+        return "wrong api_key" if found else "missing api_key"
+
+    @property
+    def _scannable(self) -> bool:
+        return self._expected is not None and _VERBATIM_KEY.fullmatch(self._expected) is not None
 
     def check(self, presented: str | bytes | None) -> None:
         if self.ok(presented):

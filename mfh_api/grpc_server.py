@@ -1,6 +1,10 @@
 """grpc.aio server for ``mfh.v1.MemoryFusion``, plus the standard health service and reflection.
 
 When a key is configured, an interceptor checks it before any handler runs (UNAUTHENTICATED).
+Unary calls and streams have separate capacity (docs/operations.md): at most
+``server.max_concurrent_rpcs`` unary calls run at once, counted here, and open streams (Watch,
+health Watch, reflection) are capped per api and per connection, so idle streams never take a
+unary call's slot; grpc's own ``maximum_concurrent_rpcs`` is only the sum of both, a backstop.
 Requests are parsed by a deserializer that turns malformed protobuf into INVALID_ARGUMENT
 instead of an opaque INTERNAL. Each RPC gets the client's deadline, or ``server.deadline_seconds``
 when the client set none; errors come from the one table in :mod:`mfh_api.errors`.
@@ -19,10 +23,12 @@ from typing import Any, Final, NoReturn, TypeVar
 import grpc
 from grpc_health.v1 import _async as health_aio  # the class `health.aio` re-exports
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha._async import ReflectionServicer
 
 from mfh_api.auth import ApiKeyCheck
 from mfh_api.grpc_guard import Guard
+from mfh_api.limits import PeerSlots
 from mfh_api.service import Durability, MemoryService, PutSpec
 from mfh_client.codecs import from_pb_record, to_pb_record
 from mfh_client.codes import INTERNAL_MESSAGE, grpc_status
@@ -37,6 +43,7 @@ from mfh_models import (
     Kind,
     MemoryEvent,
     MFHError,
+    ResourceExhausted,
     Settings,
     Unavailable,
 )
@@ -50,6 +57,8 @@ _AUTH_EXEMPT: Final = ("/grpc.health.v1.Health/",)  # load balancers probe witho
 _NO_DEADLINE: Final = 1e6  # grpc reports "no deadline" as None or a huge number
 _SHUTTING_DOWN: Final = "server is shutting down; retry on another replica (nothing was done)"
 _MARGIN: Final = 0.05  # answer with our own DEADLINE_EXCEEDED message before grpc cancels the call
+#: grpc-level slots beyond our own caps, for calls being refused (a stream over its cap holds one briefly).
+_SPARE_RPCS: Final = 64
 R = TypeVar("R")
 _KINDS: Final = frozenset(k.value for k in Kind)
 
@@ -161,17 +170,24 @@ class _Gate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
     """Translates protobuf to service calls; every call goes through :meth:`_call`."""
 
-    def __init__(self, service: MemoryService, settings: Settings) -> None:
+    def __init__(self, service: MemoryService, settings: Settings, *, streams: PeerSlots | None = None) -> None:
+        s = settings.server
         self.service = service
-        self.deadline = settings.server.deadline_seconds
+        self.deadline = s.deadline_seconds
+        self.max_unary = s.max_concurrent_rpcs
+        self.unary_in_flight = 0  # unary calls running now (capped; the shutdown waits for them)
+        self.streams = streams or PeerSlots(
+            "open streams", max_total=s.max_streams, max_per_peer=s.max_streams_per_peer
+        )
+        self.watch_idle = s.watch_idle_seconds
+        self.watch_lifetime = s.watch_max_lifetime_seconds
         self.draining = False  # shutting down: new calls are answered UNAVAILABLE (clients fail over)
-        self.in_flight = 0  # calls running now (the shutdown waits for them)
         self._idle = asyncio.Event()
 
     async def drain(self, timeout: float) -> None:  # noqa: ASYNC109 - the shutdown's grace period
         """From now on answer UNAVAILABLE; wait (up to ``timeout`` s) for the calls already running."""
         self.draining = True
-        if self.in_flight > 0:
+        if self.unary_in_flight > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout)
 
@@ -180,10 +196,14 @@ class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
     ) -> R:
         start = time.perf_counter()
         status: tuple[grpc.StatusCode, str]
-        self.in_flight += 1
+        counted = False
         try:
             if self.draining:
                 raise Unavailable(_SHUTTING_DOWN)
+            if self.unary_in_flight >= self.max_unary:  # streams are counted apart (self.streams)
+                raise ResourceExhausted(f"too many calls in flight ({self.max_unary}); retry shortly")
+            self.unary_in_flight += 1
+            counted = True
             if isinstance(request, _Malformed):
                 raise InvalidArgument(f"malformed {name}Request: {request.error}")
             remaining = context.time_remaining()
@@ -202,9 +222,10 @@ class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
             log.exception("%s failed", name)
             status = (grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
         finally:
-            self.in_flight -= 1
-            if self.draining and self.in_flight == 0:
-                self._idle.set()
+            if counted:
+                self.unary_in_flight -= 1
+                if self.draining and self.unary_in_flight == 0:
+                    self._idle.set()
             elapsed = time.perf_counter() - start
             _latency(name).observe(elapsed)
         API_REQUESTS.labels("grpc", name, status[0].name).inc()
@@ -279,13 +300,16 @@ class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
         return result
 
     async def Watch(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-        """A stream lives until the client cancels or sets a deadline; no server-side deadline here."""
+        """A stream lives until the client cancels, its deadline, ``watch_idle_seconds`` without an event or
+        ``watch_max_lifetime_seconds`` (DEADLINE_EXCEEDED: list again and watch again); it holds a stream
+        slot of its connection, never a unary one."""
         status: tuple[grpc.StatusCode, str] | None = None
         try:
             if isinstance(request, _Malformed):
                 raise InvalidArgument(f"malformed WatchRequest: {request.error}")
-            async for ev in self.service.watch(request.namespace, request.key_prefix):
-                yield _watch_event(ev)
+            with self.streams.hold(context.peer()):
+                async for ev in self._bounded(self.service.watch(request.namespace, request.key_prefix)):
+                    yield _watch_event(ev)
         except MFHError as e:
             status = grpc_status(e)
         except Exception:
@@ -294,6 +318,72 @@ class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
         API_REQUESTS.labels("grpc", "Watch", status[0].name if status else "OK").inc()
         if status is not None:
             await _abort(context, status)
+
+    async def _bounded(self, events: AsyncIterator[MemoryEvent]) -> AsyncIterator[MemoryEvent]:
+        """``events`` until the idle or the lifetime limit passes (then DeadlineExceeded)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.watch_lifetime
+        try:
+            while True:
+                wait = min(self.watch_idle, end - loop.time())
+                try:
+                    if wait <= 0:
+                        raise TimeoutError
+                    async with asyncio.timeout(wait):  # never around the yield: only the wait for an event
+                        ev = await anext(events)
+                except TimeoutError:
+                    if loop.time() >= end:
+                        raise DeadlineExceeded(
+                            f"watch stream reached its maximum lifetime ({self.watch_lifetime:g} s); watch again"
+                        ) from None
+                    raise DeadlineExceeded(
+                        f"watch stream idle for {self.watch_idle:g} s; list again and watch again"
+                    ) from None
+                yield ev
+        finally:
+            aclose = getattr(events, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+def _stream_slots(settings: Settings) -> PeerSlots:
+    s = settings.server
+    return PeerSlots("open streams", max_total=s.max_streams, max_per_peer=s.max_streams_per_peer)
+
+
+class _Health(health_aio.HealthServicer):  # type: ignore[misc]
+    """The standard health service; its Watch stream holds a stream slot like ours."""
+
+    def __init__(self, streams: PeerSlots) -> None:
+        super().__init__()
+        self._streams = streams
+
+    async def Watch(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        peer = context.peer()
+        reason = self._streams.refusal(peer)
+        if reason is not None:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
+        with self._streams.hold(peer):
+            await super().Watch(request, context)
+
+
+class _Reflection(ReflectionServicer):  # type: ignore[misc]
+    """Server reflection; its stream holds a stream slot like ours."""
+
+    def __init__(self, names: Any, streams: PeerSlots) -> None:
+        super().__init__(names)
+        self._streams = streams
+
+    async def ServerReflectionInfo(
+        self, request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        peer = context.peer()
+        reason = self._streams.refusal(peer)
+        if reason is not None:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
+        with self._streams.hold(peer):
+            async for reply in super().ServerReflectionInfo(request_iterator, context):
+                yield reply
 
 
 def _watch_event(ev: MemoryEvent) -> Any:
@@ -313,11 +403,12 @@ class GrpcServer:
     def __init__(self, service: MemoryService, settings: Settings) -> None:
         self.service = service
         self.settings = settings
-        self.health = health_aio.HealthServicer()
+        self.streams = _stream_slots(settings)
+        self.health = _Health(self.streams)
         self._server: grpc.aio.Server | None = None
         self._port = 0
         self._health_task: asyncio.Task[None] | None = None
-        self._servicer: MemoryFusionServicer | None = None
+        self.servicer: MemoryFusionServicer | None = None
 
     @property
     def port(self) -> int:
@@ -336,15 +427,16 @@ class GrpcServer:
         server = grpc.aio.server(
             interceptors=[*([_Gate(auth)] if auth.required else []), Guard()],
             options=options,
-            maximum_concurrent_rpcs=s.max_concurrent_rpcs,
+            # A backstop only (it counts streams too: PITFALLS); the caps that matter are our own.
+            maximum_concurrent_rpcs=s.max_concurrent_rpcs + s.max_streams + _SPARE_RPCS,
         )
-        self._servicer = MemoryFusionServicer(self.service, self.settings)
-        handlers = _method_handlers(self._servicer)
+        self.servicer = MemoryFusionServicer(self.service, self.settings, streams=self.streams)
+        handlers = _method_handlers(self.servicer)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
         server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
-        reflection.enable_server_reflection(names, server)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(_Reflection(names, self.streams), server)
         host = f"[{s.bind}]" if ":" in s.bind else s.bind
         try:
             self._port = server.add_insecure_port(f"{host}:{s.grpc_port}")
@@ -380,7 +472,7 @@ class GrpcServer:
         await self.health.enter_graceful_shutdown()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
-        if self._servicer is not None:
-            await self._servicer.drain(grace)
+        if self.servicer is not None:
+            await self.servicer.drain(grace)
         if self._server is not None:
             await self._server.stop(max(deadline - loop.time(), 0.2))

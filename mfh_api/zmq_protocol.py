@@ -7,6 +7,8 @@ turns into an error reply, so one bad client cannot take the server down (DESIGN
 from __future__ import annotations
 
 import json
+import logging
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Final, Literal
 
@@ -19,12 +21,14 @@ from mfh_models.records import format_validation_error
 __all__ = [
     "ACTIONS",
     "MAX_BATCH",
+    "MAX_ID_CHARS",
     "RPC_NAMES",
     "BatchGetPayload",
     "BatchPutPayload",
     "DeletePayload",
     "GetPayload",
     "ListPayload",
+    "Peek",
     "PutPayload",
     "V1Request",
     "decode_json",
@@ -33,13 +37,26 @@ __all__ = [
     "ok_reply",
     "parse_payload",
     "parse_v1",
+    "peek",
+    "peek_error",
     "record_from_json",
     "record_to_json",
     "request_id",
+    "safe_id",
 ]
+
+log = logging.getLogger("mfh.api.zmq")
 
 #: A sanity bound on batch sizes; the service enforces its own, smaller limits with precise messages.
 MAX_BATCH: Final = 10_000
+#: The longest request id echoed back; a longer one (or one that is not valid Unicode) is refused.
+MAX_ID_CHARS: Final = 256
+_ID_MIN, _ID_MAX = -(1 << 63), 1 << 64
+#: How much of an unparsed body :func:`peek` looks at (clients send ``v`` and ``id`` first).
+_PEEK_BYTES: Final = 512
+_PEEK_ID = re.compile(rb'"(id|request_id)"\s*:\s*(?:"([A-Za-z0-9_.:/+=-]{0,128})"|(-?[0-9]{1,18})\b)')
+_PEEK_V = re.compile(rb'"v"\s*:')
+_PEEK_ACTION = re.compile(rb'"action"\s*:\s*"([a-z_]{1,32})"')
 
 #: Levels of a request around a record payload: body, payload, puts, one put, its payload (with room to spare).
 _ENVELOPE_DEPTH: Final = 8
@@ -156,10 +173,60 @@ def decode_json(body: bytes) -> dict[str, Any]:
     return obj
 
 
+def safe_id(rid: Any) -> str | int | None:
+    """``rid`` if a reply can always carry it (a short, valid Unicode string or a 64-bit integer), else None."""
+    if isinstance(rid, bool):
+        return None
+    if isinstance(rid, int):
+        return rid if _ID_MIN <= rid < _ID_MAX else None
+    if isinstance(rid, str) and len(rid) <= MAX_ID_CHARS:
+        try:
+            rid.encode("utf-8")  # a lone surrogate ("\ud800") cannot be sent back
+        except UnicodeEncodeError:
+            return None
+        return rid
+    return None
+
+
 def request_id(obj: dict[str, Any], field: str = "id") -> str | int | None:
-    """The client's request id (``id`` in v1) if it is one we can echo back, else None."""
-    rid = obj.get(field)
-    return rid if isinstance(rid, str | int) and not isinstance(rid, bool) else None
+    """The client's request id (``id`` in v1) if it is one we can echo back (:func:`safe_id`), else None."""
+    return safe_id(obj.get(field))
+
+
+@dataclass(frozen=True, slots=True)
+class Peek:
+    """What an unparsed body says about its reply: the schema (v0 has no ``v``) and an echoable id."""
+
+    legacy: bool
+    rid: str | int | None
+    action: str | None = None
+
+
+def peek(body: bytes) -> Peek:
+    """Schema and id from the first bytes of a body, without parsing it (for replies to shed requests).
+
+    Only plain ids are recognised (ASCII letters, digits and ``_.:/+=-``, or an integer); clients
+    that want their shed requests matched put ``v`` and ``id`` first, as ours do."""
+    head = body[:_PEEK_BYTES]
+    legacy = _PEEK_V.search(head) is None
+    found = _PEEK_ACTION.search(head)
+    action = found.group(1).decode("ascii") if found is not None else None
+    want = b"request_id" if legacy else b"id"
+    for m in _PEEK_ID.finditer(head):
+        if m.group(1) == want:
+            text, number = m.group(2), m.group(3)
+            return Peek(legacy, text.decode("ascii") if text is not None else int(number), action)
+    return Peek(legacy, None, action)
+
+
+def peek_error(p: Peek, error: dict[str, Any]) -> bytes:
+    """The error reply, in the schema :func:`peek` found, for a request that is answered unparsed."""
+    if p.legacy:
+        reply: dict[str, Any] = {"status": "error", "error": error["message"], "error_code": error["code"]}
+        if p.rid is not None:
+            reply["request_id"] = p.rid
+        return encode(reply)
+    return encode(error_reply(p.rid, error))
 
 
 def parse_v1(obj: dict[str, Any]) -> V1Request:
@@ -192,6 +259,24 @@ def error_reply(rid: str | int | None, error: dict[str, Any]) -> dict[str, Any]:
     return {"v": 1, "id": rid, "status": "error", "error": error}
 
 
+_UNENCODABLE: Final = {"code": "INTERNAL", "message": "the reply could not be encoded; the server logged the details"}
+
+
 def encode(reply: dict[str, Any]) -> bytes:
-    """Compact UTF-8 JSON, the one wire form of every reply."""
-    return json.dumps(reply, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    """Compact UTF-8 JSON, the one wire form of every reply; never raises.
+
+    A reply that cannot be encoded (a lone surrogate, a NaN, anything not JSON) becomes an INTERNAL
+    error reply in the same schema, with the id only if :func:`safe_id` allows it, so every
+    request still gets exactly one valid reply."""
+    try:
+        return json.dumps(reply, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except (ValueError, TypeError, RecursionError) as e:  # UnicodeEncodeError is a ValueError
+        log.error("ZeroMQ reply not encodable (%s); answering INTERNAL", type(e).__name__)  # no reply content
+    if "v" in reply:
+        fallback: dict[str, Any] = error_reply(safe_id(reply.get("id")), _UNENCODABLE)
+    else:
+        fallback = {"status": "error", "error": _UNENCODABLE["message"], "error_code": _UNENCODABLE["code"]}
+        rid = safe_id(reply.get("request_id"))
+        if rid is not None:
+            fallback["request_id"] = rid
+    return json.dumps(fallback, separators=(",", ":"), ensure_ascii=True).encode("ascii")

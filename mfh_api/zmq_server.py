@@ -1,14 +1,20 @@
 """ZeroMQ ROUTER server: the JSON front door on port 5713, v1 and the legacy v0 schema (docs/api.md).
 
-One ROUTER socket serves REQ and DEALER clients; each request runs as its own asyncio task (at
-most ``max_in_flight``; beyond that the request is shed with RESOURCE_EXHAUSTED instead of
-queueing) and is answered over the ROUTER with the identity envelope it came with.
+One ROUTER socket serves REQ and DEALER clients; each admitted request runs as its own asyncio task
+and is answered over the ROUTER with the identity envelope it came with. Hostile or greedy peers
+(docs/operations.md): the receive loop yields after every message (awaiting a completed pyzmq
+future does not); a request beyond ``max_in_flight`` (all peers), ``max_in_flight_per_peer`` (one
+ROUTER identity) or ``max_in_flight_bytes`` is shed with RESOURCE_EXHAUSTED without being parsed,
+and, with a key configured, a body that cannot carry the key is refused before it is parsed. libzmq
+buffers at most ``queue_messages`` messages per peer each way and drops a message over
+``max_message_bytes``. Every request gets exactly one reply, whatever it held.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from typing import Any
@@ -18,8 +24,10 @@ import zmq.asyncio
 
 from mfh_api import legacy_v0
 from mfh_api.auth import ApiKeyCheck
+from mfh_api.limits import PeerSlots
 from mfh_api.service import Durability, MemoryService, PutSpec
 from mfh_api.zmq_protocol import (
+    MAX_ID_CHARS,
     RPC_NAMES,
     BatchGetPayload,
     BatchPutPayload,
@@ -33,10 +41,12 @@ from mfh_api.zmq_protocol import (
     ok_reply,
     parse_payload,
     parse_v1,
+    peek,
+    peek_error,
     record_to_json,
     request_id,
 )
-from mfh_client.codes import zmq_error
+from mfh_client.codes import INTERNAL_MESSAGE, zmq_error
 from mfh_core.metrics import API_LATENCY, API_REQUESTS
 from mfh_models import DeadlineExceeded, InvalidArgument, MFHError, Settings, Unauthenticated, Unavailable
 
@@ -110,6 +120,9 @@ class ZmqServer:
         max_message_bytes: int = 1024 * 1024,
         deadline_seconds: float = 5.0,
         max_in_flight: int = 256,
+        max_in_flight_per_peer: int = 16,
+        max_in_flight_bytes: int = 16 * 1024 * 1024,
+        queue_messages: int = 16,
     ) -> None:
         self.service = service
         self.bind = bind
@@ -117,13 +130,25 @@ class ZmqServer:
         self._api_key = ApiKeyCheck(api_key)
         self.max_message_bytes = max_message_bytes
         self.deadline_seconds = deadline_seconds
-        self.max_in_flight = max_in_flight
+        self._slots = PeerSlots("requests in flight", max_total=max_in_flight, max_per_peer=max_in_flight_per_peer)
+        self.max_in_flight_bytes = max_in_flight_bytes
+        self.queue_messages = queue_messages
+        self.bytes_in_flight = 0
         self.port = 0
         self._ctx: zmq.asyncio.Context | None = None
         self._sock: zmq.asyncio.Socket | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._draining = False
+
+    @property
+    def max_in_flight(self) -> int:
+        """Requests running at once, all peers together."""
+        return self._slots.max_total
+
+    @max_in_flight.setter
+    def max_in_flight(self, value: int) -> None:
+        self._slots.max_total = value
 
     @classmethod
     def from_settings(cls, service: MemoryService, settings: Settings) -> ZmqServer:
@@ -137,6 +162,9 @@ class ZmqServer:
             max_message_bytes=s.max_message_bytes,
             deadline_seconds=s.deadline_seconds,
             max_in_flight=s.max_concurrent_rpcs,
+            max_in_flight_per_peer=s.max_in_flight_per_peer,
+            max_in_flight_bytes=s.max_in_flight_bytes,
+            queue_messages=s.zmq_queue_messages,
         )
 
     @property
@@ -151,6 +179,10 @@ class ZmqServer:
         sock = self._ctx.socket(zmq.ROUTER)
         # libzmq drops a bigger message and disconnects its peer; the server keeps serving others.
         sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
+        # Per peer, libzmq holds at most this many messages each way (then TCP pushes back on a
+        # sender; replies to a peer that does not read are dropped): bounded memory per connection.
+        sock.setsockopt(zmq.RCVHWM, self.queue_messages)
+        sock.setsockopt(zmq.SNDHWM, self.queue_messages)
         sock.setsockopt(zmq.LINGER, 200)
         if ":" in self.bind:
             sock.setsockopt(zmq.IPV6, 1)
@@ -194,13 +226,51 @@ class ZmqServer:
                     return
                 log.warning("ZeroMQ receive failed: %s", e)
                 continue
-            envelope, body = _split(frames)
-            if len(self._tasks) >= self.max_in_flight:
-                task = asyncio.create_task(self._shed(envelope, body))
-            else:
-                task = asyncio.create_task(self._handle(envelope, body))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            try:
+                await self._admit(frames)
+            except Exception as e:  # never let one message stop the loop; no message content in the log
+                log.error("ZeroMQ message not handled (%s)", type(e).__name__)
+            # PITFALLS: awaiting a completed pyzmq future does not yield, so a flooding peer would
+            # hold the event loop (other peers, gRPC, timers) for as long as its messages keep coming.
+            await asyncio.sleep(0)
+
+    async def _admit(self, frames: list[bytes]) -> None:
+        """Start a task for the request, or answer it at once, unparsed, when it may not run."""
+        envelope, body = _split(frames)
+        peer = envelope[0]
+        if len(body) != 1:
+            error = {"code": "INVALID_ARGUMENT", "message": "a request is exactly one JSON frame"}
+            await self._send(envelope, peek_error(peek(body[-1] if body else b""), error))
+            return
+        raw = body[0]
+        size = len(raw)
+        refusal = self._slots.refusal(peer)
+        if refusal is None and self.bytes_in_flight + size > self.max_in_flight_bytes:
+            refusal = f"too many request bytes in flight ({self.max_in_flight_bytes}); retry shortly"
+        if refusal is not None:
+            API_REQUESTS.labels(transport="zmq", method="shed", code="RESOURCE_EXHAUSTED").inc()
+            await self._send(envelope, peek_error(peek(raw), {"code": "RESOURCE_EXHAUSTED", "message": refusal}))
+            return
+        denied = self._api_key.scan_json(raw)  # a body that cannot hold the key is never parsed
+        if denied is not None:
+            seen = peek(raw)
+            if seen.legacy:
+                legacy_v0.count_call({"action": seen.action})  # refused calls too, as in _run
+            API_REQUESTS.labels(transport="zmq", method="invalid", code="UNAUTHENTICATED").inc()
+            await self._send(envelope, peek_error(seen, {"code": "UNAUTHENTICATED", "message": denied}))
+            return
+        self._slots.try_acquire(peer)
+        self.bytes_in_flight += size
+        task = asyncio.create_task(self._handle(envelope, raw))
+        self._tasks.add(task)
+        task.add_done_callback(functools.partial(self._finished, peer, size))
+
+    def _finished(self, peer: bytes, size: int, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release(peer)
+        self.bytes_in_flight -= size
+        if not task.cancelled() and task.exception() is not None:  # retrieved: no asyncio log with its repr
+            log.error("ZeroMQ request task failed (%s)", type(task.exception()).__name__)
 
     async def _send(self, envelope: list[bytes], reply: bytes) -> None:
         if self._sock is None:
@@ -210,26 +280,13 @@ class ZmqServer:
         except zmq.ZMQError as e:  # the peer is gone: nothing to answer
             log.debug("reply not sent: %s", e)
 
-    async def _shed(self, envelope: list[bytes], body: list[bytes]) -> None:
-        """Answer RESOURCE_EXHAUSTED at once, in the request's own schema and with its id (clients match on it)."""
-        busy = {"code": "RESOURCE_EXHAUSTED", "message": "server busy: too many requests in flight; retry shortly"}
+    async def _handle(self, envelope: list[bytes], body: bytes) -> None:
         try:
-            obj = decode_json(body[-1]) if body else {}
-        except InvalidArgument:
-            obj = {}
-        if obj and "v" not in obj:
-            reply = legacy_v0.error_to_v0(request_id(obj, "request_id"), busy)
-        else:
-            reply = error_reply(request_id(obj), busy)
-        API_REQUESTS.labels(transport="zmq", method="shed", code="RESOURCE_EXHAUSTED").inc()
-        await self._send(envelope, encode(reply))
-
-    async def _handle(self, envelope: list[bytes], body: list[bytes]) -> None:
-        if len(body) != 1:
-            reply = error_reply(None, {"code": "INVALID_ARGUMENT", "message": "a request is exactly one JSON frame"})
-            await self._send(envelope, encode(reply))
-            return
-        await self._send(envelope, await self.answer(body[0]))
+            reply = await self.answer(body)
+        except Exception as e:  # answer() does not raise; if it ever did, the request still gets its one reply
+            log.error("ZeroMQ request failed outside its handler (%s)", type(e).__name__)
+            reply = peek_error(peek(body), {"code": "INTERNAL", "message": INTERNAL_MESSAGE})
+        await self._send(envelope, reply)
 
     def _authenticate(self, obj: dict[str, Any]) -> None:
         given = obj.get("api_key")
@@ -253,15 +310,20 @@ class ZmqServer:
         method = RPC_NAMES.get(call.method, "invalid")  # the gRPC names, so dashboards sum both transports
         API_REQUESTS.labels(transport="zmq", method=method, code=code).inc()
         API_LATENCY.labels(transport="zmq", method=method).observe(time.perf_counter() - started)
-        return encode(reply)
+        return encode(reply)  # never raises: an unencodable reply becomes an INTERNAL error reply
 
     async def _run(self, body: bytes, call: _Call) -> Any:
         obj = decode_json(body)
         call.legacy = "v" not in obj
-        call.rid = request_id(obj, "request_id" if call.legacy else "id")
+        field = "request_id" if call.legacy else "id"
+        call.rid = request_id(obj, field)
         if call.legacy:
             legacy_v0.count_call(obj)  # refused calls too: they still show a legacy agent is out there
         self._authenticate(obj)  # before anything else looks at the request: no handler runs unauthenticated
+        if obj.get(field) is not None and call.rid is None:
+            raise InvalidArgument(
+                f"{field} must be a string of at most {MAX_ID_CHARS} characters (valid Unicode) or a 64-bit integer"
+            )
         if call.legacy:
             call.v0 = legacy_v0.parse_v0(obj)
             call.method, payload, timeout = call.v0.action, call.v0.payload, None

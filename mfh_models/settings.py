@@ -55,8 +55,16 @@ class ServerSettings(_Section):
     max_workers: int = Field(default=8, ge=1, le=256)
     max_message_bytes: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
     deadline_seconds: float = Field(default=5.0, gt=0, le=300)
-    max_concurrent_rpcs: int = Field(default=256, ge=1)
+    max_concurrent_rpcs: int = Field(default=256, ge=1, description="unary calls (gRPC) or requests (ZeroMQ) at once")
     api_key: SecretStr | None = None
+    # Fairness and memory bounds (docs/operations.md, "Hostile or greedy peers").
+    max_in_flight_per_peer: int = Field(default=16, ge=1, description="ZeroMQ requests of one connection at once")
+    max_in_flight_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description="ZeroMQ request bytes held")
+    zmq_queue_messages: int = Field(default=16, ge=1, le=100_000, description="libzmq RCVHWM/SNDHWM per peer")
+    max_streams: int = Field(default=1024, ge=1, description="open gRPC streams (Watch, health, reflection)")
+    max_streams_per_peer: int = Field(default=128, ge=1, description="open gRPC streams of one connection")
+    watch_idle_seconds: float = Field(default=900.0, gt=0, description="a Watch with no event this long ends")
+    watch_max_lifetime_seconds: float = Field(default=3600.0, gt=0, description="a Watch ends after this long")
 
 
 class StorageSettings(_Section):

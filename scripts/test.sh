@@ -46,7 +46,12 @@ fi
 
 step "pytest -q $*"
 rc=0
-"$BIN/pytest" -q "$@" || rc=$?
+# A hung test run (a socket left open by a failed test can block interpreter exit) must fail, not
+# hold CI to its limit: per test, pytest-timeout; for the whole run, timeout(1).
+timeout --signal=TERM --kill-after=60 "${MFH_TEST_TIMEOUT:-45m}" "$BIN/pytest" -q "$@" || rc=$?
+if [[ $rc -eq 124 || $rc -eq 137 ]]; then
+    echo "test.sh: FAILED: pytest did not finish within ${MFH_TEST_TIMEOUT:-45m}" >&2
+fi
 if [[ $rc -eq 5 ]]; then
     echo "test.sh: FAILED: pytest collected no tests (arguments: ${*:-none})" >&2
 fi

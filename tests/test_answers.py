@@ -184,8 +184,8 @@ async def draining_and_live(
     z1, z2 = ZmqServer(svc, port=0), ZmqServer(svc, port=0)
     for s in (g1, g2, z1, z2):
         await s.start()
-    assert g1._servicer is not None
-    await g1._servicer.drain(0)
+    assert g1.servicer is not None
+    await g1.servicer.drain(0)
     z1._draining = True
     yield g1, g2, z1, z2
     for g in (g1, g2):

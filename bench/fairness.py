@@ -1,0 +1,290 @@
+"""Fairness under hostile peers: well-behaved gRPC and ZeroMQ Gets alone, then beside a flood.
+
+One api process with its shipped settings (plus an API key). Phase 1: a well-behaved gRPC client
+and a well-behaved ZeroMQ client, side by side, each sending Gets open-loop at ``--rate`` per
+second (latency from each request's scheduled time, so stalls are not hidden). Phase 2: the same
+two clients again, beside a ZeroMQ peer in its own process that sends as fast as it can without
+ever reading (small authenticated Gets, 300 KB unauthenticated bodies, small unauthenticated ones)
+and 1,000 idle Watch streams over 10 connections. The api's VmRSS is sampled throughout.
+
+    python bench/fairness.py [--rate 300] [--duration 8] [--redis-url redis://127.0.0.1:6379/15]
+
+Last line: ``name=value`` figures, including ``grpc_p99_ratio`` and ``zmq_p99_ratio`` (flooded /
+alone; the target is <= 2) and ``api_rss_peak_mb``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import redis
+from _hosts import BenchHost
+from read_latency import KEYS, _chunks, _free_port, open_loop, percentile, seed, spawn, wait_port
+
+from mfh_api.proto import pb, pb_grpc
+
+KEY = "bench-fairness-key"
+HERE = os.path.abspath(__file__)
+Target = tuple[Callable[[int], Awaitable[None]], Callable[[], Awaitable[None]]]
+
+
+# -- the flooding peer (its own process: --flood ENDPOINT) ----------------------------------------------
+
+
+def flood(endpoint: str, seconds: float) -> None:
+    """Send as fast as possible for ``seconds`` from one DEALER that never reads; print the counts."""
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDTIMEO, 100)  # a full pipe: try again, keep the clock in view
+    sock.connect(endpoint)
+    small = json.dumps(
+        {"v": 1, "id": "f", "action": "get", "api_key": KEY, "payload": {"namespace": "bench", "key": "k1"}}
+    ).encode()
+    large = json.dumps(
+        {"v": 1, "id": "L", "action": "put", "payload": {"namespace": "x", "key": "k", "pad": "y" * 300_000}}
+    ).encode()
+    anon = b'{"v": 1, "id": "a", "action": "get", "payload": {"namespace": "bench", "key": "k1"}}'
+    pattern = [small] * 8 + [large, anon]
+    sent = {"small": 0, "large": 0, "anon": 0}
+    names = ["small"] * 8 + ["large", "anon"]
+    end = time.monotonic() + seconds
+    i = 0
+    while time.monotonic() < end:
+        try:
+            sock.send_multipart([b"", pattern[i % 10]])
+        except zmq.Again:
+            continue
+        sent[names[i % 10]] += 1
+        i += 1
+    print(json.dumps(sent), flush=True)
+    time.sleep(3600)  # never read: the replies stay unanswered until we are killed
+
+
+# -- well-behaved clients --------------------------------------------------------------------------------
+
+
+def grpc_client(target: str, timeout: float) -> Target:
+    channel = grpc.aio.insecure_channel(target)
+    stub = pb_grpc.MemoryFusionStub(channel)
+    md = (("x-api-key", KEY),)
+
+    async def call(i: int) -> None:
+        await stub.Get(pb.GetRequest(namespace="bench", key=f"k{i % KEYS}"), timeout=timeout, metadata=md)
+
+    async def close() -> None:
+        await channel.close(None)
+
+    return call, close
+
+
+def zmq_client(endpoint: str, timeout: float) -> Target:
+    """One DEALER, replies matched by id (requests pipeline as an agent's would)."""
+    import zmq
+    import zmq.asyncio
+
+    ctx = zmq.asyncio.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    pending: dict[str, asyncio.Future[None]] = {}
+
+    async def receive() -> None:
+        while True:
+            reply = json.loads((await sock.recv_multipart())[-1])
+            fut = pending.pop(str(reply.get("id")), None)
+            if fut is not None and not fut.done():
+                ok = reply.get("status") == "ok"
+                fut.set_result(None) if ok else fut.set_exception(RuntimeError(str(reply.get("error"))))
+
+    receiver = asyncio.ensure_future(receive())
+
+    async def call(i: int) -> None:
+        rid = str(i)
+        fut = asyncio.get_running_loop().create_future()
+        pending[rid] = fut
+        body = {
+            "v": 1,
+            "id": rid,
+            "action": "get",
+            "api_key": KEY,
+            "payload": {"namespace": "bench", "key": f"k{i % KEYS}"},
+        }
+        await sock.send_multipart([b"", json.dumps(body).encode()])
+        try:
+            await asyncio.wait_for(fut, timeout)
+        finally:
+            pending.pop(rid, None)
+
+    async def close() -> None:
+        receiver.cancel()
+        sock.close()
+        ctx.term()
+
+    return call, close
+
+
+async def both(grpc_t: Target, zmq_t: Target, rate: float, duration: float) -> dict[str, tuple[list[float], int]]:
+    """Both clients at once, each open-loop at ``rate``; a short warm-up first (discarded)."""
+    try:
+        await asyncio.gather(open_loop(grpc_t[0], rate, 1.0), open_loop(zmq_t[0], rate, 1.0))
+        g, z = await asyncio.gather(open_loop(grpc_t[0], rate, duration), open_loop(zmq_t[0], rate, duration))
+        return {"grpc": g, "zmq": z}
+    finally:
+        await grpc_t[1]()
+        await zmq_t[1]()
+
+
+async def open_watches(target: str, n: int, connections: int) -> tuple[list[grpc.aio.Channel], list[Any]]:
+    local = [("grpc.use_local_subchannel_pool", 1)]  # one connection per channel
+    chans = [grpc.aio.insecure_channel(target, options=local) for _ in range(connections)]
+    md = (("x-api-key", KEY),)
+    calls = [
+        pb_grpc.MemoryFusionStub(chans[i % connections]).Watch(pb.WatchRequest(namespace="idle"), metadata=md)
+        for i in range(n)
+    ]
+    return chans, calls
+
+
+# -- RSS sampling ------------------------------------------------------------------------------------------
+
+
+class RssSampler(threading.Thread):
+    """VmRSS of one process every 20 ms; ``peak_mb`` is the largest seen."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.peak_mb = 0.0
+        self.last_mb = 0.0
+        self.stop = threading.Event()
+
+    def sample(self) -> float:
+        m = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{self.pid}/status").read_text())
+        return int(m.group(1)) / 1024 if m else 0.0
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.last_mb = self.sample()
+            except OSError:
+                return
+            self.peak_mb = max(self.peak_mb, self.last_mb)
+            time.sleep(0.02)
+
+
+def summary(name: str, lat: list[float], errors: int) -> dict[str, float]:
+    lat = sorted(lat)
+    st = {"p50": percentile(lat, 50), "p99": percentile(lat, 99), "max": lat[-1] if lat else float("nan")}
+    st["errors"] = float(errors)
+    print(
+        f"{name:12s} n={len(lat) + errors} errors={errors} p50={st['p50']:.2f} p99={st['p99']:.2f} "
+        f"max={st['max']:.2f} ms",
+        flush=True,
+    )
+    return st
+
+
+async def main(args: argparse.Namespace) -> None:
+    prefix = f"bench{uuid.uuid4().hex[:8]}"
+    grpc_port, zmq_port = _free_port(), _free_port()
+    host = BenchHost(
+        redis_url=args.redis_url,
+        overrides={
+            "storage": {"redis_prefix": prefix},
+            "server": {"grpc_port": grpc_port, "zmq_port": zmq_port, "metrics_port": 0, "api_key": KEY},
+        },
+    )
+    await seed(host, prefix)
+    env = {**os.environ, "MFH_CONFIG_DIR": str(host.dir), "MFH_HOST": host.name}
+    api = spawn([sys.executable, "-m", "mfh_api.app"], env, host.dir / "api.log")
+    flooder: subprocess.Popen[bytes] | None = None
+    sampler: RssSampler | None = None
+    res: dict[str, dict[str, float]] = {}
+    extra: dict[str, Any] = {}
+    try:
+        wait_port(grpc_port, api, host.dir / "api.log")
+        wait_port(zmq_port, api, host.dir / "api.log")
+        sampler = RssSampler(api.pid)
+        extra["api_rss_base_mb"] = sampler.sample()
+        sampler.start()
+        gt, zt = f"127.0.0.1:{grpc_port}", f"tcp://127.0.0.1:{zmq_port}"
+
+        alone = await both(grpc_client(gt, args.timeout), zmq_client(zt, args.timeout), args.rate, args.duration)
+        for name, (lat, errors) in alone.items():
+            res[f"{name}_alone"] = summary(f"{name} alone", lat, errors)
+
+        chans, watches = await open_watches(gt, args.watches, connections=10)
+        await asyncio.sleep(2.0)  # let them open
+        extra["watch_streams_open"] = sum(1 for c in watches if not c.done())
+        flood_s = args.duration + 4.0
+        flooder = subprocess.Popen(  # noqa: ASYNC220 - started once, never waited on here
+            [sys.executable, HERE, "--flood", zt, "--flood-seconds", str(flood_s)], stdout=subprocess.PIPE
+        )
+        await asyncio.sleep(1.0)  # the flood is under way before measuring
+        flooded = await both(grpc_client(gt, args.timeout), zmq_client(zt, args.timeout), args.rate, args.duration)
+        for name, (lat, errors) in flooded.items():
+            res[f"{name}_flooded"] = summary(f"{name} flooded", lat, errors)
+        assert flooder.stdout is not None
+        line = await asyncio.to_thread(flooder.stdout.readline)
+        extra |= {f"flood_{k}": v for k, v in json.loads(line or b"{}").items()}
+        extra["watch_streams_still_open"] = sum(1 for c in watches if not c.done())
+        for c in watches:
+            c.cancel()
+        for ch in chans:
+            await ch.close()
+        extra["api_alive"] = int(api.poll() is None)
+    finally:
+        if flooder is not None:
+            flooder.kill()
+            flooder.wait()
+        if sampler is not None:
+            sampler.stop.set()
+            sampler.join()
+        api.terminate()
+        api.wait(timeout=15)
+        r = redis.Redis.from_url(args.redis_url)
+        for batch in _chunks(list(r.scan_iter(match=f"{prefix}:*", count=1000)), 500):
+            r.delete(*batch)
+        r.close()
+    pairs = [f"rate={args.rate:g}", f"duration_s={args.duration:g}", f"load1={os.getloadavg()[0]:.2f}"]
+    for name in ("grpc", "zmq"):
+        a, f = res[f"{name}_alone"], res[f"{name}_flooded"]
+        pairs += [f"{name}_alone_p50_ms={a['p50']:.2f}", f"{name}_alone_p99_ms={a['p99']:.2f}"]
+        pairs += [f"{name}_flooded_p50_ms={f['p50']:.2f}", f"{name}_flooded_p99_ms={f['p99']:.2f}"]
+        pairs += [f"{name}_errors_alone={a['errors']:.0f}", f"{name}_errors_flooded={f['errors']:.0f}"]
+        pairs.append(f"{name}_p99_ratio={f['p99'] / a['p99']:.2f}")
+    pairs += [f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items()]
+    pairs.append(f"api_rss_peak_mb={sampler.peak_mb if sampler else float('nan'):.1f}")
+    print(" ".join(pairs), flush=True)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--rate", type=float, default=300.0, help="requests per second per client (open loop)")
+    ap.add_argument("--duration", type=float, default=8.0, help="seconds measured per phase")
+    ap.add_argument("--watches", type=int, default=1000, help="idle Watch streams beside the flood")
+    ap.add_argument("--timeout", type=float, default=5.0, help="per-request timeout (counted as an error)")
+    ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/15", help="nothing is flushed; keys are removed")
+    ap.add_argument("--flood", metavar="ENDPOINT", help=argparse.SUPPRESS)
+    ap.add_argument("--flood-seconds", type=float, default=10.0, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.flood:
+        flood(a.flood, a.flood_seconds)
+    else:
+        asyncio.run(main(a))

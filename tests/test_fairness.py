@@ -1,0 +1,329 @@
+"""Hostile or greedy peers (issue 7, findings 3, 6, 7, 8): every request answered once, streams apart
+from unary capacity, one flooding ZeroMQ peer cannot starve another, memory bounded before auth."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import zmq
+import zmq.asyncio
+from hosts import TestHost, make_host
+from services import async_wait_until
+
+from mfh_api.grpc_server import GrpcServer
+from mfh_api.proto import pb, pb_grpc
+from mfh_api.service import MemoryService, build_service
+from mfh_api.zmq_protocol import encode
+from mfh_api.zmq_server import ZmqServer
+from mfh_models import NotFound
+
+FLOOD = str(Path(__file__).with_name("_flood.py"))
+KEY = "fair-test-key"
+
+
+def own_prefix() -> dict[str, Any]:
+    return {"storage": {"redis_prefix": f"t{uuid.uuid4().hex[:12]}"}}
+
+
+@pytest.fixture
+def host(tmp_path: Path, redis_url: str) -> Iterator[TestHost]:
+    h = make_host(tmp_path, redis_url=redis_url, overrides=own_prefix())
+    yield h
+    for p in h.procs:
+        h.kill(p)
+
+
+@pytest.fixture
+async def zmq_served(host: TestHost) -> AsyncIterator[tuple[MemoryService, ZmqServer]]:
+    service = await build_service(host.settings)
+    server = ZmqServer.from_settings(service, host.settings)
+    await server.start()
+    try:
+        yield service, server
+    finally:
+        await server.close()
+        await service.close()
+
+
+class Peer:
+    """A raw DEALER peer: exact bytes out, the JSON reply back (or None when there is none)."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str) -> None:
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+
+    async def send(self, body: bytes) -> None:
+        await self.sock.send_multipart([b"", body])
+
+    async def recv(self, wait_s: float = 5.0) -> dict[str, Any] | None:
+        if not await self.sock.poll(int(wait_s * 1000)):
+            return None
+        reply = json.loads((await self.sock.recv_multipart())[-1])
+        assert isinstance(reply, dict)
+        return reply
+
+
+@pytest.fixture
+async def ctx() -> AsyncIterator[zmq.asyncio.Context]:
+    c = zmq.asyncio.Context()
+    yield c
+    c.destroy(linger=0)
+
+
+# -- finding 3: a request id no reply can carry ------------------------------------------------------
+
+GET = b'"action": "get", "payload": {"namespace": "n", "key": "k"}'
+SURROGATE_BODIES = {
+    "v1 escaped": b'{"v": 1, "id": "\\ud800", ' + GET + b"}",
+    "v1 raw bytes": b'{"v": 1, "id": "\xed\xa0\x80", ' + GET + b"}",
+    "v0 escaped": b'{"action": "get", "key": "k", "request_id": "\\ud800"}',
+    "v0 raw bytes": b'{"action": "get", "key": "k", "request_id": "a\xed\xa0\x80"}',
+}
+
+
+@pytest.mark.parametrize("body", SURROGATE_BODIES.values(), ids=SURROGATE_BODIES.keys())
+async def test_a_request_id_holding_a_lone_surrogate_gets_one_error_reply(
+    zmq_served: tuple[MemoryService, ZmqServer], ctx: zmq.asyncio.Context, body: bytes
+) -> None:
+    # Given a peer whose request id is a lone surrogate (no UTF-8 reply can echo it)
+    peer = Peer(ctx, zmq_served[1].endpoint)
+    # When it sends the request
+    await peer.send(body)
+    reply = await peer.recv()
+    # Then it gets exactly one reply: INVALID_ARGUMENT, without the id
+    assert reply is not None, "no reply"
+    code = reply["error"]["code"] if "v" in reply else reply["error_code"]
+    assert code == "INVALID_ARGUMENT", reply
+    assert reply.get("id") is None and "request_id" not in reply
+    assert await peer.recv(0.3) is None
+    # And the server still answers a well-formed request
+    await peer.send(b'{"v": 1, "id": "ok", ' + GET + b"}")
+    after = await peer.recv()
+    assert after is not None and after["id"] == "ok" and after["error"]["code"] == "NOT_FOUND"
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        {"v": 1, "id": "r", "status": "ok", "data": {"text": "\ud800"}},
+        {"v": 1, "id": "\udfff", "status": "error", "error": {"code": "NOT_FOUND", "message": "x"}},
+        {"v": 1, "id": 7, "status": "ok", "data": {"n": float("nan")}},
+        {"status": "success", "request_id": "r0", "value": {"t": "\ud800"}},
+    ],
+)
+def test_a_reply_that_cannot_be_encoded_becomes_an_internal_error_reply(reply: dict[str, Any]) -> None:
+    # Given a reply holding something JSON/UTF-8 cannot carry; when it is encoded
+    out = json.loads(encode(reply))
+    # Then the wire form is a valid error reply in the same schema, with the id only if it is safe
+    if "v" in reply:
+        assert out["status"] == "error" and out["error"]["code"] == "INTERNAL"
+        assert out["id"] == (reply["id"] if reply["id"] in ("r", 7) else None)
+    else:
+        assert out == {"status": "error", "error": out["error"], "error_code": "INTERNAL", "request_id": "r0"}
+
+
+# -- finding 6: idle Watch streams and unary capacity ------------------------------------------------
+
+
+@pytest.fixture
+async def grpc_served(tmp_path: Path, redis_url: str) -> AsyncIterator[tuple[MemoryService, GrpcServer]]:
+    h = make_host(tmp_path, redis_url=redis_url, overrides=own_prefix())
+    service = await build_service(h.settings)
+    server = GrpcServer(service, h.settings)
+    await server.start()
+    try:
+        yield service, server
+    finally:
+        await server.stop(grace=0.5)
+        await service.close()
+
+
+async def _open_watches(target: str, channels: int, per_channel: int) -> tuple[list[grpc.aio.Channel], list[Any]]:
+    # One connection each: channels of one process otherwise share a connection (a global subchannel pool).
+    local = [("grpc.use_local_subchannel_pool", 1)]
+    chans = [grpc.aio.insecure_channel(target, options=local) for _ in range(channels)]
+    calls = [
+        pb_grpc.MemoryFusionStub(ch).Watch(pb.WatchRequest(namespace="quiet"))
+        for ch in chans
+        for _ in range(per_channel)
+    ]
+    return chans, calls
+
+
+async def test_idle_watch_streams_do_not_take_unary_capacity(grpc_served: tuple[MemoryService, GrpcServer]) -> None:
+    # Given an api with its shipped limits (256 unary calls at once) and 300 idle Watch streams open
+    service, server = grpc_served
+    assert server.settings.server.max_concurrent_rpcs == 256
+    target = f"127.0.0.1:{server.port}"
+    chans, calls = await _open_watches(target, channels=3, per_channel=100)
+    try:
+        # (256 is where grpc's maximum_concurrent_rpcs, which counts streams, used to refuse everything)
+        await async_wait_until(lambda: len(service.feed._watchers) >= 256, 30, message="256 open Watch streams")
+        # When a unary call comes
+        async with grpc.aio.insecure_channel(target) as ch:
+            stub = pb_grpc.MemoryFusionStub(ch)
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await stub.Get(pb.GetRequest(namespace="ns", key="absent"), timeout=5)
+        # Then it is served (NOT_FOUND), not refused for lack of capacity
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND, e.value.details()
+        # And all 300 streams are open (a connection may hold 128, the api 1024)
+        await async_wait_until(lambda: len(service.feed._watchers) == 300, 30, message="300 open Watch streams")
+    finally:
+        for c in calls:
+            c.cancel()
+        for ch in chans:
+            await ch.close()
+
+
+async def test_watch_streams_have_their_own_cap_per_connection(tmp_path: Path, redis_url: str) -> None:
+    # Given an api that allows 3 open streams per connection and ends idle ones after 0.5 s
+    server_cfg = {"max_streams_per_peer": 3, "watch_idle_seconds": 0.5}
+    h = make_host(tmp_path, redis_url=redis_url, overrides={**own_prefix(), "server": server_cfg})
+    service = await build_service(h.settings)
+    server = GrpcServer(service, h.settings)
+    await server.start()
+    chans, calls = await _open_watches(f"127.0.0.1:{server.port}", channels=1, per_channel=4)
+    try:
+        # When one connection opens 4 streams
+        codes = []
+        for c in calls:
+            try:
+                async for _ in c:
+                    pass
+            except grpc.aio.AioRpcError as e:
+                codes.append((e.code(), e.details()))
+        # Then the 4th is refused with a clear RESOURCE_EXHAUSTED and the 3 others end idle (DEADLINE_EXCEEDED)
+        exhausted = [d for c, d in codes if c == grpc.StatusCode.RESOURCE_EXHAUSTED]
+        idle = [d for c, d in codes if c == grpc.StatusCode.DEADLINE_EXCEEDED]
+        assert len(exhausted) == 1 and "from this connection" in exhausted[0], codes
+        assert len(idle) == 3 and all("idle" in d for d in idle), codes
+        assert server.streams.total == 0
+    finally:
+        for ch in chans:
+            await ch.close()
+        await server.stop(grace=0.5)
+        await service.close()
+
+
+# -- finding 7: one flooding ZeroMQ peer ------------------------------------------------------------
+
+
+async def _run_flood(endpoint: str, count: int, size: int, *extra: str) -> tuple[asyncio.subprocess.Process, Any]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, FLOOD, endpoint, str(count), str(size), *extra, stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), 90)
+    return proc, json.loads(line)
+
+
+async def test_a_flooding_peer_does_not_hold_back_a_well_behaved_one(
+    zmq_served: tuple[MemoryService, ZmqServer],
+) -> None:
+    # Given one peer sending 50,000 requests without reading (in its own process, beside a good peer)
+    # When the good peer sends one request once the flood is under way
+    proc, out = await _run_flood(zmq_served[1].endpoint, 50_000, 200, "--good")
+    try:
+        # Then the good request is answered while the flood is still being sent, within a generous second
+        assert out["good_answered"] is not None, "the well-behaved peer got no reply"
+        assert out["good_answered"] < out["flood_done"], out
+        assert out["good_answered"] - out["good_sent"] < 1.0, out
+    finally:
+        proc.kill()
+        await proc.wait()
+
+
+async def test_one_peer_holds_at_most_its_share_and_the_excess_is_shed_unparsed(
+    zmq_served: tuple[MemoryService, ZmqServer], ctx: zmq.asyncio.Context
+) -> None:
+    # Given a service stuck on reads, and a peer with max_in_flight_per_peer (16) requests running
+    service, server = zmq_served
+    gate = asyncio.Event()
+
+    async def stuck_get(namespace: str, key: str) -> Any:
+        await gate.wait()
+        raise NotFound("x")
+
+    service.get = stuck_get  # type: ignore[method-assign]
+    greedy, polite = Peer(ctx, server.endpoint), Peer(ctx, server.endpoint)
+    share = 16  # server.max_in_flight_per_peer, shipped
+    for i in range(share):
+        await greedy.send(b'{"v": 1, "id": "g%d", ' % i + GET + b"}")
+    await async_wait_until(lambda: len(server._tasks) >= share, 10, message="the greedy peer's share running")
+    # When it sends one more (not even JSON), and another peer sends a request
+    await greedy.send(b'{"v": 1, "id": "extra", not json at all')
+    shed = await greedy.recv()
+    await polite.send(b'{"v": 1, "id": "p", ' + GET + b"}")
+    await async_wait_until(lambda: len(server._tasks) >= share + 1, 10, message="the polite request running")
+    # Then the extra one is shed at once without being parsed (RESOURCE_EXHAUSTED, not INVALID_ARGUMENT),
+    # with its id, while the other peer's request runs
+    assert shed is not None and shed["id"] == "extra" and shed["error"]["code"] == "RESOURCE_EXHAUSTED", shed
+    assert "from this connection" in shed["error"]["message"]
+    gate.set()
+    reply = await polite.recv()
+    assert reply is not None and reply["id"] == "p" and reply["error"]["code"] == "NOT_FOUND"
+
+
+# -- finding 8: memory before authentication ---------------------------------------------------------
+
+RSS_CEILING_MB = 300  # docs/operations.md: the documented ceiling with shipped settings
+
+
+def _rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    m = re.search(r"VmRSS:\s+(\d+) kB", status)
+    assert m is not None
+    return int(m.group(1)) / 1024
+
+
+async def test_a_flood_of_large_unauthenticated_messages_keeps_the_api_under_its_rss_ceiling(
+    tmp_path: Path, redis_url: str
+) -> None:
+    # Given a real api process with a key and its shipped limits
+    h = make_host(tmp_path, redis_url=redis_url, overrides={**own_prefix(), "server": {"api_key": KEY}})
+    api = h.spawn("mfh_api.app", log_name="api")
+    try:
+        ready = await async_wait_until(
+            lambda: re.search(r'"zmq_port": (\d+)', h.log("api")), 60, interval=0.1, message="api ready"
+        )
+        endpoint = f"tcp://127.0.0.1:{ready.group(1)}"
+        base = _rss_mb(api.pid)
+        # When one peer sends 1,600 messages of 300 KB without a key, never reading
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, FLOOD, endpoint, "1600", str(300 * 1024), stdout=asyncio.subprocess.PIPE
+        )
+        assert proc.stdout is not None
+        peak = base
+        line = asyncio.ensure_future(proc.stdout.readline())
+        try:
+            while not line.done():
+                peak = max(peak, _rss_mb(api.pid))
+                await asyncio.wait({line}, timeout=0.02)
+            for _ in range(25):  # and a moment after the last one
+                peak = max(peak, _rss_mb(api.pid))
+                await asyncio.sleep(0.02)
+        finally:
+            proc.kill()
+            await proc.wait()
+        # Then the api's RSS never passed the documented ceiling, and it still answers
+        assert peak < RSS_CEILING_MB, f"api RSS peaked at {peak:.0f} MB (started at {base:.0f} MB)"
+        c = zmq.asyncio.Context()
+        try:
+            peer = Peer(c, endpoint)
+            await peer.send(b'{"v": 1, "id": "ok", "api_key": "%s", ' % KEY.encode() + GET + b"}")
+            reply = await peer.recv(10)
+            assert reply is not None and reply["error"]["code"] == "NOT_FOUND", reply
+        finally:
+            c.destroy(linger=0)
+    finally:
+        h.kill(api)

@@ -152,7 +152,8 @@ class Cluster:
                             break
                         except NotFound:
                             if time.monotonic() > deadline:
-                                raise RuntimeError(f"{src}'s write never reached {dst}:\n{self.log(dst, 'replicator')}")
+                                log = self.log(dst, "replicator")
+                                raise RuntimeError(f"{src}'s write never reached {dst}:\n{log}") from None
                             time.sleep(0.05)
         finally:
             for c in clients.values():
@@ -167,7 +168,9 @@ class Cluster:
 
     # -- processes ---------------------------------------------------------------------------
 
-    def spawn(self, host: str, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def spawn(
+        self, host: str, name: str, argv: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log = (self.hosts[host].dir / f"{name}.log").open("ab")
         return subprocess.Popen(
             self.net.exec_argv(host, argv),

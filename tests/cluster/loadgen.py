@@ -4,7 +4,7 @@
         N puts at R/s of keys P-0..P-(N-1) (or, with --keys, cycling over P-0..P-(K-1)); one JSON
         line per acknowledged put: key, version, origin, text, t_ack (unix seconds).
     loadgen.py watch --api ADDR --prefix P --count N --out FILE
-        waits for P-0, P-1, ... in turn to be readable; one JSON line each: key, version, t_seen.
+        polls P-0..P-(N-1) until each is readable; one JSON line each: key, version, t_seen.
 
 Only acknowledged puts are written to the file: those are the ones no host may lose.
 """
@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 
-from mfh_client import MemoryClient, MFHError, NotFound, PutSpec
+from mfh_client import MemoryClient, MFHError, PutSpec
 
 NAMESPACE = "cluster"
 
@@ -46,23 +46,27 @@ def write(args: argparse.Namespace, client: MemoryClient) -> int:
 
 
 def watch(args: argparse.Namespace, client: MemoryClient) -> int:
+    """Poll every key not seen yet (in chunks, oldest first), so one late key does not delay the others."""
+    pending = [f"{args.prefix}-{i}" for i in range(args.count)]
+    last_progress = time.monotonic()
     with open(args.out, "a", buffering=1) as out:
-        for i in range(args.count):
-            key = f"{args.prefix}-{i}"
-            deadline = time.monotonic() + args.give_up
-            while True:
-                try:
-                    rec = client.get(NAMESPACE, key, timeout=2.0)
-                    out.write(json.dumps({"key": key, "version": rec.version, "t_seen": time.time()}) + "\n")
-                    break
-                except NotFound:
-                    pass
-                except MFHError as e:
-                    print(f"get {key}: {e.code}", file=sys.stderr, flush=True)
-                if time.monotonic() > deadline:
-                    print(f"gave up on {key}", file=sys.stderr, flush=True)
-                    break
-                time.sleep(0.002)
+        while pending and time.monotonic() - last_progress < args.give_up:
+            chunk = pending[:100]
+            try:
+                found, _ = client.batch_get(NAMESPACE, chunk, timeout=2.0)
+            except MFHError as e:
+                print(f"batch_get: {e.code}", file=sys.stderr, flush=True)
+                continue
+            now = time.time()
+            seen = {r.key for r in found}
+            for r in found:
+                out.write(json.dumps({"key": r.key, "version": r.version, "t_seen": now}) + "\n")
+            if seen:
+                pending = [k for k in pending if k not in seen]
+                last_progress = time.monotonic()
+            time.sleep(0.002)
+    if pending:
+        print(f"gave up on {len(pending)} keys", file=sys.stderr, flush=True)
     return 0
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import fcntl
 import json
 import os
@@ -63,10 +64,8 @@ class Link:
                 self.send(frame)
 
     def send(self, frame: bytes) -> None:
-        try:
+        with contextlib.suppress(OSError):  # a full or vanished device drops the frame, as a NIC would
             os.write(self.dst, frame)
-        except OSError:  # a full or vanished device drops the frame, as a NIC would
-            pass
 
 
 def configure(out: Link, back: Link, control: str) -> None:

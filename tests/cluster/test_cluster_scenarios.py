@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import record
 from services import wait_until
 
+from cluster.figures import record
 from mfh_client import MemoryClient, NotFound, PutSpec
 from mfh_core import SqlStore
 
@@ -41,7 +41,7 @@ def start_writers(
         path = cluster.workdir / f"{tag}-{h}.jsonl"
         prefix = f"{tag}" if keys else f"{tag}-{h}"
         p = cluster.loadgen(
-            h, f"load-{tag}", "write", "--api", f"127.0.0.1:5714", "--prefix", prefix, "--origin", h,
+            h, f"load-{tag}", "write", "--api", "127.0.0.1:5714", "--prefix", prefix, "--origin", h,
             "--rate", str(rate), "--count", str(count), "--keys", str(keys), "--out", str(path),
         )  # fmt: skip
         out[h] = (p, path)
@@ -97,6 +97,12 @@ def pct(values: list[float], q: float) -> float:
 # -- scenarios --------------------------------------------------------------------------------
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding: writes made on the impaired host reach the others seconds late (lag grows with the run, "
+    "p99 ~12 s at 20 writes/s); a third of its events miss their PubAck within publish_timeout_seconds and "
+    "wait for the outbox relay (~8 events per pass). The lag the other way stays under 1 s.",
+)
 def test_latency_and_loss_on_one_link_keep_replication_lag_under_a_second(cluster: Any) -> None:
     # Given pc3's link delays what it sends by 200 ms and loses 5 % of it, for the whole scenario
     cluster.net.impair("pc3", delay_ms=200, loss=0.05)
@@ -133,10 +139,17 @@ def test_latency_and_loss_on_one_link_keep_replication_lag_under_a_second(cluste
     t0 = time.monotonic()
     figures["converge_s"] = wait_converged(cluster, writes, t0)
     figures["lost"] = lost(cluster, writes)
+    figures["pc3_events_relayed_by_outbox"] = outbox_relayed(cluster, "pc3")
     record("netem_200ms_5pct", **figures)
     assert figures["lost"] == 0
     for src, dst in pairs:
         assert figures[f"{src}_to_{dst}_lag_p99_s"] < 1.0, figures
+
+
+def outbox_relayed(cluster: Any, host: str) -> int:
+    """Events the host's worker could not get a PubAck for, relayed later by the outbox (its log says)."""
+    words = cluster.log(host, "replicator", 10_000_000).split()
+    return sum(int(words[i + 1]) for i, w in enumerate(words[:-1]) if w == "relayed" and words[i + 1].isdigit())
 
 
 def test_a_host_cut_off_for_20s_catches_up_after_the_heal(cluster: Any) -> None:

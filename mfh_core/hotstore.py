@@ -92,6 +92,7 @@ class HotStore:
         max_backlog: int = 0,
         max_connections: int = 64,
         socket_timeout: float = 5.0,
+        clock_skew_ms: int = 0,
     ) -> None:
         pool = aioredis.BlockingConnectionPool.from_url(
             redis_url,
@@ -106,6 +107,7 @@ class HotStore:
         self.origin = origin
         self.ttl = cache_ttl_seconds
         self.max_backlog = max_backlog
+        self.clock_skew_ms = clock_skew_ms  # test only: added to Redis TIME for new versions (stage.lua)
         self.hlc_key = f"{prefix}:hlc"
         self.dirty_key = f"{prefix}:dirty"
         self.persisted_channel = f"{prefix}:persisted"
@@ -157,7 +159,7 @@ class HotStore:
         (the change may be staged: reconcile then persists it).
         """
         keys = [self.hlc_key, self.dirty_key, *(self.item_key(c.namespace, c.key) for c in changes)]
-        args: list[Any] = [self.origin, self.max_backlog]
+        args: list[Any] = [self.origin, self.max_backlog, self.clock_skew_ms]
         for c in changes:
             ms, ctr = unpack(c.expected_version) if c.expected_version is not None else (0, 0)
             kind = c.kind.value if c.kind is not None else ""

@@ -74,6 +74,8 @@ class StorageSettings(_Section):
     redis_url: str = "redis://127.0.0.1:6380/0"  # the hub's own Redis, with AOF (scripts/hub_redis.py)
     redis_prefix: str = Field(default="mfh", pattern=r"^[A-Za-z0-9_.\-]{1,32}$")
     cache_ttl_seconds: int = Field(default=900, ge=1)
+    # Test only (tests/cluster): shift this host's version clock, as a host whose clock is wrong would.
+    clock_skew_ms: int = Field(default=0, ge=-86_400_000, le=86_400_000, description="added to new versions' time")
 
     @property
     def database_url(self) -> str:

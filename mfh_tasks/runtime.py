@@ -79,6 +79,7 @@ def build_hot_store(settings: Settings) -> HotStore:
         origin=settings.host_id,
         cache_ttl_seconds=settings.storage.cache_ttl_seconds,
         max_backlog=settings.write_behind.max_backlog,
+        clock_skew_ms=settings.storage.clock_skew_ms,
     )
 
 

@@ -260,7 +260,20 @@ PYEOF
     log "postgres is up"
 }
 
+# ---------------------------------------------------------------------------------------------
+# 5. iproute2 (ip netns, tc) for the cluster bed in tests/cluster: installed only when missing
+# ---------------------------------------------------------------------------------------------
+ensure_iproute2() {
+    if command -v ip >/dev/null 2>&1; then return 0; fi
+    if [[ $EUID -ne 0 && -z "$SUDO" ]]; then
+        log "iproute2 is missing and this is not root: the cluster tests (tests/cluster) will skip"
+        return 0
+    fi
+    apt_install iproute2
+}
+
 ensure_venv
+ensure_iproute2
 if [[ $WANT_HUB -eq 1 ]]; then
     ensure_hub_redis
 else

@@ -6,15 +6,17 @@
 -- What the entry held before is remembered for unstage.lua (a write whose batch could not be
 -- enqueued is taken back): 'pst' = 'n' (nothing unpersisted before: unstage deletes the entry and
 -- reads fall back to SQL), 'd' (an unpersisted version, copied into the p* fields, is restored).
+-- The version's wall time is Redis TIME plus ARGV[3] (storage.clock_skew_ms, 0 in production): the
+-- one place a test moves a host's clock; the dirty set's scores and 'u' keep Redis's own clock.
 -- KEYS: hlc, dirty, item1..itemN
--- ARGV: origin, max_backlog, then per item: op, kind ('' keeps the key's own), payload,
---       has_expected, exp_ms, exp_ctr
+-- ARGV: origin, max_backlog, clock_skew_ms, then per item: op, kind ('' keeps the key's own),
+--       payload, has_expected, exp_ms, exp_ctr
 -- Returns {'ok', now, ms1, ctr1, kind1, ...} | {'absent', i} | {'conflict', i, ms, ctr} | {'backlog'}
 local hlc, dirty = KEYS[1], KEYS[2]
 local n = #KEYS - 2
 local cur, new_dirty = {}, 0
 for i = 1, n do
-  local item, base = KEYS[i + 2], 2 + (i - 1) * 6
+  local item, base = KEYS[i + 2], 3 + (i - 1) * 6
   local c = redis.call('HMGET', item, 'vm', 'vc', 'd', 'k', 'dirty')
   cur[i] = c
   local cm, cc = tonumber(c[1]), tonumber(c[2])
@@ -35,13 +37,14 @@ if max_backlog > 0 and new_dirty > 0 and redis.call('ZCARD', dirty) + new_dirty 
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local wall = now + (tonumber(ARGV[3]) or 0)
 local h = redis.call('HMGET', hlc, 'm', 'c')
 local hm, hc = tonumber(h[1]), tonumber(h[2]) or 0
 local snow = string.format('%.0f', now)
 local out = {'ok', snow}
 for i = 1, n do
-  local item, base = KEYS[i + 2], 2 + (i - 1) * 6
-  local m, c = now, 0
+  local item, base = KEYS[i + 2], 3 + (i - 1) * 6
+  local m, c = wall, 0
   local function bump(om, oc)
     if om and (om > m or (om == m and oc + 1 > c)) then m, c = om, oc + 1 end
   end

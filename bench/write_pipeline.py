@@ -1,6 +1,6 @@
 """Persisted writes per second: the batched write-behind pipeline vs one Dramatiq message per write.
 
-Both runs stage writes in Redis exactly as the api does (HotStore.stage_many, then WriteBatcher), with
+Both runs stage writes in Redis exactly as the api does (HotStore.stage_many, then BatchQueue), with
 a real ``dramatiq`` worker process persisting into SQLite; a write counts once its entry is clean
 (its version committed to SQL). The baseline is the same pipeline with micro-batches of one.
 Clients stage ``--stage-batch`` writes per call (8: BatchPut-sized requests); a third run feeds the

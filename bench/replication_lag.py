@@ -34,8 +34,8 @@ from _hosts import BenchHost
 from nats.aio.msg import Msg
 
 from mfh_core import HotStore
-from mfh_models import Kind, MemoryEvent, Op, canonical_json
-from mfh_tasks import WriteBatcher, build_broker, build_hot_store, declare_persist_actor, encode_batch
+from mfh_models import Kind, Op, canonical_json
+from mfh_tasks import BatchQueue, build_hot_store
 
 
 def start_nats(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -115,26 +115,17 @@ class Api:
     """main_pc's api side, in this process."""
 
     def __init__(self, host: BenchHost) -> None:
-        s = host.settings
-        self.broker = build_broker(s)
-        self.actor = declare_persist_actor(self.broker, s)
-        self.hot: HotStore = build_hot_store(s)
-        self.batcher = WriteBatcher(
-            self._send, max_size=s.write_behind.batch_max_size, max_delay_s=s.write_behind.batch_max_delay_ms / 1000
-        )
+        self.queue = BatchQueue.from_settings(host.settings)
+        self.hot: HotStore = build_hot_store(host.settings)
         self.payload = canonical_json({"content": "a memory of about a hundred bytes " + "x" * 60, "tags": ["lag"]})
-
-    def _send(self, events: list[MemoryEvent]) -> None:
-        self.actor.send(encode_batch(events))
 
     async def put(self, key: str) -> None:
         e = await self.hot.stage(op=Op.PUT, namespace="bench", key=key, kind=Kind.MEMORY_ITEM, payload=self.payload)
-        await self.batcher.submit(e)
+        await self.queue.submit(e)
 
     async def close(self) -> None:
-        await self.batcher.close()
+        await self.queue.close()
         await self.hot.close()
-        self.broker.close()
 
 
 async def run(api: Api, watcher: Watcher, *, rate: float, seconds: float, tag: str) -> int:

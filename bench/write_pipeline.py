@@ -1,6 +1,6 @@
 """Persisted writes per second: the batched write-behind pipeline vs one Dramatiq message per write.
 
-Both runs stage writes in Redis exactly as the api does (HotStore.stage_many, then WriteBatcher), with
+Both runs stage writes in Redis exactly as the api does (HotStore.stage_many, then BatchQueue), with
 a real ``dramatiq`` worker process persisting into SQLite; a write counts once its entry is clean
 (its version committed to SQL). The baseline is the same pipeline with micro-batches of one.
 Clients stage ``--stage-batch`` writes per call (8: BatchPut-sized requests); a third run feeds the
@@ -22,7 +22,7 @@ from _hosts import BenchHost
 
 from mfh_core import Change, HotStore
 from mfh_models import Kind, Op, canonical_json
-from mfh_tasks import WriteBatcher, build_broker, build_hot_store, declare_persist_actor, encode_batch
+from mfh_tasks import BatchQueue, build_hot_store
 
 
 async def run_round(
@@ -30,14 +30,9 @@ async def run_round(
 ) -> float:
     """Stage ``writes`` writes with ``concurrency`` callers; return persisted writes/s."""
     s = host.settings
-    broker = build_broker(s)
-    actor = declare_persist_actor(broker, s)
+    s = s.model_copy(update={"write_behind": s.write_behind.model_copy(update={"batch_max_size": batch_size})})
+    queue = BatchQueue.from_settings(s)
     hot: HotStore = build_hot_store(s)
-    batcher = WriteBatcher(
-        lambda evs: actor.send(encode_batch(evs)),
-        max_size=batch_size,
-        max_delay_s=s.write_behind.batch_max_delay_ms / 1000,
-    )
     payload = canonical_json({"content": "x" * 200, "tags": ["bench"], "importance": 0.5})
     next_i = 0
 
@@ -48,7 +43,7 @@ async def run_round(
         while next_i < writes:
             first, next_i = next_i, min(next_i + stage_batch, writes)
             changes = [Change(Op.PUT, "bench", f"{tag}-{i}", Kind.MEMORY_ITEM, payload) for i in range(first, next_i)]
-            await batcher.submit_many(await hot.stage_many(changes))
+            await queue.submit_many(await hot.stage_many(changes))
 
     t0 = time.perf_counter()
     await asyncio.gather(*(writer() for _ in range(concurrency)))
@@ -58,12 +53,11 @@ async def run_round(
         if time.perf_counter() - t0 > 300:
             raise SystemExit(f"{tag}: not persisted after 300 s; see {host.dir}/worker.log")
     elapsed = time.perf_counter() - t0
-    await batcher.close()
+    await queue.close()
     await hot.close()
-    broker.close()
     print(
         f"  {tag:<10} {writes:>6} writes  acked in {acked:6.2f} s  persisted in {elapsed:6.2f} s"
-        f"  = {writes / elapsed:8.0f} writes/s  ({batcher.batches_sent} messages)"
+        f"  = {writes / elapsed:8.0f} writes/s  ({queue.batches_sent} messages)"
     )
     return writes / elapsed
 

@@ -1,9 +1,13 @@
 """The transport-free memory service both servers (gRPC, ZeroMQ) call.
 
 Reads: hot store first, SQL on a miss (then a read-repair fill that never overwrites a newer
-staged version). Writes: stage in Redis (version assigned) and enqueue through the batcher
+staged version). Writes: stage in Redis (version assigned) and enqueue through the batch queue
 (DESIGN.md invariants 1, 4, 5). Redis and SQL sit behind circuit breakers; every call behind a
 bulkhead. No authentication here: the transports do it before calling in.
+
+:func:`build_service` is the composition root: it builds the stores, the batch queue, the change
+feed, the breakers and the bulkhead from the settings and hands them to :class:`MemoryService`,
+which constructs none of them (a test builds one from other parts).
 """
 
 from __future__ import annotations
@@ -18,11 +22,10 @@ from typing import Any, Final, TypeVar
 
 from redis.exceptions import RedisError
 
-from mfh_api.changefeed import ChangeFeed
 from mfh_client.types import Durability, PutResult, PutSpec
-from mfh_core import Change, HotStore, SqlStore
+from mfh_core import Change, ChangeFeed, HotStore, SqlStore
 from mfh_core.metrics import CACHE_LOOKUPS
-from mfh_core.resilience import Bulkhead, OutageLog, breaker_from_settings
+from mfh_core.resilience import Bulkhead, CircuitBreaker, OutageLog, breaker_from_settings
 from mfh_models import (
     DeadlineExceeded,
     InvalidArgument,
@@ -38,7 +41,7 @@ from mfh_models import (
     validate_namespace,
     validate_payload,
 )
-from mfh_tasks import WriteBatcher
+from mfh_tasks import BatchQueue, build_hot_store
 
 __all__ = [
     "MAX_BATCH_GET_KEYS",
@@ -49,6 +52,7 @@ __all__ = [
     "PutResult",
     "PutSpec",
     "build_service",
+    "compose_service",
 ]
 
 log = logging.getLogger("mfh.service")
@@ -91,7 +95,11 @@ def _result(e: MemoryEvent) -> PutResult:
 
 
 class MemoryService:
-    """Transport-free: validation, reads (hot store → SQL fallback), writes (stage → batcher), auth-free."""
+    """Transport-free: validation, reads (hot store → SQL fallback), writes (stage → batch queue), auth-free.
+
+    Takes its collaborators, built by :func:`build_service` (or a test); :meth:`close` closes the batch
+    queue, the change feed and the hot store, then runs ``on_close`` (the SQL store's owner closes it there).
+    """
 
     def __init__(
         self,
@@ -99,22 +107,28 @@ class MemoryService:
         settings: Settings,
         hot: HotStore,
         sql: SqlStore,
-        batcher: WriteBatcher,
+        queue: BatchQueue,
+        feed: ChangeFeed,
+        redis_breaker: CircuitBreaker,
+        sql_breaker: CircuitBreaker,
+        bulkhead: Bulkhead,
         on_close: Sequence[Callable[[], None]] = (),
     ) -> None:
         self.settings = settings
         self.hot = hot
         self.sql = sql
-        self.batcher = batcher
+        self.queue = queue
+        self.feed = feed
+        self.redis_breaker = redis_breaker
+        self.sql_breaker = sql_breaker
+        self.bulkhead = bulkhead
         self._on_close = list(on_close)
-        cb, bh = settings.resilience.circuit_breaker, settings.resilience.bulkhead
-        self.redis_breaker = breaker_from_settings("redis", cb, logger=log)
-        self.sql_breaker = breaker_from_settings("sql", cb, logger=log)
         self._enqueue_outage = OutageLog(
-            "write queue", what="write calls not enqueued", logger=log, summary_every_s=cb.summary_every_seconds
+            "write queue",
+            what="write calls not enqueued",
+            logger=log,
+            summary_every_s=settings.resilience.circuit_breaker.summary_every_seconds,
         )
-        self.bulkhead = Bulkhead("memory service", max_concurrent=bh.max_concurrent, max_queue_size=bh.max_queue_size)
-        self.feed = ChangeFeed(redis_url=settings.storage.redis_url, channel=hot.persisted_channel)
         self._closed = False
 
     async def start(self) -> None:
@@ -126,7 +140,7 @@ class MemoryService:
         if self._closed:
             return
         self._closed = True
-        await self.batcher.close()
+        await self.queue.close()
         await self.feed.close()
         await self.hot.close()
         for fn in self._on_close:
@@ -247,7 +261,7 @@ class MemoryService:
             raise Unavailable(f"{_READ_ONLY} ({e.message})") from e
 
     async def _enqueue(self, events: list[MemoryEvent], durability: Durability) -> list[asyncio.Future[None]] | None:
-        """Hand staged events to the batcher (acknowledged once enqueued); PERSISTED waiters are registered first."""
+        """Hand staged events to the batch queue (acknowledged once enqueued); PERSISTED waiters register first."""
         waiters = self.feed.expect(events) if durability is Durability.PERSISTED else None
         try:
             # Shielded: once staged, a write is enqueued (or taken back) even if the caller goes away.
@@ -262,7 +276,7 @@ class MemoryService:
         nothing was staged (docs/api.md). A write that cannot be taken back (Redis went away too, or what
         was below it is unknown) stays staged and dirty: it is acknowledged, and reconcile enqueues it."""
         try:
-            await self.batcher.submit_many(events)
+            await self.queue.submit_many(events)
         except Unavailable as e:
             failure = e
         else:
@@ -494,33 +508,45 @@ def _decode_token(token: str, scope: list[Any]) -> str:
     return after
 
 
+def compose_service(
+    settings: Settings,
+    *,
+    hot: HotStore,
+    sql: SqlStore,
+    queue: BatchQueue,
+    on_close: Sequence[Callable[[], None]] = (),
+) -> MemoryService:
+    """A service over the given stores and queue, with its change feed, breakers and bulkhead built from settings."""
+    cb, bh = settings.resilience.circuit_breaker, settings.resilience.bulkhead
+    return MemoryService(
+        settings=settings,
+        hot=hot,
+        sql=sql,
+        queue=queue,
+        feed=ChangeFeed(redis_url=settings.storage.redis_url, channel=hot.persisted_channel),
+        redis_breaker=breaker_from_settings("redis", cb, logger=log),
+        sql_breaker=breaker_from_settings("sql", cb, logger=log),
+        bulkhead=Bulkhead("memory service", max_concurrent=bh.max_concurrent, max_queue_size=bh.max_queue_size),
+        on_close=on_close,
+    )
+
+
 async def build_service(settings: Settings) -> MemoryService:
-    """Composition root of the api side: hot store, SQL store, broker + persist sender, batcher."""
-    from mfh_tasks import build_broker, build_hot_store, declare_persist_actor, encode_batch
+    """The composition root of the api side: SQL store, hot store, batch queue, then the service, started."""
     from mfh_tasks.runtime import warn_if_store_switched
 
     sql = SqlStore(settings.storage.database_url)
     try:
         await asyncio.to_thread(sql.create_schema)  # StoreNotCurrent: refuse to start (`mfh db upgrade`)
-    except Unavailable as e:  # reads are still served from Redis (DESIGN.md degraded modes)
+    except Unavailable as e:  # reads are still served from Redis (docs/architecture.md, degraded modes)
         log.warning("SQL unavailable at start: %s", e)
     except BaseException:
         sql.close()
         raise
     hot = build_hot_store(settings)
     await warn_if_store_switched(settings, sql, hot=hot)
-    broker = build_broker(settings)
-    actor = declare_persist_actor(broker, settings)
-    wb = settings.write_behind
-
-    def send(events: list[MemoryEvent]) -> None:
-        actor.send(encode_batch(events))
-
-    batcher = WriteBatcher(
-        send,
-        max_size=wb.batch_max_size,
-        max_delay_s=wb.batch_max_delay_ms / 1000,
+    service = compose_service(
+        settings, hot=hot, sql=sql, queue=BatchQueue.from_settings(settings), on_close=[sql.close]
     )
-    service = MemoryService(settings=settings, hot=hot, sql=sql, batcher=batcher, on_close=[broker.close, sql.close])
     await service.start()
     return service

@@ -1,12 +1,12 @@
 """JetStream event bus: one message per MemoryEvent with ``Nats-Msg-Id`` = event id, so an outbox relay is deduplicated.
 
-Publishing never raises when NATS is down (the caller's outbox relays what was not acked).
+Publishing never raises when NATS is down (the caller's outbox relays what was not acked). The bus
+owns the stream; the connection it shares with its consumers is :class:`NatsConnection`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 from collections import deque
@@ -15,7 +15,6 @@ from typing import Any
 
 import nats.errors
 import nats.js.errors
-from nats.aio.client import Client as NATS
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
@@ -26,29 +25,23 @@ from nats.js.api import (
     StreamConfig,
     StreamInfo,
 )
-from nats.js.client import JetStreamContext
-from pydantic import ValidationError
 
 from mfh_core.jetstream import (
     EXPECTED_STREAM_HEADER,
     FIRST,
-    JS_API_TIMEOUT_S,
     MSG_ID_HEADER,
     NATS_ERRORS,
-    PENDING_BUFFER_BYTES,
-    PING_INTERVAL_S,
     PULL_HEARTBEAT_S,
-    RECONNECT_WAIT_S,
-    AckMux,
-    ConsumerGone,
-    PullFeed,
     all_done,
+    decode_event,
+    encode_event,
     msg_metadata,
     translate_error,
 )
+from mfh_core.nats_connection import NatsConnection
+from mfh_core.pull_feed import ConsumerGone, PullFeed
 from mfh_core.subscription import DurableSubscription, EventHandler
 from mfh_models import InvalidArgument, MemoryEvent, Unavailable
-from mfh_models.records import format_validation_error
 from mfh_models.settings import ReplicationSettings
 
 log = logging.getLogger("mfh.eventbus")
@@ -86,17 +79,10 @@ class EventBus:
         self.num_replicas = num_replicas
         self.publish_timeout_s = float(publish_timeout_s)
         self.name = name
-        self._nc: NATS | None = None
+        #: The connection this bus, its pull feeds and its durable consumers share.
+        self.conn = NatsConnection(url=nats_url, name=name)
         self.last_publish_error: str | None = None  # why the last publish_many fell short
-        self._js: JetStreamContext | None = None
-        self._acks: AckMux | None = None
-        self._js_prefix = "$JS.API"
-        self._reconnects = 0
-        self._errors_logged = 0
         self._subs: set[DurableSubscription] = set()
-        # Resolved when the connection drops: PubAcks of what was already sent cannot arrive any more.
-        self._down: asyncio.Future[None] | None = None
-        self._closing = False
 
     @classmethod
     def from_settings(cls, r: ReplicationSettings, *, name: str = "mfh") -> EventBus:
@@ -115,38 +101,10 @@ class EventBus:
 
     async def connect(self, *, wait_s: float = 5.0) -> None:
         """Connect (reconnecting forever afterwards) and ensure the stream; Unavailable if NATS is not there."""
-        if self._nc is not None and not self._nc.is_closed:
+        if self.conn.is_open:
             return
-        self._closing = False
-        self._down = asyncio.get_running_loop().create_future()
-        nc = NATS()
-        options: dict[str, Any] = {
-            "servers": [self.nats_url],
-            "name": self.name,
-            "allow_reconnect": True,
-            "max_reconnect_attempts": -1,
-            "reconnect_time_wait": RECONNECT_WAIT_S,
-            "connect_timeout": 2,
-            "ping_interval": PING_INTERVAL_S,
-            "max_outstanding_pings": 2,
-            "pending_size": PENDING_BUFFER_BYTES,
-            "error_cb": self._on_error,
-            "disconnected_cb": self._on_disconnected,
-            "reconnected_cb": self._on_reconnected,
-            "closed_cb": self._on_closed,
-        }
+        await self.conn.open(wait_s=wait_s)
         try:
-            # With max_reconnect_attempts=-1 nats-py retries the first connect forever: bound it here.
-            await asyncio.wait_for(nc.connect(**options), wait_s)
-        except (*NATS_ERRORS, ValueError) as e:
-            with contextlib.suppress(Exception):
-                await nc.close()
-            raise Unavailable(f"cannot connect to NATS at {self.nats_url}: {type(e).__name__}: {e}") from e
-        self._nc = nc
-        self._js = nc.jetstream(timeout=JS_API_TIMEOUT_S)
-        self._acks = AckMux(nc)
-        try:
-            await self._acks.start()
             await self.ensure_stream()
         except BaseException as e:
             await self.close()
@@ -155,50 +113,15 @@ class EventBus:
             raise
         log.info("connected to NATS at %s (stream %s)", self.nats_url, self.stream)
 
-    async def _on_error(self, e: Exception) -> None:
-        # nats-py reports every failed reconnect attempt: log the first loudly, the rest quietly.
-        self._errors_logged += 1
-        level = logging.WARNING if self._errors_logged <= 1 else logging.DEBUG
-        log.log(level, "NATS error: %s: %s", type(e).__name__, e)
-
-    async def _on_disconnected(self) -> None:
-        if self._down is not None and not self._down.done():
-            self._down.set_result(None)
-        if not self._closing:
-            log.warning("disconnected from NATS at %s; reconnecting", self.nats_url)
-
-    async def _on_reconnected(self) -> None:
-        if self._down is None or self._down.done():
-            self._down = asyncio.get_running_loop().create_future()
-        self._reconnects += 1
-        self._errors_logged = 0
-        log.info("reconnected to NATS at %s", self.nats_url)
-
-    async def _on_closed(self) -> None:
-        log.info("NATS connection closed")
-
     async def close(self) -> None:
-        self._closing = True
+        self.conn.mark_closing()
         for sub in list(self._subs):
             await sub.close()
-        nc, self._nc, self._js, self._acks = self._nc, None, None, None
-        if nc is not None and not nc.is_closed:
-            with contextlib.suppress(Exception):
-                await nc.close()
+        await self.conn.close()
 
     @property
     def connected(self) -> bool:
-        return self._nc is not None and self._nc.is_connected
-
-    def _client(self) -> NATS:
-        if self._nc is None or self._nc.is_closed:
-            raise Unavailable("the event bus is not connected")
-        return self._nc
-
-    def _jetstream(self) -> JetStreamContext:
-        if self._js is None:
-            raise Unavailable("the event bus is not connected")
-        return self._js
+        return self.conn.connected
 
     # -- stream -----------------------------------------------------------------------------
 
@@ -229,7 +152,7 @@ class EventBus:
 
     async def ensure_stream(self) -> None:
         """Create the stream, or bring an existing one to our settings; safe to call any number of times."""
-        js = self._jetstream()
+        js = self.conn.jetstream()
         try:
             try:
                 info = await js.stream_info(self.stream)
@@ -275,14 +198,16 @@ class EventBus:
     async def messages_from(self, origin: str) -> int:
         """How many messages on the stream ``origin`` published (its subjects ``<prefix>.<origin>.>``)."""
         try:
-            info = await self._jetstream().stream_info(self.stream, subjects_filter=f"{self.subject_prefix}.{origin}.>")
+            info = await self.conn.jetstream().stream_info(
+                self.stream, subjects_filter=f"{self.subject_prefix}.{origin}.>"
+            )
         except (*NATS_ERRORS, ValueError) as e:
             raise translate_error(e, f"stream {self.stream}") from e
         return sum((info.state.subjects or {}).values())
 
     async def _stream_info(self) -> StreamInfo:
         try:
-            return await self._jetstream().stream_info(self.stream)
+            return await self.conn.jetstream().stream_info(self.stream)
         except (*NATS_ERRORS, ValueError) as e:
             raise translate_error(e, f"stream {self.stream}") from e
 
@@ -295,29 +220,16 @@ class EventBus:
             namespace = ".".join(t or "_" for t in namespace.split("."))
         return f"{self.subject_prefix}.{event.origin}.{namespace}"
 
-    @staticmethod
-    def encode(event: MemoryEvent) -> bytes:
-        return event.model_dump_json().encode()
-
-    @staticmethod
-    def decode(data: bytes) -> MemoryEvent:
-        """Parse a message body; InvalidArgument for anything that is not a valid MemoryEvent."""
-        try:
-            return MemoryEvent.model_validate_json(data)
-        except ValidationError as e:
-            raise InvalidArgument(f"not a MemoryEvent: {format_validation_error(e)}") from None
-        except InvalidArgument as e:
-            raise InvalidArgument(f"not a MemoryEvent: {e.message}") from None
-        except (ValueError, TypeError) as e:
-            raise InvalidArgument(f"not a MemoryEvent: {e}") from None
+    encode = staticmethod(encode_event)
+    decode = staticmethod(decode_event)
 
     async def publish_many(self, events: Sequence[MemoryEvent], *, max_in_flight: int = 256) -> list[str]:
         """The ids whose PubAck came back, in order; never raises. A disconnect ends it at once, and the first
         ack missing after ``publish_timeout_s`` stops the rest, so a silent server costs about one timeout."""
         if not events:
             return []
-        nc, acks, down = self._nc, self._acks, self._down
-        if nc is None or acks is None or down is None or down.done() or not nc.is_connected:
+        acks, down = self.conn.acks, self.conn.down
+        if acks is None or down is None or down.done() or not self.conn.connected:
             self.last_publish_error = "NATS is not connected"
             log.debug("NATS is not connected: %d events left for the outbox", len(events))
             return []
@@ -385,12 +297,6 @@ class EventBus:
 
     # -- consumers --------------------------------------------------------------------------
 
-    async def _add_consumer(self, config: ConsumerConfig) -> None:
-        try:
-            await self._jetstream().add_consumer(self.stream, config)
-        except (*NATS_ERRORS, ValueError) as e:
-            raise translate_error(e, f"consumer {config.name} on {self.stream}") from e
-
     async def subscribe_durable(
         self,
         durable: str,
@@ -411,8 +317,16 @@ class EventBus:
             max_ack_pending=max_ack_pending,
             filter_subject=filter_subject,
         )
-        sub = DurableSubscription(self, config, handler, batch=min(batch, max_ack_pending))
-        await sub._start()
+        sub = DurableSubscription(
+            self.conn,
+            self.stream,
+            config,
+            handler,
+            batch=min(batch, max_ack_pending),
+            ensure_stream=self.ensure_stream,
+            on_closed=self._subs.discard,
+        )
+        await sub.start()
         self._subs.add(sub)
         return sub
 
@@ -430,7 +344,7 @@ class EventBus:
         loop = asyncio.get_running_loop()
         try:
             consumer = await self._ephemeral(next_seq)
-            feed = PullFeed(self, consumer, batch=batch)
+            feed = PullFeed(self.conn, self.stream, consumer, batch=batch)
             await feed.start()
             while next_seq <= last:
                 try:
@@ -452,7 +366,7 @@ class EventBus:
                     if now - stalled_since > 30.0:
                         raise Unavailable(f"reading stream {self.stream} stalled at sequence {next_seq}")
                     if expected == 0:
-                        await self._delete_consumer(consumer)
+                        await self.conn.delete_consumer(self.stream, consumer)
                         consumer = await self._ephemeral(next_seq)
                         feed.restart(consumer)
                         expected = 1
@@ -474,11 +388,12 @@ class EventBus:
             if feed is not None:
                 await feed.stop()
             if consumer:
-                await self._delete_consumer(consumer)
+                await self.conn.delete_consumer(self.stream, consumer)
 
     async def _ephemeral(self, start_seq: int) -> str:
         name = f"mfh-read-{secrets.token_hex(6)}"
-        await self._add_consumer(
+        await self.conn.add_consumer(
+            self.stream,
             ConsumerConfig(
                 name=name,
                 deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
@@ -487,13 +402,6 @@ class EventBus:
                 inactive_threshold=60.0,
                 mem_storage=True,
                 num_replicas=1,
-            )
+            ),
         )
         return name
-
-    async def _delete_consumer(self, name: str) -> None:
-        js = self._js
-        if js is None or self._nc is None or not self._nc.is_connected:
-            return
-        with contextlib.suppress(*NATS_ERRORS):
-            await js.delete_consumer(self.stream, name)

@@ -1,29 +1,28 @@
-"""JetStream plumbing under the event bus: error translation, the PubAck multiplexer, the pull feed.
+"""JetStream plumbing under the event bus: the wire format, error translation, the PubAck multiplexer.
 
-Kept apart from :mod:`mfh_core.eventbus` (the bus's public surface) and
-:mod:`mfh_core.subscription` (durable consumers) so each stays small.
+The JetStream modules, each importing only those above it: this one, :mod:`mfh_core.nats_connection`
+(the connection they all share), :mod:`mfh_core.pull_feed` (one pull consumer's messages),
+:mod:`mfh_core.subscription` (durable consumers), :mod:`mfh_core.eventbus` (the bus's public surface).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import logging
 from collections.abc import Awaitable, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from pydantic import ValidationError
 
-from mfh_models import InvalidArgument, Unavailable
-
-if TYPE_CHECKING:
-    from mfh_core.eventbus import EventBus
+from mfh_models import InvalidArgument, MemoryEvent, Unavailable
+from mfh_models.records import format_validation_error
 
 log = logging.getLogger("mfh.eventbus")
 
@@ -42,6 +41,23 @@ PULL_HEARTBEAT_S: Final = 1.0
 FIRST: Final = asyncio.FIRST_COMPLETED
 
 NATS_ERRORS: Final = (nats.errors.Error, OSError, asyncio.TimeoutError)
+
+
+def encode_event(event: MemoryEvent) -> bytes:
+    """The message body of one event."""
+    return event.model_dump_json().encode()
+
+
+def decode_event(data: bytes) -> MemoryEvent:
+    """Parse a message body; InvalidArgument for anything that is not a valid MemoryEvent."""
+    try:
+        return MemoryEvent.model_validate_json(data)
+    except ValidationError as e:
+        raise InvalidArgument(f"not a MemoryEvent: {format_validation_error(e)}") from None
+    except InvalidArgument as e:
+        raise InvalidArgument(f"not a MemoryEvent: {e.message}") from None
+    except (ValueError, TypeError) as e:
+        raise InvalidArgument(f"not a MemoryEvent: {e}") from None
 
 
 def translate_error(e: BaseException, what: str) -> Exception:
@@ -115,120 +131,6 @@ class AckMux:
         fut = self._futures.pop(msg.subject[len(self._prefix) :], None)
         if fut is not None and not fut.done():
             fut.set_result(ack_error(msg))
-
-
-class ConsumerGone(Exception):
-    """The consumer (or its stream) no longer answers pull requests: it must be created again."""
-
-
-class PullFeed:
-    """One pull consumer's messages; the open pull request is re-sent when used up, expired, silent (missed
-    heartbeats) or after a reconnect, so a NATS restart, which forgets pull requests, is survived."""
-
-    def __init__(self, bus: EventBus, consumer: str, *, batch: int) -> None:
-        self._bus = bus
-        self.consumer = consumer
-        self._batch = max(1, batch)
-        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
-        self._sub: Subscription | None = None
-        self._inbox = ""
-        self._requests = itertools.count(1)
-        self._reply = ""  # reply subject of the current pull request
-        self._outstanding = 0  # messages the current request may still deliver
-        self._expires_at = 0.0
-        self._watch_until = 0.0  # no heartbeat or message by then: the request is lost
-        self._reconnects = -1
-
-    async def start(self) -> None:
-        nc = self._bus._client()
-        self._inbox = nc.new_inbox()
-        self._sub = await nc.subscribe(self._inbox + ".*", cb=self._on_msg)
-
-    async def _on_msg(self, msg: Msg) -> None:
-        # Liveness is judged on arrival, not on consumption, so a slow handler does not cause extra pulls.
-        if not msg_status(msg) or msg.subject == self._reply:
-            self._watch_until = asyncio.get_running_loop().time() + 3 * PULL_HEARTBEAT_S
-        self._queue.put_nowait(msg)
-
-    def restart(self, consumer: str) -> None:
-        """Point the feed at another consumer; its first ``next`` sends a fresh pull request."""
-        self.consumer = consumer
-        self._outstanding = 0
-
-    def buffered(self) -> list[Msg]:
-        """Delivered messages nobody has taken yet (to nak on close)."""
-        out: list[Msg] = []
-        while not self._queue.empty():
-            msg = self._queue.get_nowait()
-            if not msg_status(msg):
-                out.append(msg)
-        return out
-
-    async def stop(self) -> None:
-        if self._sub is not None:
-            with contextlib.suppress(*NATS_ERRORS):
-                await self._sub.unsubscribe()
-            self._sub = None
-
-    def _needs_pull(self, now: float) -> bool:
-        return (
-            self._outstanding <= 0
-            or now >= self._expires_at
-            or now >= self._watch_until
-            or self._reconnects != self._bus._reconnects
-        )
-
-    async def _pull(self, nc: NATS, now: float) -> None:
-        self._reply = f"{self._inbox}.{next(self._requests)}"
-        request = {
-            "batch": self._batch,
-            "expires": int(PULL_EXPIRES_S * 1e9),
-            "idle_heartbeat": int(PULL_HEARTBEAT_S * 1e9),
-        }
-        subject = f"{self._bus._js_prefix}.CONSUMER.MSG.NEXT.{self._bus.stream}.{self.consumer}"
-        await nc.publish(subject, json.dumps(request).encode(), reply=self._reply)
-        self._outstanding = self._batch
-        self._expires_at = now + PULL_EXPIRES_S + 1.0
-        self._watch_until = now + 3 * PULL_HEARTBEAT_S
-        self._reconnects = self._bus._reconnects
-
-    async def next(self, within_s: float) -> Msg | None:
-        """The next delivered message, or None after ``within_s`` seconds; raises ConsumerGone."""
-        loop = asyncio.get_running_loop()
-        end = loop.time() + within_s
-        while True:
-            now = loop.time()
-            nc = self._bus._client()
-            if nc.is_connected and self._needs_pull(now):
-                await self._pull(nc, now)
-            if self._queue.empty():
-                wait = min(end, self._watch_until, self._expires_at) - now
-                if not nc.is_connected:
-                    wait = min(end - now, 0.1)
-                if now >= end:
-                    return None
-                try:
-                    msg = await asyncio.wait_for(self._queue.get(), timeout=max(wait, 0.001))
-                except TimeoutError:
-                    continue
-            else:
-                msg = self._queue.get_nowait()
-            status = msg_status(msg)
-            if status is None:
-                self._outstanding -= 1
-                return msg
-            if msg.subject != self._reply:
-                continue  # about an older pull request
-            if status == "100":
-                continue  # idle heartbeat: the request is alive
-            if status == "503":
-                raise ConsumerGone(f"consumer {self.consumer} does not answer (503)")
-            description = msg_description(msg)
-            if status == "409" and ("Deleted" in description or "push" in description):
-                raise ConsumerGone(f"consumer {self.consumer}: {description}")
-            if status not in ("404", "408", "409"):
-                log.warning("pull request for %s ended with status %s %s", self.consumer, status, description)
-            self._outstanding = 0  # request over (expired, no messages, ...): pull again
 
 
 def all_done(futures: Sequence[asyncio.Future[Any]]) -> asyncio.Future[None]:

@@ -6,26 +6,16 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 from nats.aio.msg import Msg
-from nats.js.api import (
-    ConsumerConfig,
-)
+from nats.js.api import ConsumerConfig
 
-from mfh_core.jetstream import (
-    NATS_ERRORS,
-    PULL_EXPIRES_S,
-    ConsumerGone,
-    PullFeed,
-    quietly,
-    redelivery_delay,
-    translate_error,
-)
+from mfh_core.jetstream import NATS_ERRORS, PULL_EXPIRES_S, decode_event, quietly, redelivery_delay
+from mfh_core.nats_connection import NatsConnection
+from mfh_core.pull_feed import ConsumerGone, PullFeed
 from mfh_models import InvalidArgument, MemoryEvent, Unavailable
 
-if TYPE_CHECKING:
-    from mfh_core.eventbus import EventBus
+__all__ = ["DurableSubscription", "EventHandler"]
 
 log = logging.getLogger("mfh.eventbus")
 
@@ -34,23 +24,40 @@ EventHandler = Callable[[MemoryEvent, Msg], Awaitable[None]]
 
 class DurableSubscription:
     """A durable consumer fed to the handler (which acks) by one task. Pull, not push: a request a restarted
-    server forgot is just sent again, and flow is bounded by our batch, not by client-side pending limits."""
+    server forgot is just sent again, and flow is bounded by our batch, not by client-side pending limits.
 
-    def __init__(self, bus: EventBus, config: ConsumerConfig, handler: EventHandler, *, batch: int) -> None:
+    ``ensure_stream`` makes the stream exist again before the consumer is (a fresh server lost both);
+    ``on_closed`` tells the owner the subscription is closed."""
+
+    def __init__(
+        self,
+        conn: NatsConnection,
+        stream: str,
+        config: ConsumerConfig,
+        handler: EventHandler,
+        *,
+        batch: int,
+        ensure_stream: Callable[[], Awaitable[None]],
+        on_closed: Callable[[DurableSubscription], None] | None = None,
+    ) -> None:
         assert config.durable_name
         self.durable = config.durable_name
-        self._bus = bus
+        self.stream = stream
+        self._conn = conn
         self._config = config
         self._handler = handler
-        self._feed = PullFeed(bus, self.durable, batch=batch)
+        self._ensure_stream = ensure_stream
+        self._on_closed = on_closed
+        self._feed = PullFeed(conn, stream, self.durable, batch=batch)
         self._task: asyncio.Task[None] | None = None
         self._in_handler = False
         self._closing = False
         self.handled = 0
         self.terminated = 0
 
-    async def _start(self) -> None:
-        await self._bus._add_consumer(self._config)
+    async def start(self) -> None:
+        """Create (or update) the durable consumer and start feeding the handler."""
+        await self._conn.add_consumer(self.stream, self._config)
         await self._feed.start()
         self._task = asyncio.create_task(self._run(), name=f"mfh-eventbus-{self.durable}")
 
@@ -68,7 +75,7 @@ class DurableSubscription:
                 await self._recreate()
                 continue
             except (*NATS_ERRORS, Unavailable) as e:
-                if self._bus._nc is None or self._bus._nc.is_closed:
+                if not self._conn.is_open:
                     log.info("consumer %s stops: the connection is closed", self.durable)
                     return
                 log.warning("consumer %s: %s: %s; retrying in %.1fs", self.durable, type(e).__name__, e, backoff)
@@ -83,8 +90,8 @@ class DurableSubscription:
         delay = 0.5
         while not self._closing:
             try:
-                await self._bus.ensure_stream()  # a fresh server has lost the stream too
-                await self._bus._add_consumer(self._config)
+                await self._ensure_stream()  # a fresh server has lost the stream too
+                await self._conn.add_consumer(self.stream, self._config)
                 self._feed.restart(self.durable)
                 log.info("consumer %s created again", self.durable)
                 return
@@ -95,7 +102,7 @@ class DurableSubscription:
 
     async def _dispatch(self, msg: Msg) -> None:
         try:
-            event = self._bus.decode(msg.data)
+            event = decode_event(msg.data)
         except InvalidArgument as e:
             log.error("consumer %s: terminating a malformed message on %s: %s", self.durable, msg.subject, e)
             self.terminated += 1
@@ -114,11 +121,7 @@ class DurableSubscription:
 
     async def info(self) -> dict[str, int]:
         """The consumer's counters on the server (pending, ack pending, redelivered, delivered seq)."""
-        js = self._bus._jetstream()
-        try:
-            ci = await js.consumer_info(self._bus.stream, self.durable)
-        except (*NATS_ERRORS, ValueError) as e:
-            raise translate_error(e, f"consumer info {self.durable}") from e
+        ci = await self._conn.consumer_info(self.stream, self.durable)
         return {
             "num_pending": ci.num_pending or 0,
             "num_ack_pending": ci.num_ack_pending or 0,
@@ -141,8 +144,8 @@ class DurableSubscription:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await self._feed.stop()
-        nc = self._bus._nc
-        if nc is not None and not nc.is_closed:
+        if self._conn.is_open:
             for msg in self._feed.buffered():
                 await quietly(msg.nak(), "nak")
-        self._bus._subs.discard(self)
+        if self._on_closed is not None:
+            self._on_closed(self)

@@ -30,14 +30,13 @@ from mfh_core import HotStore
 from mfh_core.metrics import REQUEUED_DIRTY
 from mfh_core.metrics_http import serve_metrics
 from mfh_core.redis_health import check_persistence, run_id_of
-from mfh_models import MemoryEvent, MFHError, Settings
+from mfh_models import MFHError, Settings
 from mfh_tasks.broker import HubBroker
+from mfh_tasks.enqueue import Send
 
 __all__ = ["DirtySweeper", "Recovery", "requeue_dirty"]
 
 log = logging.getLogger("mfh.recovery")
-
-Send = Callable[[list[MemoryEvent]], None]
 
 
 async def requeue_dirty(

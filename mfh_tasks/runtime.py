@@ -12,9 +12,10 @@ from mfh_core import HotStore, SqlStore
 from mfh_core.eventbus import EventBus
 from mfh_core.redaction import redact_text
 from mfh_core.resilience import breaker_from_settings
-from mfh_models import MemoryEvent, MFHError, Settings, Unavailable
-from mfh_tasks.actors import LazyPipeline, declare_persist_actor, encode_batch
+from mfh_models import MFHError, Settings, Unavailable
+from mfh_tasks.actors import LazyPipeline, declare_persist_actor
 from mfh_tasks.broker import build_broker
+from mfh_tasks.enqueue import BatchQueue
 from mfh_tasks.persist import EventPublisher, PersistPipeline
 from mfh_tasks.recovery import Recovery
 
@@ -129,13 +130,11 @@ def build_worker(settings: Settings) -> tuple[RedisBroker, dramatiq.Actor]:  # t
         )
 
     actor = declare_persist_actor(broker, settings, LazyPipeline(build))
-
-    def send(events: list[MemoryEvent]) -> None:
-        actor.send(encode_batch(events))
+    queue = BatchQueue.for_actor(actor, settings.write_behind)  # the worker owns the broker
 
     # Metrics, the Redis persistence check, the maintenance timer and the dirty sweep (recovery.py).
     broker.add_middleware(
-        Recovery(settings=settings, broker=broker, send=send, hot_factory=lambda: build_hot_store(settings))
+        Recovery(settings=settings, broker=broker, send=queue.send_now, hot_factory=lambda: build_hot_store(settings))
     )
     dramatiq.set_broker(broker)
     # One "Retrying message" line per batch retry is a flood during an outage; the breaker and the

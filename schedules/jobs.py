@@ -13,13 +13,13 @@ import logging
 import re
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mfh_core import HotStore, SqlStore
 from mfh_core.metrics import DIRTY_ENTRIES, RECONCILE_REENQUEUED
-from mfh_models import MemoryEvent, items_checksum
+from mfh_models import items_checksum
+from mfh_tasks.enqueue import Send
 from mfh_tasks.recovery import requeue_dirty
 
 __all__ = ["AuditResult", "audit", "audit_paths", "reconcile", "snapshot", "snapshots_of"]
@@ -27,9 +27,7 @@ __all__ = ["AuditResult", "audit", "audit_paths", "reconcile", "snapshot", "snap
 log = logging.getLogger("mfh.schedules")
 
 
-async def reconcile(
-    hot: HotStore, send: Callable[[list[MemoryEvent]], None], *, stale_after_s: float, batch: int = 256
-) -> int:
+async def reconcile(hot: HotStore, send: Send, *, stale_after_s: float, batch: int = 256) -> int:
     """Re-enqueue entries dirty for longer than ``stale_after_s``: their batch was lost or dead-lettered.
 
     Harmless when the batch was only slow: persisting twice is idempotent (DESIGN.md invariant 2).

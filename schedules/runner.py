@@ -19,8 +19,8 @@ from apscheduler.triggers.interval import IntervalTrigger
 from mfh_core.metrics_http import serve_metrics
 from mfh_core.redaction import install_loop_exception_handler
 from mfh_core.redis_health import check_persistence
-from mfh_models import MemoryEvent, Settings
-from mfh_tasks import build_broker, build_hot_store, build_sql_store, declare_persist_actor, encode_batch
+from mfh_models import Settings
+from mfh_tasks import BatchQueue, build_hot_store, build_sql_store
 from schedules.jobs import audit, reconcile, snapshot
 from schedules.lease import Lease
 
@@ -40,14 +40,10 @@ async def run_scheduler(settings: Settings, *, stop: asyncio.Event | None = None
     hot = build_hot_store(settings)
     await check_persistence(hot.redis, url=settings.storage.redis_url, process="scheduler")
     sql = build_sql_store(settings)
-    broker = build_broker(settings)
-    actor = declare_persist_actor(broker, settings)
+    queue = BatchQueue.from_settings(settings)
     lease = Lease(hot.redis, f"{settings.storage.redis_prefix}:scheduler:leader")
     sch = settings.scheduler
     report_dir = Path(sch.snapshot_dir)
-
-    def send(events: list[MemoryEvent]) -> None:
-        actor.send(encode_batch(events))
 
     def leader_only(name: str, job: Callable[[], Awaitable[object]]) -> Callable[[], Awaitable[None]]:
         async def run() -> None:
@@ -61,7 +57,7 @@ async def run_scheduler(settings: Settings, *, stop: asyncio.Event | None = None
         return run
 
     async def do_reconcile() -> None:
-        await reconcile(hot, send, stale_after_s=settings.write_behind.stale_dirty_seconds)
+        await reconcile(hot, queue.send_now, stale_after_s=settings.write_behind.stale_dirty_seconds)
 
     async def do_snapshot() -> None:
         await asyncio.to_thread(snapshot, sql, Path(sch.snapshot_dir), host=settings.host_id, keep=sch.snapshot_keep)
@@ -104,4 +100,4 @@ async def run_scheduler(settings: Settings, *, stop: asyncio.Event | None = None
         await lease.release()
         await hot.close()
         sql.close()
-        broker.close()
+        await queue.close()

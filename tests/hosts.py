@@ -17,7 +17,7 @@ import yaml
 
 from mfh_core import HotStore
 from mfh_models import Kind, MemoryEvent, NotFound, Op, Settings, canonical_json, default_config_dir, load_settings
-from mfh_tasks import WriteBatcher, build_broker, build_hot_store, declare_persist_actor, encode_batch
+from mfh_tasks import BatchQueue, build_hot_store
 
 # Quick recovery for tests: a dead worker's messages are requeued 1 s after its last heartbeat,
 # and every broker call runs maintenance.
@@ -125,25 +125,15 @@ class InProcessApi:
     """
 
     def __init__(self, host: TestHost) -> None:
-        s = host.settings
-        self.broker = build_broker(s)
-        self.actor = declare_persist_actor(self.broker, s)
-        self.hot: HotStore = build_hot_store(s)
-        self.batcher = WriteBatcher(
-            self._send,
-            max_size=s.write_behind.batch_max_size,
-            max_delay_s=s.write_behind.batch_max_delay_ms / 1000,
-        )
+        self.queue = BatchQueue.from_settings(host.settings)
+        self.hot: HotStore = build_hot_store(host.settings)
         self.events: list[MemoryEvent] = []
-
-    def _send(self, events: list[MemoryEvent]) -> None:
-        self.actor.send(encode_batch(events))
 
     async def put(self, key: str, text: str, namespace: str = "ns") -> MemoryEvent:
         payload = canonical_json({"content": text})
         e = await self.hot.stage(op=Op.PUT, namespace=namespace, key=key, kind=Kind.MEMORY_ITEM, payload=payload)
         self.events.append(e)
-        await self.batcher.submit(e)
+        await self.queue.submit(e)
         return e
 
     async def delete(self, key: str, namespace: str = "ns") -> MemoryEvent | None:
@@ -153,10 +143,9 @@ class InProcessApi:
         except NotFound:
             return None
         self.events.append(e)
-        await self.batcher.submit(e)
+        await self.queue.submit(e)
         return e
 
     async def close(self) -> None:
-        await self.batcher.close()
+        await self.queue.close()
         await self.hot.close()
-        self.broker.close()

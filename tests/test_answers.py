@@ -27,12 +27,12 @@ from mfh_api.client_grpc import AsyncMemoryClient, MemoryClient
 from mfh_api.client_zmq import AsyncZmqClient
 from mfh_api.errors import exception_for
 from mfh_api.grpc_server import GrpcServer
-from mfh_api.service import MemoryService, PutSpec, build_service
+from mfh_api.service import PutSpec, build_service, compose_service
 from mfh_api.zmq_server import ZmqServer
 from mfh_client.retry import CallKind, retryable
 from mfh_core import SqlStore
 from mfh_models import MFHError, NotFound, Unavailable
-from mfh_tasks import WriteBatcher, build_broker, build_hot_store, declare_persist_actor, encode_batch
+from mfh_tasks import BatchQueue, build_hot_store
 
 
 def _item(key: str, text: str, expected: int | None = None) -> PutSpec:
@@ -65,16 +65,13 @@ async def test_a_write_whose_batch_cannot_be_enqueued_is_unavailable_and_leaves_
             )
         }
     )
-    broker = build_broker(queue_settings)
-    actor = declare_persist_actor(broker, queue_settings)
+    queue = BatchQueue.from_settings(queue_settings)
+    broker = queue.broker
+    assert broker is not None
     hot = build_hot_store(host.settings)
     sql = SqlStore(host.settings.storage.database_url)
     sql.create_schema()
-
-    def send(events: list) -> None:  # type: ignore[type-arg]
-        actor.send(encode_batch(events))
-
-    svc = MemoryService(settings=host.settings, hot=hot, sql=sql, batcher=WriteBatcher(send), on_close=[broker.close])
+    svc = compose_service(host.settings, hot=hot, sql=sql, queue=queue)
     try:
         first = await svc.put(_item("kept", "v1"))  # enqueued; no worker runs, so it stays dirty
         queued = broker.client.llen(f"dramatiq:{host.settings.write_behind.queue_name}")  # type: ignore[attr-defined]

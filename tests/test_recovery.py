@@ -27,7 +27,7 @@ from sqlalchemy.engine import make_url
 from mfh_core import Change, SqlStore
 from mfh_core.redis_health import check_persistence, persistence_of
 from mfh_models import Kind, MemoryEvent, Op, canonical_json, load_settings
-from mfh_tasks import build_broker, build_hot_store, declare_persist_actor, encode_batch
+from mfh_tasks import BatchQueue, build_broker, build_hot_store, declare_persist_actor
 from mfh_tasks.recovery import DirtySweeper
 
 #: What the repository ships (make_host speeds recovery up for other tests; these tests must not).
@@ -178,11 +178,13 @@ def test_maintenance_requeues_a_dead_workers_messages_when_asked(tmp_path: Path,
     overrides = {"write_behind": {"heartbeat_timeout_ms": 1000, "maintenance_chance": 1}}
     host = make_host(tmp_path, redis_url=redis_url, overrides=overrides)
     s = host.settings
-    dead, live = build_broker(s), build_broker(s)
+    sender, live = BatchQueue.from_settings(s), build_broker(s)
+    dead = sender.broker
+    assert dead is not None
     client = redis.Redis.from_url(redis_url)
     queue = f"dramatiq:{s.write_behind.queue_name}"
     try:
-        declare_persist_actor(dead, s).send(encode_batch([]))
+        sender.send_now([])
         consumer = dead.consume(s.write_behind.queue_name, prefetch=1, timeout=100)
         assert next(consumer) is not None
         assert client.llen(queue) == 0

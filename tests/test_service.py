@@ -15,8 +15,8 @@ from factories import event
 from hosts import TestHost, make_host
 from services import async_wait_until
 
-from mfh_api.service import Durability, MemoryService, PutResult, PutSpec, build_service
-from mfh_core import HotStore, SqlStore
+from mfh_api.service import Durability, MemoryService, PutResult, PutSpec, build_service, compose_service
+from mfh_core import ChangeFeed, HotStore, SqlStore
 from mfh_core.resilience import Bulkhead, CircuitBreaker, CircuitState, OutageLog
 from mfh_models import (
     MAX_PAYLOAD_BYTES,
@@ -30,7 +30,7 @@ from mfh_models import (
     Unavailable,
     VersionConflict,
 )
-from mfh_tasks import WriteBatcher
+from mfh_tasks import BatchQueue
 
 
 def unique_prefix() -> str:
@@ -328,6 +328,56 @@ async def test_watch_streams_persisted_changes_of_its_namespace_and_prefix(svc: 
     assert got[0].version == r.version
 
 
+# -- composition ------------------------------------------------------------------------------------------
+
+
+async def test_a_service_built_from_parts_uses_exactly_the_parts_it_is_given(host: TestHost) -> None:
+    # Given a service built from parts: a real hot store and SQLite, a change feed on the hot store's
+    # channel, breakers, a bulkhead, and a batch queue whose send records batches instead of enqueueing
+    s = host.settings
+    hot = HotStore(redis_url=s.storage.redis_url, prefix=s.storage.redis_prefix, origin=s.host_id, cache_ttl_seconds=60)
+    sql = SqlStore(s.storage.database_url)
+    sql.create_schema()
+    sent: list[list[MemoryEvent]] = []
+    feed = ChangeFeed(redis_url=s.storage.redis_url, channel=hot.persisted_channel)
+    bulkhead = Bulkhead("parts", max_concurrent=1, max_queue_size=0)
+    svc = MemoryService(
+        settings=s,
+        hot=hot,
+        sql=sql,
+        queue=BatchQueue(sent.append, max_delay_s=0.001),
+        feed=feed,
+        redis_breaker=CircuitBreaker("redis"),
+        sql_breaker=CircuitBreaker("sql"),
+        bulkhead=bulkhead,
+        on_close=[sql.close],
+    )
+    await svc.start()
+    try:
+        # When a put is made and read back
+        r = await svc.put(item("k", "from parts"))
+        got = await svc.get("ns", "k")
+        # Then the write went through the given queue and the given hot store, and reads back
+        assert [[e.key for e in batch] for batch in sent] == [["k"]] and sent[0][0].version == r.version
+        assert got.version == r.version and '"from parts"' in got.payload
+        entry = await hot.get("ns", "k")
+        assert entry is not None and entry.dirty and sql.get("ns", "k") is None
+        # and a PERSISTED put is answered through the given change feed: the commit notice alone
+        # (mark_clean, with nothing in SQL for the events-table recheck to find) wakes it
+        task = asyncio.create_task(svc.put(item("p"), durability=Durability.PERSISTED, timeout=10))
+        await async_wait_until(lambda: len(sent) == 2, 5, message="second batch queued")
+        assert not task.done()
+        await hot.mark_clean(sent[1])
+        assert (await asyncio.wait_for(task, 5)).version == sent[1][0].version
+        assert (await svc.health())["changefeed"] is True
+        # and every call takes a slot of the given bulkhead
+        async with bulkhead.slot():
+            with pytest.raises(ResourceExhausted, match="capacity"):
+                await svc.get("ns", "k")
+    finally:
+        await svc.close()
+
+
 # -- degraded modes ---------------------------------------------------------------------------------------
 
 
@@ -335,13 +385,13 @@ def _service_with(host: TestHost, *, hot: HotStore, sql: SqlStore) -> MemoryServ
     def drop(_: list[MemoryEvent]) -> None:
         raise AssertionError("nothing should be enqueued")
 
-    return MemoryService(settings=host.settings, hot=hot, sql=sql, batcher=WriteBatcher(drop))
+    return compose_service(host.settings, hot=hot, sql=sql, queue=BatchQueue(drop))
 
 
 async def test_sql_down_serves_hot_reads_and_fails_cold_misses_unavailable(svc: MemoryService, host: TestHost) -> None:
     await svc.put(item("hot"))
     down = SqlStore("postgresql+psycopg2://nobody@127.0.0.1:1/none")
-    s = MemoryService(settings=host.settings, hot=svc.hot, sql=down, batcher=svc.batcher)
+    s = compose_service(host.settings, hot=svc.hot, sql=down, queue=svc.queue)
     assert (await s.get("ns", "hot")).key == "hot"
     with pytest.raises(Unavailable, match="SQL is down"):
         await s.get("ns", "cold")

@@ -1,4 +1,4 @@
-"""The write-behind path end to end: stage in Redis → batcher → Dramatiq → SQL, with real workers."""
+"""The write-behind path end to end: stage in Redis → batch queue → Dramatiq → SQL, with real workers."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from dramatiq import Message
 from hosts import InProcessApi, TestHost, make_host
 from services import async_wait_until
 
 from mfh_core import HotStore, SqlStore
 from mfh_models import InvalidArgument, MemoryEvent
-from mfh_tasks import WriteBatcher, decode_batch
+from mfh_tasks import BatchQueue, decode_batch
 
 
 @pytest.fixture
@@ -105,7 +106,7 @@ def _valid_event() -> dict[str, object]:
 
 async def test_batcher_groups_concurrent_writes_and_answers_each_caller() -> None:
     sent: list[list[MemoryEvent]] = []
-    batcher = WriteBatcher(sent.append, max_size=100, max_delay_s=0.005)
+    batcher = BatchQueue(sent.append, max_size=100, max_delay_s=0.005)
     events = [
         MemoryEvent.model_validate({**_valid_event(), "event_id": f"main_pc-{i}", "version": i, "key": f"k{i}"})
         for i in range(1, 251)
@@ -117,7 +118,7 @@ async def test_batcher_groups_concurrent_writes_and_answers_each_caller() -> Non
 
 async def test_batcher_flushes_a_lone_write_after_the_delay() -> None:
     sent: list[list[MemoryEvent]] = []
-    batcher = WriteBatcher(sent.append, max_size=100, max_delay_s=0.002)
+    batcher = BatchQueue(sent.append, max_size=100, max_delay_s=0.002)
     await asyncio.wait_for(batcher.submit(MemoryEvent.model_validate(_valid_event())), 1)
     assert len(sent) == 1
 
@@ -128,8 +129,34 @@ async def test_batcher_reports_a_failed_enqueue_to_every_caller() -> None:
 
     from mfh_models import Unavailable
 
-    batcher = WriteBatcher(broken, max_size=10, max_delay_s=0.001)
+    batcher = BatchQueue(broken, max_size=10, max_delay_s=0.001)
     results = await asyncio.gather(
         *(batcher.submit(MemoryEvent.model_validate(_valid_event())) for _ in range(3)), return_exceptions=True
     )
     assert all(isinstance(r, Unavailable) for r in results)
+
+
+async def test_send_now_enqueues_one_message_at_once_on_the_queues_own_broker(tmp_path: Path, redis_url: str) -> None:
+    # Given a sender's batch queue built from settings (its own broker, as reconcile and recovery use)
+    host = make_host(tmp_path, redis_url=redis_url)
+    queue = BatchQueue.from_settings(host.settings)
+    assert queue.broker is not None
+    client = queue.broker.client  # type: ignore[attr-defined]
+    name = f"dramatiq:{host.settings.write_behind.queue_name}"
+    events = [
+        MemoryEvent.model_validate({**_valid_event(), "event_id": f"main_pc-{i}", "version": i, "key": f"k{i}"})
+        for i in range(1, 4)
+    ]
+    try:
+        # When three events are sent now, from a thread (as the sweep does)
+        await asyncio.to_thread(queue.send_now, events)
+        # Then one persist_batch message carrying the three is in the queue, with no batching delay
+        assert client.llen(name) == 1
+        (mid,) = client.lrange(name, 0, -1)
+        body = client.hget(f"{name}.msgs", mid)
+        assert body is not None
+        msg = Message.decode(body)
+        assert msg.actor_name == "persist_batch" and decode_batch(msg.args[0]) == events
+        assert queue.batches_sent == 0  # the micro-batches were bypassed
+    finally:
+        await queue.close()

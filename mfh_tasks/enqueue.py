@@ -1,33 +1,55 @@
-"""Write batcher: many staged writes → one ``persist_batch`` message.
+"""The one way staged writes become queued ``persist_batch`` messages.
 
-A micro-batch is flushed when it reaches ``max_size`` or ``max_delay_s`` after its first write.
-Each caller is answered when the message carrying its event is enqueued (the write is then
-acknowledged: DESIGN.md invariant 4). The send itself is a blocking Redis call, run in a thread;
-at most ``max_in_flight`` sends run at once.
+A :class:`BatchQueue` is the write batcher, the batch encoding and the actor's ``send`` in one
+object. The api submits through it: many staged writes become one message, flushed when the batch
+reaches ``max_size`` or ``max_delay_s`` after its first write, and each caller is answered when
+the message carrying its events is enqueued (the write is then acknowledged: DESIGN.md invariant 4).
+The worker's dirty sweep and the scheduler's reconcile send through it at once (:meth:`BatchQueue.send_now`).
+The send itself is a blocking Redis call, run in a thread; at most ``max_in_flight`` sends run at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from typing import Any
 
+import dramatiq
+from dramatiq.brokers.redis import RedisBroker
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from mfh_models import MemoryEvent, Unavailable
+from mfh_models import MemoryEvent, Settings, Unavailable
+from mfh_models.settings import WriteBehindSettings
+from mfh_tasks.actors import declare_persist_actor, encode_batch
+from mfh_tasks.broker import build_broker
 
-__all__ = ["WriteBatcher"]
+__all__ = ["BatchQueue", "Send", "persist_sender"]
+
+#: Enqueues one batch of events; blocking (a Redis call), so async callers run it in a thread.
+Send = Callable[[list[MemoryEvent]], None]
 
 
-class WriteBatcher:
-    """Collects events from concurrent callers and sends them in micro-batches."""
+def persist_sender(actor: dramatiq.Actor[Any, Any]) -> Send:
+    """``send`` for ``persist_batch``: one message per batch of events."""
+
+    def send(events: list[MemoryEvent]) -> None:
+        actor.send(encode_batch(events))
+
+    return send
+
+
+class BatchQueue:
+    """Staged writes to queued batches: :meth:`submit_many` collects concurrent callers' events into
+    micro-batches (async), :meth:`send_now` enqueues one batch at once (blocking)."""
 
     def __init__(
         self,
-        send: Callable[[list[MemoryEvent]], None],
+        send: Send,
         *,
         max_size: int = 256,
         max_delay_s: float = 0.002,
         max_in_flight: int = 4,
+        broker: RedisBroker | None = None,
     ) -> None:
         self._send = send
         self.max_size = max_size
@@ -39,6 +61,28 @@ class WriteBatcher:
         self._slots = asyncio.Semaphore(max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
         self.batches_sent = 0
+        #: The broker closed with the queue (None when someone else owns it).
+        self.broker = broker
+        self._closed = False
+
+    @classmethod
+    def for_actor(
+        cls, actor: dramatiq.Actor[Any, Any], wb: WriteBehindSettings, *, broker: RedisBroker | None = None
+    ) -> BatchQueue:
+        """A queue onto an already declared ``persist_batch`` (a worker's own actor, say)."""
+        return cls(
+            persist_sender(actor), max_size=wb.batch_max_size, max_delay_s=wb.batch_max_delay_ms / 1000, broker=broker
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BatchQueue:
+        """A sender's queue: its own broker with ``persist_batch`` declared (no pipeline), closed with the queue."""
+        broker = build_broker(settings)
+        return cls.for_actor(declare_persist_actor(broker, settings), settings.write_behind, broker=broker)
+
+    def send_now(self, events: list[MemoryEvent]) -> None:
+        """Enqueue ``events`` as one message now, bypassing the micro-batches (blocking: run it in a thread)."""
+        self._send(events)
 
     async def submit(self, event: MemoryEvent) -> None:
         """Add one event; return once its batch is enqueued (raises Unavailable if it could not be)."""
@@ -102,7 +146,10 @@ class WriteBatcher:
                 w.set_result(None)
 
     async def close(self) -> None:
-        """Flush what is pending and wait for every send in flight."""
+        """Flush what is pending, wait for every send in flight, then close the broker if the queue owns one."""
         self._flush()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.broker is not None and not self._closed:
+            self.broker.close()
+        self._closed = True

@@ -1,7 +1,8 @@
-"""The api's one Redis subscription to the persisted channel: wakes PERSISTED waiters, feeds Watch.
+"""The change feed: one Redis subscription to what the worker publishes after each SQL commit.
 
 Workers' ``mark_clean`` publishes ``[[namespace, key, version], ...]`` on
-``HotStore.persisted_channel`` after each SQL commit (local or replicated).
+``HotStore.persisted_channel`` after each SQL commit (local or replicated); the api's service
+listens here to wake PERSISTED waiters and feed Watch streams.
 """
 
 from __future__ import annotations

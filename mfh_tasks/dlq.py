@@ -17,7 +17,7 @@ from typing import Any, cast
 from dramatiq import Message
 from dramatiq.brokers.redis import RedisBroker
 
-from mfh_core.redaction import redact_text
+from mfh_core.redaction import redact_error_text
 from mfh_models import NotFound
 
 __all__ = ["DeadLetter", "DeadLetterDetail", "DeadLetters", "EventSummary"]
@@ -124,7 +124,7 @@ class DeadLetters:
                     dead_since_ms=int(score),
                     retries=int(msg.options.get("retries", 0)),
                     events=len(events) if isinstance(events, list) else 0,
-                    error=redact_text(tb[-1])[:300] if tb else "",
+                    error=redact_error_text(tb[-1])[:300] if tb else "",
                 )
             )
         return out
@@ -156,7 +156,7 @@ class DeadLetters:
             dead_since_ms=int(score or 0),
             enqueued_at_ms=int(msg.message_timestamp),
             retries=int(msg.options.get("retries", 0)),
-            error=redact_text(tb[-1])[:500] if tb else "",
+            error=redact_error_text(tb[-1])[:500] if tb else "",
             events=events,
             malformed=malformed,
         )

@@ -24,7 +24,7 @@ for arg in "$@"; do
         --hub) WANT_HUB=1 ;;
         --allow-volatile-redis) HUB_REDIS_ARGS+=(--allow-volatile) ;;
         -h | --help)
-            sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+            sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
             exit 0
             ;;
         *)

@@ -226,3 +226,34 @@ def test_worker_stopped_turns_red_naming_it(running: Host) -> None:
     assert reasons(doc)["worker"].startswith("red:") and "not persisted" in reasons(doc)["worker"]
     text = mfh(running.host, "status").stdout
     assert re.search(r"^  worker\s+DOWN", text, re.M) and "RED" in text.splitlines()[0], text
+
+
+def test_judge_names_each_finding_with_its_level() -> None:
+    from mfh_core.heartbeat import ProcessRecord
+    from mfh_core.probes import Probe
+    from mfh_models import Settings
+    from mfh_tasks.backlog import Backlog
+    from mfh_tasks.health import HostHealth, judge
+    from mfh_tasks.last_runs import AuditRun
+    from mfh_tasks.peer_lag import PeerLag
+
+    # Given a host whose stores answer and whose four processes run...
+    now = 1_800_000_000.0
+    procs = [ProcessRecord(r, "main_pc", "h", 1, "1.0", now - 60, 0, now) for r in ("api", "worker", "replicator")]
+    procs.append(ProcessRecord("scheduler", "main_pc", "h", 2, "1.0", now - 60, 0, now))
+    ok = Probe(True, 0.2, "", extra={"persistence": "aof"})
+    h = HostHealth("main_pc", now, processes=procs, redis=ok, sql=ok, nats=ok)
+    h.backlog = Backlog(0, 0, 0, 0, None, 0)
+    assert judge(h, Settings()) == []
+    # ...when a batch is dead-lettered, a peer lags, and the last audit disagreed
+    h.backlog = Backlog(0, 0, 2, 0, None, 0)
+    h.peers = [PeerLag("pc2", 9.5, now - 1)]
+    h.audit = AuditRun(ok=False, checked_at=now - 3600, events=10, seconds=0.1, path="audit-latest.json")
+    h.reasons = judge(h, Settings())
+    # Then the audit is red (listed first), the others yellow, each naming what to do or what it means
+    assert [(r.level, r.component) for r in h.reasons] == [
+        ("red", "audit"),
+        ("yellow", "dead letters"),
+        ("yellow", "replication"),
+    ]
+    assert h.level == "red" and "mfh dlq" in h.reasons[1].message and "pc2" in h.reasons[2].message

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import calendar
 import json
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,10 +47,23 @@ def _dir(settings: Settings) -> Path:
     return Path(settings.scheduler.snapshot_dir)
 
 
+def _snapshot_files(settings: Settings) -> list[Path]:
+    """This host's snapshots, oldest first: ``snapshot-<host>-<stamp>.jsonl.gz``, else the older
+    unscoped ``snapshot-<stamp>.jsonl.gz`` (another host's never match)."""
+    d, host = _dir(settings), settings.host_id
+    scoped = re.compile(rf"snapshot-{re.escape(host)}-\d{{8}}T\d+Z\.jsonl\.gz")
+    files = sorted(p for p in d.glob(f"snapshot-{host}-*.jsonl.gz") if scoped.fullmatch(p.name))
+    if files:
+        return files
+    return sorted(p for p in d.glob("snapshot-*.jsonl.gz") if _UNSCOPED.fullmatch(p.name))
+
+
+_UNSCOPED = re.compile(r"snapshot-\d{8}T\d+Z\.jsonl\.gz")
+
+
 def last_snapshot(settings: Settings) -> SnapshotRun | None:
-    """The newest ``snapshot-*.jsonl.gz``, or None."""
-    files = sorted(_dir(settings).glob("snapshot-*.jsonl.gz"))
-    for path in reversed(files):
+    """This host's newest snapshot file, or None."""
+    for path in reversed(_snapshot_files(settings)):
         try:
             st = path.stat()
         except OSError:
@@ -59,8 +73,11 @@ def last_snapshot(settings: Settings) -> SnapshotRun | None:
 
 
 def last_audit(settings: Settings) -> AuditRun | None:
-    """``audit-latest.json`` as written by the audit job, or None (none yet, or unreadable)."""
-    path = _dir(settings) / "audit-latest.json"
+    """This host's ``audit-latest-<host>.json`` (else the older ``audit-latest.json``) as the audit
+    job writes it, or None (none yet, or unreadable)."""
+    path = _dir(settings) / f"audit-latest-{settings.host_id}.json"
+    if not path.exists():
+        path = _dir(settings) / "audit-latest.json"
     try:
         data = json.loads(path.read_text())
         checked = calendar.timegm(time.strptime(str(data["checked_at"]), "%Y-%m-%dT%H:%M:%SZ"))

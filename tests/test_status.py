@@ -257,3 +257,23 @@ def test_judge_names_each_finding_with_its_level() -> None:
         ("yellow", "replication"),
     ]
     assert h.level == "red" and "mfh dlq" in h.reasons[1].message and "pc2" in h.reasons[2].message
+
+
+def test_last_snapshot_and_audit_are_this_hosts(tmp_path: Path) -> None:
+    from mfh_models import Settings
+    from mfh_tasks.last_runs import last_audit, last_snapshot
+
+    s = Settings(scheduler={"snapshot_dir": str(tmp_path)}, host_id="pc2")
+    # Given no files  Then none yet
+    assert last_snapshot(s) is None and last_audit(s) is None
+    # Given an older unscoped snapshot, then host-scoped ones of two hosts sharing the directory
+    (tmp_path / "snapshot-20250101T000000Z.jsonl.gz").write_bytes(b"x")
+    assert str(last_snapshot(s)).find("snapshot-20250101T000000Z") > 0
+    (tmp_path / "snapshot-main_pc-20250102T000000000Z.jsonl.gz").write_bytes(b"x")
+    (tmp_path / "snapshot-pc2-20250101T000000000Z.jsonl.gz").write_bytes(b"x")
+    (tmp_path / "audit-latest-main_pc.json").write_text(json.dumps({"ok": True, "checked_at": "2025-01-02T00:00:00Z"}))
+    (tmp_path / "audit-latest-pc2.json").write_text(json.dumps({"ok": False, "checked_at": "2025-01-01T00:00:00Z"}))
+    # Then this host's newest snapshot and its own audit are the ones read
+    snap, audit = last_snapshot(s), last_audit(s)
+    assert snap is not None and Path(snap.path).name == "snapshot-pc2-20250101T000000000Z.jsonl.gz"
+    assert audit is not None and audit.ok is False and audit.checked_at == 1735689600.0

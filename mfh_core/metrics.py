@@ -77,11 +77,9 @@ PERSIST_EVENTS = Counter("mfh_persist_events_total", "Events applied to SQL by w
 PERSIST_SECONDS = Histogram(
     "mfh_persist_batch_seconds", "Time to persist one batch (SQL + publish + clean)", buckets=_FAST
 )
-UNPUBLISHED_EVENTS = Gauge(
-    "mfh_unpublished_events",
-    "Events committed to SQL and not yet on JetStream (outbox)",
-    multiprocess_mode="livemostrecent",
-)
+# No multiprocess_mode: the outbox relay decrements it (mostrecent modes refuse dec), and only the
+# replicator and the scheduler, never a multiprocess worker, set it.
+UNPUBLISHED_EVENTS = Gauge("mfh_unpublished_events", "Events committed to SQL and not yet on JetStream (outbox)")
 REPLICATION_LAG = Histogram(
     "mfh_replication_lag_seconds",
     "Event created on its origin host → applied on this host",

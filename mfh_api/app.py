@@ -24,6 +24,7 @@ from prometheus_client import start_http_server
 from mfh_api.auth import check_bind_is_safe
 from mfh_api.grpc_server import GrpcServer
 from mfh_api.service import MemoryService, build_service
+from mfh_core.heartbeat import Heartbeat
 from mfh_core.redaction import install_loop_exception_handler, install_redaction
 from mfh_core.redis_health import check_persistence
 from mfh_models import ConfigError, Settings, StoreNotCurrent, load_settings
@@ -101,6 +102,15 @@ async def run_api(settings: Settings, *, insecure: bool = False, stop: asyncio.E
             loop.add_signal_handler(sig, stop.set)
     service = await build_service(settings)
     await check_persistence(service.hot.redis, url=settings.storage.redis_url, process="api")
+    beat_stop = asyncio.Event()
+    heartbeat = Heartbeat(
+        redis_url=settings.storage.redis_url,
+        prefix=settings.storage.redis_prefix,
+        role="api",
+        host_id=settings.host_id,
+        metrics_port=settings.server.metrics_port,
+    )
+    beating = asyncio.create_task(heartbeat.run(beat_stop), name="mfh-heartbeat")
     grpc_server = GrpcServer(service, settings)
     zmq = _zmq_server(service, settings)
     httpd = None
@@ -130,6 +140,8 @@ async def run_api(settings: Settings, *, insecure: bool = False, stop: asyncio.E
         grace = min(settings.server.deadline_seconds + 1.0, 10.0)
         stops = [grpc_server.stop(grace=grace)] + ([zmq.close(grace=grace)] if zmq is not None else [])
         await asyncio.gather(*stops)
+        beat_stop.set()
+        await beating
         await service.close()
         if httpd is not None:
             httpd.shutdown()

@@ -1,7 +1,9 @@
 """Prometheus metrics of every MFH process, in one place so names stay consistent.
 
-Each process serves them on ``server.metrics_port`` (api) or its own port; names are
-``mfh_<subsystem>_<what>_<unit>``.
+Each process serves them on ``server.metrics_port`` (api) or its own port, on ``server.bind``;
+names are ``mfh_<subsystem>_<what>_<unit>``. Worker processes run in prometheus_client's
+multiprocess mode (``mfh worker`` serves the sum of all of them), so each gauge says how values of
+several processes combine (``multiprocess_mode``; ignored elsewhere).
 """
 
 from __future__ import annotations
@@ -11,16 +13,27 @@ from prometheus_client import Counter, Gauge, Histogram
 __all__ = [
     "API_LATENCY",
     "API_REQUESTS",
+    "BREAKER_STATE",
     "CACHE_LOOKUPS",
+    "DEAD_LETTERS",
     "DIRTY_ENTRIES",
-    "LEGACY_V0_CALLS",
+    "DIRTY_OLDEST_AGE",
+    "LAST_AUDIT",
+    "LAST_AUDIT_OK",
+    "LAST_SNAPSHOT",
     "PERSIST_BATCHES",
     "PERSIST_EVENTS",
     "PERSIST_SECONDS",
+    "PROCESSES",
+    "PROCESS_STARTED",
+    "QUEUE_DEPTH",
     "RECONCILE_REENQUEUED",
     "REDIS_PERSISTENCE",
     "REPLICATION_APPLIED",
     "REPLICATION_LAG",
+    "REPLICATION_LAST_APPLIED",
+    "REPLICATION_LAST_LAG",
+    "REPLICATION_PENDING",
     "REPLICATION_SKIPPED",
     "REQUEUED_DIRTY",
     "UNPUBLISHED_EVENTS",
@@ -42,18 +55,54 @@ LEGACY_V0_CALLS = Counter(
 )
 CACHE_LOOKUPS = Counter("mfh_cache_lookups_total", "Hot store lookups by result (hit, miss)", ["result"])
 WRITE_BATCHES = Counter("mfh_write_batches_total", "persist_batch messages enqueued by the api")
-DIRTY_ENTRIES = Gauge("mfh_dirty_entries", "Entries staged in Redis and not yet persisted to SQL")
+DIRTY_ENTRIES = Gauge(
+    "mfh_dirty_entries", "Entries staged in Redis and not yet persisted to SQL", multiprocess_mode="livemostrecent"
+)
+DIRTY_OLDEST_AGE = Gauge(
+    "mfh_dirty_oldest_age_seconds",
+    "Age of the oldest entry staged in Redis and not yet persisted (0 when none)",
+    multiprocess_mode="livemostrecent",
+)
+QUEUE_DEPTH = Gauge(
+    "mfh_queue_depth",
+    "Write batches in the Dramatiq queue: waiting or held by a worker (ready), or in a retry backoff (delayed)",
+    ["state"],
+    multiprocess_mode="livemostrecent",
+)
+DEAD_LETTERS = Gauge(
+    "mfh_dead_letters", "Write batches in the dead-letter queue (mfh dlq list)", multiprocess_mode="livemostrecent"
+)
 PERSIST_BATCHES = Counter("mfh_persist_batches_total", "Batches applied to SQL by workers, by result", ["result"])
 PERSIST_EVENTS = Counter("mfh_persist_events_total", "Events applied to SQL by workers")
 PERSIST_SECONDS = Histogram(
     "mfh_persist_batch_seconds", "Time to persist one batch (SQL + publish + clean)", buckets=_FAST
 )
+# No multiprocess_mode: the outbox relay decrements it (mostrecent modes refuse dec), and only the
+# replicator and the scheduler, never a multiprocess worker, set it.
 UNPUBLISHED_EVENTS = Gauge("mfh_unpublished_events", "Events committed to SQL and not yet on JetStream (outbox)")
 REPLICATION_LAG = Histogram(
     "mfh_replication_lag_seconds",
     "Event created on its origin host → applied on this host",
     ["origin"],
     buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0),
+)
+REPLICATION_LAST_LAG = Gauge(
+    "mfh_replication_last_lag_seconds",
+    "Lag of the last event applied from each origin host (created there → applied here)",
+    ["origin"],
+    multiprocess_mode="livemostrecent",
+)
+REPLICATION_LAST_APPLIED = Gauge(
+    "mfh_replication_last_applied_timestamp_seconds",
+    "When the last event from each origin host was applied here (unix time)",
+    ["origin"],
+    multiprocess_mode="livemostrecent",
+)
+REPLICATION_PENDING = Gauge(
+    "mfh_replication_pending_events",
+    "Events in the stream not yet delivered to this host's replicator, or delivered and not yet acked",
+    ["state"],
+    multiprocess_mode="livemostrecent",
 )
 REPLICATION_APPLIED = Counter("mfh_replication_applied_total", "Remote events applied on this host", ["origin"])
 REPLICATION_SKIPPED = Counter(
@@ -70,4 +119,38 @@ REDIS_PERSISTENCE = Gauge(
     "What the Redis this process uses keeps on disk: 1 for the current mode (aof, rdb, none, unknown), 0 for others;"
     " with none, a Redis crash loses every write not yet in SQL",
     ["mode"],
+    multiprocess_mode="livemostrecent",
+)
+BREAKER_STATE = Gauge(
+    "mfh_breaker_state",
+    "Circuit breaker of a dependency (redis, sql): 0 closed, 1 probing, 2 open (calls refused)",
+    ["name"],
+    multiprocess_mode="livemax",
+)
+LAST_SNAPSHOT = Gauge(
+    "mfh_last_snapshot_timestamp_seconds",
+    "When the newest snapshot file was written (unix time; 0: none yet)",
+    multiprocess_mode="livemostrecent",
+)
+LAST_AUDIT = Gauge(
+    "mfh_last_audit_timestamp_seconds",
+    "When the last replay audit ran (unix time; 0: none yet)",
+    multiprocess_mode="livemostrecent",
+)
+LAST_AUDIT_OK = Gauge(
+    "mfh_last_audit_ok",
+    "Verdict of the last replay audit: 1 the replayed checksum matched the live one, 0 a mismatch or none yet",
+    multiprocess_mode="livemostrecent",
+)
+PROCESSES = Gauge(
+    "mfh_processes",
+    "MFH processes running, by role (api, worker, replicator, scheduler) and version: 1 per process",
+    ["role", "version"],
+    multiprocess_mode="livesum",
+)
+PROCESS_STARTED = Gauge(
+    "mfh_process_start_timestamp_seconds",
+    "When the process (for workers: the oldest live worker process) started (unix time)",
+    ["role"],
+    multiprocess_mode="livemin",
 )

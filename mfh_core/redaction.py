@@ -37,6 +37,7 @@ __all__ = [
     "format_exception_safely",
     "install_loop_exception_handler",
     "install_redaction",
+    "redact_error_text",
     "redact_text",
     "secrets_of",
 ]
@@ -60,6 +61,13 @@ def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
         if s in text:
             text = text.replace(s, MASK)
     return text
+
+
+def redact_error_text(text: str, secrets: Iterable[str] = ()) -> str:
+    """An error message kept as text (a dead letter's last traceback line): also without SQL
+    statements and their parameters or pydantic's input values, which can quote a payload."""
+    text = _PYDANTIC_INPUT.sub("input_value=(hidden)", _SQL_AND_PARAMETERS.sub("[SQL and parameters hidden] ", text))
+    return redact_text(text, secrets)
 
 
 def _exception_message(exc: BaseException, secrets: Iterable[str]) -> str:

@@ -27,6 +27,7 @@ from contextlib import asynccontextmanager
 from enum import StrEnum
 from typing import TypeVar
 
+from mfh_core.metrics import BREAKER_STATE
 from mfh_models import MFHError, ResourceExhausted, Unavailable
 from mfh_models.settings import CircuitBreakerSettings
 
@@ -138,6 +139,7 @@ class CircuitBreaker:
         self._next_probe = 0.0
         self._trial_in_flight = False
         self.probes = 0  # probe calls let through while open (for tests and metrics)
+        BREAKER_STATE.labels(name=name).set(0)  # exported from start-up: closed
 
     @property
     def state(self) -> CircuitState:
@@ -158,6 +160,7 @@ class CircuitBreaker:
         if not self._trial_in_flight and self._clock() >= self._next_probe:
             self._trial_in_flight = True
             self.probes += 1
+            BREAKER_STATE.labels(name=self.name).set(1)
             return True
         return False
 
@@ -168,6 +171,7 @@ class CircuitBreaker:
             self._opened_at = None
             self._probe_wait = self.first_probe
             self.outage.success()
+            BREAKER_STATE.labels(name=self.name).set(0)
 
     def record_failure(self, reason: str = "") -> None:
         self._failures += 1
@@ -176,10 +180,12 @@ class CircuitBreaker:
         if self._opened_at is not None:  # a failed probe: wait longer, up to reset_timeout
             self._probe_wait = min(self._probe_wait * 2.0, self.reset_timeout)
             self._schedule_probe(now)
+            BREAKER_STATE.labels(name=self.name).set(2)
         elif self._failures >= self.failure_threshold:
             self._opened_at = now
             self._probe_wait = self.first_probe
             self._schedule_probe(now)
+            BREAKER_STATE.labels(name=self.name).set(2)
             self.outage.failure(f"{self._failures} consecutive failures ({reason or 'unavailable'})", count=0)
 
     def _release_trial(self) -> None:

@@ -27,6 +27,7 @@ import dramatiq
 from redis.exceptions import RedisError
 
 from mfh_core import HotStore
+from mfh_core.heartbeat import Heartbeat
 from mfh_core.metrics import REQUEUED_DIRTY
 from mfh_core.metrics_http import serve_metrics
 from mfh_core.redis_health import check_persistence, run_id_of
@@ -94,13 +95,22 @@ class DirtySweeper:
 class Recovery(dramatiq.Middleware):
     """Worker middleware: a thread with its own event loop runs the maintenance timer and the dirty sweep.
 
-    It also serves the worker's metrics and checks, once, what the worker's Redis keeps on disk.
+    It also keeps this worker process's heartbeat (``mfh status``), serves its metrics unless the
+    supervising ``mfh worker`` serves every worker process's (``serve_metrics=False``, multiprocess
+    mode), and checks, once, what the worker's Redis keeps on disk.
     """
 
     def __init__(
-        self, *, settings: Settings, broker: HubBroker, send: Send, hot_factory: Callable[[], HotStore]
+        self,
+        *,
+        settings: Settings,
+        broker: HubBroker,
+        send: Send,
+        hot_factory: Callable[[], HotStore],
+        serve_metrics: bool = True,
     ) -> None:
         self.settings = settings
+        self.serve_metrics = serve_metrics
         self.broker = broker
         self.send = send
         self.hot_factory = hot_factory
@@ -110,7 +120,8 @@ class Recovery(dramatiq.Middleware):
         self._ready = threading.Event()
 
     def after_worker_boot(self, broker: Any, worker: Any) -> None:
-        serve_metrics(self.settings.metrics.worker_port, what="worker")
+        if self.serve_metrics:
+            serve_metrics(self.settings.metrics.worker_port, addr=self.settings.server.bind, what="worker")
         self._thread = threading.Thread(target=self._run, name="mfh-recovery", daemon=True)
         self._thread.start()
         self._ready.wait(5)
@@ -131,8 +142,16 @@ class Recovery(dramatiq.Middleware):
         self._ready.set()
         rec = self.settings.recovery
         hot = self.hot_factory()
+        s = self.settings
+        heartbeat = Heartbeat(
+            redis_url=s.storage.redis_url,
+            prefix=s.storage.redis_prefix,
+            role="worker",
+            host_id=s.host_id,
+            metrics_port=s.metrics.worker_port,
+        )
         try:
-            loops = [self._check_persistence(hot)]
+            loops = [self._check_persistence(hot), heartbeat.run(self._stop)]
             if rec.maintenance_interval_seconds > 0:
                 loops.append(self._every(rec.maintenance_interval_seconds, self._maintain))
             if rec.sweep_interval_seconds > 0:

@@ -20,14 +20,18 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
+from redis.exceptions import RedisError
+
 from mfh_core import HotStore, SqlStore
 from mfh_core.eventbus import DurableSubscription, EventBus
+from mfh_core.heartbeat import Heartbeat
 from mfh_core.metrics import REPLICATION_APPLIED, REPLICATION_LAG, REPLICATION_SKIPPED
 from mfh_core.metrics_http import serve_metrics
 from mfh_core.redaction import install_loop_exception_handler, install_redaction
 from mfh_core.redis_health import check_persistence
 from mfh_models import MemoryEvent, MFHError, Settings, Unavailable, load_settings
 from mfh_tasks.outbox import OutboxRelay
+from mfh_tasks.peer_lag import PeerLagBook
 from mfh_tasks.persist import PersistPipeline
 from mfh_tasks.runtime import build_hot_store, build_sql_store, warn_if_store_switched
 
@@ -72,6 +76,7 @@ class Replicator:
         persist_delay_s: float = 0.02,
         ack_wait_s: float = 5.0,
         max_ack_pending: int = 2048,
+        lag_book: PeerLagBook | None = None,
     ) -> None:
         self.bus = bus
         self.pipeline = pipeline
@@ -92,6 +97,7 @@ class Replicator:
         self._idle.set()
         self._closing = False
         self.received = 0  # deliveries, redeliveries included
+        self.lag_book = lag_book
 
     async def start(self) -> None:
         """Create (or resume) the durable consumer and start applying."""
@@ -189,7 +195,10 @@ class Replicator:
         won = list(await asyncio.gather(*(hot.apply(e.to_record(), from_sql=False) for e in events)))
         now_ms = time.time() * 1000
         for e, applied in zip(events, won, strict=True):
-            REPLICATION_LAG.labels(origin=e.origin).observe(max(now_ms - e.created_at, 0) / 1000)
+            lag_s = max(now_ms - e.created_at, 0) / 1000
+            REPLICATION_LAG.labels(origin=e.origin).observe(lag_s)
+            if self.lag_book is not None:
+                self.lag_book.note(e.origin, lag_s, now_ms / 1000)
             if applied:
                 REPLICATION_APPLIED.labels(origin=e.origin).inc()
             else:
@@ -280,15 +289,24 @@ async def run_replication(settings: Settings, stop: asyncio.Event, *, outbox_int
     await check_persistence(hot.redis, url=settings.storage.redis_url, process="replicator")
     bus = EventBus.from_settings(settings.replication, name=f"mfh-replicator-{settings.host_id}")
     replicator: Replicator | None = None
+    reporter: asyncio.Task[None] | None = None
     try:
         if not await _connect(bus, stop):
             return
         await warn_if_store_switched(settings, sql, hot=hot, bus=bus)
-        replicator = Replicator(bus=bus, pipeline=PersistPipeline(sql=sql, hot=hot), host_id=settings.host_id)
+        book = PeerLagBook(settings.storage.redis_prefix)
+        replicator = Replicator(
+            bus=bus, pipeline=PersistPipeline(sql=sql, hot=hot), host_id=settings.host_id, lag_book=book
+        )
         await replicator.start()
+        reporter = asyncio.create_task(_report_lag(replicator, book, hot, stop), name="mfh-replicator-lag")
         relay = OutboxRelay(sql=sql, bus=bus, interval_s=outbox_interval_s)
         await relay.run(stop)
     finally:
+        if reporter is not None:
+            reporter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reporter
         if replicator is not None:
             await replicator.close()
         await bus.close()
@@ -297,14 +315,40 @@ async def run_replication(settings: Settings, stop: asyncio.Event, *, outbox_int
         log.info("replicator for %s stopped", settings.host_id)
 
 
+async def _report_lag(
+    replicator: Replicator, book: PeerLagBook, hot: HotStore, stop: asyncio.Event, every_s: float = 2.0
+) -> None:
+    """Every ``every_s``: the lag per peer and the consumer's backlog, into Redis and the gauges."""
+    while not stop.is_set():
+        try:
+            await book.flush(hot.redis, await replicator.consumer_info())
+        except (MFHError, OSError, RedisError) as e:
+            log.debug("replication lag not reported this time: %s", e)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), every_s)
+
+
 async def _serve(settings: Settings) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     install_loop_exception_handler(loop)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    serve_metrics(settings.metrics.replicator_port, addr=settings.server.bind, what="replicator")
-    await run_replication(settings, stop)
+    port = settings.metrics.replicator_port
+    serve_metrics(port, addr=settings.server.bind, what="replicator")
+    heartbeat = Heartbeat(
+        redis_url=settings.storage.redis_url,
+        prefix=settings.storage.redis_prefix,
+        role="replicator",
+        host_id=settings.host_id,
+        metrics_port=port,
+    )
+    beating = asyncio.create_task(heartbeat.run(stop), name="mfh-heartbeat")
+    try:
+        await run_replication(settings, stop)
+    finally:
+        stop.set()
+        await beating
 
 
 def main(settings: Settings | None = None) -> None:

@@ -112,8 +112,11 @@ async def _connect_until_up(bus: EventBus, interval_s: float = 2.0) -> None:
         return
 
 
-def build_worker(settings: Settings) -> tuple[RedisBroker, dramatiq.Actor]:  # type: ignore[type-arg]
-    """The broker with ``persist_batch`` declared and wired to this host's stores."""
+def build_worker(settings: Settings, *, serve_metrics: bool = True) -> tuple[RedisBroker, dramatiq.Actor]:  # type: ignore[type-arg]
+    """The broker with ``persist_batch`` declared and wired to this host's stores.
+
+    ``serve_metrics=False`` when the supervising ``mfh worker`` serves all worker processes' metrics.
+    """
     broker = build_broker(settings)
     sql = build_sql_store(settings)
 
@@ -134,7 +137,13 @@ def build_worker(settings: Settings) -> tuple[RedisBroker, dramatiq.Actor]:  # t
 
     # Metrics, the Redis persistence check, the maintenance timer and the dirty sweep (recovery.py).
     broker.add_middleware(
-        Recovery(settings=settings, broker=broker, send=queue.send_now, hot_factory=lambda: build_hot_store(settings))
+        Recovery(
+            settings=settings,
+            broker=broker,
+            send=queue.send_now,
+            hot_factory=lambda: build_hot_store(settings),
+            serve_metrics=serve_metrics,
+        )
     )
     dramatiq.set_broker(broker)
     # One "Retrying message" line per batch retry is a flood during an outage; the breaker and the

@@ -6,6 +6,7 @@ Only the holder of the host's lease runs jobs (see lease.py); the others stand b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -15,18 +16,25 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
+from redis.exceptions import RedisError
 
+from mfh_core.heartbeat import Heartbeat
 from mfh_core.metrics_http import serve_metrics
 from mfh_core.redaction import install_loop_exception_handler
 from mfh_core.redis_health import check_persistence
 from mfh_models import Settings
 from mfh_tasks import BatchQueue, build_hot_store, build_sql_store
+from mfh_tasks.backlog import export_backlog, sample_backlog
+from mfh_tasks.last_runs import export_last_runs
 from schedules.jobs import audit, reconcile, snapshot
 from schedules.lease import Lease
 
 __all__ = ["run_scheduler"]
 
 log = logging.getLogger("mfh.scheduler")
+
+#: How often the write path's backlog gauges (queue depth, dead letters, dirty entries) are sampled.
+BACKLOG_EVERY_S = 5.0
 
 
 async def run_scheduler(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
@@ -36,7 +44,16 @@ async def run_scheduler(settings: Settings, *, stop: asyncio.Event | None = None
     install_loop_exception_handler(loop)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    serve_metrics(settings.metrics.scheduler_port, what="scheduler")
+    serve_metrics(settings.metrics.scheduler_port, addr=settings.server.bind, what="scheduler")
+    heartbeat = Heartbeat(
+        redis_url=settings.storage.redis_url,
+        prefix=settings.storage.redis_prefix,
+        role="scheduler",
+        host_id=settings.host_id,
+        metrics_port=settings.metrics.scheduler_port,
+    )
+    beating = asyncio.create_task(heartbeat.run(stop), name="mfh-heartbeat")
+    export_last_runs(settings)
     hot = build_hot_store(settings)
     await check_persistence(hot.redis, url=settings.storage.redis_url, process="scheduler")
     sql = build_sql_store(settings)
@@ -60,10 +77,32 @@ async def run_scheduler(settings: Settings, *, stop: asyncio.Event | None = None
         await reconcile(hot, queue.send_now, stale_after_s=settings.write_behind.stale_dirty_seconds)
 
     async def do_snapshot() -> None:
-        await asyncio.to_thread(snapshot, sql, Path(sch.snapshot_dir), host=settings.host_id, keep=sch.snapshot_keep)
+        try:
+            await asyncio.to_thread(
+                snapshot, sql, Path(sch.snapshot_dir), host=settings.host_id, keep=sch.snapshot_keep
+            )
+        finally:
+            export_last_runs(settings)
 
     async def do_audit() -> None:
-        await asyncio.to_thread(audit, sql, host=settings.host_id, report_dir=report_dir)
+        try:
+            await asyncio.to_thread(audit, sql, host=settings.host_id, report_dir=report_dir)
+        finally:
+            export_last_runs(settings)
+
+    async def sample_write_path() -> None:
+        # Every replica samples (not only the leader): the gauges stay fresh while one is standing by.
+        try:
+            b = await sample_backlog(
+                hot.redis,
+                redis_prefix=settings.storage.redis_prefix,
+                queue_name=settings.write_behind.queue_name,
+                sql=sql,
+            )
+        except (RedisError, OSError) as e:
+            log.debug("write path backlog not sampled: %s", e)
+            return
+        export_backlog(b)
 
     async def keep_lease() -> None:
         was = lease.held
@@ -84,7 +123,17 @@ async def run_scheduler(settings: Settings, *, stop: asyncio.Event | None = None
     ]
     for name, job, trigger in jobs:
         scheduler.add_job(leader_only(name, job), trigger, id=name, max_instances=1, coalesce=True)
+
+    async def sample_every() -> None:
+        # A loop of its own, not an APScheduler job: no "Running job" log line every few seconds.
+        while not stop.is_set():
+            await sample_write_path()
+            export_last_runs(settings)  # also picks up an `mfh audit` or `mfh snapshot` run by hand
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), BACKLOG_EVERY_S)
+
     await keep_lease()
+    sampling = asyncio.create_task(sample_every(), name="mfh-backlog")
     scheduler.start()
     log.info(
         "scheduler for %s: reconcile every %ss, snapshot every %ss, audit at '%s' UTC",
@@ -97,6 +146,9 @@ async def run_scheduler(settings: Settings, *, stop: asyncio.Event | None = None
         await stop.wait()
     finally:
         scheduler.shutdown(wait=False)
+        stop.set()
+        await beating
+        await sampling
         await lease.release()
         await hot.close()
         sql.close()

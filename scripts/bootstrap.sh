@@ -3,6 +3,7 @@
 #
 #   scripts/bootstrap.sh              venv + test Redis (127.0.0.1:6379) + NATS/JetStream (127.0.0.1:4222)
 #   scripts/bootstrap.sh --postgres   ... plus Postgres (127.0.0.1:5432, trust for user postgres, database test)
+#                                     and promtool (Debian package prometheus) for the alert rules check
 #   scripts/bootstrap.sh --hub        venv + the hub's Redis (append-only file; scripts/hub_redis.py) + NATS
 #                                     (--allow-volatile-redis: accept a configured Redis that keeps nothing)
 #
@@ -23,7 +24,7 @@ for arg in "$@"; do
         --hub) WANT_HUB=1 ;;
         --allow-volatile-redis) HUB_REDIS_ARGS+=(--allow-volatile) ;;
         -h | --help)
-            sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+            sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
             exit 0
             ;;
         *)
@@ -272,6 +273,19 @@ ensure_iproute2() {
     apt_install iproute2
 }
 
+# ---------------------------------------------------------------------------------------------
+# 6. promtool (Debian package prometheus), for the alert rules' check in the tests (only --postgres,
+#    the test path; installed only when absent, and never started: only its promtool is used)
+# ---------------------------------------------------------------------------------------------
+ensure_promtool() {
+    if command -v promtool >/dev/null 2>&1; then return 0; fi
+    if ! command -v apt-get >/dev/null 2>&1; then
+        log "WARNING: promtool not found and no apt-get; the alert rules check will skip (or fail when CI=true)"
+        return 0
+    fi
+    apt_install prometheus
+}
+
 ensure_venv
 ensure_iproute2
 if [[ $WANT_HUB -eq 1 ]]; then
@@ -282,4 +296,5 @@ fi
 ensure_nats
 if [[ $WANT_POSTGRES -eq 1 ]]; then
     ensure_postgres
+    ensure_promtool
 fi

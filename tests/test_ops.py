@@ -90,3 +90,65 @@ def test_mfh_worker_stops_cleanly_when_its_process_group_gets_sigterm(tmp_path: 
     assert p.wait(timeout=30) == 0, host.log("mfh-worker")
     assert time.monotonic() - t0 < 15
     assert "Worker has been shut down" in host.log("mfh-worker")
+
+
+MARKER = "DLQ-PAYLOAD-MARKER-3f9c"
+
+
+async def test_dlq_show_gives_events_retries_and_error_but_no_payload(tmp_path: Path, redis_url: str) -> None:
+    import redis.asyncio as aioredis
+    from dramatiq import Message
+    from factories import event
+    from prometheus_client import REGISTRY
+
+    from mfh_tasks import PERSIST_ACTOR, build_broker, encode_batch
+    from mfh_tasks.backlog import export_backlog, sample_backlog
+    from mfh_tasks.dlq import DeadLetters
+
+    host = make_host(tmp_path, redis_url=redis_url)
+    queue = host.settings.write_behind.queue_name
+    broker = build_broker(host.settings)
+    # Given a batch of two events that ran out of retries, as Dramatiq leaves it in the dead-letter queue
+    events = [event("k1", 1, content=MARKER), event("k2", 2, content=MARKER * 3)]
+    traceback = (
+        f"Traceback ...\nUnavailable: sqlite unavailable: disk I/O error [SQL: INSERT ...] [parameters: ('{MARKER}',)]"
+    )
+    msg = Message(
+        queue_name=queue, actor_name=PERSIST_ACTOR, args=(encode_batch(events),), kwargs={},
+        options={"retries": 25, "traceback": traceback},
+    )  # fmt: skip
+    dlq = DeadLetters(broker, queue)
+    broker.client.hset(dlq.msgs_key, msg.message_id, msg.encode())
+    broker.client.zadd(dlq.ids_key, {msg.message_id: int(time.time() * 1000)})
+    try:
+        # When the operator shows it, as text and as JSON
+        text = mfh(host, "dlq", "show", msg.message_id)
+        as_json = mfh(host, "dlq", "show", msg.message_id, "--json")
+        missing = mfh(host, "dlq", "show", "no-such-id")
+        listed = mfh(host, "dlq", "list")
+        # Then each event is listed with namespace, key, version and kind, the payload by its size only
+        assert text.returncode == 0, text.stderr
+        assert "retries 25" in text.stdout and "events 2" in text.stdout
+        for e in events:
+            assert f"ns/{e.key}  version={e.version}" in text.stdout and "memory_item" in text.stdout
+            assert f"{len(e.payload.encode())} B" in text.stdout
+        assert "Unavailable: sqlite unavailable: disk I/O error" in text.stdout
+        doc = json.loads(as_json.stdout)
+        assert doc["retries"] == 25 and [e["key"] for e in doc["events"]] == ["k1", "k2"]
+        assert doc["events"][1]["payload_bytes"] == len(events[1].payload.encode())
+        # and no payload reaches the output, not even through the error text
+        assert MARKER not in text.stdout + as_json.stdout + text.stderr + listed.stdout
+        assert "disk I/O error" in listed.stdout and "[SQL and parameters hidden]" in listed.stdout
+        # and an unknown id is NOT_FOUND (exit 3)
+        assert missing.returncode == 3 and "no dead letter" in missing.stderr
+        # and the dead-letter gauge counts it
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            b = await sample_backlog(client, redis_prefix=host.settings.storage.redis_prefix, queue_name=queue)
+        finally:
+            await client.aclose()
+        export_backlog(b)
+        assert b.dead_letters == 1 and REGISTRY.get_sample_value("mfh_dead_letters") == 1
+    finally:
+        dlq.purge()
+        broker.close()

@@ -7,9 +7,11 @@ schedules), with this host's settings passed through MFH_HOST and MFH_CONFIG_DIR
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
+import time
 from typing import Any
 
 from mfh_api.commands import count, fail, host_env, settings_from
@@ -30,6 +32,22 @@ def _schedules(job: str) -> Any:
     return run
 
 
+def _show(d: Any, *, as_json: bool) -> None:
+    """Print one dead letter: its batch's events without payloads (sizes only), retries, last error."""
+    if as_json:
+        print(json.dumps(d.as_dict(), indent=2, sort_keys=True))
+        return
+    dead = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(d.dead_since_ms / 1000))
+    print(f"dead letter {d.message_id}  actor {d.actor}  queue {d.queue}")
+    print(f"dead since {dead} UTC  retries {d.retries}  events {len(d.events)}")
+    print(f"last error: {d.error or '(no traceback: rejected as invalid)'}")
+    if d.malformed:
+        print(f"malformed: {d.malformed}")
+    for e in d.events:
+        kind = e.kind or "-"
+        print(f"  {e.op:<6} {e.namespace}/{e.key}  version={e.version}  origin={e.origin}  {kind}  {e.payload_bytes} B")
+
+
 def _dlq(args: argparse.Namespace) -> int:
     from mfh_tasks import build_broker
     from mfh_tasks.dlq import DeadLetters
@@ -46,6 +64,10 @@ def _dlq(args: argparse.Namespace) -> int:
             total = dlq.count()
             shown = f", first {len(letters)} shown" if total > len(letters) else ""
             print(f"{total} dead-lettered batch(es) in {dlq.ids_key}{shown}")
+        elif args.action == "show":
+            if len(args.ids) != 1:
+                return fail("dlq show takes one message id (mfh dlq list shows them)", 2)
+            _show(dlq.show(args.ids[0]), as_json=args.json)
         elif args.action == "retry":
             print(f"re-enqueued {dlq.retry(ids)} batch(es)")
         else:
@@ -77,11 +99,12 @@ def register(subparsers: Any) -> None:
 
     dlq = subparsers.add_parser(
         "dlq",
-        help="list, retry or purge dead-lettered write batches",
+        help="list, show, retry or purge dead-lettered write batches",
         description="Batches whose retries ran out (or that were malformed). Retrying is always safe.",
     )
-    dlq.add_argument("action", choices=["list", "retry", "purge"])
-    dlq.add_argument("ids", nargs="*", help="message ids (default: all for retry; purge needs ids or --all)")
+    dlq.add_argument("action", choices=["list", "show", "retry", "purge"])
+    dlq.add_argument("ids", nargs="*", help="message ids (show: one; retry: default all; purge: needs ids or --all)")
+    dlq.add_argument("--json", action="store_true", help="with show: the dead letter as JSON")
     dlq.add_argument("--limit", type=count, default=100, help="list at most this many (oldest first)")
     dlq.add_argument("--all", action="store_true", help="with purge: drop every dead letter")
     dlq.set_defaults(func=_dlq)

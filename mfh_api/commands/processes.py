@@ -10,12 +10,15 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 from mfh_api.commands import fail, host_env, positive_int, settings_from
+from mfh_core.metrics_multiprocess import prepare_multiproc_dir, serve_multiprocess_metrics
 from mfh_models import Settings, StoreNotCurrent, Unavailable
 
 __all__ = ["register"]
@@ -51,6 +54,11 @@ def _api(args: argparse.Namespace) -> int:
     return 0
 
 
+def worker_metrics_base(settings: Settings) -> Path:
+    """Where the worker processes of a host keep their metric files (beside the snapshots)."""
+    return Path(settings.scheduler.snapshot_dir).parent / "prometheus" / f"worker-{settings.host_id}"
+
+
 def _worker(args: argparse.Namespace) -> int:
     settings = settings_from(args)  # fail here, readably, on a bad configuration
     refusal = _store_refusal(settings)
@@ -61,7 +69,23 @@ def _worker(args: argparse.Namespace) -> int:
     threads = args.threads or wb.worker_threads
     argv = [sys.executable, "-m", "dramatiq", "mfh_tasks.worker_main", "--processes", str(processes)]
     argv += ["--threads", str(threads)]
-    return _supervise(argv, host_env(args))
+    env = host_env(args)
+    # Every worker process counts: they write their metrics to files, this process serves the sum.
+    base = worker_metrics_base(settings)
+    own = prepare_multiproc_dir(base)
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(own)
+    port, bind = settings.metrics.worker_port, settings.server.bind
+    if port:
+        try:
+            serve_multiprocess_metrics(port, addr=bind, base=base)
+            where = f"http://{bind}:{port}/metrics"
+            print(f"mfh worker: metrics of {processes} worker process(es) on {where}", file=sys.stderr)
+        except OSError as e:  # a second `mfh worker` on the host: the first one serves this one's files too
+            print(f"mfh worker: metrics not served on {bind}:{port}: {e.strerror} (another has it)", file=sys.stderr)
+    try:
+        return _supervise(argv, env)
+    finally:
+        shutil.rmtree(own, ignore_errors=True)
 
 
 def _store_refusal(settings: Settings) -> str | None:

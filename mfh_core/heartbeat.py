@@ -1,0 +1,162 @@
+"""Process heartbeats: each MFH process says in Redis that it is up, so ``mfh status`` can list them.
+
+Every process (api replicas, each worker process, replicator, scheduler) keeps one key
+``<prefix>:procs:<role>:<hostname>:<pid>`` holding its pid, version, start time and metrics
+port. It is refreshed every ``interval_s`` with a TTL of ``ttl_s``: a process that dies
+without cleaning up disappears within the TTL, one that stops cleanly deletes its key at once.
+The same start-up also sets ``mfh_processes{role,version}`` and ``mfh_process_start_timestamp_seconds``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass, replace
+from importlib import metadata
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from mfh_core.metrics import PROCESS_STARTED, PROCESSES
+
+__all__ = ["Heartbeat", "ProcessRecord", "hub_version", "read_processes"]
+
+log = logging.getLogger("mfh.heartbeat")
+
+ROLES = ("api", "worker", "replicator", "scheduler")
+
+
+def hub_version() -> str:
+    """The installed version of the hub (``0+unknown`` when run from a tree that is not installed)."""
+    try:
+        return metadata.version("memory-fusion-hub")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessRecord:
+    """What one process says about itself."""
+
+    role: str
+    host_id: str
+    hostname: str
+    pid: int
+    version: str
+    started_at: float  # unix seconds
+    metrics_port: int  # 0: none
+    beat_at: float
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> ProcessRecord:
+        data = json.loads(raw)
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+
+    def pid_gone(self) -> bool:
+        """True when the record is of this machine and its pid no longer exists (a SIGKILLed process)."""
+        if self.hostname != socket.gethostname():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+
+def _keys_pattern(prefix: str) -> str:
+    return f"{prefix}:procs:*"
+
+
+class Heartbeat:
+    """One process's heartbeat key; :meth:`run` refreshes it until stopped, then deletes it."""
+
+    def __init__(
+        self,
+        *,
+        redis_url: str,
+        prefix: str,
+        role: str,
+        host_id: str,
+        metrics_port: int = 0,
+        interval_s: float = 5.0,
+        ttl_s: float = 15.0,
+    ) -> None:
+        self.redis: aioredis.Redis = aioredis.Redis.from_url(
+            redis_url, socket_timeout=2.0, socket_connect_timeout=2.0, max_connections=2
+        )
+        self.interval_s = interval_s
+        self.ttl_ms = int(ttl_s * 1000)
+        hostname = socket.gethostname()
+        pid = os.getpid()
+        self.key = f"{prefix}:procs:{role}:{hostname}:{pid}"
+        self.role = role
+        self.record = ProcessRecord(
+            role=role,
+            host_id=host_id,
+            hostname=hostname,
+            pid=pid,
+            version=hub_version(),
+            started_at=time.time(),
+            metrics_port=metrics_port,
+            beat_at=0.0,
+        )
+        PROCESSES.labels(role=role, version=self.record.version).set(1)
+        PROCESS_STARTED.labels(role=role).set(self.record.started_at)
+        self._down = False
+
+    async def beat(self) -> bool:
+        """Write the key once; False (one log line per outage) while Redis is unavailable."""
+        record = replace(self.record, beat_at=time.time())
+        try:
+            await self.redis.set(self.key, record.to_json(), px=self.ttl_ms)
+        except (RedisError, OSError) as e:
+            if not self._down:
+                log.warning("%s heartbeat paused, Redis unavailable: %s", self.role, e)
+            self._down = True
+            return False
+        if self._down:
+            log.info("%s heartbeat resumed", self.role)
+        self._down = False
+        return True
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Beat every ``interval_s`` until ``stop`` is set; then delete the key and close."""
+        try:
+            while not stop.is_set():
+                await self.beat()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.interval_s)
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await self.redis.delete(self.key)
+        with contextlib.suppress(Exception):
+            await self.redis.aclose()
+
+
+async def read_processes(client: aioredis.Redis, prefix: str) -> list[ProcessRecord]:
+    """Every live heartbeat under ``prefix``, by role then start time. Redis errors propagate."""
+    out: list[ProcessRecord] = []
+    keys = [k async for k in client.scan_iter(match=_keys_pattern(prefix), count=200)]
+    if not keys:
+        return out
+    for raw in await client.mget(keys):
+        if raw is None:  # expired between SCAN and MGET
+            continue
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            out.append(ProcessRecord.from_json(raw))
+    order = {r: i for i, r in enumerate(ROLES)}
+    out.sort(key=lambda p: (order.get(p.role, len(order)), p.started_at))
+    return out

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from mfh_models.errors import ConfigError
 from mfh_models.records import validate_origin
@@ -117,6 +117,20 @@ class SchedulerSettings(_Section):
     snapshot_dir: str = "var/snapshots"
     audit_cron: str = "30 3 * * *"
     reconcile_interval_seconds: float = Field(default=30, gt=0)
+
+    @field_validator("audit_cron")
+    @classmethod
+    def _crontab(cls, value: str) -> str:
+        """Refused here (``config show``, every process's start) rather than by the scheduler at start."""
+        try:  # the scheduler's own parser: the hub's dependency, absent from the client's install
+            from apscheduler.triggers.cron import CronTrigger
+        except ImportError:
+            return value
+        try:
+            CronTrigger.from_crontab(value, timezone="UTC")
+        except ValueError as e:
+            raise ValueError(f"{value!r} is not a crontab expression (minute hour day month weekday): {e}") from None
+        return value
 
 
 class RecoverySettings(_Section):

@@ -82,9 +82,11 @@ def _zmq_server(service: MemoryService, settings: Settings) -> _Server | None:
 
 def _in_use(bind: str, port: int) -> bool:
     """Whether something listens on ``bind:port`` (a probe bind, as the servers bind: SO_REUSEADDR, no SO_REUSEPORT)."""
-    for family, kind, proto, _name, addr in socket.getaddrinfo(
-        bind or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    ):
+    try:
+        addresses = socket.getaddrinfo(bind or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise OSError(f"cannot bind to {bind}: {e.strerror or e} (server.bind, MFH_BIND)") from None
+    for family, kind, proto, _name, addr in addresses:
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME_WAIT left by a stopped api is no user
             try:
@@ -92,7 +94,7 @@ def _in_use(bind: str, port: int) -> bool:
             except OSError as e:
                 if e.errno == errno.EADDRINUSE:
                     return True
-                raise OSError(f"cannot bind to {bind}:{port}: {e.strerror or e}") from None
+                raise OSError(f"cannot bind to {bind}:{port}: {e.strerror or e} (server.bind, MFH_BIND)") from None
     return False
 
 
@@ -104,6 +106,7 @@ def check_ports_free(settings: Settings) -> None:
     clients), and replicas of one host each get their own ports (``--grpc-port``, ``--zmq-port``).
     """
     s = settings.server
+    _in_use(s.bind, 0)  # an address this machine does not have, before gRPC core logs its own complaint
     for name, port, flag in (
         ("ZeroMQ", s.zmq_port, "--zmq-port"),
         ("gRPC", s.grpc_port, "--grpc-port"),

@@ -257,6 +257,17 @@ def test_api_exits_at_once_naming_a_taken_port(tmp_path: Path, redis_url: str, w
     assert took < 15, f"took {took:.1f} s"
 
 
+def test_api_refuses_a_bind_address_this_machine_lacks(tmp_path: Path, redis_url: str) -> None:
+    # Given a host told to bind to an address no interface here has (TEST-NET-1)
+    host = make_host(tmp_path, redis_url=redis_url, overrides=own_prefix())
+    # When its api starts
+    done = mfh(host, "api", "--insecure", env={"MFH_BIND": "192.0.2.1"})
+    # Then one line names the address and the setting, instead of gRPC core's log lines
+    assert done.returncode == 1, done.stderr
+    line = one_error_line(done)
+    assert "192.0.2.1" in line and "MFH_BIND" in line
+
+
 def test_two_hosts_cannot_share_one_grpc_port(tmp_path: Path, redis_url: str, redis_url_b: str) -> None:
     # Given host main_pc's api serving gRPC on a port
     a = make_host(tmp_path / "a", redis_url=redis_url, overrides=own_prefix())

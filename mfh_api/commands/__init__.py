@@ -56,7 +56,7 @@ __all__ = [
 
 #: The one line a command that needs the hub prints on the base install (exit code 2).
 NEEDS_SERVER: Final = "this command needs the hub: pip install 'memory-fusion-hub[server]'"
-NEEDS_POSTGRES: Final = "a postgresql:// URL needs the driver: pip install 'memory-fusion-hub[postgres]'"
+NEEDS_POSTGRES: Final = "a postgresql:// URL needs its driver ({module}): pip install 'memory-fusion-hub[postgres]'"
 #: Import names of the libraries the ``[server]`` and ``[postgres]`` extras bring.
 SERVER_LIBRARIES: Final = frozenset(
     {
@@ -148,7 +148,7 @@ def missing_server_library(e: ModuleNotFoundError) -> str | None:
     top = (e.name or "").split(".")[0]
     if top not in SERVER_LIBRARIES:
         return None
-    return NEEDS_POSTGRES if top in ("psycopg2", "psycopg") else NEEDS_SERVER
+    return NEEDS_POSTGRES.format(module=top) if top in ("psycopg2", "psycopg") else NEEDS_SERVER
 
 
 def add_json(parser: argparse.ArgumentParser, help: str = "print the result as one JSON document") -> None:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import gc
 import json
 import logging
 import signal
+import socket
 import sys
 import time
 from typing import Any, Protocol
@@ -29,7 +31,7 @@ from mfh_core.redaction import install_loop_exception_handler, install_redaction
 from mfh_core.redis_health import check_persistence
 from mfh_models import ConfigError, Settings, StoreNotCurrent, load_settings
 
-__all__ = ["JsonFormatter", "configure_logging", "main", "run_api"]
+__all__ = ["JsonFormatter", "check_ports_free", "configure_logging", "main", "run_api"]
 
 log = logging.getLogger("mfh.api")
 
@@ -79,20 +81,60 @@ def _zmq_server(service: MemoryService, settings: Settings) -> _Server | None:
     return server
 
 
+def _in_use(bind: str, port: int) -> bool:
+    """Whether something listens on ``bind:port`` (a probe bind, as the servers bind: SO_REUSEADDR, no SO_REUSEPORT)."""
+    try:
+        addresses = socket.getaddrinfo(bind or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise OSError(f"cannot bind to {bind}: {e.strerror or e} (server.bind, MFH_BIND)") from None
+    for family, kind, proto, _name, addr in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME_WAIT left by a stopped api is no user
+            try:
+                probe.bind(addr)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    return True
+                raise OSError(f"cannot bind to {bind}:{port}: {e.strerror or e} (server.bind, MFH_BIND)") from None
+    return False
+
+
+def check_ports_free(settings: Settings) -> None:
+    """OSError naming the first port of this api (ZeroMQ, gRPC, metrics) that something already listens on.
+
+    Run before anything starts, so a taken port ends ``mfh api`` at once. gRPC binds without
+    SO_REUSEPORT: two processes never share a port (another host's api would answer this host's
+    clients), and replicas of one host each get their own ports (``--grpc-port``, ``--zmq-port``).
+    """
+    s = settings.server
+    _in_use(s.bind, 0)  # an address this machine does not have, before gRPC core logs its own complaint
+    for name, port, flag in (
+        ("ZeroMQ", s.zmq_port, "--zmq-port"),
+        ("gRPC", s.grpc_port, "--grpc-port"),
+        ("metrics", s.metrics_port, "--metrics-port"),
+    ):
+        if port and _in_use(s.bind, port):
+            raise OSError(
+                f"{name} port {port} on {s.bind} is already in use (another mfh api or another program); "
+                f"stop it, or give this api its own port with {flag}"
+                + (" (0 turns the metrics endpoint off)" if name == "metrics" else "")
+            )
+
+
 def _start_metrics(settings: Settings) -> Any:
     if settings.server.metrics_port == 0:  # 0 turns it off, as for the other processes' metrics ports
         return None
     try:
         httpd, _thread = start_http_server(settings.server.metrics_port, addr=settings.server.bind)
-    except OSError as e:  # a second replica on one host: the first one serves the port
-        log.warning("metrics port %d not bound (%s); continuing without it", settings.server.metrics_port, e)
-        return None
+    except OSError as e:  # taken since check_ports_free looked
+        raise OSError(f"cannot bind metrics to {settings.server.bind}:{settings.server.metrics_port}: {e}") from e
     return httpd
 
 
 async def run_api(settings: Settings, *, insecure: bool = False, stop: asyncio.Event | None = None) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop`` is set); ConfigError before binding if the bind is unsafe."""
     check_bind_is_safe(settings, insecure=insecure)
+    check_ports_free(settings)
     install_redaction(settings)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -419,7 +419,9 @@ class GrpcServer:
         options = [
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.max_receive_message_length", s.max_message_bytes),
-            ("grpc.so_reuseport", 1),  # two api replicas may share one port
+            # Never share a port: with SO_REUSEPORT another host's api could bind beside this one and answer
+            # its clients. Replicas of one host get their own ports (mfh_api.app.check_ports_free).
+            ("grpc.so_reuseport", 0),
         ]
         auth = ApiKeyCheck.from_settings(self.settings)
         # The key check costs a coroutine per call: only installed when there is a key to check. The
@@ -442,6 +444,8 @@ class GrpcServer:
             self._port = server.add_insecure_port(f"{host}:{s.grpc_port}")
         except RuntimeError as e:
             raise OSError(f"cannot bind gRPC to {host}:{s.grpc_port}: {e}") from e
+        if self._port == 0:  # older grpcio reports a failed bind this way
+            raise OSError(f"cannot bind gRPC to {host}:{s.grpc_port}: address in use or unavailable")
         await server.start()
         self._server = server
         await self._update_health()

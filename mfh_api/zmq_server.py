@@ -187,7 +187,13 @@ class ZmqServer:
         if ":" in self.bind:
             sock.setsockopt(zmq.IPV6, 1)
         host = f"[{self.bind}]" if ":" in self.bind else self.bind
-        sock.bind(f"tcp://{host}:{self.requested_port or '*'}")
+        try:
+            sock.bind(f"tcp://{host}:{self.requested_port or '*'}")
+        except zmq.ZMQError as e:  # an open socket would keep the context (and the process) from ever ending
+            sock.close(linger=0)
+            ctx, self._ctx = self._ctx, None
+            ctx.term()
+            raise OSError(f"cannot bind ZeroMQ to {host}:{self.requested_port}: {e}") from e
         last = sock.getsockopt(zmq.LAST_ENDPOINT)
         self.port = int(bytes(last).decode().rsplit(":", 1)[1]) if isinstance(last, bytes) else 0
         self._sock = sock

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -113,21 +114,41 @@ AGENT = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
-def test_a_fresh_non_editable_install_is_the_slim_client(tmp_path: Path, hub: tuple[str, str]) -> None:
-    # Given a fresh virtual environment and a plain (non-editable) `pip install <repo>`
-    venv = tmp_path / "agent-venv"
+@dataclass(frozen=True)
+class SlimInstall:
+    """A fresh venv with a plain (non-editable) ``pip install <repo>``: the base install alone."""
+
+    python: str
+    bin: Path
+    added: list[str]  # the packages that install added, normalised names
+
+
+@pytest.fixture(scope="module")
+def slim(tmp_path_factory: pytest.TempPathFactory) -> SlimInstall:
+    """One venv for this module's tests (creating one takes a while)."""
+    venv = tmp_path_factory.mktemp("slim") / "agent-venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     py = str(venv / "bin" / "python")
     before = _packages(py)
     env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    src = _clean_copy(tmp_path / "src")  # as a user's checkout: no venv, no build leftovers
     done = subprocess.run(
-        [py, "-m", "pip", "install", "--quiet", str(src)], capture_output=True, text=True, timeout=600, env=env
+        [py, "-m", "pip", "install", "--quiet", str(_clean_copy(venv.parent / "src"))],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    return SlimInstall(py, venv / "bin", sorted(set(_packages(py)) - set(before)))
+
+
+@pytest.mark.slow
+def test_a_fresh_non_editable_install_is_the_slim_client(
+    tmp_path: Path, hub: tuple[str, str], slim: SlimInstall
+) -> None:
+    # Given a fresh virtual environment and a plain (non-editable) `pip install <repo>`
+    py, added = slim.python, slim.added
     # Then it installed the project and at most MAX_BASE_DEPENDENCIES packages besides
-    added = sorted(set(_packages(py)) - set(before))
     assert "memory-fusion-hub" in added, added
     deps = [p for p in added if p != "memory-fusion-hub"]
     assert len(deps) <= MAX_BASE_DEPENDENCIES, f"the base install pulled in {len(deps)} packages: {deps}"
@@ -143,9 +164,48 @@ def test_a_fresh_non_editable_install_is_the_slim_client(tmp_path: Path, hub: tu
     assert not [m for m in loaded if m.split(".")[0] in ("redis", "sqlalchemy", "dramatiq", "nats", "mfh_core")]
 
 
+@pytest.mark.slow
+def test_the_mfh_command_on_the_base_install(tmp_path: Path, hub: tuple[str, str], slim: SlimInstall) -> None:
+    # Given the base install's `mfh` (no YAML, no server library), run from another directory
+    mfh = str(slim.bin / "mfh")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MFH_")}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([mfh, *args], capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+
+    grpc_ep, zmq_ep = hub
+    # When a user writes, reads, lists and deletes with the endpoint on the command line, over each transport
+    for transport, ep in (("grpc", grpc_ep), ("zmq", zmq_ep)):
+        via = ["--transport", transport, "--endpoint", ep]
+        key = f"slim-{transport}"
+        put = run("put", "cli", key, '{"content": "tea"}', "--persisted", "--json", *via)
+        assert put.returncode == 0, put.stderr
+        assert json.loads(put.stdout)["version"] >= 1
+        got = run("get", "cli", key, *via)
+        assert got.returncode == 0 and '"content": "tea"' in got.stdout, got.stderr
+        listed = run("list", "cli", "--prefix", key, *via)
+        assert listed.returncode == 0 and listed.stdout.startswith(f"{key}\t"), listed.stderr
+        gone = run("delete", "cli", key, *via)
+        assert gone.returncode == 0, gone.stderr
+        assert run("get", "cli", key, *via).returncode == 3
+    # Then those work; and the rest answers in one line, never a traceback
+    version = run("--version")
+    assert version.returncode == 0 and version.stdout.startswith("mfh "), version.stderr
+    helped = run("--help")
+    assert helped.returncode == 0 and helped.stderr == "" and "get" in helped.stdout
+    no_endpoint = run("get", "cli", "k")
+    for args in (["config", "show"], ["api"], ["worker"], ["checksum"], ["audit"], ["dlq", "list"]):
+        done = run(*args)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, (args, done.stderr)
+        assert done.stderr == "mfh: this command needs the hub: pip install 'memory-fusion-hub[server]'\n", args
+    assert no_endpoint.returncode == 2 and "give --endpoint" in no_endpoint.stderr and "[server]" in no_endpoint.stderr
+    assert no_endpoint.stderr.count("\n") == 1
+
+
 def _clean_copy(dest: Path) -> Path:
-    """The repository's files without the venv, caches or build output (an in-tree build would leave
-    a build/ directory in the checkout, and stale files there end up in later wheels)."""
+    """The repository's files without the venv, caches or build output, as a user's checkout (an
+    in-tree build would leave a build/ directory in the checkout, and stale files there end up in
+    later wheels)."""
     junk = {".venv", "var", "build", ".git", ".mypy_cache", ".ruff_cache", ".pytest_cache", ".hypothesis"}
     shutil.copytree(
         REPO,

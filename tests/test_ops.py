@@ -34,7 +34,7 @@ def test_dlq_and_audit_commands(tmp_path: Path, redis_url: str) -> None:
     assert mfh(host, "dlq", "purge").returncode == 2
     assert mfh(host, "dlq", "purge", "--all").returncode == 0
     # The audit of an empty store passes and leaves its report where operators read it
-    out = mfh(host, "audit")
+    out = mfh(host, "audit", "--json")
     assert out.returncode == 0 and json.loads(out.stdout)["ok"] is True, out.stderr
     report = Path(host.settings.scheduler.snapshot_dir) / f"audit-latest-{host.name}.json"
     assert json.loads(report.read_text())["ok"] is True

@@ -3,39 +3,78 @@
 A command sets ``func`` on its parser (``parser.set_defaults(func=run)``); ``run(args) -> int``
 returns the exit code. Global options ``--host`` and ``--config-dir`` arrive as ``args.host`` and
 ``args.config_dir``; :func:`settings_from` turns them into the one Settings object.
+
+A command module imports the hub's libraries (YAML, Redis, SQLAlchemy, ...) inside its ``run``
+functions, never at the top: the base install (the client alone) must still build the parser and
+run ``get``/``put``/``delete``/``list``. A command that needs the hub there exits 2 with
+:data:`NEEDS_SERVER` (see :func:`missing_server_library`).
+
+Every command that prints a result takes ``--json`` (:func:`add_json`) and prints it with
+:func:`emit`: one JSON document on stdout, or a line for people.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from mfh_models import (
     InvalidArgument,
     MFHError,
     NotFound,
     ResourceExhausted,
-    Settings,
     Unauthenticated,
     Unavailable,
     VersionConflict,
-    load_settings,
 )
+
+if TYPE_CHECKING:
+    from mfh_models import Settings
 
 __all__ = [
     "EXIT_CODES",
+    "NEEDS_POSTGRES",
+    "NEEDS_SERVER",
+    "SERVER_LIBRARIES",
+    "add_json",
     "count",
+    "emit",
+    "error_line",
     "exit_code",
     "fail",
     "host_env",
+    "missing_server_library",
     "non_negative_int",
     "positive_float",
     "positive_int",
     "settings_from",
 ]
+
+#: The one line a command that needs the hub prints on the base install (exit code 2).
+NEEDS_SERVER: Final = "this command needs the hub: pip install 'memory-fusion-hub[server]'"
+NEEDS_POSTGRES: Final = "a postgresql:// URL needs its driver ({module}): pip install 'memory-fusion-hub[postgres]'"
+#: Import names of the libraries the ``[server]`` and ``[postgres]`` extras bring.
+SERVER_LIBRARIES: Final = frozenset(
+    {
+        "yaml",
+        "redis",
+        "hiredis",
+        "sqlalchemy",
+        "dramatiq",
+        "nats",
+        "apscheduler",
+        "prometheus_client",
+        "grpc_health",
+        "grpc_reflection",
+        "psycopg2",
+        "psycopg",
+        "alembic",
+    }
+)
 
 #: Exit codes of ``mfh`` (README "Operating"): 0 ok, 1 other error, 2 usage or invalid argument.
 EXIT_CODES: Final[tuple[tuple[type[MFHError], int], ...]] = (
@@ -96,8 +135,36 @@ def fail(message: str, code: int = 1) -> int:
     return code
 
 
+def error_line(e: MFHError) -> str:
+    """``CODE: message``, with how to give a key when the key was the problem."""
+    line = f"{e.code}: {e.message}"
+    if isinstance(e, Unauthenticated):
+        line += " (pass --api-key or set MFH_API_KEY)"
+    return line
+
+
+def missing_server_library(e: ModuleNotFoundError) -> str | None:
+    """The one line for a library of the ``[server]``/``[postgres]`` extras that is not installed, else None."""
+    top = (e.name or "").split(".")[0]
+    if top not in SERVER_LIBRARIES:
+        return None
+    return NEEDS_POSTGRES.format(module=top) if top in ("psycopg2", "psycopg") else NEEDS_SERVER
+
+
+def add_json(parser: argparse.ArgumentParser, help: str = "print the result as one JSON document") -> None:
+    """The ``--json`` flag of a command that prints a result."""
+    parser.add_argument("--json", action="store_true", help=help)
+
+
+def emit(args: argparse.Namespace, doc: Mapping[str, Any], text: str) -> None:
+    """Print ``doc`` as one JSON document with ``--json``, else ``text`` (for people)."""
+    print(json.dumps(doc, sort_keys=True) if getattr(args, "json", False) else text)
+
+
 def settings_from(args: argparse.Namespace, overrides: Mapping[str, Any] | None = None) -> Settings:
     """The merged settings for ``--host`` (else MFH_HOST) and ``--config-dir`` (else MFH_CONFIG_DIR)."""
+    from mfh_models import load_settings  # YAML: the hub's dependency, not the client's
+
     return load_settings(getattr(args, "host", None), config_dir=getattr(args, "config_dir", None), overrides=overrides)
 
 

@@ -6,16 +6,16 @@ import argparse
 import json
 from typing import Any
 
-import yaml
-
-from mfh_api.commands import settings_from
+from mfh_api.commands import add_json, settings_from
 
 __all__ = ["register"]
 
 
 def _show(args: argparse.Namespace) -> int:
+    import yaml  # the hub's dependency (settings are YAML), imported here so the base install can list commands
+
     data = settings_from(args).masked()
-    if args.format == "json":
+    if args.format == "json" or args.json:
         print(json.dumps(data, indent=2, sort_keys=True))
     else:
         print(yaml.safe_dump(data, sort_keys=False, default_flow_style=False), end="")
@@ -32,4 +32,5 @@ def register(subparsers: Any) -> None:
         description="Print default.yaml merged with the host file and ${VAR}s; API key and URL passwords masked.",
     )
     show.add_argument("--format", choices=("yaml", "json"), default="yaml")
+    add_json(show, "the same as --format json")
     show.set_defaults(func=_show)

@@ -3,20 +3,38 @@
 Output is for people (``--json`` for scripts); errors go to stderr with an exit code per error
 kind (see :data:`mfh_api.commands.EXIT_CODES`), so shell scripts can tell NOT_FOUND from a
 conflict or an outage.
+
+The API key comes from ``--api-key``, else ``MFH_API_KEY``, else the host's ``server.api_key``;
+the endpoint from ``--endpoint``, else the host's ports. The host's configuration (YAML, a hub
+dependency) is only read when one of them is missing, so with the base install (the client alone)
+``mfh get ns key --endpoint HOST:PORT`` works.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from mfh_api.commands import count, exit_code, fail, non_negative_int, positive_float, settings_from
+from mfh_api.commands import (
+    NEEDS_SERVER,
+    add_json,
+    count,
+    error_line,
+    exit_code,
+    fail,
+    missing_server_library,
+    non_negative_int,
+    positive_float,
+    settings_from,
+)
 from mfh_client.types import Durability, PutResult, PutSpec
-from mfh_models import InvalidArgument, MFHError, Record, Settings, decode_untrusted_json
+from mfh_models import InvalidArgument, MFHError, Record, decode_untrusted_json
 
 __all__ = ["register"]
 
@@ -49,18 +67,50 @@ def _local(bind: str) -> str:
     return f"[{bind}]" if ":" in bind and not bind.startswith("[") else bind
 
 
-def _client(args: argparse.Namespace, settings: Settings) -> _Client:
+_ZMQ_ENDPOINT = re.compile(r"^(tcp://(\[[0-9A-Fa-f:.]+\]|[^\s/:\[\]]+):\d{1,5}|ipc://\S+)$")
+_GRPC_ENDPOINT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^\s/:\[\]]+):\d{1,5}$|^(dns|ipv4|ipv6|unix|unix-abstract):\S+$")
+
+
+def _check_endpoints(transport: str, endpoints: list[str]) -> None:
+    """Refuse an endpoint the transport cannot parse (libzmq and gRPC would fail with a cryptic error)."""
+    pattern, example = (_ZMQ_ENDPOINT, "tcp://host:port") if transport == "zmq" else (_GRPC_ENDPOINT, "host:port")
+    for e in endpoints:
+        if not pattern.match(e):
+            raise _Usage(f"--endpoint {e[:80]!r} is not a {transport} endpoint ({example})")
+
+
+def _key_and_endpoints(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """The API key and endpoints: the flags, then MFH_API_KEY, then the host's settings when needed."""
+    key: str | None = args.api_key or os.environ.get("MFH_API_KEY") or None
+    endpoints: list[str] = list(args.endpoint or [])
+    _check_endpoints(args.transport, endpoints)
+    if key is not None and endpoints:
+        return key, endpoints
+    try:
+        settings = settings_from(args)
+    except ModuleNotFoundError as e:  # the base install: no YAML, so no host configuration to read
+        if missing_server_library(e) is None:
+            raise
+        if endpoints:
+            return key, endpoints
+        raise _Usage(f"give --endpoint (reading the host's configuration for it: {NEEDS_SERVER})") from None
     s = settings.server
-    key = s.api_key.get_secret_value() if s.api_key else None
-    host = _local(s.bind)
+    if key is None and s.api_key:
+        key = s.api_key.get_secret_value()
+    if not endpoints:
+        host = _local(s.bind)
+        endpoints = [f"tcp://{host}:{s.zmq_port}" if args.transport == "zmq" else f"{host}:{s.grpc_port}"]
+    return key, endpoints
+
+
+def _client(args: argparse.Namespace) -> _Client:
+    key, endpoints = _key_and_endpoints(args)
     if args.transport == "zmq":
-        from mfh_api.client_zmq import ZmqClient
+        from mfh_client import ZmqClient
 
-        endpoints = args.endpoint or [f"tcp://{host}:{s.zmq_port}"]
         return ZmqClient(endpoints, api_key=key, timeout=args.timeout, retries=args.retries)
-    from mfh_api.client_grpc import MemoryClient
+    from mfh_client import MemoryClient
 
-    endpoints = args.endpoint or [f"{host}:{s.grpc_port}"]
     return MemoryClient(endpoints, api_key=key, timeout=args.timeout, retries=args.retries)
 
 
@@ -101,15 +151,22 @@ def _durability(args: argparse.Namespace) -> Durability:
     return Durability.PERSISTED if args.persisted else Durability.ACCEPTED
 
 
+def _written(args: argparse.Namespace, res: PutResult, verb: str) -> None:
+    if args.json:
+        doc = {"namespace": args.namespace, "key": args.key, "version": res.version, "event_id": res.event_id}
+        print(json.dumps({**doc, "deleted": verb == "deleted"}, sort_keys=True))
+    else:
+        print(f"{verb} {args.namespace}/{args.key} version={res.version} event={res.event_id}")
+
+
 def _put(c: _Client, args: argparse.Namespace) -> None:
     spec = PutSpec(args.namespace, args.key, args.kind, _payload(args), expected_version=args.expected_version)
-    res = c.put(spec, durability=_durability(args))
-    print(f"put {args.namespace}/{args.key} version={res.version} event={res.event_id}")
+    _written(args, c.put(spec, durability=_durability(args)), "put")
 
 
 def _delete(c: _Client, args: argparse.Namespace) -> None:
     res = c.delete(args.namespace, args.key, expected_version=args.expected_version, durability=_durability(args))
-    print(f"deleted {args.namespace}/{args.key} version={res.version} event={res.event_id}")
+    _written(args, res, "deleted")
 
 
 def _list(c: _Client, args: argparse.Namespace) -> None:
@@ -144,13 +201,18 @@ class _Usage(Exception):
 
 def _runner(action: Any) -> Any:
     def run(args: argparse.Namespace) -> int:
-        client = _client(args, settings_from(args))
+        try:
+            client = _client(args)
+        except _Usage as e:
+            return fail(str(e), 2)
         try:
             action(client, args)
         except _Usage as e:
             return fail(str(e), 2)
         except MFHError as e:
-            return fail(f"{e.code}: {e.message}", exit_code(e))
+            return fail(error_line(e), exit_code(e))
+        except BrokenPipeError:  # the reader of stdout left (``| head -1``): mfh_api.cli ends quietly
+            raise
         except OSError as e:
             return fail(str(e))
         finally:
@@ -169,6 +231,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--timeout", type=positive_float, default=5.0, help="seconds per attempt (default: 5)")
     p.add_argument("--retries", type=count, default=1, help="retries of a failed idempotent call (default: 1)")
+    p.add_argument(
+        "--api-key",
+        help="the hub's API key (default: $MFH_API_KEY, else the host's server.api_key; "
+        "the variable keeps it out of the process list)",
+    )
 
 
 def register(subparsers: Any) -> None:
@@ -176,7 +243,7 @@ def register(subparsers: Any) -> None:
     get = subparsers.add_parser("get", help="print one memory", description="Print one live record and its payload.")
     get.add_argument("namespace")
     get.add_argument("key")
-    get.add_argument("--json", action="store_true", help="the whole record as JSON")
+    add_json(get, "the whole record as JSON")
     _common(get)
     get.set_defaults(func=_runner(_get))
 
@@ -190,6 +257,7 @@ def register(subparsers: Any) -> None:
         "--expected-version", type=non_negative_int, help="write only if the key is at this version (0: absent)"
     )
     put.add_argument("--persisted", action="store_true", help="answer after the SQL commit, not on acceptance")
+    add_json(put, "the version and event id as JSON")
     _common(put)
     put.set_defaults(func=_runner(_put))
 
@@ -198,6 +266,7 @@ def register(subparsers: Any) -> None:
     delete.add_argument("key")
     delete.add_argument("--expected-version", type=non_negative_int, help="delete only if the key is at this version")
     delete.add_argument("--persisted", action="store_true", help="answer after the SQL commit")
+    add_json(delete, "the tombstone's version and event id as JSON")
     _common(delete)
     delete.set_defaults(func=_runner(_delete))
 
@@ -209,6 +278,6 @@ def register(subparsers: Any) -> None:
     ls.add_argument("--page-token", default="", help="continue from a previous listing")
     ls.add_argument("--all", action="store_true", help="follow page tokens to the end")
     ls.add_argument("--include-deleted", action="store_true", help="show tombstones too")
-    ls.add_argument("--json", action="store_true", help="one JSON record per line")
+    add_json(ls, "one JSON record per line (JSON lines: --all streams page after page)")
     _common(ls)
     ls.set_defaults(func=_runner(_list))

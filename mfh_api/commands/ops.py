@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from mfh_api.commands import count, fail, host_env, settings_from
+from mfh_api.commands import add_json, count, emit, fail, host_env, settings_from
 
 __all__ = ["register"]
 
@@ -22,7 +22,7 @@ __all__ = ["register"]
 def _schedules(job: str) -> Any:
     def run(args: argparse.Namespace) -> int:
         settings_from(args)  # fail here, readably, on a bad configuration
-        argv = [sys.executable, "-m", "schedules", job]
+        argv = [sys.executable, "-m", "schedules", job, *(["--json"] if getattr(args, "json", False) else [])]
         if job == "run":
             sys.stdout.flush()
             sys.stderr.flush()
@@ -49,19 +49,28 @@ def _show(d: Any, *, as_json: bool) -> None:
 
 
 def _dlq(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    import redis
+
     from mfh_tasks import build_broker
     from mfh_tasks.dlq import DeadLetters
 
     settings = settings_from(args)
+    ids = args.ids or None
+    if args.action == "purge" and ids is None and not args.all:
+        return fail("dlq purge drops batches for good: name the ids, or pass --all", 2)
     broker = build_broker(settings)
     try:
         dlq = DeadLetters(broker, settings.write_behind.queue_name)
-        ids = args.ids or None
         if args.action == "list":
             letters = dlq.list(limit=args.limit)
+            total = dlq.count()
+            if args.json:
+                emit(args, {"key": dlq.ids_key, "total": total, "letters": [asdict(d) for d in letters]}, "")
+                return 0
             for d in letters:
                 print(d.describe())
-            total = dlq.count()
             shown = f", first {len(letters)} shown" if total > len(letters) else ""
             print(f"{total} dead-lettered batch(es) in {dlq.ids_key}{shown}")
         elif args.action == "show":
@@ -69,14 +78,24 @@ def _dlq(args: argparse.Namespace) -> int:
                 return fail("dlq show takes one message id (mfh dlq list shows them)", 2)
             _show(dlq.show(args.ids[0]), as_json=args.json)
         elif args.action == "retry":
-            print(f"re-enqueued {dlq.retry(ids)} batch(es)")
+            n = dlq.retry(ids)
+            emit(args, {"retried": n}, f"re-enqueued {n} batch(es)")
         else:
-            if ids is None and not args.all:
-                return fail("dlq purge drops batches for good: name the ids, or pass --all", 2)
-            print(f"purged {dlq.purge(ids)} batch(es)")
+            n = dlq.purge(ids)
+            emit(args, {"purged": n}, f"purged {n} batch(es)")
+    except redis.RedisError as e:  # a connection refused, a timeout, a wrong password: one line, exit 5
+        return fail(f"dlq: Redis at {_where(settings.storage.redis_url)} is unavailable: {type(e).__name__}: {e}", 5)
     finally:
         broker.close()
     return 0
+
+
+def _where(url: str) -> str:
+    """host:port/db of a Redis URL, without its password."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port or 6379}{parts.path or ''}"
 
 
 def register(subparsers: Any) -> None:
@@ -92,9 +111,11 @@ def register(subparsers: Any) -> None:
         help="replay the event log now and compare checksums (exit 1 on a mismatch)",
         description="Writes <snapshot_dir>/audit-latest.json and appends to audit-history.jsonl.",
     )
+    add_json(audit, "the audit result (ok, both checksums, events, seconds) as one JSON document")
     audit.set_defaults(func=_schedules("audit"))
 
     snap = subparsers.add_parser("snapshot", help="write a snapshot of every item now")
+    add_json(snap, "the snapshot's path, checksum and item count as one JSON document")
     snap.set_defaults(func=_schedules("snapshot"))
 
     dlq = subparsers.add_parser(
@@ -107,4 +128,5 @@ def register(subparsers: Any) -> None:
     dlq.add_argument("--json", action="store_true", help="with show: the dead letter as JSON")
     dlq.add_argument("--limit", type=count, default=100, help="list at most this many (oldest first)")
     dlq.add_argument("--all", action="store_true", help="with purge: drop every dead letter")
+    add_json(dlq, "list: {key, total, letters}; retry: {retried}; purge: {purged}")
     dlq.set_defaults(func=_dlq)

@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from mfh_api.commands import exit_code, fail, positive_int, settings_from
+from mfh_api.commands import add_json, emit, exit_code, fail, positive_int, settings_from
 from mfh_models import MFHError, StoreNotCurrent
 
 __all__ = ["ProgressBar", "register"]
@@ -99,6 +99,16 @@ def _replay(args: argparse.Namespace) -> int:
     except MFHError as e:
         return fail(f"replay: {e}", exit_code(e))
     origin = f"stream {settings.replication.event_topic}" if args.from_stream else "events table"
+    if args.json:
+        doc = {
+            "checksum": result.checksum,
+            "events": result.events,
+            "seconds": round(result.seconds, 3),
+            "events_per_s": round(result.events_per_s, 1),
+            "source": "stream" if args.from_stream else "sql",
+        }
+        emit(args, doc, "")
+        return 0
     print(
         f"replayed {result.events} events from the {origin} in {result.seconds:.2f} s ({result.events_per_s:,.0f}/s)",
         file=sys.stderr,
@@ -115,11 +125,12 @@ def _checksum(args: argparse.Namespace) -> int:
         store = SqlStore(settings.storage.database_url)
         try:
             store.create_schema()  # a fresh store is created at head; one that is behind is refused
-            print(store.checksum())
+            checksum = store.checksum()
         finally:
             store.close()
     except MFHError as e:
         return fail(f"checksum: {e}", exit_code(e))
+    emit(args, {"host_id": settings.host_id, "checksum": checksum}, checksum)
     return 0
 
 
@@ -142,6 +153,7 @@ def register(subparsers: Any) -> None:
     replay.add_argument("--source", metavar="DATABASE_URL", help="events table to read (default: this host's)")
     replay.add_argument("--batch", type=positive_int, default=5000, help="events per transaction (default: 5000)")
     replay.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_json(replay, "checksum, events, seconds and rate as one JSON document")
     replay.set_defaults(func=_replay)
 
     checksum = subparsers.add_parser(
@@ -149,4 +161,5 @@ def register(subparsers: Any) -> None:
         help="print the checksum of this host's items table",
         description="The one checksum (sha256 over sorted namespace, key, version, origin, deleted, payload hash).",
     )
+    add_json(checksum, "the host id and checksum as one JSON document")
     checksum.set_defaults(func=_checksum)

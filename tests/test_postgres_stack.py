@@ -90,8 +90,8 @@ def test_api_worker_replicator_and_scheduler_run_on_the_plain_postgresql_url(
     # And the operator's commands work against that store by the same URL
     checksum = mfh(host, "checksum")
     assert checksum.returncode == 0 and checksum.stdout.strip() == live, checksum.stderr
-    audit = mfh(host, "audit")
-    assert audit.returncode == 0 and json.loads(audit.stdout.splitlines()[-1])["ok"] is True, audit.stderr
+    audit = mfh(host, "audit", "--json")
+    assert audit.returncode == 0 and json.loads(audit.stdout)["ok"] is True, audit.stderr
     snapshot = mfh(host, "snapshot")
     assert snapshot.returncode == 0 and f"snapshot-{host.name}-" in snapshot.stdout, snapshot.stderr
     replay = mfh(host, "replay", "--into", postgres_url_b, "--quiet")

@@ -15,11 +15,13 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mfh_api.commands import fail, host_env, positive_int, settings_from
-from mfh_core.metrics_multiprocess import prepare_multiproc_dir, serve_multiprocess_metrics
-from mfh_models import Settings, StoreNotCurrent, Unavailable
+from mfh_models import StoreNotCurrent, Unavailable
+
+if TYPE_CHECKING:
+    from mfh_models import Settings
 
 __all__ = ["register"]
 
@@ -60,6 +62,8 @@ def worker_metrics_base(settings: Settings) -> Path:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    from mfh_core.metrics_multiprocess import prepare_multiproc_dir, serve_multiprocess_metrics
+
     settings = settings_from(args)  # fail here, readably, on a bad configuration
     refusal = _store_refusal(settings)
     if refusal is not None:

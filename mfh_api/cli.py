@@ -17,6 +17,7 @@ from typing import Any
 
 from mfh_api import commands
 from mfh_api.commands import exit_code, fail
+from mfh_core.jsonlog import configure_json_logging
 from mfh_core.redaction import install_redaction, redact_text
 from mfh_models import ConfigError, MFHError
 
@@ -83,7 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     Never a traceback: a hub error is one line with its exit code (:data:`mfh_api.commands.EXIT_CODES`),
     anything unexpected one line with exit code 1.
     """
-    logging.basicConfig(level=logging.WARNING, format="mfh: %(levelname)s %(name)s: %(message)s")
+    if "--json" in (sys.argv[1:] if argv is None else argv):  # the command's own log lines as JSON too
+        configure_json_logging(logging.WARNING, process="mfh")
+    else:
+        logging.basicConfig(level=logging.WARNING, format="mfh: %(levelname)s %(name)s: %(message)s")
     install_redaction()
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -7,17 +7,21 @@ and builds the broker and actors. Nothing else imports it.
 
 from __future__ import annotations
 
-import sys
+import logging
 
+from mfh_core.jsonlog import configure_json_logging
 from mfh_core.redaction import install_redaction
 from mfh_models import StoreNotCurrent, load_settings
 from mfh_tasks.runtime import build_worker
 
-install_redaction()  # dramatiq has configured logging by now; its tracebacks go through the filter too
+# Dramatiq has pointed the root handler at its pipe to the parent by now: JSON lines from here on,
+# through the redaction filter (its tracebacks too).
+configure_json_logging(process="worker")
+install_redaction()
 settings = load_settings()
 install_redaction(settings)
 try:
-    broker, persist_batch = build_worker(settings)
+    broker, persist_batch = build_worker(settings)  # waits while the SQL store's file is damaged
 except StoreNotCurrent as e:  # one line, not dramatiq's import traceback (`mfh worker` checks first)
-    print(f"mfh worker: {e}", file=sys.stderr)
+    logging.getLogger("mfh.worker").error("mfh worker: %s", e)
     raise SystemExit(3) from None

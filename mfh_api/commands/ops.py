@@ -20,7 +20,7 @@ __all__ = ["register"]
 def _schedules(job: str) -> Any:
     def run(args: argparse.Namespace) -> int:
         settings_from(args)  # fail here, readably, on a bad configuration
-        argv = [sys.executable, "-m", "schedules", job]
+        argv = [sys.executable, "-m", "schedules", job] + (["--full"] if getattr(args, "full", False) else [])
         if job == "run":
             sys.stdout.flush()
             sys.stderr.flush()
@@ -28,6 +28,14 @@ def _schedules(job: str) -> Any:
         return subprocess.run(argv, env=host_env(args), check=False).returncode
 
     return run
+
+
+def _snapshot(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        from mfh_api.commands.restore import list_snapshots
+
+        return list_snapshots(args)
+    return int(_schedules("snapshot" if args.action == "take" else "prune")(args))
 
 
 def _dlq(args: argparse.Namespace) -> int:
@@ -70,10 +78,20 @@ def register(subparsers: Any) -> None:
         help="replay the event log now and compare checksums (exit 1 on a mismatch)",
         description="Writes <snapshot_dir>/audit-latest.json and appends to audit-history.jsonl.",
     )
+    audit.add_argument(
+        "--full", action="store_true", help="replay the whole log (default: from the last verified snapshot)"
+    )
     audit.set_defaults(func=_schedules("audit"))
 
-    snap = subparsers.add_parser("snapshot", help="write a snapshot of every item now")
-    snap.set_defaults(func=_schedules("snapshot"))
+    snap = subparsers.add_parser(
+        "snapshot",
+        help="write a snapshot of every item now; `mfh snapshot list` lists them",
+        description="take (default): write one now; list: this host's snapshots with their watermark "
+        "(see also `mfh restore`); prune: drop events older than the oldest kept snapshot (archived first).",
+    )
+    snap.add_argument("action", nargs="?", choices=["take", "list", "prune"], default="take")
+    snap.add_argument("--json", action="store_true", help="list: one JSON object per snapshot")
+    snap.set_defaults(func=_snapshot)
 
     dlq = subparsers.add_parser(
         "dlq",

@@ -114,7 +114,8 @@ def _checksum(args: argparse.Namespace) -> int:
     try:
         store = SqlStore(settings.storage.database_url)
         try:
-            store.create_schema()  # a fresh store is created at head; one that is behind is refused
+            store.require_existing()  # a missing SQLite file is reported (exit 7), not created empty
+            store.create_schema()  # one that is behind is refused
             print(store.checksum())
         finally:
             store.close()

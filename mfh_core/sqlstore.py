@@ -482,6 +482,11 @@ class SqlStore:
         ]
         self._write_rows(ev_rows, item_rows)
 
+    def import_item_rows(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Upsert item rows given as tuples in column order (``namespace, key, kind, payload, version,
+        origin, deleted, updated_at, schema_version``), version-guarded: the fast path of a restore."""
+        self._write_rows([], sorted(rows, key=lambda r: (r[0], r[1])))
+
     def _write_rows(self, ev_rows: Sequence[tuple[Any, ...]], item_rows: Sequence[tuple[Any, ...]]) -> None:
         """Insert event rows (idempotent by id) and upsert item rows (version-guarded) in one transaction."""
         with self._guard(), self._write.begin() as conn:

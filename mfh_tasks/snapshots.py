@@ -32,8 +32,9 @@ from mfh_models import ChecksumRow, InvalidArgument, Kind, Record, items_checksu
 
 __all__ = [
     "FORMAT",
+    "ROW_COLUMNS",
     "SnapshotHeader",
-    "iter_snapshot_records",
+    "iter_snapshot_rows",
     "mark_verified",
     "read_header",
     "snapshots_of",
@@ -166,31 +167,31 @@ def read_header(path: Path) -> SnapshotHeader:
     return _header(path, head)
 
 
-def iter_snapshot_records(path: Path, *, batch: int = _BATCH) -> Iterator[list[Record]]:
-    """The item rows of a format-2 snapshot, in lists of up to ``batch``."""
-    head = read_header(path)
-    if not head.restorable:
-        raise InvalidArgument(
-            f"{path.name} is a format-{head.format} snapshot (no kind, updated_at or watermark): it cannot rebuild "
-            "a store; take a new one with `mfh snapshot`, or rebuild from the whole log with `mfh replay`"
-        )
-    out: list[Record] = []
+#: Item columns in the order of a snapshot row tuple (and of ``SqlStore.import_item_rows``).
+ROW_COLUMNS = ("namespace", "key", "kind", "payload", "version", "origin", "deleted", "updated_at", "schema_version")
+
+
+def iter_snapshot_rows(path: Path, *, batch: int = _BATCH) -> Iterator[list[tuple[Any, ...]]]:
+    """The item rows of a format-2 snapshot as tuples in :data:`ROW_COLUMNS` order, in lists of up to ``batch``."""
+    _require_restorable(path)
+    out: list[tuple[Any, ...]] = []
     try:
         with gzip.open(path, "rt", encoding="utf-8") as f:
             f.readline()
             for line in f:
                 d = json.loads(line)
+                kind = Kind(d["kind"]).value
                 out.append(
-                    Record.model_construct(
-                        namespace=d["namespace"],
-                        key=d["key"],
-                        kind=Kind(d["kind"]),
-                        payload=d["payload"],
-                        version=int(d["version"]),
-                        origin=d["origin"],
-                        deleted=bool(d["deleted"]),
-                        updated_at=int(d["updated_at"]),
-                        schema_version=int(d["schema_version"]),
+                    (
+                        str(d["namespace"]),
+                        str(d["key"]),
+                        kind,
+                        str(d["payload"]),
+                        int(d["version"]),
+                        str(d["origin"]),
+                        bool(d["deleted"]),
+                        int(d["updated_at"]),
+                        int(d["schema_version"]),
                     )
                 )
                 if len(out) >= batch:
@@ -200,6 +201,16 @@ def iter_snapshot_records(path: Path, *, batch: int = _BATCH) -> Iterator[list[R
         raise InvalidArgument(f"{path.name} is damaged: {type(e).__name__}: {e}") from None
     if out:
         yield out
+
+
+def _require_restorable(path: Path) -> SnapshotHeader:
+    head = read_header(path)
+    if not head.restorable:
+        raise InvalidArgument(
+            f"{path.name} is a format-{head.format} snapshot (no kind, updated_at or watermark): it cannot rebuild "
+            "a store; take a new one with `mfh snapshot`, or rebuild from the whole log with `mfh replay`"
+        )
+    return head
 
 
 def _verified_path(directory: Path, host: str) -> Path:

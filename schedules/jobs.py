@@ -138,7 +138,7 @@ def audit(sql: SqlStore, *, host: str, report_dir: Path | None = None, full: boo
                     base = None
                 after = 0
                 if base is not None:
-                    load_snapshot(base.path, target)
+                    load_snapshot(base.path, target, verify=False)
                     after = base.watermark or 0
                 elif report_dir is not None:
                     for chunk in iter_archived_events(report_dir, host):

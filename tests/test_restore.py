@@ -221,7 +221,7 @@ def test_a_postgres_snapshot_waits_for_a_write_in_flight_so_its_watermark_misses
     try:
         # Given a write transaction that took its seq (and the write fence) but has not committed ...
         with engine.connect() as conn:
-            conn.exec_driver_sql("SELECT pg_advisory_xact_lock_shared(%s)" % 0x6D666802)
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock_shared({0x6D666802})")
             conn.execute(
                 sa.text(
                     "INSERT INTO events (event_id, op, namespace, key, kind, payload, version, origin, created_at,"

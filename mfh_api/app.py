@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import errno
 import gc
-import json
 import logging
 import signal
 import socket
@@ -27,6 +26,7 @@ from mfh_api.auth import check_bind_is_safe
 from mfh_api.grpc_server import GrpcServer
 from mfh_api.service import MemoryService, build_service
 from mfh_core.heartbeat import Heartbeat
+from mfh_core.jsonlog import JsonFormatter, configure_json_logging
 from mfh_core.redaction import install_loop_exception_handler, install_redaction
 from mfh_core.redis_health import check_persistence
 from mfh_models import ConfigError, Settings, StoreNotCurrent, load_settings
@@ -43,31 +43,10 @@ class _Server(Protocol):
     port: int
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: easy to grep and to ship."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "ts": round(record.created, 3),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info and not record.exc_text:
-            record.exc_text = self.formatException(record.exc_info)
-        if record.exc_text:  # the redaction filter leaves a safe rendering here
-            out["exc"] = record.exc_text
-        for k in ("grpc_port", "zmq_port", "metrics_port", "host_id"):
-            if hasattr(record, k):
-                out[k] = getattr(record, k)
-        return json.dumps(out, default=str)
-
-
 def configure_logging(level: int = logging.INFO, settings: Settings | None = None) -> None:
     """JSON lines on stderr, through the redaction filter (``settings`` adds its exact secrets)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    logging.basicConfig(level=level, handlers=[handler], force=True)
+    logging.basicConfig(level=level, handlers=[logging.StreamHandler(sys.stderr)], force=True)
+    configure_json_logging(level, process="api")
     install_redaction(settings)
 
 

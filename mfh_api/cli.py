@@ -46,6 +46,19 @@ def version() -> str:
         return "unknown"
 
 
+def _configure_logging(argv: Sequence[str] | None) -> None:
+    """The command's own log lines: JSON with ``--json`` (the hub's formatter), else one plain line each."""
+    if "--json" in (sys.argv[1:] if argv is None else argv):
+        try:
+            from mfh_core.jsonlog import configure_json_logging
+        except ModuleNotFoundError:  # the base install: no server package's libraries
+            pass
+        else:
+            configure_json_logging(logging.WARNING, process="mfh")
+            return
+    logging.basicConfig(level=logging.WARNING, format="mfh: %(levelname)s %(name)s: %(message)s")
+
+
 def _redaction() -> tuple[Callable[[], object], Callable[[str], str]]:
     """The hub's log redaction, or (base install: no hub, no hub logs) URL-password masking alone."""
     try:
@@ -140,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(argv: Sequence[str] | None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="mfh: %(levelname)s %(name)s: %(message)s")
+    _configure_logging(argv)
     install_redaction, redact_text = _redaction()
     install_redaction()
     parser = build_parser()

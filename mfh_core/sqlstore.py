@@ -16,9 +16,10 @@ creates a brand-new database at head and refuses one that is behind (``mfh db up
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from mfh_models import (
     MemoryEvent,
     Op,
     Record,
+    StoreDamaged,
     StoreNotCurrent,
     Unavailable,
     items_checksum,
@@ -108,6 +110,13 @@ _ITEM_UPDATE = (
 _PG_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg2")
 #: pg_advisory_xact_lock key held while a store's schema is checked or migrated ("mfh" + 1).
 _SCHEMA_LOCK = 0x6D666801
+#: Advisory lock every Postgres write transaction holds shared until it commits, and a snapshot takes
+#: exclusively for the instant its read view starts ("mfh" + 2): no event insert is then in flight, so
+#: every event with ``seq`` up to the view's highest is in the view (a sequence hands out numbers at
+#: insert time, not in commit order; without the fence a snapshot could miss a lower, later-committed seq).
+_WRITE_FENCE = 0x6D666802
+#: SQLite result codes of a damaged file: SQLITE_CORRUPT (11), SQLITE_NOTADB (26).
+_SQLITE_DAMAGED = (11, 26)
 
 
 def engine_url(url: str) -> str:
@@ -188,6 +197,38 @@ class Snapshot:
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
 
+    def watermark(self) -> tuple[int, str | None]:
+        """The highest event ``seq`` in this view and that event's id ((0, None) for an empty log).
+
+        Taken from a fenced view (``SqlStore.snapshot(fenced=True)``), every event with a lower seq is
+        in the view too, so "the events after the watermark" are exactly the ones the view lacks.
+        """
+        t = events_table
+        row = self._conn.execute(sa.select(t.c.seq, t.c.event_id).order_by(t.c.seq.desc()).limit(1)).first()
+        return (int(row.seq), str(row.event_id)) if row is not None else (0, None)
+
+    def iter_events_after(
+        self, after_seq: int, *, upto_seq: int | None = None, batch: int = 5000
+    ) -> Iterator[tuple[int, MemoryEvent]]:
+        """The events with ``after_seq < seq`` (``<= upto_seq``), in commit order, as (seq, event)."""
+        t = events_table
+        last = after_seq
+        while True:
+            stmt = sa.select(t).where(t.c.seq > last)
+            if upto_seq is not None:
+                stmt = stmt.where(t.c.seq <= upto_seq)
+            rows = self._conn.execute(stmt.order_by(t.c.seq).limit(batch)).all()
+            if not rows:
+                return
+            for r in rows:
+                yield int(r.seq), _event(r)
+            last = int(rows[-1].seq)
+
+    def event_id_at(self, seq: int) -> str | None:
+        """The id of the event at ``seq`` in this view, or None."""
+        t = events_table
+        return self._conn.execute(sa.select(t.c.event_id).where(t.c.seq == seq)).scalar_one_or_none()
+
     def iter_items(self, batch: int = 5000) -> Iterator[ChecksumRow]:
         t = items_table
         cols = (t.c.namespace, t.c.key, t.c.version, t.c.origin, t.c.deleted, t.c.payload)
@@ -254,6 +295,22 @@ class SqlStore:
             eng = sa.create_engine(real, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
             self._write = self._read = eng
         self._checkpoint_interval_s = checkpoint_interval_s
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The SQLite file, or None on Postgres."""
+        if self.dialect != "sqlite":
+            return None
+        return Path(sa.engine.make_url(engine_url(self.url)).database or "")
+
+    def require_existing(self) -> None:
+        """Raise :class:`StoreDamaged` when the SQLite file is missing (a reader must not create an empty one)."""
+        path = self.sqlite_path
+        if path is not None and not path.exists():
+            raise StoreDamaged(
+                f"the SQLite file {path} is missing: restore it (docs/operations.md, 'A host lost its disk')",
+                path=str(path),
+            )
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -425,11 +482,18 @@ class SqlStore:
         ]
         self._write_rows(ev_rows, item_rows)
 
+    def import_item_rows(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Upsert item rows given as tuples in column order (``namespace, key, kind, payload, version,
+        origin, deleted, updated_at, schema_version``), version-guarded: the fast path of a restore."""
+        self._write_rows([], sorted(rows, key=lambda r: (r[0], r[1])))
+
     def _write_rows(self, ev_rows: Sequence[tuple[Any, ...]], item_rows: Sequence[tuple[Any, ...]]) -> None:
         """Insert event rows (idempotent by id) and upsert item rows (version-guarded) in one transaction."""
         with self._guard(), self._write.begin() as conn:
             cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
             try:
+                if self.dialect == "postgresql" and ev_rows:
+                    cur.execute(f"SELECT pg_advisory_xact_lock_shared({_WRITE_FENCE})")  # see _WRITE_FENCE
                 if self.dialect == "sqlite":
                     if ev_rows:
                         cur.executemany(
@@ -526,13 +590,27 @@ class SqlStore:
             return snap.checksum()
 
     @contextmanager
-    def snapshot(self) -> Iterator[Snapshot]:
-        """One consistent read view of items and events (a single repeatable-read transaction)."""
-        with self._guard(), self._read.connect() as conn:
+    def snapshot(self, *, fenced: bool = False) -> Iterator[Snapshot]:
+        """One consistent read view of items and events (a single repeatable-read transaction).
+
+        ``fenced``: on Postgres, start the view while no write transaction is in flight (the write
+        fence, held for the instant the view starts), so :meth:`Snapshot.watermark` is exact. SQLite
+        has one writer at a time, so its views are always fenced.
+        """
+        with self._guard(), ExitStack() as stack:
+            fence: Connection | None = None
+            if fenced and self.dialect == "postgresql":
+                fence = stack.enter_context(self._write.connect())
+                stack.enter_context(fence.begin())
+                fence.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_WRITE_FENCE})")
+            conn = stack.enter_context(self._read.connect())  # checked out (and pinged) inside the fence
             if self.dialect == "postgresql":
                 conn = conn.execution_options(isolation_level="REPEATABLE READ")
-            with conn.begin():
-                yield Snapshot(conn)
+            stack.enter_context(conn.begin())
+            if fence is not None:
+                conn.exec_driver_sql("SELECT 1")  # the view starts here, while no write is in flight
+                fence.commit()  # writers go on
+            yield Snapshot(conn)
 
     def iter_events(self, *, after_seq: int = 0, batch: int = 2000) -> Iterator[tuple[int, MemoryEvent]]:
         """The event log in commit order, as (seq, event)."""
@@ -546,6 +624,23 @@ class SqlStore:
             for r in rows:
                 yield int(r.seq), _event(r)
             last = int(rows[-1].seq)
+
+    def prune_events(self, *, below_seq: int, batch: int = 5000) -> Iterator[list[tuple[int, MemoryEvent, bool]]]:
+        """Delete the events with ``seq < below_seq``, oldest first, one transaction per ``batch``;
+        yields each batch (seq, event, published) before it is deleted, for the caller to archive.
+
+        The event at ``below_seq`` itself stays, so a SQLite rowid never goes back and is reused.
+        """
+        t = events_table
+        while True:
+            with self._guard(), self._read.connect() as conn:
+                rows = conn.execute(sa.select(t).where(t.c.seq < below_seq).order_by(t.c.seq).limit(batch)).all()
+            if not rows:
+                return
+            yield [(int(r.seq), _event(r), bool(r.published)) for r in rows]
+            last = int(rows[-1].seq)
+            with self._guard(), self._write.begin() as conn:
+                conn.execute(sa.delete(t).where(t.c.seq <= last))
 
     def existing_events(self, event_ids: Sequence[str]) -> set[str]:
         """Which of these events are committed: the proof a PERSISTED waiter falls back on."""
@@ -584,6 +679,24 @@ class SqlStore:
         except IntegrityError as e:
             raise InvalidArgument(f"{self.dialect} rejected the batch: {e.orig}") from e
         except DBAPIError as e:
+            damaged = self._damage(e.orig)
+            if damaged is not None:
+                raise damaged from e
             raise Unavailable(f"{self.dialect} unavailable: {e.orig}") from e
         except SQLAlchemyError as e:
             raise Unavailable(f"{self.dialect} error: {e}") from e
+
+    def _damage(self, orig: BaseException | None) -> StoreDamaged | None:
+        """A StoreDamaged naming the file when a SQLite error says the file itself is damaged."""
+        if self.dialect != "sqlite" or not isinstance(orig, sqlite3.DatabaseError):
+            return None
+        code = getattr(orig, "sqlite_errorcode", None)
+        text = str(orig)
+        if (code is not None and code & 0xFF in _SQLITE_DAMAGED) or "not a database" in text or "malformed" in text:
+            path = self.sqlite_path
+            return StoreDamaged(
+                f"the SQLite file {path} is corrupt ({text}): restore it "
+                "(docs/operations.md, 'The SQLite file is corrupt')",
+                path=str(path),
+            )
+        return None

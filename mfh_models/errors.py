@@ -9,7 +9,9 @@
     ├── Unauthenticated           UNAUTHENTICATED: missing or wrong API key
     ├── ResourceExhausted         RESOURCE_EXHAUSTED: backlog or concurrency limit reached
     └── Unavailable               UNAVAILABLE: a store is down; safe to retry
-        └── DeadlineExceeded      DEADLINE_EXCEEDED: the answer did not come in time
+        ├── DeadlineExceeded      DEADLINE_EXCEEDED: the answer did not come in time
+        └── StoreDamaged          UNAVAILABLE on the wire, but no retry mends it: the SQL store's file
+                                  is corrupt or missing (``mfh restore``; exit code 7)
 
 Driver errors are translated into these where they enter (``raise ... from e``); the
 transports map ``code`` to a gRPC status or a ZeroMQ error object in one table.
@@ -24,6 +26,7 @@ __all__ = [
     "MFHError",
     "NotFound",
     "ResourceExhausted",
+    "StoreDamaged",
     "StoreNotCurrent",
     "Unauthenticated",
     "Unavailable",
@@ -86,3 +89,12 @@ class Unavailable(MFHError):
 
 class DeadlineExceeded(Unavailable):
     code = "DEADLINE_EXCEEDED"
+
+
+class StoreDamaged(Unavailable):
+    """The SQL store's file is corrupt or missing: the message names the file. Clients see UNAVAILABLE
+    (another host can serve them); an operator restores it (docs/operations.md, "The SQLite file is corrupt")."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path

@@ -136,6 +136,12 @@ class SchedulerSettings(_Section):
     snapshot_keep: int = Field(default=24, ge=1, description="snapshots kept per host")
     audit_cron: str = "30 3 * * *"
     reconcile_interval_seconds: float = Field(default=30, gt=0)
+    prune_events: bool = Field(
+        default=False, description="after each snapshot, delete events older than the oldest kept snapshot"
+    )
+    archive_pruned_events: bool = Field(
+        default=True, description="write pruned events to events-<host>-<first>-<last>.jsonl.gz in snapshot_dir first"
+    )
 
     @field_validator("audit_cron")
     @classmethod

@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 from mfh_core import HotStore, SqlStore
 from mfh_core.eventbus import DurableSubscription, EventBus
 from mfh_core.heartbeat import Heartbeat
+from mfh_core.jsonlog import configure_json_logging
 from mfh_core.metrics import REPLICATION_APPLIED, REPLICATION_LAG, REPLICATION_SKIPPED
 from mfh_core.metrics_http import serve_metrics
 from mfh_core.redaction import install_loop_exception_handler, install_redaction
@@ -33,7 +34,7 @@ from mfh_models import MemoryEvent, MFHError, Settings, Unavailable, load_settin
 from mfh_tasks.outbox import OutboxRelay
 from mfh_tasks.peer_lag import PeerLagBook
 from mfh_tasks.persist import PersistPipeline
-from mfh_tasks.runtime import build_hot_store, build_sql_store, warn_if_store_switched
+from mfh_tasks.runtime import build_hot_store, wait_for_sound_sql_store, warn_if_store_switched
 
 __all__ = ["Replicator", "consumer_name", "main", "run_replication"]
 
@@ -284,7 +285,10 @@ async def run_replication(settings: Settings, stop: asyncio.Event, *, outbox_int
         log.info("replication is disabled for %s (replication.enabled); idle until stopped", settings.host_id)
         await stop.wait()
         return
-    sql: SqlStore = await asyncio.to_thread(build_sql_store, settings)
+    found = await wait_for_sound_sql_store(settings, process="replicator", stop=stop)
+    if found is None:
+        return
+    sql: SqlStore = found
     hot: HotStore = build_hot_store(settings)
     await check_persistence(hot.redis, url=settings.storage.redis_url, process="replicator")
     bus = EventBus.from_settings(settings.replication, name=f"mfh-replicator-{settings.host_id}")
@@ -353,7 +357,7 @@ async def _serve(settings: Settings) -> None:
 
 def main(settings: Settings | None = None) -> None:
     """Entry point: read the settings once (MFH_HOST, MFH_CONFIG_DIR) and replicate until SIGTERM."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    configure_json_logging(process="replicator")
     install_redaction()
     settings = settings or load_settings()
     install_redaction(settings)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
@@ -12,14 +14,21 @@ from mfh_core import HotStore, SqlStore
 from mfh_core.eventbus import EventBus
 from mfh_core.redaction import redact_text
 from mfh_core.resilience import breaker_from_settings
-from mfh_models import MFHError, Settings, Unavailable
+from mfh_models import MFHError, Settings, StoreDamaged, Unavailable
 from mfh_tasks.actors import LazyPipeline, declare_persist_actor
 from mfh_tasks.broker import build_broker
 from mfh_tasks.enqueue import BatchQueue
 from mfh_tasks.persist import EventPublisher, PersistPipeline
 from mfh_tasks.recovery import Recovery
 
-__all__ = ["build_hot_store", "build_sql_store", "build_worker", "warn_if_store_switched"]
+__all__ = [
+    "build_hot_store",
+    "build_sql_store",
+    "build_sql_store_when_sound",
+    "build_worker",
+    "wait_for_sound_sql_store",
+    "warn_if_store_switched",
+]
 
 log = logging.getLogger("mfh.worker")
 store_log = logging.getLogger("mfh.store")
@@ -37,6 +46,62 @@ def build_sql_store(settings: Settings) -> SqlStore:
         store.close()
         raise
     return store
+
+
+#: How often a process waiting on a damaged store tries again, and how often it says so again.
+STORE_RETRY_S = 5.0
+STORE_REMIND_S = 300.0
+
+
+def build_sql_store_when_sound(
+    settings: Settings, *, process: str, stop: threading.Event | None = None, retry_s: float = STORE_RETRY_S
+) -> SqlStore | None:
+    """:func:`build_sql_store`, waiting while the store's file is corrupt or missing (StoreDamaged)
+    instead of exiting: under honcho one process that exits stops the whole host. Says so in one
+    line (then a reminder every few minutes); None if ``stop`` is set first."""
+    said_at: float | None = None
+    while True:
+        try:
+            store = build_sql_store(settings)
+        except StoreDamaged as e:
+            now = time.monotonic()
+            if said_at is None or now - said_at >= STORE_REMIND_S:
+                store_log.error(
+                    "%s: %s; waiting, retrying every %.0f s",
+                    process,
+                    e,
+                    retry_s,
+                    extra={"path": e.path, "outcome": "waiting"},
+                )
+                said_at = now
+            if stop is not None:
+                if stop.wait(retry_s):
+                    return None
+            else:
+                time.sleep(retry_s)
+            continue
+        if said_at is not None:
+            store_log.warning("%s: the SQL store is sound again; starting", process, extra={"outcome": "recovered"})
+        return store
+
+
+async def wait_for_sound_sql_store(
+    settings: Settings, *, process: str, stop: asyncio.Event, retry_s: float = STORE_RETRY_S
+) -> SqlStore | None:
+    """The async twin of :func:`build_sql_store_when_sound` (the replicator, the scheduler)."""
+    flag = threading.Event()
+
+    async def relay() -> None:
+        await stop.wait()
+        flag.set()
+
+    watcher = asyncio.ensure_future(relay())
+    try:
+        return await asyncio.to_thread(
+            build_sql_store_when_sound, settings, process=process, stop=flag, retry_s=retry_s
+        )
+    finally:
+        watcher.cancel()
 
 
 async def warn_if_store_switched(
@@ -118,7 +183,8 @@ def build_worker(settings: Settings, *, serve_metrics: bool = True) -> tuple[Red
     ``serve_metrics=False`` when the supervising ``mfh worker`` serves all worker processes' metrics.
     """
     broker = build_broker(settings)
-    sql = build_sql_store(settings)
+    sql = build_sql_store_when_sound(settings, process="worker")
+    assert sql is not None  # without a stop event it waits until the store is sound
 
     cb = settings.resilience.circuit_breaker
 

@@ -1,4 +1,4 @@
-"""``python -m schedules run|audit|snapshot``: what ``mfh scheduler|audit|snapshot`` execute.
+"""``python -m schedules run|audit|snapshot|prune``: what ``mfh scheduler|audit|snapshot`` execute.
 
 A composition root of its own (``mfh_api`` may not import ``schedules``): settings come from
 MFH_HOST and MFH_CONFIG_DIR, as for the Dramatiq worker.
@@ -18,10 +18,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mfh_core import SqlStore
+from mfh_core.jsonlog import configure_json_logging
 from mfh_core.redaction import install_redaction, redact_text
-from mfh_models import ConfigError, MFHError, Settings, load_settings
-from mfh_tasks import build_sql_store
-from schedules.jobs import audit, snapshot
+from mfh_models import ConfigError, MFHError, Settings, StoreDamaged, load_settings
+from schedules.jobs import audit, prune_events, snapshot
 from schedules.runner import run_scheduler
 
 #: ``mfh``'s exit codes (mfh_api.commands.EXIT_CODES, which this package may not import).
@@ -34,6 +35,7 @@ _EXIT_CODES = {
     "RESOURCE_EXHAUSTED": 5,
     "UNAUTHENTICATED": 6,
 }
+_STORE_DAMAGED = 7  # corrupt or missing: no retry mends it
 
 
 class _NotTheResult(logging.Filter):
@@ -43,12 +45,15 @@ class _NotTheResult(logging.Filter):
         return not record.msg.startswith("replay audit:") if isinstance(record.msg, str) else True
 
 
-def _one_shot(job: str, settings: Settings, as_json: bool) -> int:
-    sql = build_sql_store(settings)
+def _one_shot(job: str, settings: Settings, *, as_json: bool, full: bool) -> int:
+    sch = settings.scheduler
+    sql = SqlStore(settings.storage.database_url)
     try:
-        directory = Path(settings.scheduler.snapshot_dir)
+        sql.require_existing()  # a missing file is reported, not created empty
+        sql.create_schema()
+        directory = Path(sch.snapshot_dir)
         if job == "audit":
-            result = audit(sql, host=settings.host_id, report_dir=directory)
+            result = audit(sql, host=settings.host_id, report_dir=directory, full=full)
             if as_json:
                 print(result.to_json())
             elif result.ok:
@@ -61,11 +66,15 @@ def _one_shot(job: str, settings: Settings, as_json: bool) -> int:
                     f"({result.events} events)"
                 )
             return 0 if result.ok else 1
-        path = snapshot(sql, directory, host=settings.host_id, keep=settings.scheduler.snapshot_keep)
+        if job == "prune":
+            n = prune_events(sql, directory, host=settings.host_id, archive=sch.archive_pruned_events)
+            print(json.dumps({"pruned": n}) if as_json else f"pruned {n} events")
+            return 0
+        path = snapshot(sql, directory, host=settings.host_id, keep=sch.snapshot_keep)
         with gzip.open(path, "rt", encoding="utf-8") as f:
-            head: dict[str, Any] = json.loads(f.readline())
-        doc = {"path": str(path), **head}
-        print(json.dumps(doc, sort_keys=True) if as_json else f"{path}  {head['items']} items  {head['checksum']}")
+            header: dict[str, Any] = json.loads(f.readline())
+        doc = {"path": str(path), **header}
+        print(json.dumps(doc, sort_keys=True) if as_json else f"{path}  {header['items']} items  {header['checksum']}")
         return 0
     finally:
         sql.close()
@@ -73,13 +82,16 @@ def _one_shot(job: str, settings: Settings, as_json: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m schedules", description=__doc__)
-    parser.add_argument("job", choices=["run", "audit", "snapshot"])
-    parser.add_argument("--json", action="store_true", help="audit, snapshot: the result as one JSON document")
+    parser.add_argument("job", choices=["run", "audit", "snapshot", "prune"])
+    parser.add_argument("--json", action="store_true", help="audit, snapshot, prune: the result as one JSON document")
+    parser.add_argument(
+        "--full", action="store_true", help="audit: replay the whole log, not from the last verified snapshot"
+    )
     args = parser.parse_args(argv)
-    # The scheduler logs its work; a one-shot job prints its result and logs only warnings and errors.
-    level = logging.INFO if args.job == "run" else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True)
-    if args.job != "run":
+    if args.job == "run":
+        configure_json_logging(process="scheduler")
+    else:  # a one-shot job prints its result and logs only warnings and errors
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True)
         logging.getLogger("mfh.schedules").addFilter(_NotTheResult())
     install_redaction()
     try:
@@ -88,10 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.job == "run":
             asyncio.run(run_scheduler(settings))
             return 0
-        return _one_shot(args.job, settings, args.json)
+        return _one_shot(args.job, settings, as_json=args.json, full=args.full)
     except ConfigError as e:
         print(f"mfh: {e}", file=sys.stderr)
         return 2
+    except StoreDamaged as e:
+        print(f"mfh: {args.job}: {e}", file=sys.stderr)
+        return _STORE_DAMAGED
     except MFHError as e:
         print(f"mfh: {args.job}: {e.code}: {e.message}", file=sys.stderr)
         return _EXIT_CODES.get(e.code, 1)

@@ -13,16 +13,36 @@ import logging
 import re
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mfh_core import HotStore, SqlStore
 from mfh_core.metrics import DIRTY_ENTRIES, RECONCILE_REENQUEUED
-from mfh_models import items_checksum
+from mfh_core.sqlstore import Snapshot
+from mfh_models import MemoryEvent, MFHError
 from mfh_tasks.enqueue import Send
 from mfh_tasks.recovery import requeue_dirty
+from mfh_tasks.restore import load_snapshot
+from mfh_tasks.snapshots import (
+    SnapshotHeader,
+    mark_verified,
+    read_header,
+    snapshots_of,
+    verified_snapshot,
+    write_snapshot,
+)
 
-__all__ = ["AuditResult", "audit", "audit_paths", "reconcile", "snapshot", "snapshots_of"]
+__all__ = [
+    "AuditResult",
+    "audit",
+    "audit_paths",
+    "iter_archived_events",
+    "prune_events",
+    "reconcile",
+    "snapshot",
+    "snapshots_of",
+]
 
 log = logging.getLogger("mfh.schedules")
 
@@ -41,36 +61,23 @@ async def reconcile(hot: HotStore, send: Send, *, stale_after_s: float, batch: i
     return n
 
 
-def snapshots_of(directory: Path, host: str) -> list[Path]:
-    """This host's snapshot files in ``directory``, oldest first (another host's never match)."""
-    pattern = re.compile(rf"snapshot-{re.escape(host)}-\d{{8}}T\d{{9}}Z\.jsonl\.gz")
-    return sorted(p for p in directory.glob(f"snapshot-{host}-*.jsonl.gz") if pattern.fullmatch(p.name))
-
-
 def snapshot(sql: SqlStore, directory: Path, *, host: str, keep: int = 24) -> Path:
-    """Write every item (tombstones too) as gzipped JSON lines, headed by the checksum and the host;
-    keep this host's newest ``keep``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    now = time.time()
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{int(now * 1000) % 1000:03d}Z"
-    final = directory / f"snapshot-{host}-{stamp}.jsonl.gz"
-    tmp = final.with_suffix(".tmp")
-    with sql.snapshot() as snap:
-        rows = sorted(snap.iter_items(), key=lambda r: (r.namespace.encode(), r.key.encode()))
-    with gzip.open(tmp, "wt", encoding="utf-8") as out:
-        head = {"checksum": items_checksum(rows), "items": len(rows), "taken_at": stamp, "host": host}
-        out.write(json.dumps(head) + "\n")
-        for r in rows:
-            out.write(json.dumps(r._asdict(), separators=(",", ":")) + "\n")
-    tmp.rename(final)
+    """Write every item row (tombstones too) with the event watermark it covers (mfh_tasks.snapshots);
+    keep this host's newest ``keep``, and always the one the last audit verified."""
+    head = write_snapshot(sql, directory, host=host)
+    verified = verified_snapshot(directory, host)
     for old in snapshots_of(directory, host)[:-keep]:
-        old.unlink()
-    log.info("snapshot %s written", final)
-    return final
+        if verified is None or old != verified.path:
+            old.unlink()
+    log.info("snapshot %s written: %d items, watermark %s", head.path, head.items, head.watermark)
+    return head.path
 
 
 @dataclass(frozen=True, slots=True)
 class AuditResult:
+    """One audit's verdict (``audit-latest-<host>.json``); fields after ``checked_at`` came with the
+    incremental audit: ``mode`` "incremental" (from ``base_snapshot``) or "full" (the whole log)."""
+
     host: str
     ok: bool
     live_checksum: str
@@ -78,6 +85,11 @@ class AuditResult:
     events: int
     seconds: float
     checked_at: str
+    mode: str = "full"
+    base_snapshot: str | None = None
+    base_watermark: int = 0
+    verified_snapshot: str | None = None  # the newer snapshot this audit proved, if any
+    snapshot_mismatch: str | None = None  # a snapshot that differed from the log up to its watermark
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -88,34 +100,84 @@ def audit_paths(report_dir: Path, host: str) -> tuple[Path, Path]:
     return report_dir / f"audit-latest-{host}.json", report_dir / f"audit-history-{host}.jsonl"
 
 
-def audit(sql: SqlStore, *, host: str, report_dir: Path | None = None) -> AuditResult:
-    """Replay the event log into an empty SQLite and compare checksums with the live items table.
+def _newest_restorable(directory: Path, host: str) -> SnapshotHeader | None:
+    for path in reversed(snapshots_of(directory, host)):
+        try:
+            head = read_header(path)
+        except MFHError:
+            continue
+        if head.restorable:
+            return head
+    return None
 
-    Both sides come from one read snapshot, so writes during the audit cannot make it disagree.
+
+def audit(sql: SqlStore, *, host: str, report_dir: Path | None = None, full: bool = False) -> AuditResult:
+    """Rebuild the items table in an empty SQLite and compare checksums with the live one.
+
+    Incremental (the default): start from the latest verified snapshot in ``report_dir`` and apply
+    the events after its watermark, so the cost grows with the events since that snapshot. On the
+    way it passes the newest snapshot's watermark: if the rebuilt state equals that snapshot, the
+    snapshot becomes the verified one (the next audit starts there). ``full``, or no verified
+    snapshot: the whole log, archived events first. The live side and the events come from one
+    read view, so writes during the audit cannot make it disagree.
     """
     t0 = time.perf_counter()
     events = 0
+    base = None if full or report_dir is None else verified_snapshot(report_dir, host)
+    newest = None if report_dir is None else _newest_restorable(report_dir, host)
+    proved: SnapshotHeader | None = None
+    mismatch: str | None = None
     with tempfile.TemporaryDirectory(prefix="mfh-audit-") as tmp:
         target = SqlStore(f"sqlite:///{tmp}/replay.db")
         target.create_schema()
         try:
             with sql.snapshot() as snap:
+                if base is not None and base.watermark and snap.event_id_at(base.watermark) != base.watermark_event_id:
+                    log.warning("audit: %s was not taken from this store's log; auditing the whole log", base.path.name)
+                    base = None
+                after = 0
+                if base is not None:
+                    load_snapshot(base.path, target, verify=False)
+                    after = base.watermark or 0
+                elif report_dir is not None:
+                    for chunk in iter_archived_events(report_dir, host):
+                        target.apply_batch(chunk, published=True)
+                        events += len(chunk)
                 live = snap.checksum()
-                for chunk in snap.iter_events():
-                    target.apply_batch(chunk, published=True)
-                    events += len(chunk)
+                check = newest
+                if check is not None and (
+                    (base is not None and check.path == base.path)
+                    or (check.watermark or 0) < after
+                    or (check.watermark and snap.event_id_at(check.watermark) != check.watermark_event_id)
+                ):
+                    check = None
+                if check is not None:
+                    events += _apply(snap, target, after, check.watermark)
+                    after = check.watermark or 0
+                    if target.checksum() == check.checksum:
+                        proved = check
+                    else:
+                        mismatch = check.path.name
+                events += _apply(snap, target, after, None)
             replayed = target.checksum()
         finally:
             target.close()
     result = AuditResult(
         host=host,
-        ok=live == replayed,
+        ok=live == replayed and mismatch is None,
         live_checksum=live,
         replay_checksum=replayed,
         events=events,
         seconds=round(time.perf_counter() - t0, 3),
         checked_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        mode="incremental" if base is not None else "full",
+        base_snapshot=base.path.name if base is not None else None,
+        base_watermark=(base.watermark or 0) if base is not None else 0,
+        verified_snapshot=proved.path.name if proved is not None else None,
+        snapshot_mismatch=mismatch,
     )
+    if proved is not None and result.ok:
+        mark_verified(proved, host=host)
     if report_dir is not None:
         report_dir.mkdir(parents=True, exist_ok=True)
         latest, history = audit_paths(report_dir, host)
@@ -126,3 +188,71 @@ def audit(sql: SqlStore, *, host: str, report_dir: Path | None = None) -> AuditR
             f.write(result.to_json() + "\n")
     (log.info if result.ok else log.error)("replay audit: %s", result.to_json())
     return result
+
+
+def _apply(snap: Snapshot, target: SqlStore, after: int, upto: int | None) -> int:
+    n = 0
+    chunk: list[MemoryEvent] = []
+    for _, e in snap.iter_events_after(after, upto_seq=upto):
+        chunk.append(e)
+        if len(chunk) >= _CHUNK:
+            target.apply_batch(chunk, published=True)
+            n += len(chunk)
+            chunk = []
+    if chunk:
+        target.apply_batch(chunk, published=True)
+        n += len(chunk)
+    return n
+
+
+_CHUNK = 5000
+
+
+def prune_events(sql: SqlStore, directory: Path, *, host: str, archive: bool = True) -> int:
+    """Delete the events older than the oldest kept snapshot of this store (``scheduler.prune_events``),
+    archiving them first to ``events-<host>-<first>-<last>.jsonl.gz`` when ``archive``.
+
+    Every kept snapshot (the verified one included) can still be restored and audited from, since the
+    events after its watermark stay; a full replay reads the archives first (:func:`iter_archived_events`).
+    """
+    with sql.snapshot() as snap:
+        marks = []
+        for path in snapshots_of(directory, host):
+            try:
+                head = read_header(path)
+            except MFHError:
+                continue
+            if head.restorable and head.watermark and snap.event_id_at(head.watermark) == head.watermark_event_id:
+                marks.append(head.watermark)
+    if not marks:
+        return 0
+    below = min(marks)
+    pruned = 0
+    for rows in sql.prune_events(below_seq=below, batch=_CHUNK):
+        if archive:
+            first, last = rows[0][0], rows[-1][0]
+            out = directory / f"events-{host}-{first:012d}-{last:012d}.jsonl.gz"
+            tmp = out.with_suffix(".tmp")
+            with gzip.open(tmp, "wt", encoding="utf-8") as f:
+                for seq, e, published in rows:
+                    f.write(json.dumps({"seq": seq, "published": published, **e.model_dump(mode="json")}) + "\n")
+            tmp.rename(out)
+        pruned += len(rows)
+    if pruned:
+        log.info("pruned %d events below seq %d%s", pruned, below, " (archived)" if archive else "")
+    return pruned
+
+
+def iter_archived_events(directory: Path, host: str) -> Iterator[list[MemoryEvent]]:
+    """The events :func:`prune_events` archived for this host, oldest first, in lists."""
+    pattern = re.compile(rf"events-{re.escape(host)}-\d{{12}}-\d{{12}}\.jsonl\.gz")
+    for path in sorted(p for p in directory.glob(f"events-{host}-*.jsonl.gz") if pattern.fullmatch(p.name)):
+        chunk: list[MemoryEvent] = []
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            for line in f:
+                d = json.loads(line)
+                d.pop("seq", None)
+                d.pop("published", None)
+                chunk.append(MemoryEvent.model_validate(d))
+        if chunk:
+            yield chunk

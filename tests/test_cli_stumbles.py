@@ -128,8 +128,9 @@ def test_every_command_that_prints_a_result_has_json(tmp_path: Path, api: Runnin
 
 
 def test_audit_prints_its_result_once(tmp_path: Path, redis_url: str) -> None:
-    # Given a host with an (empty) store
+    # Given a host with an (empty) store: `mfh db upgrade` creates it (a missing file is exit 7)
     host = make_host(tmp_path, redis_url=redis_url, overrides=own_prefix())
+    assert mfh(host, "db", "upgrade").returncode == 0
     # When an operator runs the audit
     done = mfh(host, "audit")
     # Then its result is printed once: one line on stdout, nothing about it on stderr

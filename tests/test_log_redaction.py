@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
 import uuid
 from pathlib import Path
@@ -134,6 +135,17 @@ def test_no_process_logs_a_payload_a_key_or_a_password(
         for secret in (API_KEY, PASSWORD, MARKER):
             assert secret not in text, f"{secret} in the {name} log:\n{text[-3000:]}"
     assert "api ready" in logs["api"] and "postgres:***@" in logs["worker"]
+    # And every line of every process (Dramatiq's and APScheduler's own lines too) is one JSON object
+    # with the common fields; the scheduler's routine lease renewals do not show at INFO
+    for name, text in logs.items():
+        for line in text.splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                pytest.fail(f"a {name} log line is not JSON: {line[:300]!r}")
+            assert {"ts", "level", "logger", "msg"} <= set(record), f"{name}: {line[:300]}"
+    assert "lease" not in logs["scheduler"].replace("scheduler lease taken", ""), logs["scheduler"][-2000:]
+    assert "leader_only" not in logs["scheduler"]
 
 
 def _traffic(host: TestHost, zmq_port: int, grpc_port: int) -> None:

@@ -33,7 +33,8 @@ def test_dlq_and_audit_commands(tmp_path: Path, redis_url: str) -> None:
     # purge needs ids or --all, so a slip of the finger drops nothing
     assert mfh(host, "dlq", "purge").returncode == 2
     assert mfh(host, "dlq", "purge", "--all").returncode == 0
-    # The audit of an empty store passes and leaves its report where operators read it
+    # The audit of an empty store (made by `mfh db upgrade`) passes and leaves its report where operators read it
+    assert mfh(host, "db", "upgrade").returncode == 0
     out = mfh(host, "audit", "--json")
     assert out.returncode == 0 and json.loads(out.stdout)["ok"] is True, out.stderr
     report = Path(host.settings.scheduler.snapshot_dir) / f"audit-latest-{host.name}.json"

@@ -27,6 +27,7 @@ from mfh_models import (
     MFHError,
     NotFound,
     ResourceExhausted,
+    StoreDamaged,
     Unauthenticated,
     Unavailable,
     VersionConflict,
@@ -76,11 +77,23 @@ SERVER_LIBRARIES: Final = frozenset(
     }
 )
 
-#: Exit codes of ``mfh`` (README "Operating"): 0 ok, 1 other error, 2 usage or invalid argument.
+#: Exit codes of ``mfh`` (README "Operating"), first match wins:
+#:
+#: ==== =====================================================================
+#: 0    ok
+#: 1    other error (an audit or restore whose checksums differ, a bug)
+#: 2    usage, invalid argument or configuration
+#: 3    not found
+#: 4    version conflict
+#: 5    unavailable or exhausted: worth retrying
+#: 6    unauthenticated
+#: 7    the SQL store's file is corrupt or missing: no retry mends it; restore it
+#: ==== =====================================================================
 EXIT_CODES: Final[tuple[tuple[type[MFHError], int], ...]] = (
     (InvalidArgument, 2),
     (NotFound, 3),
     (VersionConflict, 4),
+    (StoreDamaged, 7),  # before Unavailable, its base class: not worth retrying
     (Unavailable, 5),  # includes DeadlineExceeded: worth retrying
     (ResourceExhausted, 5),
     (Unauthenticated, 6),

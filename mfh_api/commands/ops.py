@@ -23,6 +23,7 @@ def _schedules(job: str) -> Any:
     def run(args: argparse.Namespace) -> int:
         settings_from(args)  # fail here, readably, on a bad configuration
         argv = [sys.executable, "-m", "schedules", job, *(["--json"] if getattr(args, "json", False) else [])]
+        argv += ["--full"] if getattr(args, "full", False) else []
         if job == "run":
             sys.stdout.flush()
             sys.stderr.flush()
@@ -46,6 +47,14 @@ def _show(d: Any, *, as_json: bool) -> None:
     for e in d.events:
         kind = e.kind or "-"
         print(f"  {e.op:<6} {e.namespace}/{e.key}  version={e.version}  origin={e.origin}  {kind}  {e.payload_bytes} B")
+
+
+def _snapshot(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        from mfh_api.commands.restore import list_snapshots
+
+        return list_snapshots(args)
+    return int(_schedules("snapshot" if args.action == "take" else "prune")(args))
 
 
 def _dlq(args: argparse.Namespace) -> int:
@@ -111,12 +120,21 @@ def register(subparsers: Any) -> None:
         help="replay the event log now and compare checksums (exit 1 on a mismatch)",
         description="Writes <snapshot_dir>/audit-latest.json and appends to audit-history.jsonl.",
     )
+    audit.add_argument(
+        "--full", action="store_true", help="replay the whole log (default: from the last verified snapshot)"
+    )
     add_json(audit, "the audit result (ok, both checksums, events, seconds) as one JSON document")
     audit.set_defaults(func=_schedules("audit"))
 
-    snap = subparsers.add_parser("snapshot", help="write a snapshot of every item now")
-    add_json(snap, "the snapshot's path, checksum and item count as one JSON document")
-    snap.set_defaults(func=_schedules("snapshot"))
+    snap = subparsers.add_parser(
+        "snapshot",
+        help="write a snapshot of every item now; `mfh snapshot list` lists them",
+        description="take (default): write one now; list: this host's snapshots with their watermark "
+        "(see also `mfh restore`); prune: drop events older than the oldest kept snapshot (archived first).",
+    )
+    snap.add_argument("action", nargs="?", choices=["take", "list", "prune"], default="take")
+    add_json(snap, "take: the snapshot's path, checksum and item count; list: one JSON object per snapshot")
+    snap.set_defaults(func=_snapshot)
 
     dlq = subparsers.add_parser(
         "dlq",

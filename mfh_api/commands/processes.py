@@ -71,7 +71,7 @@ def _worker(args: argparse.Namespace) -> int:
     wb = settings.write_behind
     processes = args.processes or wb.worker_processes
     threads = args.threads or wb.worker_threads
-    argv = [sys.executable, "-m", "dramatiq", "mfh_tasks.worker_main", "--processes", str(processes)]
+    argv = [sys.executable, "-m", "mfh_tasks.worker_cli", "mfh_tasks.worker_main", "--processes", str(processes)]
     argv += ["--threads", str(threads)]
     env = host_env(args)
     # Every worker process counts: they write their metrics to files, this process serves the sum.

@@ -124,6 +124,7 @@ def _checksum(args: argparse.Namespace) -> int:
     try:
         store = SqlStore(settings.storage.database_url)
         try:
+            store.require_existing()  # a missing SQLite file is reported (exit 7), not created empty
             store.create_schema()  # a fresh store is created at head; one that is behind is refused
             checksum = store.checksum()
         finally:

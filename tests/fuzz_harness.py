@@ -16,6 +16,7 @@ import json
 import threading
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -44,6 +45,26 @@ KEYS = (*SQL_KEYS, SQL_TOMBSTONE, *HOT_KEYS, *FRESH_KEYS)
 MAX_MESSAGE_BYTES = 512 * 1024  # above the 256 KiB payload limit, so both limits can be hit
 PROBE_NS = "probe"  # never generated: a well-formed read of it must always work
 PROBE_KEY = "alive"
+
+
+#: Every key of the database: the hub's (ARGV[1] is its prefix) with their value, the queue's by size.
+_DUMP_LUA = """
+local out = {}
+for _, k in ipairs(redis.call('KEYS', '*')) do
+  local t = redis.call('TYPE', k)['ok']
+  local v
+  if string.sub(k, 1, #ARGV[1]) == ARGV[1] then v = redis.call('DUMP', k)
+  elseif t == 'list' then v = redis.call('LLEN', k)
+  elseif t == 'hash' then v = redis.call('HLEN', k)
+  elseif t == 'zset' then v = redis.call('ZCARD', k)
+  elseif t == 'set' then v = redis.call('SCARD', k)
+  else v = redis.call('STRLEN', k) end
+  out[#out + 1] = k
+  out[#out + 1] = t
+  out[#out + 1] = v
+end
+return out
+"""
 
 
 @dataclass(frozen=True)
@@ -75,6 +96,11 @@ class FuzzHub:
         self.prefix = s.redis_prefix
         self.redis = redis.Redis.from_url(s.redis_url, socket_timeout=5)
         self.sql = SqlStore(s.database_url)
+        db = Path(s.database_url.removeprefix("sqlite:///"))
+        self._sql_files = [db, db.with_name(db.name + "-wal")]
+        self._sql_stamp: tuple[tuple[int, int], ...] = ()
+        self._sql_sum: str | None = None
+        self._dump_script = self.redis.register_script(_DUMP_LUA)
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -157,21 +183,17 @@ class FuzzHub:
             self.sql.close()
 
     def snapshot(self) -> State:
-        """The whole Redis database of the test and the SQL items checksum."""
-        keys = sorted(k.decode() for k in self.redis.scan_iter(count=1000))
-        pipe = self.redis.pipeline(transaction=False)
-        for k in keys:
-            pipe.type(k)
-        types = [t.decode() for t in pipe.execute()]
-        pipe = self.redis.pipeline(transaction=False)
-        for k, t in zip(keys, types, strict=True):
-            if k.startswith(f"{self.prefix}:"):
-                pipe.dump(k)  # the value, whatever its type (a TTL is not part of it)
-            else:  # the queue's keys only grow with accepted writes: their size says enough
-                size = {"list": pipe.llen, "hash": pipe.hlen, "zset": pipe.zcard, "set": pipe.scard}
-                size.get(t, pipe.strlen)(k)
-        values = pipe.execute()
-        return State(redis=tuple(zip(keys, types, values, strict=True)), sql=self.sql.checksum())
+        """The whole Redis database of the test (one script call) and the SQL items checksum."""
+        flat = self._dump_script(args=[f"{self.prefix}:"])
+        rows = sorted((flat[i].decode(), flat[i + 1].decode(), flat[i + 2]) for i in range(0, len(flat), 3))
+        return State(redis=tuple(rows), sql=self._sql_checksum())
+
+    def _sql_checksum(self) -> str:
+        """The checksum, recomputed only when the SQLite files changed (any commit writes the WAL)."""
+        stamp = tuple((p.stat().st_size, p.stat().st_mtime_ns) for p in self._sql_files if p.exists())
+        if stamp != self._sql_stamp or self._sql_sum is None:
+            self._sql_stamp, self._sql_sum = stamp, self.sql.checksum()
+        return self._sql_sum
 
 
 def fuzz_host_fixture(tmp_path_factory: pytest.TempPathFactory, _redis_dbs: tuple[int, int]) -> TestHost:
@@ -309,6 +331,10 @@ def check_zmq(
 ) -> tuple[str, dict[str, Any]]:
     """Send one generated request and hold it to the invariants; returns (code, reply)."""
     reply = peer.ask(frames)
+    if reply is None and sum(map(len, frames)) > MAX_MESSAGE_BYTES:
+        # Documented (docs/api.md, "Limits"): libzmq drops it and disconnects the peer, nothing ran.
+        assert not ledger.settle(rejected=True, read_only=True), "a message over the size limit changed state"
+        return "DROPPED", {}
     if reply is None:
         ledger.settle(rejected=False, read_only=False)  # unknown outcome: take the state as it is now
     ok, code, obj = zmq_verdict(frames, reply)

@@ -471,3 +471,81 @@ def test_random_bytes_to_every_method(grpc_api: Grpc, path: str, shape: str, bod
     )
     assert code != "UNKNOWN"
     probe(grpc_api)
+
+
+# -- the hostile requests of issue 7, always sent ------------------------------------------------
+
+
+def _put(payload_json: str = '{"content": "x"}', **kw: Any) -> bytes:
+    record = pb.Record(namespace=NS, key="n1", kind="memory_item", payload_json=payload_json)
+    return bytes(pb.PutRequest(record=record, **kw).SerializeToString())
+
+
+def _token(raw: bytes) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+KNOWN: list[tuple[str, str, bytes, str, bool]] = [
+    *((f"Put durability {d}", SERVICE + "Put", _put(durability=d), "unary", True) for d in (3, 99, -1)),
+    (
+        "Delete durability 99",
+        SERVICE + "Delete",
+        pb.DeleteRequest(namespace=NS, key="h1", durability=99).SerializeToString(),
+        "unary",
+        True,
+    ),
+    (
+        "BatchPut durability 3",
+        SERVICE + "BatchPut",
+        pb.BatchPutRequest(puts=[pb.PutRequest.FromString(_put())], durability=3).SerializeToString(),
+        "unary",
+        True,
+    ),
+    ("payload_json nested 1000 deep", SERVICE + "Put", _put("[" * 1000 + "]" * 1000), "unary", True),
+    (
+        "payload metadata nested 1000 deep",
+        SERVICE + "Put",
+        _put('{"content": "x", "metadata": {"d": ' + "[" * 1000 + "]" * 1000 + "}}"),
+        "unary",
+        False,
+    ),
+    (
+        "payload metadata: escaped lone surrogate",
+        SERVICE + "Put",
+        _put('{"content": "x", "metadata": {"a": "\\ud800"}}'),
+        "unary",
+        True,
+    ),
+    (
+        "page_token nested 1000 deep",
+        SERVICE + "List",
+        pb.ListRequest(namespace=NS, page_token=_token(b"[" * 1000 + b"]" * 1000)).SerializeToString(),
+        "unary",
+        True,
+    ),
+    (
+        "page_token after-key: lone surrogate",
+        SERVICE + "List",
+        pb.ListRequest(
+            namespace=NS, page_token=_token(b'{"a": "\\ud800", "s": ["fz", "", "", false]}')
+        ).SerializeToString(),
+        "unary",
+        True,
+    ),
+    ("Health Check: invalid UTF-8", HEALTH + "Check", b"\n\x03\xed\xa0\x80", "unary", True),
+    ("Health Check: bad wire format", HEALTH + "Check", b"\x00", "unary", True),
+    ("Health Watch: invalid UTF-8", HEALTH + "Watch", b"\n\x03\xed\xa0\x80", "stream", True),
+    ("reflection: bad wire format", REFLECTION, b"\x00", "bidi", True),
+    ("reflection: invalid UTF-8", REFLECTION, b"\x1a\x03\xed\xa0\x80", "bidi", True),
+]
+
+
+@pytest.mark.parametrize(("name", "path", "body", "shape", "must_fail"), KNOWN, ids=[k[0] for k in KNOWN])
+def test_known_hostile_requests(grpc_api: Grpc, name: str, path: str, body: bytes, shape: str, must_fail: bool) -> None:
+    writes = path.rsplit("/", 1)[-1] in WRITES
+    check_grpc(
+        grpc_api, path, body, [("x-api-key", API_KEY)], shape=shape, must_fail=must_fail, read_only=not writes, why=name
+    )
+    probe(grpc_api)

@@ -27,9 +27,11 @@ from fuzz_harness import (
 )
 from fuzz_strategies import (
     KINDS,
+    RAW_SURROGATE,
     Built,
     FieldSpec,
     api_key_variants,
+    deep_array,
     edge_payload,
     encode_json,
     forged_tokens,
@@ -286,7 +288,7 @@ garbage_bodies = st.one_of(
         ]
     ),
     st.sampled_from([999, 1000, 1500, 10_000, 200_000]).map(lambda n: b"[" * n + b"]" * n),
-    st.sampled_from([999, 1000, 1500, 10_000, 100_000]).map(lambda n: b'{"v":' * n + b"1" + b"}" * n),
+    st.sampled_from([999, 1000, 1500, 10_000, 80_000]).map(lambda n: b'{"v":' * n + b"1" + b"}" * n),
     st.sampled_from([1000, 5000, 100_000]).map(
         lambda n: b'{"v": 1, "id": 1, "action": "get", "payload": {"namespace": ' + b"[" * n + b"]" * n + b"}}"
     ),
@@ -302,4 +304,106 @@ garbage_bodies = st.one_of(
 def test_whole_body_garbage_and_bad_framing_are_refused(zmq_api: Zmq, body: bytes, split: int) -> None:
     frames = [body] * split  # 0 frames after the delimiter, or several: not one JSON frame
     check_zmq(zmq_api.ledger, zmq_api.peer, frames, must_fail=True, read_only=True, why=f"{split} frame(s)")
+    probe_zmq(zmq_api.peer)
+
+
+# -- the hostile requests of issue 7, always sent (the generated ones reach them only by chance) --
+
+
+def _b64(raw: bytes) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _v1(action: str, payload: dict[str, Any], **envelope: Any) -> bytes:
+    return encode_json({"v": 1, "id": "k", "action": action, "payload": payload, "api_key": API_KEY, **envelope})
+
+
+_NOTE = {"content": "x"}
+KNOWN: list[tuple[str, bytes, bool]] = [
+    ("id: raw surrogate bytes", VALID_GET.replace(b'"id": 1', b'"id": "\xed\xa0\x80"'), True),
+    ("id: escaped lone surrogate", _v1("get", {"namespace": NS, "key": "s1"}, id="\ud800"), True),
+    (
+        "v0 request_id: escaped lone surrogate",
+        encode_json({"action": "get", "key": "s1", "request_id": "\udfff", "api_key": API_KEY}),
+        True,
+    ),
+    (
+        "v0 request_id: raw surrogate bytes",
+        b'{"action": "get", "key": "s1", "request_id": "\xed\xa0\x80", "api_key": "' + API_KEY.encode() + b'"}',
+        True,
+    ),
+    ("api_key: lone surrogate", _v1("get", {"namespace": NS, "key": "s1"}, api_key="\ud800"), True),
+    ("v0 api_key: lone surrogate", encode_json({"action": "get", "key": "s1", "api_key": "\ud800"}), True),
+    ("whole body nested 1000 deep", b"[" * 1000 + b"]" * 1000, True),
+    ("object body nested 5000 deep", b'{"v":' * 5000 + b"1" + b"}" * 5000, True),
+    (
+        "payload text nested 1000 deep",
+        _v1("put", {"namespace": NS, "key": "n0", "kind": "memory_item", "payload": "[" * 1000 + "]" * 1000}),
+        True,
+    ),
+    (
+        "metadata nested 1000 deep",
+        _v1(
+            "put",
+            {
+                "namespace": NS,
+                "key": "n0",
+                "kind": "memory_item",
+                "payload": {**_NOTE, "metadata": {"d": deep_array(1000)}},
+            },
+        ),
+        False,
+    ),
+    (
+        "metadata value: lone surrogate",
+        _v1(
+            "put",
+            {"namespace": NS, "key": "n0", "kind": "memory_item", "payload": {**_NOTE, "metadata": {"a": "\ud800"}}},
+        ),
+        True,
+    ),
+    (
+        "metadata value: raw surrogate bytes",
+        _v1(
+            "put",
+            {
+                "namespace": NS,
+                "key": "n0",
+                "kind": "memory_item",
+                "payload": {**_NOTE, "metadata": {"a": RAW_SURROGATE}},
+            },
+        ),
+        True,
+    ),
+    (
+        "v0 value metadata: lone surrogate",
+        encode_json(
+            {"action": "store", "key": "n0", "api_key": API_KEY, "value": {**_NOTE, "metadata": {"\ud800": 1}}}
+        ),
+        True,
+    ),
+    (
+        "page_token nested 1000 deep",
+        _v1("list", {"namespace": NS, "page_token": _b64(b"[" * 1000 + b"]" * 1000)}),
+        True,
+    ),
+    (
+        "page_token after-key: lone surrogate",
+        _v1("list", {"namespace": NS, "page_token": _b64(b'{"a": "\\ud800", "s": ["fz", "", "", false]}')}),
+        True,
+    ),
+    (
+        "v0 cursor nested 1000 deep",
+        encode_json({"action": "list", "api_key": API_KEY, "cursor": _b64(b"{" * 0 + b"[" * 1000 + b"]" * 1000)}),
+        True,
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "body", "must_fail"), KNOWN, ids=[k[0] for k in KNOWN])
+def test_known_hostile_requests(zmq_api: Zmq, name: str, body: bytes, must_fail: bool) -> None:
+    read_only = b'"put"' not in body and b'"store"' not in body
+    check_zmq(zmq_api.ledger, zmq_api.peer, [body], must_fail=must_fail, read_only=read_only, why=name)
     probe_zmq(zmq_api.peer)

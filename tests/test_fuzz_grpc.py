@@ -318,11 +318,15 @@ def check_grpc(
     why: Any,
 ) -> str:
     code = call(api.channel, path, body, metadata, shape)
-    accepted = code == "OK" or (shape != "unary" and code == "DEADLINE_EXCEEDED")
+    # An accepted stream runs until the client's own deadline. A write that is valid may also end
+    # DEADLINE_EXCEEDED and still have been applied (docs/api.md): a mutation at the wire level
+    # can turn durability into PERSISTED, which no worker here ever confirms.
+    may_expire = not must_fail and (shape != "unary" or not read_only)
+    accepted = code == "OK" or (may_expire and code == "DEADLINE_EXCEEDED")
     problems = [api.ledger.settle(rejected=not accepted, read_only=read_only)]
     allowed = DOCUMENTED_ERRORS | {"OK"}
-    if shape != "unary" and not must_fail:
-        allowed |= {"DEADLINE_EXCEEDED"}  # an accepted stream runs until the client's own deadline
+    if may_expire:
+        allowed |= {"DEADLINE_EXCEEDED"}
     if code not in allowed:
         problems.append(f"undocumented status {code}")
     elif must_fail and accepted:
@@ -349,7 +353,7 @@ METHODS = ["Get", "BatchGet", "Put", "BatchPut", "Delete", "List"]
 
 
 @pytest.mark.parametrize("method", METHODS)
-@fuzz_settings(250)
+@fuzz_settings(230)
 @given(data=st.data())
 def test_every_rpc_survives_hostile_requests(grpc_api: Grpc, method: str, data: st.DataObject) -> None:
     msg, must_fail, steps = data.draw(request(method), label="request")
@@ -390,10 +394,20 @@ def test_watch_survives_hostile_requests(grpc_api: Grpc, data: st.DataObject) ->
 health_services = st.sampled_from(["", "mfh.v1.MemoryFusion", "grpc.health.v1.Health", "nope", "x" * 5000, "é"])
 
 
-@pytest.mark.parametrize(("method", "shape"), [("Check", "unary"), ("Watch", "stream")])
-@fuzz_settings(100)
+@fuzz_settings(150)
 @given(data=st.data())
-def test_health_survives_hostile_requests(grpc_api: Grpc, method: str, shape: str, data: st.DataObject) -> None:
+def test_health_check_survives_hostile_requests(grpc_api: Grpc, data: st.DataObject) -> None:
+    _health_example(grpc_api, "Check", "unary", data)
+
+
+@fuzz_settings(40)  # an accepted Watch stays open until the client's deadline: fewer examples
+@given(data=st.data())
+def test_health_watch_survives_hostile_requests(grpc_api: Grpc, data: st.DataObject) -> None:
+    _health_example(grpc_api, "Watch", "stream", data)
+
+
+def _health_example(grpc_api: Grpc, method: str, shape: str, data: st.DataObject) -> None:
+    """Health needs no key: any key, or none, is fine."""
     body = health_pb2.HealthCheckRequest(service=data.draw(health_services)).SerializeToString()
     body, must_fail, wire = data.draw(maybe_malformed(body, "Health", False), label="wire")
     metadata, _key_ok, key_step = grpc_metadata(data.draw)  # health needs no key
@@ -428,7 +442,7 @@ reflection_requests = st.one_of(
 )
 
 
-@fuzz_settings(120)
+@fuzz_settings(150)
 @given(data=st.data())
 def test_reflection_survives_hostile_requests(grpc_api: Grpc, data: st.DataObject) -> None:
     msg = data.draw(reflection_requests)

@@ -146,7 +146,7 @@ def v0_request(draw: st.DrawFn, action: str) -> tuple[list[bytes], bool, list[st
 
 
 @pytest.mark.parametrize("action", ["get", "retrieve", "batch_get", "put", "store", "delete", "list"])
-@fuzz_settings(150)
+@fuzz_settings(70)
 @given(data=st.data())
 def test_every_v0_action_survives_hostile_requests(
     v0_api: tuple[FuzzHub, ZmqPeer, Ledger], action: str, data: st.DataObject
@@ -157,7 +157,7 @@ def test_every_v0_action_survives_hostile_requests(
     probe_zmq(peer)
 
 
-@fuzz_settings(100)
+@fuzz_settings(60)
 @given(obj=st.dictionaries(st.sampled_from([*ALL_FIELDS, "request_id", "api_key", "x"]), hostile_values, max_size=6))
 def test_v0_requests_without_a_valid_action_are_refused(v0_api: tuple[FuzzHub, ZmqPeer, Ledger], obj: Any) -> None:
     _hub, peer, ledger = v0_api

@@ -245,7 +245,7 @@ def v1_request(draw: st.DrawFn, action: str) -> tuple[list[bytes], bool, list[st
 
 
 @pytest.mark.parametrize("action", ["get", "batch_get", "put", "batch_put", "delete", "list"])
-@fuzz_settings(250)
+@fuzz_settings(200)
 @given(data=st.data())
 def test_every_v1_action_survives_hostile_requests(zmq_api: Zmq, action: str, data: st.DataObject) -> None:
     frames, must_fail, steps = data.draw(v1_request(action), label="request")

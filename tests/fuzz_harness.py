@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import threading
+import time
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,12 +49,19 @@ PROBE_KEY = "alive"
 
 
 #: Every key of the database: the hub's (ARGV[1] is its prefix) with their value, the queue's by size.
+#: A hash is compared by its fields and values, not by DUMP: rewriting a field with the value it
+#: already holds changes the encoding's field order, not what is stored.
 _DUMP_LUA = """
 local out = {}
 for _, k in ipairs(redis.call('KEYS', '*')) do
   local t = redis.call('TYPE', k)['ok']
   local v
-  if string.sub(k, 1, #ARGV[1]) == ARGV[1] then v = redis.call('DUMP', k)
+  if string.sub(k, 1, #ARGV[1]) == ARGV[1] and t == 'hash' then
+    local h, pairs_ = redis.call('HGETALL', k), {}
+    for i = 1, #h, 2 do pairs_[#pairs_ + 1] = h[i] .. '\0' .. h[i + 1] end
+    table.sort(pairs_)
+    v = table.concat(pairs_, '\1') .. '\2' .. tostring(redis.call('PTTL', k) >= 0)
+  elseif string.sub(k, 1, #ARGV[1]) == ARGV[1] then v = redis.call('DUMP', k)
   elseif t == 'list' then v = redis.call('LLEN', k)
   elseif t == 'hash' then v = redis.call('HLEN', k)
   elseif t == 'zset' then v = redis.call('ZCARD', k)
@@ -182,6 +190,20 @@ class FuzzHub:
             self.redis.close()
             self.sql.close()
 
+    def quiesce(self, timeout_s: float = 15.0) -> None:
+        """Wait until no request is running on the api: a call whose client gave up (its deadline
+        passed) still runs to the end on the server, and what it writes belongs to it, not to the next
+        request the ledger judges."""
+
+        def busy() -> bool:
+            grpc_busy = self.with_grpc and self.grpc.servicer is not None and self.grpc.servicer.unary_in_flight > 0
+            zmq_busy = self.with_zmq and bool(self.zmq._tasks)
+            return bool(grpc_busy or zmq_busy)
+
+        deadline = time.monotonic() + timeout_s
+        while busy() and time.monotonic() < deadline:
+            time.sleep(0.002)
+
     def snapshot(self) -> State:
         """The whole Redis database of the test (one script call) and the SQL items checksum."""
         flat = self._dump_script(args=[f"{self.prefix}:"])
@@ -262,6 +284,7 @@ class Ledger:
         it was; an accepted write sets a new baseline. The baseline is updated either way, so that one
         failure does not make the next request look guilty."""
         self.sent += 1
+        self.hub.quiesce()
         before, self.state = self.state, self.hub.snapshot()
         if not (rejected or read_only):
             self.accepted += 1

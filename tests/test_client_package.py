@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -225,3 +227,75 @@ def _packages(python: str) -> list[str]:
         check=True,
     )
     return [p["name"].lower().replace("_", "-") for p in json.loads(out.stdout)]
+
+
+@pytest.mark.slow
+def test_the_server_extra_runs_api_and_worker_from_any_directory(tmp_path: Path, redis_url: str) -> None:
+    # Given a fresh venv with a plain (non-editable) `pip install '<repo>[server]'`
+    venv = tmp_path / "hub-venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    src = _clean_copy(tmp_path / "src")
+    pip_env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    done = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", f"{src}[server]"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=pip_env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    # And a user in an unrelated directory, with no --config-dir, a data directory of their own,
+    # the test's Redis and no NATS (the worker starts without it: the outbox relays later)
+    cwd, data = tmp_path / "elsewhere", tmp_path / "data"
+    cwd.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MFH_", "REDIS_URL", "POSTGRES_URL", "NATS_URL"))}
+    env.update({"MFH_DATA_DIR": str(data), "REDIS_URL": redis_url, "NATS_URL": "nats://127.0.0.1:1"})
+    env["PYTHONUNBUFFERED"] = "1"
+    mfh = str(venv / "bin" / "mfh")
+    zmq_port, grpc_port = free_port(), free_port()
+    ports = ["--zmq-port", str(zmq_port), "--grpc-port", str(grpc_port), "--metrics-port", "0"]
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for name, argv in (("api", [mfh, "api", *ports]), ("worker", [mfh, "worker", "--threads", "2"])):
+            out = open(logs / f"{name}.log", "wb")  # noqa: SIM115 - lives with the process
+            procs.append(
+                subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            )
+        wait_until(
+            lambda: tcp_open("127.0.0.1", grpc_port) and tcp_open("127.0.0.1", zmq_port),
+            60,
+            interval=0.1,
+            message=f"mfh api of the [server] install to listen: {(logs / 'api.log').read_text()[-2000:]}",
+        )
+        # When an agent writes a PERSISTED record through that hub
+        agent = textwrap.dedent(
+            """
+            import sys
+            from mfh_client import Durability, MemoryClient, PutSpec
+            with MemoryClient(sys.argv[1], timeout=30) as c:
+                c.put(PutSpec("anywhere", "k", "memory_item", {"content": "x"}), durability=Durability.PERSISTED)
+                assert c.get("anywhere", "k").payload_obj()["content"] == "x"
+            """
+        )
+        put = subprocess.run(
+            [str(venv / "bin" / "python"), "-c", agent, f"127.0.0.1:{grpc_port}"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=cwd,
+        )
+        assert put.returncode == 0, put.stderr[-2000:] + (logs / "worker.log").read_text()[-2000:]
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+    # Then it was persisted under the data directory, and nothing was written where the user stood
+    assert (data / "main_pc.db").exists(), sorted(p.name for p in data.iterdir()) if data.exists() else "no data dir"
+    assert list(cwd.iterdir()) == []

@@ -5,7 +5,7 @@ a handler raises anything but an abort. :class:`Guard`, a server interceptor, re
 so that malformed bytes become a :class:`Malformed` stand-in answered with INVALID_ARGUMENT, and
 an unexpected exception is logged by type only (its message may quote a request) and answered
 with the generic INTERNAL of :mod:`mfh_client.codes`: a bug of ours, never a verdict on the input
-(DESIGN.md invariant 8).
+(docs/architecture.md invariant 8).
 """
 
 from __future__ import annotations

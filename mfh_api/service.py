@@ -2,7 +2,7 @@
 
 Reads: hot store first, SQL on a miss (then a read-repair fill that never overwrites a newer
 staged version). Writes: stage in Redis (version assigned) and enqueue through the batch queue
-(DESIGN.md invariants 1, 4, 5). Redis and SQL sit behind circuit breakers; every call behind a
+(docs/architecture.md invariants 1, 4, 5). Redis and SQL sit behind circuit breakers; every call behind a
 bulkhead. No authentication here: the transports do it before calling in.
 
 :func:`build_service` is the composition root: it builds the stores, the batch queue, the change

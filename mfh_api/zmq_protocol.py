@@ -1,7 +1,7 @@
 """The ZeroMQ v1 wire protocol: JSON requests and replies, parsed with pydantic (docs/api.md).
 
 Parsing never raises on input: anything malformed becomes an :class:`InvalidArgument` the server
-turns into an error reply, so one bad client cannot take the server down (DESIGN.md invariant 8).
+turns into an error reply, so one bad client cannot take the server down (docs/architecture.md invariant 8).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Redis hot store: one hash per (namespace, key), staged writes, the host's hybrid logical clock.
 
-Entries are written by four Lua scripts so each step is atomic (DESIGN.md invariants 1, 3, 5):
+Entries are written by four Lua scripts so each step is atomic (docs/architecture.md invariants 1, 3, 5):
 ``stage`` assigns a version and writes a dirty entry with no TTL; ``mark_clean`` starts the TTL
 only for the version that reached SQL; ``apply`` takes a remote or SQL version only if newer;
 ``unstage`` takes back a staged version whose batch could not be enqueued.

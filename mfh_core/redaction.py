@@ -1,4 +1,4 @@
-"""No log line carries a payload, an API key or a password, in any process (DESIGN.md invariant 9).
+"""No log line carries a payload, an API key or a password, in any process (docs/architecture.md invariant 9).
 
 Every entry point (api, worker, replicator, scheduler, the ``mfh`` command) calls
 :func:`install_redaction` once its logging is configured, and again with the settings once they are

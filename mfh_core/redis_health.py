@@ -1,6 +1,6 @@
 """What the Redis a process uses keeps on disk, and which Redis it is (its ``run_id``).
 
-Every process checks at start-up (DESIGN.md invariant 4): with no append-only file, a Redis crash
+Every process checks at start-up (docs/architecture.md invariant 4): with no append-only file, a Redis crash
 loses the staged writes not yet in SQL and the queued batches, so the process logs one warning
 that says so and how to fix it, and exports ``mfh_redis_persistence{mode}``. A Redis that refuses
 ``CONFIG`` (managed services often do) is reported as ``unknown``, not as an error.

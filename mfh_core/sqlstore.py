@@ -1,6 +1,6 @@
 """SQL store: the append-only ``events`` table and the ``items`` it produces (SQLite or Postgres).
 
-``apply_batch`` is the one write path (DESIGN.md invariants 2, 3, 6): in one transaction it
+``apply_batch`` is the one write path (docs/architecture.md invariants 2, 3, 6): in one transaction it
 inserts the events idempotently by event id and upserts the newest version per key with the
 guard ``excluded.(version, origin) > items.(version, origin)``, so any permutation of events,
 with duplicates, gives the same rows. The hot path uses the DB-API directly (executemany on
@@ -585,7 +585,7 @@ class SqlStore:
             yield from snap.iter_items()
 
     def checksum(self) -> str:
-        """The one checksum (DESIGN.md invariant 7) of the items table."""
+        """The one checksum (docs/architecture.md invariant 7) of the items table."""
         with self.snapshot() as snap:
             return snap.checksum()
 

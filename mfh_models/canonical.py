@@ -1,4 +1,4 @@
-"""Canonical JSON and the one checksum (DESIGN.md invariant 7).
+"""Canonical JSON and the one checksum (docs/architecture.md invariant 7).
 
 Canonical JSON is sorted keys, no spaces, UTF-8, no NaN/Infinity. The checksum is sha256 over
 the lines ``namespace, key, version, origin, deleted, sha256(canonical payload)``, sorted by

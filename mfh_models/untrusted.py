@@ -5,7 +5,7 @@
 ``"\\ud800"`` becomes a string that fails ``.encode("utf-8")`` far from the input, and ``NaN``
 is accepted although canonical JSON refuses it. Every door (gRPC ``payload_json``, List page
 tokens, ZeroMQ bodies, the v0 shim, the ``mfh`` command) decodes through :func:`decode_untrusted_json`,
-so each of those cases is one clear INVALID_ARGUMENT (DESIGN.md invariant 8).
+so each of those cases is one clear INVALID_ARGUMENT (docs/architecture.md invariant 8).
 
 The nesting depth is checked before parsing, without recursion: strings are cut out with one
 linear regex pass, then the running bracket count is taken with C-level builtins.

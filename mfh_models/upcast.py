@@ -1,6 +1,6 @@
 """Upcasting stored payloads to the current ``schema_version`` on read.
 
-Stored rows and events are never rewritten (the log is the truth, DESIGN.md invariant 6): a payload
+Stored rows and events are never rewritten (the log is the truth, docs/architecture.md invariant 6): a payload
 keeps the ``schema_version`` it was written with. When a release raises ``SCHEMA_VERSION``, it adds
 one upcaster per (kind, old version), a pure function from the old payload object to the next
 version's, and the read path runs the chain (v1 -> v2 -> ... -> current) before validating it. The

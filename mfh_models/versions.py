@@ -1,4 +1,4 @@
-"""Hybrid logical clock versions (DESIGN.md invariant 1).
+"""Hybrid logical clock versions (docs/architecture.md invariant 1).
 
 A version is ``unix_ms << 16 | counter``: 64 bits, ordered by wall time first. The clock itself
 lives in Redis (one Lua script assigns versions atomically per host); this module only packs,

@@ -2,7 +2,7 @@
 
 ``persist_batch`` takes one micro-batch of events. Dramatiq neither keeps order nor delivers
 exactly once; neither matters, because the persist path is idempotent and order-insensitive
-(DESIGN.md invariant 2). Invalid data is not retried; an unavailable store is, with backoff,
+(docs/architecture.md invariant 2). Invalid data is not retried; an unavailable store is, with backoff,
 and a batch whose retries run out lands in the dead-letter queue (``mfh dlq``).
 """
 

@@ -3,7 +3,7 @@
 A :class:`BatchQueue` is the write batcher, the batch encoding and the actor's ``send`` in one
 object. The api submits through it: many staged writes become one message, flushed when the batch
 reaches ``max_size`` or ``max_delay_s`` after its first write, and each caller is answered when
-the message carrying its events is enqueued (the write is then acknowledged: DESIGN.md invariant 4).
+the message carrying its events is enqueued (the write is then acknowledged: docs/architecture.md invariant 4).
 The worker's dirty sweep and the scheduler's reconcile send through it at once (:meth:`BatchQueue.send_now`).
 The send itself is a blocking Redis call, run in a thread; at most ``max_in_flight`` sends run at once.
 """

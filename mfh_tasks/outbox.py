@@ -1,6 +1,6 @@
 """Outbox relay: events committed to SQL whose publish failed reach JetStream later, in commit order.
 
-SQL persistence never waits on NATS (DESIGN.md, degraded modes): a worker commits its batch, tries
+SQL persistence never waits on NATS (docs/architecture.md, degraded modes): a worker commits its batch, tries
 to publish it, and leaves whatever was not acked marked unpublished in the ``events`` table. This
 relay publishes those rows every ``interval_s``, and promptly after the bus reconnects. The
 message id is the event id, so relaying an event that a worker did store after all adds nothing

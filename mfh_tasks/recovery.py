@@ -10,7 +10,7 @@ Three ways a staged write's batch goes missing, and what brings it back:
 - a worker killed: Dramatiq requeues its messages once its heartbeat is old and a maintenance pass
   runs; a worker runs that pass on a timer (:meth:`HubBroker.run_maintenance`).
 
-Re-enqueueing a batch that was only slow is harmless: persisting twice is idempotent (DESIGN.md
+Re-enqueueing a batch that was only slow is harmless: persisting twice is idempotent (docs/architecture.md
 invariant 2). The scheduler's reconcile, on the same code path (:func:`requeue_dirty`), stays the safety net.
 """
 

@@ -1,4 +1,4 @@
-"""Replay: rebuild an items table from the event log and return its checksum (DESIGN.md invariant 6).
+"""Replay: rebuild an items table from the event log and return its checksum (docs/architecture.md invariant 6).
 
 The log is either a host's SQL ``events`` table or the JetStream stream. Events are applied in
 batches through ``SqlStore.apply_batch`` (the one write path, idempotent and order-insensitive)

@@ -4,7 +4,7 @@ One durable pull consumer per host (``replicator-<host_id>``) reads the whole st
 this host's own origin are acked and skipped. The others go to the hot store as they arrive (only
 if newer by ``(version, origin)``; the host clock moves past them), then through the worker's
 persist path in larger SQL transactions without being published again, and only then are they
-acked. A redelivery or a duplicate changes nothing (DESIGN.md invariants 1-3).
+acked. A redelivery or a duplicate changes nothing (docs/architecture.md invariants 1-3).
 
 ``python -m mfh_tasks.replicator`` (what ``mfh replicator`` runs) also runs the outbox relay.
 """

@@ -1,7 +1,7 @@
 """Restore: rebuild a store from a snapshot file plus the events after its watermark.
 
 The snapshot's rows go in as they are (every column), then the events come through
-``SqlStore.apply_batch``, the one write path: idempotent and order-insensitive (DESIGN.md
+``SqlStore.apply_batch``, the one write path: idempotent and order-insensitive (docs/architecture.md
 invariant 2), so an event the snapshot already holds changes nothing. The result is checked:
 
 - the rows loaded must give the snapshot header's checksum (the file is intact);

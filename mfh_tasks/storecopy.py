@@ -3,7 +3,7 @@
 The events keep their commit order and published flags (the outbox relays what was not yet on
 JetStream); the items are copied as they are, under the usual version guard. Both are read from one
 snapshot of the source, so the copy is of one moment; the target must be empty. The result is
-verified with the one checksum (``mfh_models.items_checksum``, DESIGN.md invariant 7) and by the
+verified with the one checksum (``mfh_models.items_checksum``, docs/architecture.md invariant 7) and by the
 event count: a mismatch raises instead of reporting success.
 """
 

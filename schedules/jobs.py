@@ -50,7 +50,7 @@ log = logging.getLogger("mfh.schedules")
 async def reconcile(hot: HotStore, send: Send, *, stale_after_s: float, batch: int = 256) -> int:
     """Re-enqueue entries dirty for longer than ``stale_after_s``: their batch was lost or dead-lettered.
 
-    Harmless when the batch was only slow: persisting twice is idempotent (DESIGN.md invariant 2).
+    Harmless when the batch was only slow: persisting twice is idempotent (docs/architecture.md invariant 2).
     """
     DIRTY_ENTRIES.set(await hot.dirty_count())
     older_than = int(time.time() * 1000 - stale_after_s * 1000)

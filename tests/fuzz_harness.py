@@ -5,7 +5,7 @@ No worker runs: an accepted write is staged in Redis and its batch enqueued befo
 so nothing changes the state between two requests. That makes "a rejected request changes
 nothing" cheap to check around every single request: :meth:`FuzzHub.snapshot` reads the whole
 Redis database of the test (the hub's keys with their values, the queue's keys by size) and the
-SQL checksum of the items table (DESIGN.md invariant 7).
+SQL checksum of the items table (docs/architecture.md invariant 7).
 """
 
 from __future__ import annotations
@@ -258,7 +258,7 @@ def running_hub(host: TestHost, *, with_grpc: bool = False, with_zmq: bool = Fal
 
 # -- the checks every generated request goes through --------------------------------------------
 
-#: DESIGN.md invariant 8; on ZeroMQ the same names as ``error.code`` (docs/api.md, "Errors").
+#: docs/architecture.md invariant 8; on ZeroMQ the same names as ``error.code`` (docs/api.md, "Errors").
 DOCUMENTED_ERRORS = frozenset(
     {"INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "UNAUTHENTICATED", "RESOURCE_EXHAUSTED", "UNAVAILABLE"}
 )

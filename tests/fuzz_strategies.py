@@ -1,7 +1,7 @@
 """Hypothesis strategies for hostile requests, shared by the gRPC, ZeroMQ v1 and v0 fuzz suites.
 
 Every generated request says whether it **must fail**: a request built with at least one mutation
-the docs call invalid (docs/api.md, docs/v0_schema.md, DESIGN.md invariant 8) must get an error
+the docs call invalid (docs/api.md, docs/v0_schema.md, docs/architecture.md invariant 8) must get an error
 answer; one that may be valid must get a documented answer, and changes state only if accepted.
 Values that JSON cannot express as a Python object (raw bytes such as a lone surrogate encoded as
 ``\\xed\\xa0\\x80``, invalid UTF-8, NaN, very deep nesting, numbers of 5,000 digits) are

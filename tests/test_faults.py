@@ -1,4 +1,4 @@
-"""Degraded modes of the write path (DESIGN.md): SQL down, then back."""
+"""Degraded modes of the write path (docs/architecture.md): SQL down, then back."""
 
 from __future__ import annotations
 

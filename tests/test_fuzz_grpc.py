@@ -3,7 +3,7 @@
 Requests travel as bytes over a raw channel (identity serializers), so the same test sends a
 well-typed message, a message with hostile values, and malformed protobuf (invalid UTF-8 in a
 string field, wrong wire types, unknown fields, truncations, random bytes). Given one api with a
-key, then every call ends with OK or a documented status (DESIGN.md invariant 8: never INTERNAL
+key, then every call ends with OK or a documented status (docs/architecture.md invariant 8: never INTERNAL
 or UNKNOWN); a request built invalid (bad value, bad key, an enum value the proto does not define,
 invalid UTF-8) is refused; a refused call, and any read, changes nothing in Redis or SQL; and the
 api still answers a well-formed call after each example. A stream that was accepted runs until the

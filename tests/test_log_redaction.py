@@ -1,4 +1,6 @@
-"""No log line carries a payload, an API key or a password, in any process (DESIGN.md invariant 9; issue 7, finding 4).
+"""No log line carries a payload, an API key or a password, in any process (architecture.md invariant 9).
+
+Issue 7, finding 4.
 
 The end-to-end test runs the four processes of a host (api, worker, replicator, scheduler) with a
 known API key and a Postgres URL with a known password, writes records holding a known marker,

@@ -1,16 +1,23 @@
 """Fairness under hostile peers: well-behaved gRPC and ZeroMQ Gets alone, then beside a flood.
 
-One api process with its shipped settings (plus an API key). Phase 1: a well-behaved gRPC client
-and a well-behaved ZeroMQ client, side by side, each sending Gets open-loop at ``--rate`` per
-second (latency from each request's scheduled time, so stalls are not hidden). Phase 2: the same
-two clients again, beside a ZeroMQ peer in its own process that sends as fast as it can without
-ever reading (small authenticated Gets, 300 KB unauthenticated bodies, small unauthenticated ones)
-and 1,000 idle Watch streams over 10 connections. The api's VmRSS is sampled throughout.
+One api process with its shipped settings (plus an API key). In each of ``--rounds`` rounds,
+back to back: alone, a well-behaved gRPC client and a well-behaved ZeroMQ client, side by side,
+each sending Gets open-loop at ``--rate`` per second (latency from each request's scheduled time,
+so stalls are not hidden); flooded, the same two clients again, beside a ZeroMQ peer in its own
+process that sends as fast as it can without ever reading (small authenticated Gets, 300 KB
+unauthenticated bodies, small unauthenticated ones) and 1,000 idle Watch streams over 10
+connections. The flooder runs at ``--flood-nice`` (a flooder on another machine takes none of the
+api's CPU; on a small shared box it would otherwise measure the kernel's share of the cores). The
+api's VmRSS is sampled throughout.
 
-    python bench/fairness.py [--rate 300] [--duration 8] [--redis-url redis://127.0.0.1:6379/15]
+    python bench/fairness.py [--rate 100] [--duration 5] [--rounds 3] [--redis-url redis://127.0.0.1:6379/15]
+        [--server-settings '{"max_running_per_peer": 16}']   # knob studies: merged into server:
 
 Last line: ``name=value`` figures, including ``grpc_p99_ratio`` and ``zmq_p99_ratio`` (flooded /
-alone; the target is <= 2) and ``api_rss_peak_mb``.
+alone p99 of each round, the median over rounds: a pair is measured under the same machine load;
+the target is <= 2), the per-round ratios, medians of each phase's p50/p99, and ``api_rss_peak_mb``.
+The rate is per client: 2 x 100 calls/s leaves the box room; at 300 the bench's own process (both
+clients on one event loop) and the api's intake are near their limit on 2 busy cores already alone.
 """
 
 from __future__ import annotations

@@ -275,9 +275,6 @@ async def test_one_peer_holds_at_most_its_share_and_the_excess_is_shed_unparsed(
     gate.set()
     reply = await polite.recv()
     assert reply is not None and reply["id"] == "p" and reply["error"]["code"] == "NOT_FOUND"
-    # And every one of the greedy peer's held requests is answered, in the order it sent them
-    answered = [await greedy.recv() for _ in range(share)]
-    assert [r["id"] if r else None for r in answered] == [f"g{i}" for i in range(share)]
 
 
 async def test_a_peer_runs_a_few_requests_at_a_time_and_the_rest_wait_in_order(

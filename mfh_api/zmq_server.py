@@ -138,7 +138,8 @@ class ZmqServer:
         self.max_in_flight_bytes = max_in_flight_bytes
         self.max_running_per_peer = max_running_per_peer
         self._running: dict[bytes, int] = {}  # per peer; a peer with none running has no entry
-        self._waiting: dict[bytes, deque[tuple[list[bytes], bytes]]] = {}  # admitted, not started yet
+        # Admitted, not started yet: (envelope, body, when it came); its deadline runs from then.
+        self._waiting: dict[bytes, deque[tuple[list[bytes], bytes, float]]] = {}
         self.queue_messages = queue_messages
         self.bytes_in_flight = 0
         self.port = 0
@@ -285,13 +286,13 @@ class ZmqServer:
         # peer runs a few at a time and the rest of its share waits here, in arrival order, for
         # one of them to end: a burst from a well-behaved peer waits a moment instead of failing.
         if self._running.get(peer, 0) < self.max_running_per_peer:
-            self._start(peer, envelope, raw)
+            self._start(peer, envelope, raw, None)
         else:
-            self._waiting.setdefault(peer, deque()).append((envelope, raw))
+            self._waiting.setdefault(peer, deque()).append((envelope, raw, time.monotonic()))
 
-    def _start(self, peer: bytes, envelope: list[bytes], raw: bytes) -> None:
+    def _start(self, peer: bytes, envelope: list[bytes], raw: bytes, received: float | None) -> None:
         self._running[peer] = self._running.get(peer, 0) + 1
-        task = asyncio.create_task(self._handle(envelope, raw))
+        task = asyncio.create_task(self._handle(envelope, raw, received))
         self._tasks.add(task)
         task.add_done_callback(functools.partial(self._finished, peer, len(raw)))
 
@@ -318,9 +319,9 @@ class ZmqServer:
         except zmq.ZMQError as e:  # the peer is gone: nothing to answer
             log.debug("reply not sent: %s", e)
 
-    async def _handle(self, envelope: list[bytes], body: bytes) -> None:
+    async def _handle(self, envelope: list[bytes], body: bytes, received: float | None = None) -> None:
         try:
-            reply = await self.answer(body)
+            reply = await self.answer(body, received)
         except Exception as e:  # answer() does not raise; if it ever did, the request still gets its one reply
             log.error("ZeroMQ request failed outside its handler (%s)", type(e).__name__)
             reply = peek_error(peek(body), {"code": "INTERNAL", "message": INTERNAL_MESSAGE})
@@ -331,12 +332,12 @@ class ZmqServer:
         if not self._api_key.ok(given if isinstance(given, str) else None):  # hmac.compare_digest inside
             raise Unauthenticated("missing api_key" if given in (None, "") else "wrong api_key")
 
-    async def answer(self, body: bytes) -> bytes:
+    async def answer(self, body: bytes, received: float | None = None) -> bytes:
         """The whole request → reply path for one message, transport aside; never raises."""
         started = time.perf_counter()
         call = _Call()
         try:
-            data = await self._run(body, call)
+            data = await self._run(body, call, received)
             code = "OK"
             reply = legacy_v0.ok_to_v0(call.v0, data) if call.v0 is not None else ok_reply(call.rid, data)
         except Exception as e:
@@ -350,7 +351,7 @@ class ZmqServer:
         API_LATENCY.labels(transport="zmq", method=method).observe(time.perf_counter() - started)
         return encode(reply)  # never raises: an unencodable reply becomes an INTERNAL error reply
 
-    async def _run(self, body: bytes, call: _Call) -> Any:
+    async def _run(self, body: bytes, call: _Call, received: float | None = None) -> Any:
         obj = decode_json(body)
         call.legacy = "v" not in obj
         field = "request_id" if call.legacy else "id"
@@ -371,6 +372,10 @@ class ZmqServer:
         if self._draining:
             raise Unavailable("server is shutting down; retry on another replica (nothing was done)")
         budget = min(timeout or self.deadline_seconds, 300.0)
+        if received is not None:  # it waited its turn (max_running_per_peer): the deadline ran meanwhile
+            budget -= time.monotonic() - received
+            if budget <= 0:
+                raise DeadlineExceeded("waited its turn past its deadline; nothing was done")
         try:
             async with asyncio.timeout(budget):
                 return await dispatch(self.service, call.method, payload, budget)

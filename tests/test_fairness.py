@@ -306,6 +306,37 @@ async def test_a_peer_runs_a_few_requests_at_a_time_and_the_rest_wait_in_order(
     assert server._slots.total == 0 and not server._waiting and not server._running
 
 
+async def test_a_request_that_waited_its_turn_past_its_deadline_is_answered_without_running(
+    zmq_served: tuple[MemoryService, ZmqServer], ctx: zmq.asyncio.Context
+) -> None:
+    # Given a peer with max_running_per_peer (4) reads stuck, and a fifth request with a 5 ms deadline waiting
+    service, server = zmq_served
+    gate = asyncio.Event()
+    started: list[str] = []
+
+    async def gated_get(namespace: str, key: str) -> Any:
+        started.append(key)
+        await gate.wait()
+        raise NotFound("x")
+
+    service.get = gated_get  # type: ignore[method-assign]
+    peer = Peer(ctx, server.endpoint)
+    for i in range(4):
+        await peer.send(b'{"v": 1, "id": "r%d", "action": "get", "payload": {"namespace": "n", "key": "k%d"}}' % (i, i))
+    late = b'{"v": 1, "id": "late", "timeout_ms": 5, "action": "get", "payload": {"namespace": "n", "key": "late"}}'
+    await peer.send(late)
+    await async_wait_until(lambda: server._slots.total == 5, 10, message="5 held")
+    sent = asyncio.get_running_loop().time()
+    await async_wait_until(lambda: asyncio.get_running_loop().time() > sent + 0.05, 5, message="its deadline passed")
+    # When its turn comes
+    gate.set()
+    replies = {r["id"]: r for r in [await peer.recv() for _ in range(5)] if r is not None}
+    # Then it is answered DEADLINE_EXCEEDED and never ran; the four others ran
+    assert replies["late"]["error"]["code"] == "DEADLINE_EXCEEDED", replies["late"]
+    assert "nothing was done" in replies["late"]["error"]["message"]
+    assert sorted(started) == ["k0", "k1", "k2", "k3"]
+
+
 async def _grpc_latencies_ms(stub: Any, rate: float, seconds: float) -> list[float]:
     """Gets sent open-loop at ``rate`` (latency from each one's scheduled time, so a stall shows), sorted."""
     loop = asyncio.get_running_loop()

@@ -5,6 +5,8 @@ and is answered over the ROUTER with the identity envelope it came with. Hostile
 (docs/operations.md): the receive loop yields after every message (awaiting a completed pyzmq
 future does not); a request beyond ``max_in_flight`` (all peers), ``max_in_flight_per_peer`` (one
 ROUTER identity) or ``max_in_flight_bytes`` is shed with RESOURCE_EXHAUSTED without being parsed,
+and of one peer's requests held, at most ``max_running_per_peer`` run at once (the others wait, in
+order; see ``_admit`` for why a flood must not run 16 at a time),
 and, with a key configured, a body that cannot carry the key is refused before it is parsed. libzmq
 buffers at most ``queue_messages`` messages per peer each way and drops a message over
 ``max_message_bytes``. Every request gets exactly one reply, whatever it held.
@@ -17,6 +19,7 @@ import contextlib
 import functools
 import logging
 import time
+from collections import deque
 from typing import Any
 
 import zmq
@@ -121,6 +124,7 @@ class ZmqServer:
         deadline_seconds: float = 5.0,
         max_in_flight: int = 256,
         max_in_flight_per_peer: int = 16,
+        max_running_per_peer: int = 4,
         max_in_flight_bytes: int = 16 * 1024 * 1024,
         queue_messages: int = 16,
     ) -> None:
@@ -132,6 +136,10 @@ class ZmqServer:
         self.deadline_seconds = deadline_seconds
         self._slots = PeerSlots("requests in flight", max_total=max_in_flight, max_per_peer=max_in_flight_per_peer)
         self.max_in_flight_bytes = max_in_flight_bytes
+        self.max_running_per_peer = max_running_per_peer
+        self._running: dict[bytes, int] = {}  # per peer; a peer with none running has no entry
+        # Admitted, not started yet: (envelope, body, when it came); its deadline runs from then.
+        self._waiting: dict[bytes, deque[tuple[list[bytes], bytes, float]]] = {}
         self.queue_messages = queue_messages
         self.bytes_in_flight = 0
         self.port = 0
@@ -163,6 +171,7 @@ class ZmqServer:
             deadline_seconds=s.deadline_seconds,
             max_in_flight=s.max_concurrent_rpcs,
             max_in_flight_per_peer=s.max_in_flight_per_peer,
+            max_running_per_peer=s.max_running_per_peer,
             max_in_flight_bytes=s.max_in_flight_bytes,
             queue_messages=s.zmq_queue_messages,
         )
@@ -205,6 +214,9 @@ class ZmqServer:
         """Answer new requests UNAVAILABLE ("shutting down": clients fail over), let requests in flight
         answer (up to ``grace`` seconds), then stop receiving and close the socket."""
         self._draining = True
+        for peer, queue in list(self._waiting.items()):  # answered at once: UNAVAILABLE, shutting down
+            while queue:
+                self._start(peer, *queue.popleft())
         running = set(self._tasks)
         if running:
             await asyncio.wait(running, timeout=grace)
@@ -267,14 +279,35 @@ class ZmqServer:
             return
         self._slots.try_acquire(peer)
         self.bytes_in_flight += size
-        task = asyncio.create_task(self._handle(envelope, raw))
+        # Held is not running. Every running request adds its steps to each turn of the event loop
+        # that both doors share, and grpc.aio accepts one new call per couple of turns: a peer that
+        # kept 16 cheap requests running made every turn long enough to cap gRPC's accept rate
+        # under its callers' rate (issue 7: seconds queued inside grpc, not a slot short). So a
+        # peer runs a few at a time and the rest of its share waits here, in arrival order, for
+        # one of them to end: a burst from a well-behaved peer waits a moment instead of failing.
+        if self._running.get(peer, 0) < self.max_running_per_peer:
+            self._start(peer, envelope, raw, None)
+        else:
+            self._waiting.setdefault(peer, deque()).append((envelope, raw, time.monotonic()))
+
+    def _start(self, peer: bytes, envelope: list[bytes], raw: bytes, received: float | None) -> None:
+        self._running[peer] = self._running.get(peer, 0) + 1
+        task = asyncio.create_task(self._handle(envelope, raw, received))
         self._tasks.add(task)
-        task.add_done_callback(functools.partial(self._finished, peer, size))
+        task.add_done_callback(functools.partial(self._finished, peer, len(raw)))
 
     def _finished(self, peer: bytes, size: int, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._slots.release(peer)
         self.bytes_in_flight -= size
+        n = self._running.pop(peer) - 1
+        if n:
+            self._running[peer] = n
+        queue = self._waiting.get(peer)
+        if queue:
+            self._start(peer, *queue.popleft())  # this peer's next, in order
+            if not queue:
+                del self._waiting[peer]
         if not task.cancelled() and task.exception() is not None:  # retrieved: no asyncio log with its repr
             log.error("ZeroMQ request task failed (%s)", type(task.exception()).__name__)
 
@@ -286,9 +319,9 @@ class ZmqServer:
         except zmq.ZMQError as e:  # the peer is gone: nothing to answer
             log.debug("reply not sent: %s", e)
 
-    async def _handle(self, envelope: list[bytes], body: bytes) -> None:
+    async def _handle(self, envelope: list[bytes], body: bytes, received: float | None = None) -> None:
         try:
-            reply = await self.answer(body)
+            reply = await self.answer(body, received)
         except Exception as e:  # answer() does not raise; if it ever did, the request still gets its one reply
             log.error("ZeroMQ request failed outside its handler (%s)", type(e).__name__)
             reply = peek_error(peek(body), {"code": "INTERNAL", "message": INTERNAL_MESSAGE})
@@ -299,12 +332,12 @@ class ZmqServer:
         if not self._api_key.ok(given if isinstance(given, str) else None):  # hmac.compare_digest inside
             raise Unauthenticated("missing api_key" if given in (None, "") else "wrong api_key")
 
-    async def answer(self, body: bytes) -> bytes:
+    async def answer(self, body: bytes, received: float | None = None) -> bytes:
         """The whole request → reply path for one message, transport aside; never raises."""
         started = time.perf_counter()
         call = _Call()
         try:
-            data = await self._run(body, call)
+            data = await self._run(body, call, received)
             code = "OK"
             reply = legacy_v0.ok_to_v0(call.v0, data) if call.v0 is not None else ok_reply(call.rid, data)
         except Exception as e:
@@ -318,7 +351,7 @@ class ZmqServer:
         API_LATENCY.labels(transport="zmq", method=method).observe(time.perf_counter() - started)
         return encode(reply)  # never raises: an unencodable reply becomes an INTERNAL error reply
 
-    async def _run(self, body: bytes, call: _Call) -> Any:
+    async def _run(self, body: bytes, call: _Call, received: float | None = None) -> Any:
         obj = decode_json(body)
         call.legacy = "v" not in obj
         field = "request_id" if call.legacy else "id"
@@ -339,6 +372,10 @@ class ZmqServer:
         if self._draining:
             raise Unavailable("server is shutting down; retry on another replica (nothing was done)")
         budget = min(timeout or self.deadline_seconds, 300.0)
+        if received is not None:  # it waited its turn (max_running_per_peer): the deadline ran meanwhile
+            budget -= time.monotonic() - received
+            if budget <= 0:
+                raise DeadlineExceeded("waited its turn past its deadline; nothing was done")
         try:
             async with asyncio.timeout(budget):
                 return await dispatch(self.service, call.method, payload, budget)

@@ -59,6 +59,7 @@ class ServerSettings(_Section):
     api_key: SecretStr | None = None
     # Fairness and memory bounds (docs/operations.md, "Hostile or greedy peers").
     max_in_flight_per_peer: int = Field(default=16, ge=1, description="ZeroMQ requests of one connection at once")
+    max_running_per_peer: int = Field(default=4, ge=1, description="of those, running; the others wait their turn")
     max_in_flight_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description="ZeroMQ request bytes held")
     zmq_queue_messages: int = Field(default=16, ge=1, le=100_000, description="libzmq RCVHWM/SNDHWM per peer")
     max_streams: int = Field(default=1024, ge=1, description="open gRPC streams (Watch, health, reflection)")

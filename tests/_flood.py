@@ -1,11 +1,14 @@
 """Hostile and well-behaved ZeroMQ peers in a process of their own (run by tests/test_fairness.py).
 
-    python tests/_flood.py ENDPOINT COUNT SIZE [--good]
+    python tests/_flood.py ENDPOINT COUNT SIZE [--good] [--ready]
 
 Floods ENDPOINT with COUNT requests of about SIZE bytes from one DEALER that never reads. With
 ``--good``, a second, well-behaved peer in the same process sends one request once 2,000 flood
 messages are out and times its reply. Prints one JSON object: ``flood_done`` (monotonic time the
 last flood message was handed to libzmq) and, with --good, ``good_sent`` / ``good_answered``.
+With ``--ready``, a line ``{"flooding": true}`` comes first, once 2,000 messages are out. A SIZE
+of 120 or less sends well-formed Gets (each one runs); a larger one pads them with a field the
+server refuses (INVALID_ARGUMENT) to reach SIZE.
 Out of the test's process, so a server that starves its event loop cannot starve the peers too.
 """
 
@@ -20,10 +23,8 @@ import zmq
 
 
 def flood_body(i: int, size: int) -> bytes:
-    pad = "x" * max(0, size - 120)
-    return json.dumps(
-        {"v": 1, "id": f"f{i}", "action": "get", "payload": {"namespace": "flood", "key": "k", "pad": pad}}
-    ).encode()
+    payload = {"namespace": "flood", "key": "k"} | ({"pad": "x" * (size - 120)} if size > 120 else {})
+    return json.dumps({"v": 1, "id": f"f{i}", "action": "get", "payload": payload}).encode()
 
 
 def main() -> None:
@@ -54,6 +55,8 @@ def main() -> None:
         sock.send_multipart([b"", flood_body(i, size)])
         if i == 2000:
             started.set()
+            if "--ready" in sys.argv:
+                print(json.dumps({"flooding": True}), flush=True)
     out["flood_done"] = time.monotonic()
     started.set()
     if helper is not None:

@@ -259,12 +259,15 @@ async def test_one_peer_holds_at_most_its_share_and_the_excess_is_shed_unparsed(
     share = 16  # server.max_in_flight_per_peer, shipped
     for i in range(share):
         await greedy.send(b'{"v": 1, "id": "g%d", ' % i + GET + b"}")
-    await async_wait_until(lambda: len(server._tasks) >= share, 10, message="the greedy peer's share running")
+    await async_wait_until(lambda: server._slots.total >= share, 10, message="the greedy peer's share held")
+    assert len(server._tasks) == server.max_running_per_peer  # 4 run, the others wait their turn
     # When it sends one more (not even JSON), and another peer sends a request
     await greedy.send(b'{"v": 1, "id": "extra", not json at all')
     shed = await greedy.recv()
     await polite.send(b'{"v": 1, "id": "p", ' + GET + b"}")
-    await async_wait_until(lambda: len(server._tasks) >= share + 1, 10, message="the polite request running")
+    await async_wait_until(
+        lambda: len(server._tasks) >= server.max_running_per_peer + 1, 10, message="the polite request running"
+    )
     # Then the extra one is shed at once without being parsed (RESOURCE_EXHAUSTED, not INVALID_ARGUMENT),
     # with its id, while the other peer's request runs
     assert shed is not None and shed["id"] == "extra" and shed["error"]["code"] == "RESOURCE_EXHAUSTED", shed
@@ -272,6 +275,124 @@ async def test_one_peer_holds_at_most_its_share_and_the_excess_is_shed_unparsed(
     gate.set()
     reply = await polite.recv()
     assert reply is not None and reply["id"] == "p" and reply["error"]["code"] == "NOT_FOUND"
+
+
+async def test_a_peer_runs_a_few_requests_at_a_time_and_the_rest_wait_in_order(
+    zmq_served: tuple[MemoryService, ZmqServer], ctx: zmq.asyncio.Context
+) -> None:
+    # Given a service whose reads wait for a gate, and a peer sending 10 requests at once
+    service, server = zmq_served
+    gate = asyncio.Event()
+    started: list[str] = []
+
+    async def gated_get(namespace: str, key: str) -> Any:
+        started.append(key)
+        await gate.wait()
+        raise NotFound("x")
+
+    service.get = gated_get  # type: ignore[method-assign]
+    peer = Peer(ctx, server.endpoint)
+    for i in range(10):
+        await peer.send(b'{"v": 1, "id": "r%d", "action": "get", "payload": {"namespace": "n", "key": "k%d"}}' % (i, i))
+    # When all 10 are held
+    await async_wait_until(lambda: server._slots.total == 10, 10, message="10 held")
+    # Then only max_running_per_peer (4) run; none is refused
+    assert started == ["k0", "k1", "k2", "k3"]
+    # And once the gate opens, the others run in the order they came and each gets its reply
+    gate.set()
+    replies = [await peer.recv() for _ in range(10)]
+    assert all(r is not None and r["error"]["code"] == "NOT_FOUND" for r in replies), replies
+    assert started == [f"k{i}" for i in range(10)]
+    assert server._slots.total == 0 and not server._waiting and not server._running
+
+
+async def test_a_request_that_waited_its_turn_past_its_deadline_is_answered_without_running(
+    zmq_served: tuple[MemoryService, ZmqServer], ctx: zmq.asyncio.Context
+) -> None:
+    # Given a peer with max_running_per_peer (4) reads stuck, and a fifth request with a 5 ms deadline waiting
+    service, server = zmq_served
+    gate = asyncio.Event()
+    started: list[str] = []
+
+    async def gated_get(namespace: str, key: str) -> Any:
+        started.append(key)
+        await gate.wait()
+        raise NotFound("x")
+
+    service.get = gated_get  # type: ignore[method-assign]
+    peer = Peer(ctx, server.endpoint)
+    for i in range(4):
+        await peer.send(b'{"v": 1, "id": "r%d", "action": "get", "payload": {"namespace": "n", "key": "k%d"}}' % (i, i))
+    late = b'{"v": 1, "id": "late", "timeout_ms": 5, "action": "get", "payload": {"namespace": "n", "key": "late"}}'
+    await peer.send(late)
+    await async_wait_until(lambda: server._slots.total == 5, 10, message="5 held")
+    sent = asyncio.get_running_loop().time()
+    await async_wait_until(lambda: asyncio.get_running_loop().time() > sent + 0.05, 5, message="its deadline passed")
+    # When its turn comes
+    gate.set()
+    replies = {r["id"]: r for r in [await peer.recv() for _ in range(5)] if r is not None}
+    # Then it is answered DEADLINE_EXCEEDED and never ran; the four others ran
+    assert replies["late"]["error"]["code"] == "DEADLINE_EXCEEDED", replies["late"]
+    assert "nothing was done" in replies["late"]["error"]["message"]
+    assert sorted(started) == ["k0", "k1", "k2", "k3"]
+
+
+async def _grpc_latencies_ms(stub: Any, rate: float, seconds: float) -> list[float]:
+    """Gets sent open-loop at ``rate`` (latency from each one's scheduled time, so a stall shows), sorted."""
+    loop = asyncio.get_running_loop()
+    t0 = loop.time() + 0.02
+
+    async def one(i: int) -> float:
+        await asyncio.sleep(max(0.0, t0 + i / rate - loop.time()))
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stub.Get(pb.GetRequest(namespace="quiet", key=f"k{i}"), timeout=30)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND, e.value.details()
+        return (loop.time() - (t0 + i / rate)) * 1000
+
+    return sorted(await asyncio.gather(*(one(i) for i in range(int(rate * seconds)))))
+
+
+async def test_a_zeromq_flood_does_not_starve_grpc_callers_of_the_same_api(tmp_path: Path, redis_url: str) -> None:
+    # Given a real api process (shipped limits) and a gRPC caller at 250 Gets/s, measured alone
+    h = make_host(tmp_path, redis_url=redis_url, overrides=own_prefix())
+    api = h.spawn("mfh_api.app", log_name="api")
+    proc: asyncio.subprocess.Process | None = None
+    try:
+        ready = await async_wait_until(
+            lambda: re.search(r'"grpc_port": (\d+), "zmq_port": (\d+)', h.log("api")), 60, 0.1, "api ready"
+        )
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{ready.group(1)}") as ch:
+            stub = pb_grpc.MemoryFusionStub(ch)
+            await _grpc_latencies_ms(stub, 250, 0.5)  # warm-up
+            alone = await _grpc_latencies_ms(stub, 250, 2.0)
+            # When one ZeroMQ peer floods the same api with well-formed Gets, never reading a reply
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, FLOOD, f"tcp://127.0.0.1:{ready.group(2)}", "1000000", "100", "--ready",
+                stdout=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            assert proc.stdout is not None
+            assert json.loads(await asyncio.wait_for(proc.stdout.readline(), 60)) == {"flooding": True}
+            flooded = await _grpc_latencies_ms(stub, 250, 2.0)
+            still_flooding = proc.returncode is None and not await _has_line(proc.stdout)
+        # Then the gRPC caller keeps about its latency: p99 under the flood within 10x of alone (or 250 ms,
+        # for a box too loaded to show a fast p99). With 16 flood requests running at once, grpc's
+        # accept rate fell under the callers' rate and calls queued for seconds.
+        p99_alone, p99_flooded = alone[int(len(alone) * 0.99) - 1], flooded[int(len(flooded) * 0.99) - 1]
+        assert still_flooding, "the flood ended before the measurement did: nothing was measured"
+        assert p99_flooded < max(10 * p99_alone, 250.0), f"gRPC p99 {p99_alone:.1f} ms alone, {p99_flooded:.1f} flooded"
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        h.kill(api)
+
+
+async def _has_line(stream: asyncio.StreamReader) -> bool:
+    """Whether a line is waiting already (the flooder prints its last line when it has sent everything)."""
+    try:
+        return bool(await asyncio.wait_for(stream.readline(), 0.01))
+    except TimeoutError:
+        return False
 
 
 # -- finding 8: memory before authentication ---------------------------------------------------------

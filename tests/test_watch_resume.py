@@ -4,6 +4,7 @@ transports and in all four clients, by itself across an api restart; positions i
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import signal
@@ -192,8 +193,8 @@ async def test_a_watch_from_now_sees_only_what_is_committed_after_it_started(hub
     client = _client(hub, which)
     try:
         watch = Collector(client, "w/", None, limit=1).start()
-        await async_wait_until(lambda: len(hub.service.feed._watchers) >= 1 or which == "zmq", 10, message="watching")
-        await asyncio.sleep(0.3)  # the ZeroMQ client has asked where now is (its first poll answers at once)
+        # (the ZeroMQ client's first poll asks where now is; its second one waits, subscribed, for a change)
+        await async_wait_until(lambda: len(hub.service.feed._watchers) >= 1, 10, message="watching")
         await hub.write("w/new")
         got = await watch.until(1)
         await watch.close()
@@ -283,27 +284,68 @@ async def test_bad_positions_on_the_wire_are_refused_with_the_documented_codes(h
         assert not first.HasField("record") and first.op == "" and first.sequence == now["data"]["next_sequence"]
 
 
-def test_a_log_read_is_bounded_by_its_page_and_its_window(tmp_path: Path) -> None:
-    # Given a log where namespace a has events at seq 1, 3, 5, 7 and namespace b in between
-    sql = SqlStore(f"sqlite:///{tmp_path}/log.db")
+def _event(i: int, ns: str) -> MemoryEvent:
+    return MemoryEvent(
+        event_id=f"main_pc-{i}", op=Op.PUT, namespace=ns, key=f"k{i}", kind=Kind.MEMORY_ITEM,
+        payload='{"content":"x","schema_version":1}', version=i, origin="main_pc", created_at=1,
+    )  # fmt: skip
+
+
+def test_a_log_read_is_bounded_by_its_page_and_its_window(db_url: str) -> None:
+    # Given a log of eight events, namespace a at the 1st, 3rd, 5th and 7th, namespace b in between
+    sql = SqlStore(db_url)
     sql.create_schema()
     try:
-        for i in range(8):
-            ns = "a" if i % 2 == 0 else "b"
-            ev = MemoryEvent(
-                event_id=f"main_pc-{i + 1}", op=Op.PUT, namespace=ns, key=f"k{i}", kind=Kind.MEMORY_ITEM,
-                payload='{"content":"x","schema_version":1}', version=i + 1, origin="main_pc", created_at=1,
-            )  # fmt: skip
-            sql.apply_batch([ev])
+        for i in range(1, 9):
+            sql.apply_batch([_event(i, "a" if i % 2 else "b")])
+        seq = {e.key: s for s, e in sql.iter_events()}
+        base = seq["k1"] - 1
         # When reads go on from where the last one stopped, Then each sees at most its page and window
-        page = sql.watch_page("a", "", 0, limit=10, window=4)
-        assert [s for s, _ in page.events] == [1, 3] and page.scanned_to == 4 and page.head == 8
-        page = sql.watch_page("a", "", 4, limit=1, window=100)
-        assert [s for s, _ in page.events] == [5] and page.scanned_to == 5
-        page = sql.watch_page("a", "k6", 5, limit=10, window=100)
-        assert [e.key for _, e in page.events] == ["k6"] and page.scanned_to == 8
-        assert sql.watch_page("a", "", 8, limit=10, window=100).events == []
+        page = sql.watch_page("a", "", base, limit=10, window=4)
+        assert [e.key for _, e in page.events] == ["k1", "k3"] and page.scanned_to == seq["k4"]
+        assert page.head == seq["k8"] and page.oldest == seq["k1"]
+        page = sql.watch_page("a", "", page.scanned_to, limit=1, window=100)
+        assert [e.key for _, e in page.events] == ["k5"] and page.scanned_to == seq["k5"]
+        page = sql.watch_page("a", "k7", page.scanned_to, limit=10, window=100)
+        assert [e.key for _, e in page.events] == ["k7"] and page.scanned_to == seq["k8"]
+        assert sql.watch_page("a", "", seq["k8"], limit=10, window=100).events == []
     finally:
+        sql.close()
+
+
+def test_on_postgres_a_read_waits_for_a_lower_sequence_still_committing(postgres_url: str) -> None:
+    import psycopg2
+
+    from mfh_core.sqlstore import _WRITE_FENCE
+
+    # Given a write transaction that took a sequence number and has not committed, and a later one that has
+    sql = SqlStore(postgres_url)
+    sql.create_schema()
+    slow = psycopg2.connect(postgres_url)
+    try:
+        cur = slow.cursor()
+        cur.execute("SELECT pg_advisory_xact_lock_shared(%s)", (_WRITE_FENCE,))
+        e = _event(1, "a")
+        cur.execute(
+            "INSERT INTO events (event_id, op, namespace, key, kind, payload, version, origin, created_at,"
+            " schema_version, published) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, false) RETURNING seq",
+            (e.event_id, e.op.value, e.namespace, e.key, e.kind.value, e.payload, e.version, e.origin, 1, 1),
+        )
+        row = cur.fetchone()
+        assert row is not None
+        low = row[0]
+        sql.apply_batch([_event(2, "a")])
+        # When a Watch reads the log meanwhile
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            read = pool.submit(sql.watch_page, "a", "", 0, limit=10, window=100)
+            with pytest.raises(concurrent.futures.TimeoutError):
+                read.result(timeout=0.5)  # it waits at the fence (nothing to await: the point is that it waits)
+            slow.commit()
+            page = read.result(timeout=10)
+        # Then it sees the lower sequence too, before the higher one: resuming after it skips nothing
+        assert [(s, ev.key) for s, ev in page.events] == [(low, "k1"), (low + 1, "k2")]
+    finally:
+        slow.close()
         sql.close()
 
 

@@ -10,8 +10,9 @@ one attempt at a time and the :class:`~mfh_client.calls.RetryPolicy` whether to 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator, Sequence
 from typing import Any, Protocol, TypeVar
 
 from mfh_client import calls
@@ -28,8 +29,8 @@ _DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024
 #: How long a ZeroMQ Watch poll waits for a change before it is answered (then the client polls again).
 _ZMQ_WATCH_WAIT_S = 2.0
 #: One Watch stream on endpoint i, resuming after a sequence: (sequence, change) or (sequence, None), progress.
-_Stream = Callable[[int, int | None], Iterator[tuple[int, WatchedEvent | None]]]
-_AsyncStream = Callable[[int, int | None], AsyncIterator[tuple[int, WatchedEvent | None]]]
+_Stream = Callable[[int, int | None], Generator[tuple[int, WatchedEvent | None]]]
+_AsyncStream = Callable[[int, int | None], AsyncGenerator[tuple[int, WatchedEvent | None]]]
 
 
 class SyncTransport(Protocol):
@@ -115,10 +116,11 @@ class Client(_Base):
         while True:
             i = self._endpoints.pick()
             try:
-                for seq, event in stream(i, resume.after):
-                    resume.seen(seq)
-                    if event is not None:
-                        yield event
+                with contextlib.closing(stream(i, resume.after)) as events:  # closed at once: its call is cancelled
+                    for seq, event in events:
+                        resume.seen(seq)
+                        if event is not None:
+                            yield event
             except Failure as f:
                 pause = self._watch_pause(resume, f, i)
                 time.sleep(pause)
@@ -213,10 +215,11 @@ class AsyncClient(_Base):
         while True:
             i = self._endpoints.pick()
             try:
-                async for seq, event in stream(i, resume.after):
-                    resume.seen(seq)
-                    if event is not None:
-                        yield event
+                async with contextlib.aclosing(stream(i, resume.after)) as events:
+                    async for seq, event in events:
+                        resume.seen(seq)
+                        if event is not None:
+                            yield event
             except Failure as f:
                 pause = self._watch_pause(resume, f, i)
                 await asyncio.sleep(pause)

@@ -6,7 +6,7 @@ transports differ only in the channel they send it on.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Mapping, Sequence
 from typing import Any, Final
 
 import grpc
@@ -138,7 +138,7 @@ class GrpcTransport(_Channels):
             raise failure_of(e) from e
         return convert(reply)
 
-    def watch(self, i: int, namespace: str, key_prefix: str, after_sequence: int | None) -> Iterator[Watched]:
+    def watch(self, i: int, namespace: str, key_prefix: str, after_sequence: int | None) -> Generator[Watched]:
         """One Watch stream on endpoint ``i``; a failure is raised as a :class:`Failure`."""
         call = self.stub(i).Watch(watch_request(namespace, key_prefix, after_sequence), metadata=self.metadata)
         try:
@@ -178,7 +178,7 @@ class AsyncGrpcTransport(_Channels):
 
     async def watch(
         self, i: int, namespace: str, key_prefix: str, after_sequence: int | None
-    ) -> AsyncIterator[Watched]:
+    ) -> AsyncGenerator[Watched]:
         """One Watch stream on endpoint ``i``; a failure is raised as a :class:`Failure`."""
         call = self.stub(i).Watch(watch_request(namespace, key_prefix, after_sequence), metadata=self.metadata)
         try:

@@ -11,7 +11,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Mapping, Sequence
 from typing import Any, Final
 
 import zmq
@@ -163,7 +163,7 @@ class ZmqTransport(_Wire):
 
     def watch(
         self, i: int, namespace: str, key_prefix: str, after: int | None, *, wait: float, reply_s: float
-    ) -> Iterator[Watched]:
+    ) -> Generator[Watched]:
         """Long polls on endpoint ``i``, each waiting up to ``wait`` seconds for a change; a failed poll raises
         its :class:`Failure`. From now on when ``after`` is None (a first poll asks where now is)."""
         while True:
@@ -217,7 +217,7 @@ class AsyncZmqTransport(_Wire):
 
     async def watch(
         self, i: int, namespace: str, key_prefix: str, after: int | None, *, wait: float, reply_s: float
-    ) -> AsyncIterator[Watched]:
+    ) -> AsyncGenerator[Watched]:
         """As :meth:`ZmqTransport.watch`, awaited (give a Watch its own transport: a poll holds the socket)."""
         while True:
             call = calls.watch_poll(namespace, key_prefix, after, _ms(wait))

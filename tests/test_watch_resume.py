@@ -379,23 +379,26 @@ async def _api_up(h: TestHost) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("which", ["grpc-async", "zmq-async"])
+@pytest.mark.parametrize("which", ["grpc-async", "zmq-async", "grpc-async-failover"])
 async def test_a_watching_client_resumes_by_itself_across_an_api_sigkill_and_sees_every_event_once(
     replicas: list[TestHost], which: str
 ) -> None:
-    # Given two api replicas of one host, a worker, a client watching on replica a and a writer on replica b
+    # Given two api replicas of one host, a worker, a client watching on replica a, a writer on replica b
     a, b = replicas
     api_a = a.spawn("mfh_api.app", log_name="api")
     b.spawn("mfh_api.app", log_name="api")
     a.start_worker(threads=2)
     await asyncio.gather(_api_up(a), _api_up(b))
     s = a.settings.server
-    make: Callable[[], Any] = (
-        (lambda: AsyncMemoryClient(f"127.0.0.1:{s.grpc_port}", timeout=2.0))
-        if which == "grpc-async"
-        else (lambda: AsyncZmqClient(f"tcp://127.0.0.1:{s.zmq_port}", timeout=2.0))
-    )
-    watcher = make()
+    # (the failover client knows both replicas: it goes on on b while a is down)
+    clients: dict[str, Callable[[], Any]] = {
+        "grpc-async": lambda: AsyncMemoryClient(f"127.0.0.1:{s.grpc_port}", timeout=2.0),
+        "zmq-async": lambda: AsyncZmqClient(f"tcp://127.0.0.1:{s.zmq_port}", timeout=2.0),
+        "grpc-async-failover": lambda: AsyncMemoryClient(
+            [f"127.0.0.1:{s.grpc_port}", f"127.0.0.1:{b.settings.server.grpc_port}"], timeout=2.0
+        ),
+    }
+    watcher = clients[which]()
     writer = AsyncMemoryClient(f"127.0.0.1:{b.settings.server.grpc_port}", timeout=10.0, retries=5)
 
     async def write(*ks: str) -> None:

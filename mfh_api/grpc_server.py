@@ -301,15 +301,19 @@ class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
 
     async def Watch(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         """A stream lives until the client cancels, its deadline, ``watch_idle_seconds`` without an event or
-        ``watch_max_lifetime_seconds`` (DEADLINE_EXCEEDED: list again and watch again); it holds a stream
-        slot of its connection, never a unary one."""
+        ``watch_max_lifetime_seconds`` (DEADLINE_EXCEEDED: watch again, after the last sequence seen); it
+        holds a stream slot of its connection, never a unary one."""
         status: tuple[grpc.StatusCode, str] | None = None
         try:
             if isinstance(request, _Malformed):
                 raise InvalidArgument(f"malformed WatchRequest: {request.error}")
             with self.streams.hold(context.peer()):
-                async for ev in self._bounded(self.service.watch(request.namespace, request.key_prefix)):
-                    yield _watch_event(ev)
+                after = request.after_sequence if request.HasField("after_sequence") else None
+                events = self.service.watch(
+                    request.namespace, request.key_prefix, after_sequence=after, progress=request.send_progress
+                )
+                async for seq, ev in self._bounded(events):
+                    yield _watch_event(seq, ev)
         except MFHError as e:
             status = grpc_status(e)
         except Exception:
@@ -319,7 +323,7 @@ class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
         if status is not None:
             await _abort(context, status)
 
-    async def _bounded(self, events: AsyncIterator[MemoryEvent]) -> AsyncIterator[MemoryEvent]:
+    async def _bounded(self, events: AsyncIterator[R]) -> AsyncIterator[R]:
         """``events`` until the idle or the lifetime limit passes (then DeadlineExceeded)."""
         loop = asyncio.get_running_loop()
         end = loop.time() + self.watch_lifetime
@@ -386,8 +390,10 @@ class _Reflection(ReflectionServicer):  # type: ignore[misc]
                 yield reply
 
 
-def _watch_event(ev: MemoryEvent) -> Any:
-    return pb.WatchEvent(record=to_pb_record(ev.to_record()), op=ev.op.value, event_id=ev.event_id)
+def _watch_event(seq: int, ev: MemoryEvent | None) -> Any:
+    if ev is None:  # a progress event: the position only
+        return pb.WatchEvent(sequence=seq)
+    return pb.WatchEvent(record=to_pb_record(ev.to_record()), op=ev.op.value, event_id=ev.event_id, sequence=seq)
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], status: tuple[grpc.StatusCode, str]) -> NoReturn:

@@ -26,12 +26,14 @@ from mfh_client.types import Durability, PutResult, PutSpec
 from mfh_core import Change, ChangeFeed, HotStore, SqlStore
 from mfh_core.metrics import CACHE_LOOKUPS
 from mfh_core.resilience import Bulkhead, CircuitBreaker, OutageLog, breaker_from_settings
+from mfh_core.sqlstore import WatchPage
 from mfh_models import (
     DeadlineExceeded,
     InvalidArgument,
     MemoryEvent,
     NotFound,
     Op,
+    OutOfRange,
     Record,
     Settings,
     Unavailable,
@@ -69,8 +71,26 @@ _MAX_VERSION: Final = (1 << 63) - 1
 #: How often a PERSISTED waiter checks SQL itself, in case the change feed missed the commit notice.
 _PERSISTED_RECHECK_S: Final = 0.5
 _READ_ONLY: Final = "read-only mode: redis unavailable"
+#: A Watch reads at most this many events of the log at once, looking at no more than this many sequence
+#: numbers (a quiet namespace in a busy log, a resume far behind): each read is bounded.
+_WATCH_PAGE: Final = 1000
+_WATCH_WINDOW: Final = 20_000
+#: Events a ZeroMQ watch poll returns when it does not say.
+_WATCH_POLL_DEFAULT: Final = 100
+#: A Watch reads the log at least this often even without a commit notice.
+_WATCH_POLL_S: Final = 5.0
+#: Progress events (when asked for) at most this often while no change matches.
+_PROGRESS_EVERY_S: Final = 1.0
 _CACHE_HIT: Final = CACHE_LOOKUPS.labels("hit")  # labels() takes a lock: resolve the children once
 _CACHE_MISS: Final = CACHE_LOOKUPS.labels("miss")
+
+
+def _check_sequence(v: int | None) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0 or v > _MAX_VERSION:
+        raise InvalidArgument(f"after_sequence must be an integer from 0 to {_MAX_VERSION}")
+    return v
 
 
 def _check_expected(v: int | None) -> int | None:
@@ -401,28 +421,99 @@ class MemoryService:
 
     # -- watch and health -------------------------------------------------------------------------
 
-    async def watch(self, namespace: str, key_prefix: str = "") -> AsyncIterator[MemoryEvent]:
-        """Changes of one namespace as they are persisted (local or replicated), from now on (no backfill).
+    async def watch(
+        self, namespace: str, key_prefix: str = "", *, after_sequence: int | None = None, progress: bool = False
+    ) -> AsyncIterator[tuple[int, MemoryEvent | None]]:
+        """The changes of one namespace (keys under ``key_prefix``) as (sequence, event), in the order they were
+        committed to the event log (local or replicated): after ``after_sequence`` (backfill from the log, then
+        live) or, when it is None, from now on. Exactly once per event; no gap, no duplicate (docs/api.md).
 
-        Each event carries the key's newest state when it is sent, so changes may be coalesced; delivery is
-        at least once while subscribed, and the stream ends with Unavailable if the subscription drops.
+        With ``progress``, also (position, None): once at the start, then while nothing matches, when the log
+        has moved on (at most every :data:`_PROGRESS_EVERY_S`). The stream ends with Unavailable when SQL or
+        the commit notices are lost; OutOfRange when ``after_sequence`` cannot be served.
         """
         validate_namespace(namespace)
         if key_prefix:
             validate_key(key_prefix)
+        after = _check_sequence(after_sequence)
+        loop = asyncio.get_running_loop()
+        # Subscribe before the first read of the log: a commit after that read wakes the loop below.
         async with self.feed.subscribe(namespace, key_prefix) as watcher:
-            last: dict[str, int] = {}
+            cursor = await self._watch_start(namespace, key_prefix, after)
+            if progress:
+                yield cursor, None
+            told = loop.time()
             while True:
-                key, version = await watcher.next()
-                if last.get(key, 0) >= version:
-                    continue
-                rec = await self._lookup(namespace, key)
-                if rec is None or rec.version < version:
-                    continue
-                if len(last) > 10_000:
-                    last.clear()
-                last[key] = rec.version
-                yield _event_of(rec)
+                page = await self._read_log(namespace, key_prefix, cursor, _WATCH_PAGE)
+                for seq, event in page.events:
+                    yield seq, event
+                moved, cursor = page.scanned_to > cursor, page.scanned_to
+                if page.events:
+                    told = loop.time()
+                elif progress and moved and loop.time() - told >= _PROGRESS_EVERY_S:
+                    told = loop.time()
+                    yield cursor, None
+                if cursor < page.head:
+                    continue  # still catching up: read the next page now
+                await watcher.wait(_WATCH_POLL_S)
+
+    async def watch_poll(
+        self,
+        namespace: str,
+        key_prefix: str = "",
+        *,
+        after_sequence: int | None,
+        max_events: int = 0,
+        wait_s: float = 0.0,
+    ) -> tuple[list[tuple[int, MemoryEvent]], int]:
+        """One long poll of :meth:`watch` (the ZeroMQ ``watch`` action): up to ``max_events`` changes after
+        ``after_sequence``, waiting up to ``wait_s`` for one, and the position to poll after next. With
+        ``after_sequence`` None: no events, and the position of now (to poll after)."""
+        validate_namespace(namespace)
+        if key_prefix:
+            validate_key(key_prefix)
+        after = _check_sequence(after_sequence)
+        if isinstance(max_events, bool) or not isinstance(max_events, int) or not 0 <= max_events <= _WATCH_PAGE:
+            raise InvalidArgument(f"max_events must be an integer from 0 to {_WATCH_PAGE} (0: {_WATCH_POLL_DEFAULT})")
+        limit = max_events or _WATCH_POLL_DEFAULT
+        cursor = await self._watch_start(namespace, key_prefix, after)
+        if after is None:
+            return [], cursor
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(wait_s, 0.0)
+        page = await self._read_log(namespace, key_prefix, cursor, limit)
+        if page.events or page.scanned_to < page.head or wait_s <= 0:
+            return page.events, page.scanned_to
+        async with self.feed.subscribe(namespace, key_prefix) as watcher:
+            while True:  # subscribed: re-read, so a commit between the read above and now is not waited for
+                page = await self._read_log(namespace, key_prefix, page.scanned_to, limit)
+                left = deadline - loop.time()
+                if page.events or page.scanned_to < page.head or left <= 0:
+                    return page.events, page.scanned_to
+                await watcher.wait(left)
+
+    async def _read_log(self, namespace: str, key_prefix: str, after: int, limit: int) -> WatchPage:
+        return await self._sql(
+            lambda: self.sql.watch_page(namespace, key_prefix, after, limit=limit, window=_WATCH_WINDOW)
+        )
+
+    async def _watch_start(self, namespace: str, key_prefix: str, after: int | None) -> int:
+        """The position a Watch goes on after: ``after``, checked against the log, or the log's head (None)."""
+        read = self.sql.watch_page  # after the largest sequence there is: only the head and the oldest are read
+        first = await self._sql(lambda: read(namespace, key_prefix, _MAX_VERSION, limit=1, window=1))
+        if after is None:
+            return first.head
+        if after > first.head:
+            raise OutOfRange(
+                f"after_sequence {after} is beyond this host's event log (its newest is {first.head}): the position "
+                "comes from another store; list again and watch from now on"
+            )
+        if first.oldest is not None and after + 1 < first.oldest:
+            raise OutOfRange(
+                f"the events after sequence {after} were pruned (the oldest kept is {first.oldest}); "
+                "list again and watch from now on"
+            )
+        return after
 
     async def health(self) -> dict[str, bool]:
         """Reachability of each dependency (for the gRPC health service and `mfh` status)."""
@@ -481,12 +572,6 @@ class MemoryService:
             out.append(rec)
         token = _encode_token(rows[-1].key, scope) if more and rows else ""
         return out, token
-
-
-def _event_of(rec: Record) -> MemoryEvent:
-    from mfh_core.hotstore import HotEntry
-
-    return HotEntry(record=rec, dirty=False).to_event()
 
 
 def _encode_token(after_key: str, scope: list[Any]) -> str:

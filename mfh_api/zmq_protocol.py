@@ -14,7 +14,7 @@ from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
-from mfh_client.codecs import record_from_json, record_to_json
+from mfh_client.codecs import record_from_json, record_to_json, watch_event_to_json
 from mfh_models import MAX_JSON_DEPTH, InvalidArgument, decode_untrusted_json
 from mfh_models.records import format_validation_error
 
@@ -31,6 +31,7 @@ __all__ = [
     "Peek",
     "PutPayload",
     "V1Request",
+    "WatchPayload",
     "decode_json",
     "encode",
     "error_reply",
@@ -43,6 +44,7 @@ __all__ = [
     "record_to_json",
     "request_id",
     "safe_id",
+    "watch_event_to_json",
 ]
 
 log = logging.getLogger("mfh.api.zmq")
@@ -121,6 +123,16 @@ class ListPayload(_Strict):
     include_deleted: StrictBool = False
 
 
+class WatchPayload(_Strict):
+    """``watch``: one long poll of the changes after ``after_sequence`` (docs/api.md, "Watch")."""
+
+    namespace: StrictStr
+    key_prefix: StrictStr = ""
+    after_sequence: StrictInt | None = Field(default=None, ge=0, lt=1 << 63, description="None: the position of now")
+    max_events: StrictInt = Field(default=0, ge=0, le=1000, description="0: the service's default (100)")
+    wait_ms: StrictInt = Field(default=0, ge=0, le=300_000, description="capped by the request's deadline")
+
+
 ACTIONS: Final[dict[str, type[_Strict]]] = {
     "get": GetPayload,
     "batch_get": BatchGetPayload,
@@ -128,6 +140,7 @@ ACTIONS: Final[dict[str, type[_Strict]]] = {
     "batch_put": BatchPutPayload,
     "delete": DeletePayload,
     "list": ListPayload,
+    "watch": WatchPayload,
 }
 
 
@@ -139,6 +152,7 @@ RPC_NAMES: Final[dict[str, str]] = {
     "batch_put": "BatchPut",
     "delete": "Delete",
     "list": "List",
+    "watch": "Watch",
 }
 
 

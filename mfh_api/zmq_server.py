@@ -20,7 +20,7 @@ import functools
 import logging
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Final
 
 import zmq
 import zmq.asyncio
@@ -38,6 +38,7 @@ from mfh_api.zmq_protocol import (
     GetPayload,
     ListPayload,
     PutPayload,
+    WatchPayload,
     decode_json,
     encode,
     error_reply,
@@ -48,6 +49,7 @@ from mfh_api.zmq_protocol import (
     peek_error,
     record_to_json,
     request_id,
+    watch_event_to_json,
 )
 from mfh_client.codes import INTERNAL_MESSAGE, zmq_error
 from mfh_core.metrics import API_LATENCY, API_REQUESTS
@@ -56,6 +58,9 @@ from mfh_models import DeadlineExceeded, InvalidArgument, MFHError, Settings, Un
 __all__ = ["ZmqServer", "dispatch"]
 
 log = logging.getLogger("mfh.api.zmq")
+
+#: A watch poll answers this long before the request's deadline, so its reply is not late.
+_WATCH_MARGIN_S: Final = 0.25
 
 
 def _spec(p: PutPayload) -> PutSpec:
@@ -99,6 +104,13 @@ async def dispatch(service: MemoryService, action: str, payload: dict[str, Any],
             include_deleted=m.include_deleted,
         )
         return {"records": [record_to_json(r) for r in records], "next_page_token": token}
+    if isinstance(m, WatchPayload):
+        # Answer before the request's deadline, with what came: the client polls again after next_sequence.
+        wait = max(0.0, min(m.wait_ms / 1000, budget_s - _WATCH_MARGIN_S))
+        events, position = await service.watch_poll(
+            m.namespace, m.key_prefix, after_sequence=m.after_sequence, max_events=m.max_events, wait_s=wait
+        )
+        return {"events": [watch_event_to_json(seq, e) for seq, e in events], "next_sequence": position}
     raise InvalidArgument(f"unknown action {action!r}")  # unreachable: parse_payload knows every action
 
 

@@ -17,9 +17,9 @@ from mfh_client import retry
 from mfh_client.retry import CallKind
 from mfh_client.types import Durability, PutResult, PutSpec
 from mfh_models.errors import InvalidArgument, MFHError
-from mfh_models.records import Record
+from mfh_models.records import Record, WatchedEvent
 
-__all__ = ["Call", "Endpoints", "Failure", "RetryPolicy"]
+__all__ = ["Call", "Endpoints", "Failure", "RetryPolicy", "WatchResume"]
 
 T = TypeVar("T")
 
@@ -104,6 +104,14 @@ def list_page(
     return Call("list", args, CallKind.READ)
 
 
+def watch_poll(
+    namespace: str, key_prefix: str, after_sequence: int | None, wait_ms: int
+) -> Call[tuple[list[WatchedEvent], int]]:
+    """One ZeroMQ long poll of a Watch: the changes after ``after_sequence`` and the position to poll after."""
+    args = {"namespace": namespace, "key_prefix": key_prefix, "after_sequence": after_sequence, "wait_ms": wait_ms}
+    return Call("watch", args, CallKind.READ)
+
+
 # -- endpoints and the retry policy ------------------------------------------------------------------
 
 
@@ -158,3 +166,36 @@ class RetryPolicy:
     @staticmethod
     def retryable(call: Call[Any], failure: Failure) -> bool:
         return retry.retryable(call.kind, failure.code, failure.details, answered_by_server=failure.answered_by_server)
+
+
+@dataclass
+class WatchResume:
+    """Where a client's Watch goes on after a reconnect or a failover, and for how long it keeps trying.
+
+    ``after`` is the sequence of the newest event or progress seen (None: none yet, and the first stream
+    starts from now). A failed stream is opened again after it when the failure is one a read is retried on
+    (:func:`mfh_client.retry.retryable`), for up to ``reconnect_for`` seconds without a stream that answers.
+    """
+
+    after: int | None
+    reconnect_for: float
+    attempt: int = 0
+    _failing_since: float | None = None
+
+    def seen(self, sequence: int) -> None:
+        """The stream delivered ``sequence`` (an event or a progress): it works, and resumes after it."""
+        self.after = sequence
+        self.attempt, self._failing_since = 0, None
+
+    def pause(self, failure: Failure, policy: RetryPolicy) -> float | None:
+        """Seconds to wait before opening the stream again, or None when ``failure`` is the answer."""
+        if not policy.retryable(Call("watch", {}, CallKind.READ), failure):
+            return None
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        if now - self._failing_since >= self.reconnect_for:
+            return None
+        pause = policy.delay(self.attempt, failure)
+        self.attempt += 1
+        return pause

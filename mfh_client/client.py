@@ -10,26 +10,27 @@ one attempt at a time and the :class:`~mfh_client.calls.RetryPolicy` whether to 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator, Sequence
 from typing import Any, Protocol, TypeVar
 
-import grpc
-
 from mfh_client import calls
-from mfh_client.calls import Call, Endpoints, Failure, RetryPolicy
-from mfh_client.codecs import event_from_pb
-from mfh_client.codes import exception_for
-from mfh_client.proto import pb
+from mfh_client.calls import Call, Endpoints, Failure, RetryPolicy, WatchResume
 from mfh_client.transport_grpc import AsyncGrpcTransport, GrpcTransport
 from mfh_client.transport_zmq import AsyncZmqTransport, ZmqTransport, zmq_endpoints
 from mfh_client.types import Durability, PutResult, PutSpec
-from mfh_models.records import MemoryEvent, Record
+from mfh_models.records import Record, WatchedEvent
 
 __all__ = ["AsyncClient", "AsyncMemoryClient", "AsyncZmqClient", "Client", "MemoryClient", "ZmqClient"]
 
 T = TypeVar("T")
 _DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024
+#: How long a ZeroMQ Watch poll waits for a change before it is answered (then the client polls again).
+_ZMQ_WATCH_WAIT_S = 2.0
+#: One Watch stream on endpoint i, resuming after a sequence: (sequence, change) or (sequence, None), progress.
+_Stream = Callable[[int, int | None], Generator[tuple[int, WatchedEvent | None]]]
+_AsyncStream = Callable[[int, int | None], AsyncGenerator[tuple[int, WatchedEvent | None]]]
 
 
 class SyncTransport(Protocol):
@@ -78,6 +79,15 @@ class _Base:
         self._endpoints.failed(i)
         return self.policy.delay(attempt, failure)
 
+    def _watch_pause(self, resume: WatchResume, failure: Failure, i: int) -> float:
+        """The pause before a Watch opens its stream again; raises ``failure``'s error when it is the answer."""
+        pause = resume.pause(failure, self.policy)
+        if pause is None:
+            raise failure.error from failure.__cause__
+        self.failovers += 1
+        self._endpoints.failed(i)
+        return pause
+
 
 class Client(_Base):
     """Blocking client over any transport; one per thread."""
@@ -98,6 +108,22 @@ class Client(_Base):
                     raise f.error from f.__cause__
                 time.sleep(pause)
         raise AssertionError("unreachable")
+
+    def _watch(self, stream: _Stream, after: int | None, reconnect_for: float) -> Iterator[WatchedEvent]:
+        """The one resume loop of the blocking clients: open ``stream`` after the newest sequence seen, again
+        after a failure a read is retried on (on another endpoint, when there are several)."""
+        resume = WatchResume(after, reconnect_for)
+        while True:
+            i = self._endpoints.pick()
+            try:
+                with contextlib.closing(stream(i, resume.after)) as events:  # closed at once: its call is cancelled
+                    for seq, event in events:
+                        resume.seen(seq)
+                        if event is not None:
+                            yield event
+            except Failure as f:
+                pause = self._watch_pause(resume, f, i)
+                time.sleep(pause)
 
     def get(self, namespace: str, key: str, *, timeout: float | None = None) -> Record:
         """The live record; NotFound if absent or deleted."""
@@ -180,6 +206,23 @@ class AsyncClient(_Base):
                     raise f.error from f.__cause__
                 await asyncio.sleep(pause)
         raise AssertionError("unreachable")
+
+    async def _watch(
+        self, stream: _AsyncStream, after: int | None, reconnect_for: float
+    ) -> AsyncIterator[WatchedEvent]:
+        """The one resume loop of the asyncio clients (as :meth:`Client._watch`)."""
+        resume = WatchResume(after, reconnect_for)
+        while True:
+            i = self._endpoints.pick()
+            try:
+                async with contextlib.aclosing(stream(i, resume.after)) as events:
+                    async for seq, event in events:
+                        resume.seen(seq)
+                        if event is not None:
+                            yield event
+            except Failure as f:
+                pause = self._watch_pause(resume, f, i)
+                await asyncio.sleep(pause)
 
     async def get(self, namespace: str, key: str, *, timeout: float | None = None) -> Record:  # noqa: ASYNC109
         """The live record; NotFound if absent or deleted."""
@@ -267,17 +310,14 @@ class MemoryClient(Client):
         size = int(options.pop("max_message_bytes", _DEFAULT_MAX_MESSAGE))
         self.transport = self._grpc = GrpcTransport(addresses, api_key=api_key, max_message_bytes=size, **options)
 
-    def watch(self, namespace: str, key_prefix: str = "") -> Iterator[MemoryEvent]:
-        """Changes as they are persisted; close the iterator (or break) to cancel the stream."""
-        stub = self._grpc.stub(self._endpoints.pick())
-        call = stub.Watch(pb.WatchRequest(namespace=namespace, key_prefix=key_prefix), metadata=self._grpc.metadata)
-        try:
-            for m in call:
-                yield event_from_pb(m)
-        except grpc.RpcError as e:
-            raise exception_for(e.code(), e.details() or "") from e
-        finally:
-            call.cancel()
+    def watch(
+        self, namespace: str, key_prefix: str = "", *, after_sequence: int | None = None, reconnect_for: float = 30.0
+    ) -> Iterator[WatchedEvent]:
+        """Changes as they are committed, each with its ``sequence``: after ``after_sequence`` (backfill, then
+        live) or from now on. Resumes by itself after a reconnect or a failover, for up to ``reconnect_for``
+        seconds of failures (docs/api.md, "Watch"); close the iterator (or break) to end it."""
+        grpc = self._grpc
+        return self._watch(lambda i, a: grpc.watch(i, namespace, key_prefix, a), after_sequence, reconnect_for)
 
 
 class AsyncMemoryClient(AsyncClient):
@@ -288,17 +328,12 @@ class AsyncMemoryClient(AsyncClient):
         size = int(options.pop("max_message_bytes", _DEFAULT_MAX_MESSAGE))
         self.transport = self._grpc = AsyncGrpcTransport(addresses, api_key=api_key, max_message_bytes=size, **options)
 
-    async def watch(self, namespace: str, key_prefix: str = "") -> AsyncIterator[MemoryEvent]:
-        """Changes as they are persisted; no retry (re-list and re-watch after an error)."""
-        stub = self._grpc.stub(self._endpoints.pick())
-        call = stub.Watch(pb.WatchRequest(namespace=namespace, key_prefix=key_prefix), metadata=self._grpc.metadata)
-        try:
-            async for m in call:
-                yield event_from_pb(m)
-        except grpc.aio.AioRpcError as e:
-            raise exception_for(e.code(), e.details() or "") from e
-        finally:
-            call.cancel()
+    def watch(
+        self, namespace: str, key_prefix: str = "", *, after_sequence: int | None = None, reconnect_for: float = 30.0
+    ) -> AsyncIterator[WatchedEvent]:
+        """As :meth:`MemoryClient.watch`: ``async for ev in client.watch(...)``."""
+        grpc = self._grpc
+        return self._watch(lambda i, a: grpc.watch(i, namespace, key_prefix, a), after_sequence, reconnect_for)
 
     async def close(self) -> None:
         await self._grpc.close()
@@ -315,6 +350,22 @@ class ZmqClient(Client):
     def _connect(self, addresses: list[str], api_key: str | None, **options: Any) -> None:
         """Options: ``context``, a ``zmq.Context`` (default: the process's shared one)."""
         self.transport = ZmqTransport(addresses, api_key=api_key, **options)
+        self._watch_transport: Callable[[], ZmqTransport] = lambda: ZmqTransport(addresses, api_key=api_key, **options)
+
+    def watch(
+        self, namespace: str, key_prefix: str = "", *, after_sequence: int | None = None, reconnect_for: float = 30.0
+    ) -> Iterator[WatchedEvent]:
+        """As :meth:`MemoryClient.watch`, as long polls (the ``watch`` action) on a socket of its own."""
+        transport = self._watch_transport()
+        t, wait = self.timeout, _ZMQ_WATCH_WAIT_S
+        try:
+            yield from self._watch(
+                lambda i, a: transport.watch(i, namespace, key_prefix, a, wait=wait, reply_s=t),
+                after_sequence,
+                reconnect_for,
+            )
+        finally:
+            transport.close()
 
 
 class AsyncZmqClient(AsyncClient):
@@ -325,6 +376,25 @@ class AsyncZmqClient(AsyncClient):
     def _connect(self, addresses: list[str], api_key: str | None, **options: Any) -> None:
         """Options: ``context``, a ``zmq.asyncio.Context`` (default: the process's shared one)."""
         self.transport = self._zmq = AsyncZmqTransport(addresses, api_key=api_key, **options)
+        self._watch_transport: Callable[[], AsyncZmqTransport] = lambda: AsyncZmqTransport(
+            addresses, api_key=api_key, **options
+        )
+
+    async def watch(
+        self, namespace: str, key_prefix: str = "", *, after_sequence: int | None = None, reconnect_for: float = 30.0
+    ) -> AsyncIterator[WatchedEvent]:
+        """As :meth:`MemoryClient.watch`, as long polls on a socket of its own (the client's other calls go on)."""
+        transport = self._watch_transport()
+        t, wait = self.timeout, _ZMQ_WATCH_WAIT_S
+        try:
+            async for event in self._watch(
+                lambda i, a: transport.watch(i, namespace, key_prefix, a, wait=wait, reply_s=t),
+                after_sequence,
+                reconnect_for,
+            ):
+                yield event
+        finally:
+            transport.close()
 
     def close(self) -> None:
         """Close the socket (the shared context stays)."""

@@ -10,9 +10,17 @@ from typing import Any, Final
 
 from mfh_client.proto import pb
 from mfh_models.canonical import canonical_json
-from mfh_models.records import SCHEMA_VERSION, Kind, MemoryEvent, Op, Record, event_id_for
+from mfh_models.records import SCHEMA_VERSION, Kind, MemoryEvent, Op, Record, WatchedEvent, event_id_for
 
-__all__ = ["event_from_pb", "from_pb_record", "record_from_json", "record_to_json", "to_pb_record"]
+__all__ = [
+    "event_from_pb",
+    "from_pb_record",
+    "record_from_json",
+    "record_to_json",
+    "to_pb_record",
+    "watch_event_from_json",
+    "watch_event_to_json",
+]
 
 _KINDS: Final = frozenset(k.value for k in Kind)
 
@@ -45,12 +53,10 @@ def from_pb_record(m: Any) -> Record:
     )
 
 
-def event_from_pb(m: Any) -> MemoryEvent:
-    """A Watch message as the event it reports."""
-    rec = from_pb_record(m.record)
-    return MemoryEvent.model_construct(
-        event_id=m.event_id or event_id_for(rec.origin, rec.version),
-        op=Op(m.op),
+def _watched(rec: Record, op: str, event_id: str, sequence: int) -> WatchedEvent:
+    return WatchedEvent.model_construct(
+        event_id=event_id or event_id_for(rec.origin, rec.version),
+        op=Op(op),
         namespace=rec.namespace,
         key=rec.key,
         kind=rec.kind,
@@ -59,7 +65,28 @@ def event_from_pb(m: Any) -> MemoryEvent:
         origin=rec.origin,
         created_at=rec.updated_at,
         schema_version=rec.schema_version,
+        sequence=sequence,
     )
+
+
+def event_from_pb(m: Any) -> WatchedEvent:
+    """A Watch message as the event it reports (not for a progress event: it has no record)."""
+    return _watched(from_pb_record(m.record), m.op, m.event_id, int(m.sequence))
+
+
+def watch_event_to_json(sequence: int, event: MemoryEvent) -> dict[str, Any]:
+    """One change of a ZeroMQ ``watch`` reply."""
+    return {
+        "sequence": sequence,
+        "op": event.op.value,
+        "event_id": event.event_id,
+        "record": record_to_json(event.to_record()),
+    }
+
+
+def watch_event_from_json(obj: dict[str, Any]) -> WatchedEvent:
+    """The inverse of :func:`watch_event_to_json`, for clients."""
+    return _watched(record_from_json(obj["record"]), str(obj["op"]), str(obj["event_id"]), int(obj["sequence"]))
 
 
 def record_to_json(record: Record) -> dict[str, Any]:

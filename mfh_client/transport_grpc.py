@@ -6,20 +6,24 @@ transports differ only in the channel they send it on.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Mapping, Sequence
 from typing import Any, Final
 
 import grpc
 
 from mfh_client.calls import Call, Failure
-from mfh_client.codecs import from_pb_record
+from mfh_client.codecs import event_from_pb, from_pb_record
 from mfh_client.codes import exception_for
 from mfh_client.proto import pb, pb_grpc
 from mfh_client.retry import SERVER_ANSWER_METADATA
 from mfh_client.types import API_KEY_METADATA, Durability, PutResult
 from mfh_models.canonical import canonical_json
+from mfh_models.records import WatchedEvent
 
-__all__ = ["AsyncGrpcTransport", "GrpcTransport", "failure_of"]
+__all__ = ["AsyncGrpcTransport", "GrpcTransport", "failure_of", "watch_request"]
+
+#: What one Watch stream yields: (sequence, the change), or (sequence, None) for a progress event.
+Watched = tuple[int, WatchedEvent | None]
 
 
 def _answered_by_server(e: grpc.RpcError) -> bool:
@@ -89,6 +93,18 @@ _METHODS: Final[dict[str, tuple[str, Callable[[Mapping[str, Any]], Any], Callabl
 }
 
 
+def watch_request(namespace: str, key_prefix: str, after_sequence: int | None) -> Any:
+    """A WatchRequest that asks for progress events (so a client always knows where to resume)."""
+    req = pb.WatchRequest(namespace=namespace, key_prefix=key_prefix, send_progress=True)
+    if after_sequence is not None:
+        req.after_sequence = after_sequence
+    return req
+
+
+def _watched(m: Any) -> Watched:
+    return int(m.sequence), event_from_pb(m) if m.HasField("record") else None
+
+
 class _Channels:
     """What both gRPC transports hold: addresses, metadata, channel options."""
 
@@ -122,6 +138,17 @@ class GrpcTransport(_Channels):
             raise failure_of(e) from e
         return convert(reply)
 
+    def watch(self, i: int, namespace: str, key_prefix: str, after_sequence: int | None) -> Generator[Watched]:
+        """One Watch stream on endpoint ``i``; a failure is raised as a :class:`Failure`."""
+        call = self.stub(i).Watch(watch_request(namespace, key_prefix, after_sequence), metadata=self.metadata)
+        try:
+            for m in call:
+                yield _watched(m)
+        except grpc.RpcError as e:
+            raise failure_of(e) from e
+        finally:
+            call.cancel()
+
     def close(self) -> None:
         for ch, _ in self._stubs.values():
             ch.close()
@@ -148,6 +175,19 @@ class AsyncGrpcTransport(_Channels):
         except grpc.aio.AioRpcError as e:
             raise failure_of(e) from e
         return convert(reply)
+
+    async def watch(
+        self, i: int, namespace: str, key_prefix: str, after_sequence: int | None
+    ) -> AsyncGenerator[Watched]:
+        """One Watch stream on endpoint ``i``; a failure is raised as a :class:`Failure`."""
+        call = self.stub(i).Watch(watch_request(namespace, key_prefix, after_sequence), metadata=self.metadata)
+        try:
+            async for m in call:
+                yield _watched(m)
+        except grpc.aio.AioRpcError as e:
+            raise failure_of(e) from e
+        finally:
+            call.cancel()
 
     async def close(self) -> None:
         for ch, _ in self._stubs.values():

@@ -11,17 +11,19 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Mapping, Sequence
 from typing import Any, Final
 
 import zmq
 import zmq.asyncio
 
+from mfh_client import calls
 from mfh_client.calls import Call, Failure
-from mfh_client.codecs import record_from_json
+from mfh_client.codecs import record_from_json, watch_event_from_json
 from mfh_client.codes import exception_for_zmq
 from mfh_client.types import PutResult
 from mfh_models.errors import DeadlineExceeded
+from mfh_models.records import WatchedEvent
 
 __all__ = ["AsyncZmqTransport", "ZmqTransport", "zmq_endpoints"]
 
@@ -51,6 +53,10 @@ def _payload(call: Call[Any]) -> dict[str, Any]:
     return {**out, "namespace": a["namespace"]}
 
 
+def _ms(seconds: float) -> int:
+    return max(0, int(seconds * 1000))
+
+
 def _result(d: Mapping[str, Any]) -> PutResult:
     return PutResult(version=int(d["version"]), event_id=str(d["event_id"]))
 
@@ -67,7 +73,16 @@ _RESULTS: Final[dict[str, Callable[[Any], Any]]] = {
     "batch_put": lambda d: [_result(r) for r in d["results"]],
     "delete": _result,
     "list": lambda d: (_records(d), str(d["next_page_token"])),
+    "watch": lambda d: ([watch_event_from_json(e) for e in d["events"]], int(d["next_sequence"])),
 }
+
+#: What a Watch yields per poll: (sequence, the change), then (the position to poll after, None).
+Watched = tuple[int, WatchedEvent | None]
+
+
+def _polled(reply: tuple[list[WatchedEvent], int]) -> list[Watched]:
+    events, position = reply
+    return [*((e.sequence, e) for e in events), (position, None)]
 
 
 class _Wire:
@@ -146,6 +161,18 @@ class ZmqTransport(_Wire):
         self.close()
         raise failure
 
+    def watch(
+        self, i: int, namespace: str, key_prefix: str, after: int | None, *, wait: float, reply_s: float
+    ) -> Generator[Watched]:
+        """Long polls on endpoint ``i``, each waiting up to ``wait`` seconds for a change; a failed poll raises
+        its :class:`Failure`. From now on when ``after`` is None (a first poll asks where now is)."""
+        while True:
+            for item in _polled(
+                self.attempt(calls.watch_poll(namespace, key_prefix, after, _ms(wait)), i, wait + reply_s)
+            ):
+                after = item[0]
+                yield item
+
     def close(self) -> None:
         """Close the socket (the shared context stays)."""
         if self._sock is not None:
@@ -187,6 +214,16 @@ class AsyncZmqTransport(_Wire):
             failure = self.no_reply(call, timeout)
             self.close()
             raise failure
+
+    async def watch(
+        self, i: int, namespace: str, key_prefix: str, after: int | None, *, wait: float, reply_s: float
+    ) -> AsyncGenerator[Watched]:
+        """As :meth:`ZmqTransport.watch`, awaited (give a Watch its own transport: a poll holds the socket)."""
+        while True:
+            call = calls.watch_poll(namespace, key_prefix, after, _ms(wait))
+            for item in _polled(await self.attempt(call, i, wait + reply_s)):
+                after = item[0]
+                yield item
 
     def close(self) -> None:
         """Close the socket (the shared context stays)."""

@@ -2,7 +2,7 @@
 
 Workers' ``mark_clean`` publishes ``[[namespace, key, version], ...]`` on
 ``HotStore.persisted_channel`` after each SQL commit (local or replicated); the api's service
-listens here to wake PERSISTED waiters and feed Watch streams.
+listens here to wake PERSISTED waiters and Watch streams (which read the changes from the event log).
 """
 
 from __future__ import annotations
@@ -17,45 +17,56 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from mfh_models import MemoryEvent, MFHError, ResourceExhausted, Unavailable
+from mfh_models import MemoryEvent, MFHError, Unavailable
 
-__all__ = ["ChangeFeed"]
+__all__ = ["ChangeFeed", "Watcher"]
 
 log = logging.getLogger("mfh.changefeed")
 
 
-class _Watcher:
-    def __init__(self, namespace: str, prefix: str, size: int) -> None:
+class Watcher:
+    """One Watch stream's wake-up: set when a change of its namespace and prefix is committed. The stream
+    reads the changes themselves from the event log, so a burst of notices is one wake-up, never an overflow."""
+
+    def __init__(self, namespace: str, prefix: str) -> None:
         self.namespace, self.prefix = namespace, prefix
-        self.queue: asyncio.Queue[tuple[str, int] | None] = asyncio.Queue(size)
+        self._changed = asyncio.Event()
         self.error: MFHError | None = None
+
+    def notify(self) -> None:
+        self._changed.set()
 
     def fail(self, error: MFHError) -> None:
         if self.error is None:
             self.error = error
-            with contextlib.suppress(asyncio.QueueFull):
-                self.queue.put_nowait(None)
+            self._changed.set()
 
-    async def next(self) -> tuple[str, int]:
-        item = await self.queue.get() if self.error is None else None
-        if item is None:
-            assert self.error is not None
+    async def wait(self, timeout: float) -> bool:  # noqa: ASYNC109 - a poll interval, not a call deadline
+        """True once a matching change was committed since the last call (False after ``timeout`` seconds
+        without one); raises the error that ended the subscription. Read the log after it returns: a
+        change committed meanwhile wakes the next call at once."""
+        if self.error is None and not self._changed.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._changed.wait()
+        if self.error is not None:
             raise self.error
-        return item
+        fired = self._changed.is_set()
+        self._changed.clear()
+        return fired
 
 
 class ChangeFeed:
     """One Redis subscription per service to ``HotStore.persisted_channel`` (mark_clean publishes
     ``[[namespace, key, version], ...]`` after each SQL commit): wakes PERSISTED waiters, feeds Watch."""
 
-    def __init__(self, *, redis_url: str, channel: str, watch_queue_size: int = 1000) -> None:
+    def __init__(self, *, redis_url: str, channel: str) -> None:
         self._redis: aioredis.Redis = aioredis.Redis.from_url(
             redis_url, decode_responses=True, socket_connect_timeout=5.0, socket_keepalive=True
         )
         self.channel = channel
-        self.watch_queue_size = watch_queue_size
         self._waiters: dict[tuple[str, str, int], asyncio.Future[None]] = {}
-        self._watchers: set[_Watcher] = set()
+        self._watchers: set[Watcher] = set()
         self._task: asyncio.Task[None] | None = None
         self._subscribed: asyncio.Event | None = None
         self.connected = False
@@ -94,7 +105,7 @@ class ChangeFeed:
                 if self.connected:
                     log.warning("change feed lost its redis subscription: %s", e)
                 self.connected = False
-                # Watchers may have missed changes: end their streams so clients re-list and re-watch.
+                # Watchers may have missed a wake-up: end their streams; clients resume after their last sequence.
                 for w in list(self._watchers):
                     w.fail(Unavailable(f"watch interrupted: redis subscription lost ({e})"))
             finally:
@@ -115,10 +126,7 @@ class ChangeFeed:
                 fut.set_result(None)
             for w in self._watchers:
                 if w.namespace == ns and key.startswith(w.prefix):
-                    try:
-                        w.queue.put_nowait((key, v))
-                    except asyncio.QueueFull:
-                        w.fail(ResourceExhausted("watch stream fell behind; list again and re-watch"))
+                    w.notify()
 
     def expect(self, events: Sequence[MemoryEvent]) -> list[asyncio.Future[None]]:
         """Futures resolved when each event's batch is committed (register before enqueueing)."""
@@ -134,10 +142,12 @@ class ChangeFeed:
             self._waiters.pop((e.namespace, e.key, e.version), None)
 
     @contextlib.asynccontextmanager
-    async def subscribe(self, namespace: str, prefix: str) -> AsyncIterator[_Watcher]:
+    async def subscribe(self, namespace: str, prefix: str) -> AsyncIterator[Watcher]:
+        """A wake-up for the commits of ``namespace`` under ``prefix``, registered before the caller first
+        reads the log (so nothing committed after that read goes unnoticed)."""
         if not self.connected:
             raise Unavailable("watch unavailable: not subscribed to redis")
-        w = _Watcher(namespace, prefix, self.watch_queue_size)
+        w = Watcher(namespace, prefix)
         self._watchers.add(w)
         try:
             yield w

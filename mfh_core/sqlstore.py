@@ -46,6 +46,7 @@ __all__ = [
     "ApplyResult",
     "Snapshot",
     "SqlStore",
+    "WatchPage",
     "display_url",
     "engine_url",
     "events_table",
@@ -151,6 +152,16 @@ class ApplyResult:
     keys: int  # distinct keys the batch touched
 
 
+@dataclass(frozen=True, slots=True)
+class WatchPage:
+    """One read of the event log for a Watch (:meth:`Snapshot.watch_page`)."""
+
+    events: list[tuple[int, MemoryEvent]]  # (seq, event) of the namespace and prefix, in commit order
+    scanned_to: int  # every matching event with after_seq < seq <= scanned_to is in ``events``
+    head: int  # the highest seq of the view (0: an empty log)
+    oldest: int | None  # the lowest seq kept (None: an empty log); lower ones were pruned or never were
+
+
 def _newest_per_key(events: Iterable[MemoryEvent]) -> list[MemoryEvent]:
     """One event per key, the winner by (version, origin), sorted by key (Postgres deadlock safety)."""
     best: dict[tuple[str, str], MemoryEvent] = {}
@@ -223,6 +234,28 @@ class Snapshot:
             for r in rows:
                 yield int(r.seq), _event(r)
             last = int(rows[-1].seq)
+
+    def watch_page(self, namespace: str, key_prefix: str, after_seq: int, *, limit: int, window: int) -> WatchPage:
+        """The events of ``namespace`` whose key starts with ``key_prefix`` and ``after_seq < seq``, in commit
+        order: at most ``limit`` of them, looking at no more than ``window`` sequence numbers (a bounded read
+        however far behind the caller is, and however busy other namespaces are).
+
+        Exact in a fenced view (``SqlStore.snapshot(fenced=True)``): no event with a seq up to the view's
+        head can commit later, so a reader that goes on from ``scanned_to`` misses nothing.
+        """
+        t = events_table
+        head, _ = self.watermark()
+        oldest = self._conn.execute(sa.select(t.c.seq).order_by(t.c.seq).limit(1)).scalar_one_or_none()
+        upto = min(head, after_seq + window)
+        events: list[tuple[int, MemoryEvent]] = []
+        if upto > after_seq:
+            stmt = sa.select(t).where(t.c.seq > after_seq, t.c.seq <= upto, t.c.namespace == namespace)
+            if key_prefix:  # keys are ASCII (validated): DEL (0x7f) bounds every key with the prefix
+                stmt = stmt.where(t.c.key >= key_prefix, t.c.key < key_prefix + "\x7f")
+            rows = self._conn.execute(stmt.order_by(t.c.seq).limit(limit)).all()
+            events = [(int(r.seq), _event(r)) for r in rows]
+        scanned = events[-1][0] if len(events) >= limit else max(upto, after_seq)
+        return WatchPage(events, scanned, head, int(oldest) if oldest is not None else None)
 
     def event_id_at(self, seq: int) -> str | None:
         """The id of the event at ``seq`` in this view, or None."""
@@ -624,6 +657,14 @@ class SqlStore:
             for r in rows:
                 yield int(r.seq), _event(r)
             last = int(rows[-1].seq)
+
+    def watch_page(
+        self, namespace: str, key_prefix: str, after_seq: int, *, limit: int = 500, window: int = 10_000
+    ) -> WatchPage:
+        """:meth:`Snapshot.watch_page` in a fenced view (on Postgres, a sequence number is taken at insert
+        time, not in commit order: the fence keeps a lower, later-committed seq from being skipped)."""
+        with self.snapshot(fenced=True) as snap:
+            return snap.watch_page(namespace, key_prefix, after_seq, limit=limit, window=window)
 
     def prune_events(self, *, below_seq: int, batch: int = 5000) -> Iterator[list[tuple[int, MemoryEvent, bool]]]:
         """Delete the events with ``seq < below_seq``, oldest first, one transaction per ``batch``;

@@ -6,6 +6,7 @@
     ├── NotFound                  NOT_FOUND: no live record under that key
     ├── VersionConflict           FAILED_PRECONDITION: expected_version does not match
     ├── StoreNotCurrent           FAILED_PRECONDITION: the SQL schema needs ``mfh db upgrade`` (start-up)
+    ├── OutOfRange                OUT_OF_RANGE: a Watch position whose events were pruned, or beyond the log
     ├── Unauthenticated           UNAUTHENTICATED: missing or wrong API key
     ├── ResourceExhausted         RESOURCE_EXHAUSTED: backlog or concurrency limit reached
     └── Unavailable               UNAVAILABLE: a store is down; safe to retry
@@ -25,6 +26,7 @@ __all__ = [
     "InvalidArgument",
     "MFHError",
     "NotFound",
+    "OutOfRange",
     "ResourceExhausted",
     "StoreDamaged",
     "StoreNotCurrent",
@@ -71,6 +73,13 @@ class StoreNotCurrent(MFHError):
     """The SQL store's schema is not the one this release runs on; the message names the command."""
 
     code = "FAILED_PRECONDITION"
+
+
+class OutOfRange(MFHError):
+    """A Watch asked to resume from a position the event log cannot serve: its events were pruned, or the
+    position is beyond the log (it comes from another store). List again and watch from now on."""
+
+    code = "OUT_OF_RANGE"
 
 
 class Unauthenticated(MFHError):

@@ -31,6 +31,7 @@ __all__ = [
     "Op",
     "Record",
     "SessionData",
+    "WatchedEvent",
     "event_id_for",
     "format_validation_error",
     "parse_kind",
@@ -255,3 +256,10 @@ class MemoryEvent(_Addressed):
             updated_at=self.created_at,
             schema_version=self.schema_version,
         )
+
+
+class WatchedEvent(MemoryEvent):
+    """A change as a Watch delivers it: the event and its ``sequence`` in the host's event log, the
+    position a Watch resumes after (docs/api.md, "Watch")."""
+
+    sequence: int = Field(default=0, ge=0, lt=1 << 63)

@@ -260,7 +260,15 @@ def running_hub(host: TestHost, *, with_grpc: bool = False, with_zmq: bool = Fal
 
 #: docs/architecture.md invariant 8; on ZeroMQ the same names as ``error.code`` (docs/api.md, "Errors").
 DOCUMENTED_ERRORS = frozenset(
-    {"INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "UNAUTHENTICATED", "RESOURCE_EXHAUSTED", "UNAVAILABLE"}
+    {
+        "INVALID_ARGUMENT",
+        "NOT_FOUND",
+        "FAILED_PRECONDITION",
+        "OUT_OF_RANGE",
+        "UNAUTHENTICATED",
+        "RESOURCE_EXHAUSTED",
+        "UNAVAILABLE",
+    }
 )
 REPLY_TIMEOUT_S = 2.0
 

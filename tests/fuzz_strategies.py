@@ -12,7 +12,7 @@ a red build is never a fluke of the draw; the inputs still cover every mutation 
 draws new ones each time). ``MFH_FUZZ_EXAMPLES=<n>`` multiplies every test's example count (e.g. 10
 for a long local run). One example sends one hostile request, then one well-formed probe; the counts
 in CI: gRPC 6 x 230 + Watch 120 + Health 150 + 40 + reflection 150 + random bytes 9 x 25 + 15 fixed
-cases = 2,080; ZeroMQ v1 6 x 200 + garbage 300 + 16 fixed, v0 7 x 70 + 60: 2,066 together.
+cases = 2,080; ZeroMQ v1 7 x 200 + garbage 300 + 16 fixed, v0 7 x 70 + 60: 2,266 together.
 Hypothesis runs with ``deadline=None``: a round trip's time is not the property under test.
 """
 

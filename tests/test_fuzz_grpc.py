@@ -268,6 +268,11 @@ def request(draw: st.DrawFn, method: str) -> tuple[Any, bool, list[str]]:
         "Watch": {
             "namespace": NS_SPEC,
             "key_prefix": FieldSpec(st.sampled_from(["", "s"]), utf8(invalid_keys).filter(bool)),
+            # 0 is always served (nothing is pruned here); others may be beyond the log (OUT_OF_RANGE)
+            "after_sequence": FieldSpec(
+                st.none() | st.just(0), edge=st.sampled_from([1, 10**6, 2**63 - 1, 2**63, 2**64 - 1])
+            ),
+            "send_progress": FieldSpec(st.booleans()),
         },
     }
     built = draw(mutate(specs[method], extras_forbidden=True, max_steps=2, extras=False))

@@ -56,7 +56,7 @@ from hosts import TestHost
 from hypothesis import given
 from hypothesis import strategies as st
 
-READS = frozenset({"get", "batch_get", "list"})
+READS = frozenset({"get", "batch_get", "list", "watch"})
 
 fuzz_host = pytest.fixture(scope="module", name="fuzz_host")(fuzz_host_fixture)
 
@@ -196,6 +196,23 @@ PAYLOADS: dict[str, Any] = {
         },
         extras_forbidden=True,
     ),
+    "watch": lambda: mutate(
+        {
+            "namespace": namespace_spec(),
+            "key_prefix": FieldSpec(st.sampled_from(["", "s", "a/"]), invalid_keys.filter(bool) | wrong_type("str")),
+            # 0 is always served (nothing is pruned here); others may be beyond the log (OUT_OF_RANGE)
+            "after_sequence": FieldSpec(
+                st.none() | st.just(0),
+                st.sampled_from([-1, -(2**63), 2**63, 2**64, 10**30]) | wrong_type("int", optional=True),
+                edge=st.sampled_from([1, 10**6, 2**63 - 1]),
+            ),
+            "max_events": FieldSpec(
+                st.integers(0, 1000), st.sampled_from([-1, 1001, 2**63]) | wrong_type("int"), edge=st.just(1000)
+            ),
+            "wait_ms": FieldSpec(st.sampled_from([0, 1, 20]), st.sampled_from([-1, 300_001]) | wrong_type("int")),
+        },
+        extras_forbidden=True,
+    ),
 }
 
 ids_valid = st.one_of(st.none(), st.text(max_size=12).filter(lambda s: not has_bad(s)), st.integers(-(2**63), 2**63))
@@ -244,7 +261,7 @@ def v1_request(draw: st.DrawFn, action: str) -> tuple[list[bytes], bool, list[st
     return [encode_json(obj)], must_fail, steps
 
 
-@pytest.mark.parametrize("action", ["get", "batch_get", "put", "batch_put", "delete", "list"])
+@pytest.mark.parametrize("action", ["get", "batch_get", "put", "batch_put", "delete", "list", "watch"])
 @fuzz_settings(200)
 @given(data=st.data())
 def test_every_v1_action_survives_hostile_requests(zmq_api: Zmq, action: str, data: st.DataObject) -> None:

@@ -310,10 +310,13 @@ async def test_persisted_put_past_its_deadline_says_the_write_still_lands(svc: M
 async def test_watch_streams_persisted_changes_of_its_namespace_and_prefix(svc: MemoryService, host: TestHost) -> None:
     host.start_worker(threads=2)
     got: list[MemoryEvent] = []
+    sequences: list[int] = []
 
     async def consume() -> None:
-        async for ev in svc.watch("ns", "w/"):
+        async for seq, ev in svc.watch("ns", "w/"):
+            assert ev is not None
             got.append(ev)
+            sequences.append(seq)
             if len(got) == 2:
                 return
 
@@ -326,6 +329,7 @@ async def test_watch_streams_persisted_changes_of_its_namespace_and_prefix(svc: 
     await asyncio.wait_for(task, 30)
     assert [(e.key, e.op) for e in got] == [("w/1", Op.PUT), ("w/2", Op.PUT)]
     assert got[0].version == r.version
+    assert 0 < sequences[0] < sequences[1]
 
 
 # -- composition ------------------------------------------------------------------------------------------

@@ -145,19 +145,25 @@ class ListResponse(_message.Message):
     def __init__(self, records: _Optional[_Iterable[_Union[Record, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
-    __slots__ = ("namespace", "key_prefix")
+    __slots__ = ("namespace", "key_prefix", "after_sequence", "send_progress")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     KEY_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    SEND_PROGRESS_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     key_prefix: str
-    def __init__(self, namespace: _Optional[str] = ..., key_prefix: _Optional[str] = ...) -> None: ...
+    after_sequence: int
+    send_progress: bool
+    def __init__(self, namespace: _Optional[str] = ..., key_prefix: _Optional[str] = ..., after_sequence: _Optional[int] = ..., send_progress: _Optional[bool] = ...) -> None: ...
 
 class WatchEvent(_message.Message):
-    __slots__ = ("record", "op", "event_id")
+    __slots__ = ("record", "op", "sequence", "event_id")
     RECORD_FIELD_NUMBER: _ClassVar[int]
     OP_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     record: Record
     op: str
+    sequence: int
     event_id: str
-    def __init__(self, record: _Optional[_Union[Record, _Mapping]] = ..., op: _Optional[str] = ..., event_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, record: _Optional[_Union[Record, _Mapping]] = ..., op: _Optional[str] = ..., sequence: _Optional[int] = ..., event_id: _Optional[str] = ...) -> None: ...

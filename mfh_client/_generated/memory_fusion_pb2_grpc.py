@@ -127,7 +127,9 @@ class MemoryFusionServicer:
 
     def Watch(self, request, context):
         """Stream every change (local or replicated from another host) to records of one namespace
-        whose key starts with `key_prefix`, from the moment the call is made (no backfill).
+        whose key starts with `key_prefix`, as it is committed to the host's event log: from the moment
+        the call is made, or resuming after a position of that log (backfill, then live; no gap, no
+        duplicate). OUT_OF_RANGE when the events after that position were pruned: list again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -84,7 +84,7 @@ async def _watch(endpoint: str) -> None:
     """An agent's Watch stream on one replica, until the replica goes away (its end is not a write)."""
     client = AsyncMemoryClient(endpoint, timeout=2.0, retries=0)
     try:
-        async for _ in client.watch(NAMESPACE, "none/"):
+        async for _ in client.watch(NAMESPACE, "none/", reconnect_for=0):  # no resume: it ends with the replica
             pass
     except MFHError:
         pass

@@ -96,7 +96,7 @@ async def run(args: argparse.Namespace) -> int:
             conn = sqlite3.connect(f"{tmp}/pc2.db", isolation_level=None)
             changed = sorted(events[i * (len(events) // args.diffs)].key for i in range(args.diffs))
             for key in changed:
-                conn.execute("UPDATE items SET payload = '{\"content\":\"edited\"}' WHERE key = ?", (key,))
+                conn.execute('UPDATE items SET payload = \'{"content":"edited"}\' WHERE key = ?', (key,))
             conn.close()
             for _ in range(args.repeat):
                 out = await compare(ask, hosts, settle_s=0)

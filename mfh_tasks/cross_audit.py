@@ -24,6 +24,7 @@ over core NATS; the unit tests call :func:`answer` directly).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import hashlib
 import math
 import time
@@ -38,6 +39,7 @@ __all__ = [
     "Ask",
     "Difference",
     "HostRow",
+    "NamespaceIndex",
     "Outcome",
     "RowSource",
     "answer",
@@ -83,19 +85,47 @@ class RowSource(Protocol):
 # -- the answering side ------------------------------------------------------------------------------
 
 
-def _sums(rows: Iterable[ChecksumRow], prefixes: Sequence[str], depth: int) -> dict[str, list[int]]:
-    """(count, digest sum) of each sub-range at ``depth`` hex digits of the rows under ``prefixes``."""
-    width = len(prefixes[0]) if prefixes else 0
-    wanted = set(prefixes)
-    out: dict[str, list[int]] = {}
-    for r in rows:
-        h = key_range(r.key)
-        if width and h[:width] not in wanted:
-            continue
-        acc = out.setdefault(h[:depth], [0, 0])
-        acc[0] += 1
-        acc[1] = (acc[1] + int(row_digest(r), 16)) % _MOD
-    return out
+class NamespaceIndex:
+    """One namespace's rows of one read view, sorted by key range: (range hash, digest, key, version,
+    origin, deleted). Payloads are hashed once, when it is built; every later question is a bisect."""
+
+    __slots__ = ("_entries", "_hashes")
+
+    def __init__(self, rows: Iterable[ChecksumRow]) -> None:
+        entries = sorted(
+            (key_range(r.key), int(row_digest(r), 16), r.key, r.version, r.origin, r.deleted) for r in rows
+        )
+        self._entries = entries
+        self._hashes = [e[0] for e in entries]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def under(self, prefix: str) -> list[tuple[str, int, str, int, str, bool]]:
+        """The entries whose range hash starts with ``prefix`` ("" for all)."""
+        lo = bisect.bisect_left(self._hashes, prefix)
+        hi = bisect.bisect_left(self._hashes, prefix + "g") if prefix else len(self._hashes)  # "g" > any hex digit
+        return self._entries[lo:hi]
+
+    def sums(self, prefixes: Sequence[str], depth: int) -> dict[str, list[Any]]:
+        """[count, hex digest] of each sub-range at ``depth`` hex digits under ``prefixes``."""
+        acc: dict[str, list[int]] = {}
+        for prefix in prefixes:
+            for h, digest, *_ in self.under(prefix):
+                a = acc.setdefault(h[:depth], [0, 0])
+                a[0] += 1
+                a[1] += digest
+        return {k: [c, f"{t % _MOD:064x}"] for k, (c, t) in acc.items()}
+
+    def rows(self, prefixes: Sequence[str]) -> list[list[Any]]:
+        """[key, version, origin, deleted, digest] of the rows under ``prefixes``, by key."""
+        out = [[k, v, o, d, f"{digest:064x}"] for p in prefixes for _, digest, k, v, o, d in self.under(p)]
+        return sorted(out, key=lambda r: str(r[0]))
+
+
+#: Namespace indexes one host keeps between the rounds of one audit, at most this many rows in all
+#: (about 250 bytes a row); beyond it each round reads its namespaces again.
+CACHE_MAX_ROWS = 500_000
 
 
 def _row_doc(r: ChecksumRow) -> list[Any]:
@@ -121,32 +151,38 @@ def _check_prefixes(prefixes: Any, depth: int | None = None) -> list[str]:
     return list(prefixes)
 
 
-def answer(source: RowSource, request: dict[str, Any]) -> dict[str, Any]:
-    """This host's reply to one audit request (without its ``host``); InvalidArgument for a bad one."""
+def answer(
+    source: RowSource, request: dict[str, Any], cache: dict[str, NamespaceIndex] | None = None
+) -> dict[str, Any]:
+    """This host's reply to one audit request (without its ``host``); InvalidArgument for a bad one.
+
+    ``cache``: the namespace indexes of this audit so far (the summary fills it, later rounds read it),
+    so every round of one audit sees one view of this host; the ``keys`` round always reads afresh.
+    """
     op = request.get("op")
     items = request.get("items", [])
     if not isinstance(items, list):
         raise InvalidArgument("items must be a list")
+
+    def index(ns: str) -> NamespaceIndex:
+        idx = cache.get(ns) if cache is not None else None
+        if idx is None:
+            idx = NamespaceIndex(source.iter_items(namespace=ns))
+            if cache is not None and sum(map(len, cache.values())) + len(idx) <= CACHE_MAX_ROWS:
+                cache[ns] = idx
+        return idx
+
     if op == "summary":
-        ns_sums: dict[str, list[Any]] = {}
-        for ns in source.namespaces():
-            acc = _sums(source.iter_items(namespace=ns), [], 0).get("", [0, 0])
-            ns_sums[ns] = [acc[0], f"{acc[1]:064x}"]
-        return {"namespaces": ns_sums}
+        if cache is not None:
+            cache.clear()
+        return {"namespaces": {ns: index(ns).sums([""], 0).get("", [0, f"{0:064x}"]) for ns in source.namespaces()}}
     if op == "ranges":
-        out: list[dict[str, list[Any]]] = []
+        out = []
         for ns, depth, prefixes in items:
-            sums = _sums(source.iter_items(namespace=str(ns)), _check_prefixes(prefixes, int(depth)), int(depth))
-            out.append({k: [v[0], f"{v[1]:064x}"] for k, v in sums.items()})
+            out.append(index(str(ns)).sums(_check_prefixes(prefixes, int(depth)), int(depth)))
         return {"ranges": out}
     if op == "rows":
-        listed: list[list[list[Any]]] = []
-        for ns, prefixes in items:
-            wanted = set(_check_prefixes(prefixes))
-            width = len(next(iter(wanted))) if wanted else 0
-            rows = [r for r in source.iter_items(namespace=str(ns)) if not width or key_range(r.key)[:width] in wanted]
-            listed.append([_row_doc(r) for r in sorted(rows, key=lambda r: r.key)])
-        return {"rows": listed}
+        return {"rows": [index(str(ns)).rows(_check_prefixes(prefixes)) for ns, prefixes in items]}
     if op == "keys":
         found: list[list[list[Any]]] = []
         for ns, keys in items:

@@ -38,7 +38,7 @@ from mfh_core.metrics import (
 )
 from mfh_models import InvalidArgument, MemoryEvent, MFHError, Op, Settings, event_id_for
 from mfh_models.settings import ReplicationSettings
-from mfh_tasks.cross_audit import Ask, Difference, Outcome, answer, compare, winner
+from mfh_tasks.cross_audit import Ask, Difference, NamespaceIndex, Outcome, answer, compare, winner
 
 __all__ = [
     "AuditResponder",
@@ -55,6 +55,8 @@ log = logging.getLogger("mfh.audit")
 
 #: Keys of a verdict that name differing keys (the whole list is in the command's output).
 _VERDICT_KEYS = 20
+#: A host drops the view it keeps for an audit after this long without a request of it.
+_VIEW_IDLE_S = 120.0
 
 
 def audit_subject(r: ReplicationSettings) -> str:
@@ -110,6 +112,7 @@ class AuditResponder:
         self.host_id = host_id
         self.subject = ""
         self._sub: Any = None
+        self._views: dict[str, tuple[dict[str, NamespaceIndex], float]] = {}  # audit id -> (indexes, last used)
 
     async def start(self, subject: str) -> None:
         self.subject = subject
@@ -166,8 +169,17 @@ class AuditResponder:
         return await asyncio.to_thread(self._answer, req)
 
     def _answer(self, req: dict[str, Any]) -> dict[str, Any]:
+        audit_id = str(req.get("audit", ""))[:32]
+        now = time.monotonic()
+        for old in [a for a, (_, used) in self._views.items() if now - used > _VIEW_IDLE_S]:
+            del self._views[old]
+        cache = self._views.get(audit_id, ({}, now))[0]
+        if audit_id:
+            self._views[audit_id] = (cache, now)
+            while len(self._views) > 2:  # two audits at once at most keep their views
+                del self._views[min(self._views, key=lambda a: self._views[a][1])]
         with self.sql.snapshot() as snap:
-            return answer(snap, req)
+            return answer(snap, req, cache if audit_id else None)
 
     async def _republish(self, req: dict[str, Any]) -> dict[str, Any]:
         """Publish this host's row of each named key as a repair event, if it still is that (version, origin)."""
@@ -203,11 +215,15 @@ class AuditResponder:
         return {"published": len(published), "skipped": skipped, "unpublished": len(events) - len(published)}
 
 
-def nats_ask(nc: Any, subject: str, *, timeout_s: float) -> Ask:
-    """The transport of :func:`mfh_tasks.cross_audit.compare`: one request, the replies within ``timeout_s``."""
+def nats_ask(nc: Any, subject: str, *, timeout_s: float, audit_id: str | None = None) -> Ask:
+    """The transport of :func:`mfh_tasks.cross_audit.compare`: one request, the replies within ``timeout_s``.
+
+    Requests carry ``audit_id``, so each host answers every round of one audit from the view it took
+    for that audit's summary."""
+    tag = audit_id or secrets.token_hex(6)
 
     async def ask(request: dict[str, Any], hosts: Sequence[str]) -> dict[str, dict[str, Any]]:
-        return await _gather(nc, subject, request, set(hosts), timeout_s=timeout_s)
+        return await _gather(nc, subject, {"audit": tag, **request}, set(hosts), timeout_s=timeout_s)
 
     return ask
 
@@ -330,14 +346,17 @@ async def run_peer_audit(
     peers: Sequence[str] | None = None,
     repair: bool = False,
     timeout_s: float = 5.0,
+    round_timeout_s: float = 120.0,
     max_keys: int = 1000,
     settle_s: float = 0.5,
     repair_wait_s: float = 15.0,
 ) -> PeerAudit:
     """Compare this cluster's hosts (``peers``, else every host on the stream and every one that answers).
 
-    Unavailable when NATS does not answer. The verdict goes to every host compared (and this
-    host's Redis, best effort), whatever it is.
+    A host that does not answer a first "hello" within ``timeout_s`` is unreachable; the hosts that
+    did get ``round_timeout_s`` for each round (a large store takes a while to digest). Unavailable
+    when NATS does not answer. The verdict goes to every host compared (and this host's Redis, best
+    effort), whatever it is.
     """
     t0 = time.perf_counter()
     audit_id = secrets.token_hex(6)
@@ -347,22 +366,23 @@ async def run_peer_audit(
     await bus.connect()
     try:
         nc = bus.conn.client()
-        ask = nats_ask(nc, subject, timeout_s=timeout_s)
-        if peers:
-            hosts = sorted(set(peers))
-        else:
-            expected = await bus.origins() | {settings.host_id}
-            hello = await _gather(nc, subject, {"op": "hello"}, expected, timeout_s=timeout_s, discover=True)
-            hosts = sorted(expected | set(hello))
-        found = await compare(ask, hosts, max_keys=max_keys, settle_s=settle_s)
+        expected = set(peers) if peers else await bus.origins() | {settings.host_id}
+        hello = await _gather(nc, subject, {"op": "hello"}, expected, timeout_s=timeout_s, discover=not peers)
+        silent = {h: "no answer" for h in sorted(expected - set(hello))}
+        hosts = sorted(set(hello) - silent.keys())
+        found = await compare(nats_ask(nc, subject, timeout_s=round_timeout_s, audit_id=audit_id), hosts,
+                              max_keys=max_keys, settle_s=settle_s)  # fmt: skip
+        found.unreachable = {**silent, **found.unreachable}
         result = PeerAudit(id=audit_id, by=settings.host_id, found=found, final=found)
         if repair:
+            ask = nats_ask(nc, subject, timeout_s=round_timeout_s, audit_id=audit_id)
             result.repaired, result.unresolved = await _repair(ask, found, audit_id) if found.differences else (0, [])
             if result.repaired:
                 loop = asyncio.get_running_loop()
                 deadline = loop.time() + repair_wait_s
                 while True:
-                    again = await compare(ask, found.hosts, max_keys=max_keys, settle_s=0)
+                    again_ask = nats_ask(nc, subject, timeout_s=round_timeout_s)  # a fresh view each time
+                    again = await compare(again_ask, found.hosts, max_keys=max_keys, settle_s=0)
                     if again.equal or loop.time() >= deadline:
                         break
                     await asyncio.sleep(0.2)

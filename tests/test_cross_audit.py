@@ -14,7 +14,7 @@ import pytest
 from factories import event
 
 from mfh_models import ChecksumRow, InvalidArgument, MemoryEvent, Op
-from mfh_tasks.cross_audit import Difference, HostRow, answer, compare, key_range, row_digest, winner
+from mfh_tasks.cross_audit import Difference, HostRow, NamespaceIndex, answer, compare, key_range, row_digest, winner
 
 
 class MemoryHost:
@@ -23,6 +23,7 @@ class MemoryHost:
     def __init__(self, events: Iterable[MemoryEvent] = ()) -> None:
         self.rows: dict[tuple[str, str], ChecksumRow] = {}
         self.log: dict[str, MemoryEvent] = {}
+        self.scans = 0  # namespaces read in full
         for e in events:
             self.apply(e)
 
@@ -36,6 +37,7 @@ class MemoryHost:
         return sorted({ns for ns, _ in self.rows})
 
     def iter_items(self, batch: int = 5000, *, namespace: str | None = None) -> Iterable[ChecksumRow]:
+        self.scans += 1
         return [r for (ns, _), r in self.rows.items() if namespace is None or ns == namespace]
 
     def items_of(self, namespace: str, keys: Sequence[str]) -> list[ChecksumRow]:
@@ -54,6 +56,7 @@ class Cluster:
         self.failing: dict[str, str] = {}  # host -> op it answers with an error
         self.requests: list[str] = []
         self.rows_listed = 0
+        self.caches: dict[str, dict[str, NamespaceIndex]] = {h: {} for h in hosts}
 
     async def ask(self, request: dict[str, Any], hosts: Sequence[str]) -> dict[str, dict[str, Any]]:
         self.requests.append(str(request["op"]))
@@ -64,7 +67,7 @@ class Cluster:
             if self.failing.get(h) == request["op"]:
                 out[h] = {"host": h, "error": "UNAVAILABLE: sqlite unavailable"}
                 continue
-            reply = answer(self.hosts[h], request)
+            reply = answer(self.hosts[h], request, self.caches[h])
             self.rows_listed += sum(len(rows) for rows in reply.get("rows", []))
             out[h] = {**reply, "host": h}
         return out
@@ -118,8 +121,9 @@ async def test_the_drill_down_names_exactly_the_keys_that_differ() -> None:
     assert edited_a.logged is True and edited_b.logged is False  # pc2's row is not what its log says
     tomb = by_key["k4"].rows["pc2"]
     assert tomb is not None and tomb.deleted
-    # and it got there in a few rounds, listing a small part of the rows
+    # and it got there in a few rounds, listing a small part of the rows, reading each namespace once
     assert out.rounds <= 5, cluster.requests
+    assert a.scans == b.scans == 3
     assert cluster.rows_listed < 10_000 // 10, cluster.rows_listed
     # and the winners follow the hub's rule
     assert winner(by_key["k1"]) == ("main_pc", edited_a)  # the copy its log confirms

@@ -90,6 +90,7 @@ def _peer_audit(args: argparse.Namespace) -> int:
                 peers=peers or None,
                 repair=args.repair,
                 timeout_s=args.timeout,
+                round_timeout_s=args.round_timeout,
                 max_keys=args.max_keys,
                 settle_s=args.settle,
             )
@@ -225,7 +226,16 @@ def register(subparsers: Any) -> None:
         "--repair", action="store_true", help="with --peers: re-publish the newest row of each key that differs"
     )
     audit.add_argument(
-        "--timeout", type=positive_float, default=5.0, help="with --peers: seconds a host has to answer (default: 5)"
+        "--timeout",
+        type=positive_float,
+        default=5.0,
+        help="with --peers: seconds a host has to answer at all, or it is unreachable (default: 5)",
+    )
+    audit.add_argument(
+        "--round-timeout",
+        type=positive_float,
+        default=120.0,
+        help="with --peers: seconds a host that answered has for each round of digests (default: 120)",
     )
     audit.add_argument(
         "--max-keys", type=positive_int, default=1000, help="with --peers: list at most this many keys (default: 1000)"

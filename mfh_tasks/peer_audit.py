@@ -113,10 +113,12 @@ class AuditResponder:
         self.subject = ""
         self._sub: Any = None
         self._views: dict[str, tuple[dict[str, NamespaceIndex], float]] = {}  # audit id -> (indexes, last used)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._reading = asyncio.Semaphore(2)  # SQL reads at once, so audits cannot crowd out the replicator
 
     async def start(self, subject: str) -> None:
         self.subject = subject
-        self._sub = await self.bus.conn.client().subscribe(subject, cb=self._on_request)
+        self._sub = await self.bus.conn.client().subscribe(subject, cb=self._dispatch)
         with contextlib.suppress(RedisError, OSError):
             export_verdict(await read_verdict(self.redis, self.redis_prefix))
         log.info("audit responder for %s on %s", self.host_id, subject)
@@ -126,6 +128,17 @@ class AuditResponder:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
             self._sub = None
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _dispatch(self, msg: Any) -> None:
+        """Each request in a task of its own: a hello is answered while a large digest is computed."""
+        task = asyncio.create_task(self._on_request(msg), name="mfh-audit-request")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _on_request(self, msg: Any) -> None:
         try:
@@ -166,20 +179,26 @@ class AuditResponder:
             return {"stored": True}
         if op == "repair":
             return await self._republish(req)
-        return await asyncio.to_thread(self._answer, req)
+        async with self._reading:
+            return await asyncio.to_thread(self._answer, req, self._view(req))
 
-    def _answer(self, req: dict[str, Any]) -> dict[str, Any]:
+    def _view(self, req: dict[str, Any]) -> dict[str, NamespaceIndex] | None:
+        """The namespace indexes this host keeps for the request's audit (on the event loop only)."""
         audit_id = str(req.get("audit", ""))[:32]
+        if not audit_id:
+            return None
         now = time.monotonic()
         for old in [a for a, (_, used) in self._views.items() if now - used > _VIEW_IDLE_S]:
             del self._views[old]
         cache = self._views.get(audit_id, ({}, now))[0]
-        if audit_id:
-            self._views[audit_id] = (cache, now)
-            while len(self._views) > 2:  # two audits at once at most keep their views
-                del self._views[min(self._views, key=lambda a: self._views[a][1])]
+        self._views[audit_id] = (cache, now)
+        while len(self._views) > 2:  # two audits at once at most keep their views
+            del self._views[min(self._views, key=lambda a: self._views[a][1])]
+        return cache
+
+    def _answer(self, req: dict[str, Any], cache: dict[str, NamespaceIndex] | None) -> dict[str, Any]:
         with self.sql.snapshot() as snap:
-            return answer(snap, req, cache if audit_id else None)
+            return answer(snap, req, cache)
 
     async def _republish(self, req: dict[str, Any]) -> dict[str, Any]:
         """Publish this host's row of each named key as a repair event, if it still is that (version, origin)."""

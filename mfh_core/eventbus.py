@@ -32,6 +32,7 @@ from mfh_core.jetstream import (
     MSG_ID_HEADER,
     NATS_ERRORS,
     PULL_HEARTBEAT_S,
+    REPAIR_HEADER,
     all_done,
     decode_event,
     encode_event,
@@ -46,7 +47,21 @@ from mfh_models.settings import ReplicationSettings
 
 log = logging.getLogger("mfh.eventbus")
 
-__all__ = ["EXPECTED_STREAM_HEADER", "MSG_ID_HEADER", "DurableSubscription", "EventBus", "EventHandler"]
+__all__ = [
+    "EXPECTED_STREAM_HEADER",
+    "MSG_ID_HEADER",
+    "REPAIR_HEADER",
+    "DurableSubscription",
+    "EventBus",
+    "EventHandler",
+    "is_repair",
+]
+
+
+def is_repair(msg: Any) -> bool:
+    """Whether a stream message is an event the cross-host audit re-published (``REPAIR_HEADER``)."""
+    headers = getattr(msg, "headers", None)
+    return bool(headers and headers.get(REPAIR_HEADER))
 
 
 class EventBus:
@@ -205,6 +220,15 @@ class EventBus:
             raise translate_error(e, f"stream {self.stream}") from e
         return sum((info.state.subjects or {}).values())
 
+    async def origins(self) -> set[str]:
+        """The hosts with at least one message on the stream (the origin level of its subjects)."""
+        try:
+            info = await self.conn.jetstream().stream_info(self.stream, subjects_filter=f"{self.subject_prefix}.>")
+        except (*NATS_ERRORS, ValueError) as e:
+            raise translate_error(e, f"stream {self.stream}") from e
+        level = len(self.subject_prefix.split("."))
+        return {s.split(".")[level] for s in (info.state.subjects or {}) if len(s.split(".")) > level}
+
     async def _stream_info(self) -> StreamInfo:
         try:
             return await self.conn.jetstream().stream_info(self.stream)
@@ -223,9 +247,14 @@ class EventBus:
     encode = staticmethod(encode_event)
     decode = staticmethod(decode_event)
 
-    async def publish_many(self, events: Sequence[MemoryEvent], *, max_in_flight: int = 256) -> list[str]:
+    async def publish_many(
+        self, events: Sequence[MemoryEvent], *, max_in_flight: int = 256, repair_id: str | None = None
+    ) -> list[str]:
         """The ids whose PubAck came back, in order; never raises. A disconnect ends it at once, and the first
-        ack missing after ``publish_timeout_s`` stops the rest, so a silent server costs about one timeout."""
+        ack missing after ``publish_timeout_s`` stops the rest, so a silent server costs about one timeout.
+
+        ``repair_id``: the events are the cross-host audit's re-publications (``REPAIR_HEADER``), with a
+        message id of their own so the stream does not drop them as duplicates of the original."""
         if not events:
             return []
         acks, down = self.conn.acks, self.conn.down
@@ -267,6 +296,9 @@ class EventBus:
                 if stalled or down.done():
                     break
                 headers = {MSG_ID_HEADER: event.event_id, EXPECTED_STREAM_HEADER: self.stream}
+                if repair_id is not None:
+                    headers[MSG_ID_HEADER] = f"repair-{repair_id}-{event.event_id}"
+                    headers[REPAIR_HEADER] = repair_id
                 try:
                     token, fut = await acks.send(self.subject_for(event), self.encode(event), headers)
                 except (nats.errors.BadSubjectError, nats.errors.MaxPayloadError, nats.errors.BadHeaderError) as e:

@@ -116,6 +116,7 @@ class HotStore:
         self._mark_clean = self.redis.register_script(_lua("mark_clean.lua"))
         self._unstage = self.redis.register_script(_lua("unstage.lua"))
         self._sweep_window = self.redis.register_script(_lua("sweep_window.lua"))
+        self._evict = self.redis.register_script(_lua("evict.lua"))
         self.sweep_cursor_key = f"{prefix}:recovery:swept_upto"
         self.run_id_key = f"{prefix}:recovery:run_id"
         self.reconnect_key = f"{prefix}:recovery:reconnect"
@@ -239,6 +240,11 @@ class HotStore:
         ]
         item = self.item_key(record.namespace, record.key)
         return bool(await self._call(self._apply, [item, self.hlc_key, self.dirty_key], args))
+
+    async def evict_clean(self, namespace: str, key: str, version: int, origin: str) -> bool:
+        """Drop the entry if it is clean and holds exactly ``(version, origin)``: reads refill it from SQL."""
+        vm, vc = unpack(version)
+        return bool(await self._call(self._evict, [self.item_key(namespace, key)], [vm, vc, origin]))
 
     async def mark_clean(self, events: Sequence[MemoryEvent]) -> int:
         """Entries still at a persisted version become clean and get their TTL; announce the batch."""

@@ -28,6 +28,9 @@ log = logging.getLogger("mfh.eventbus")
 
 MSG_ID_HEADER: Final = "Nats-Msg-Id"
 EXPECTED_STREAM_HEADER: Final = "Nats-Expected-Stream"
+#: Set on an event the cross-host audit re-publishes (its value: the audit's id); every host applies it,
+#: its own origin's too, and may rewrite a row that holds the same (version, origin) with other content.
+REPAIR_HEADER: Final = "Mfh-Repair"
 #: Client-side buffer for commands written while reconnecting (PITFALLS: set one deliberately).
 PENDING_BUFFER_BYTES: Final = 8 * 1024 * 1024
 RECONNECT_WAIT_S: Final = 0.5

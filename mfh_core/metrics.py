@@ -15,6 +15,10 @@ __all__ = [
     "API_REQUESTS",
     "BREAKER_STATE",
     "CACHE_LOOKUPS",
+    "CROSS_AUDIT_DIFFERENCES",
+    "CROSS_AUDIT_LAST",
+    "CROSS_AUDIT_LAST_SUCCESS",
+    "CROSS_AUDIT_UNREACHABLE",
     "DEAD_LETTERS",
     "DIRTY_ENTRIES",
     "DIRTY_OLDEST_AGE",
@@ -140,6 +144,26 @@ LAST_AUDIT = Gauge(
 LAST_AUDIT_OK = Gauge(
     "mfh_last_audit_ok",
     "Verdict of the last replay audit: 1 the replayed checksum matched the live one, 0 a mismatch or none yet",
+    multiprocess_mode="livemostrecent",
+)
+CROSS_AUDIT_DIFFERENCES = Gauge(
+    "mfh_cross_audit_differences",
+    "Keys whose rows differed between hosts at the last cross-host audit (mfh audit --peers), after its repair",
+    multiprocess_mode="livemostrecent",
+)
+CROSS_AUDIT_UNREACHABLE = Gauge(
+    "mfh_cross_audit_unreachable_hosts",
+    "Hosts that did not answer the last cross-host audit",
+    multiprocess_mode="livemostrecent",
+)
+CROSS_AUDIT_LAST = Gauge(
+    "mfh_cross_audit_last_timestamp_seconds",
+    "When the last cross-host audit this host took part in ended (unix time; 0: none yet)",
+    multiprocess_mode="livemostrecent",
+)
+CROSS_AUDIT_LAST_SUCCESS = Gauge(
+    "mfh_cross_audit_last_success_timestamp_seconds",
+    "When a cross-host audit last found every host answering and equal (unix time; 0: never)",
     multiprocess_mode="livemostrecent",
 )
 PROCESSES = Gauge(

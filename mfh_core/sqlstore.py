@@ -262,11 +262,40 @@ class Snapshot:
         t = events_table
         return self._conn.execute(sa.select(t.c.event_id).where(t.c.seq == seq)).scalar_one_or_none()
 
-    def iter_items(self, batch: int = 5000) -> Iterator[ChecksumRow]:
+    def iter_items(self, batch: int = 5000, *, namespace: str | None = None) -> Iterator[ChecksumRow]:
+        """Every item row (of one ``namespace``), tombstones too, in no particular order."""
         t = items_table
         cols = (t.c.namespace, t.c.key, t.c.version, t.c.origin, t.c.deleted, t.c.payload)
-        for r in self._conn.execution_options(yield_per=batch).execute(sa.select(*cols)):
+        stmt = sa.select(*cols)
+        if namespace is not None:
+            stmt = stmt.where(t.c.namespace == namespace)
+        for r in self._conn.execution_options(yield_per=batch).execute(stmt):
             yield ChecksumRow(r.namespace, r.key, int(r.version), r.origin, bool(r.deleted), r.payload)
+
+    def namespaces(self) -> list[str]:
+        """The namespaces that hold at least one row (tombstones count), sorted."""
+        t = items_table
+        return sorted(self._conn.execute(sa.select(t.c.namespace).distinct()).scalars())
+
+    def items_of(self, namespace: str, keys: Sequence[str]) -> list[ChecksumRow]:
+        """The rows of these keys of one namespace (absent keys are left out)."""
+        t = items_table
+        cols = (t.c.namespace, t.c.key, t.c.version, t.c.origin, t.c.deleted, t.c.payload)
+        out: list[ChecksumRow] = []
+        for i in range(0, len(keys), 500):
+            stmt = sa.select(*cols).where(t.c.namespace == namespace, t.c.key.in_(keys[i : i + 500]))
+            for r in self._conn.execute(stmt):
+                out.append(ChecksumRow(r.namespace, r.key, int(r.version), r.origin, bool(r.deleted), r.payload))
+        return out
+
+    def events_by_id(self, event_ids: Sequence[str]) -> dict[str, MemoryEvent]:
+        """The logged events with these ids (absent ids are left out)."""
+        t = events_table
+        out: dict[str, MemoryEvent] = {}
+        for i in range(0, len(event_ids), 500):
+            for r in self._conn.execute(sa.select(t).where(t.c.event_id.in_(event_ids[i : i + 500]))):
+                out[r.event_id] = _event(r)
+        return out
 
     def checksum(self) -> str:
         return items_checksum(self.iter_items())
@@ -557,6 +586,33 @@ class SqlStore:
                         )
             finally:
                 cur.close()
+
+    def replace_same_version(self, events: Sequence[MemoryEvent]) -> list[tuple[str, str]]:
+        """Overwrite item rows that hold exactly an event's ``(version, origin)`` but other content.
+
+        Only the cross-host audit's repair calls it: two rows with one ``(version, origin)`` must be the
+        same row, so one that differs was changed behind the hub's back. A row at any other version is
+        left alone (a newer one keeps winning; an older one is the upsert's business). Returns the
+        (namespace, key) pairs it rewrote.
+        """
+        t = items_table
+        done: list[tuple[str, str]] = []
+        with self._guard(), self._write.begin() as conn:
+            for e in sorted(events, key=lambda e: (e.namespace, e.key)):
+                same = sa.and_(
+                    t.c.namespace == e.namespace, t.c.key == e.key, t.c.version == e.version, t.c.origin == e.origin
+                )
+                differs = sa.or_(t.c.payload != e.payload, t.c.deleted != e.deleted, t.c.kind != e.kind.value)
+                values = {
+                    "kind": e.kind.value,
+                    "payload": e.payload,
+                    "deleted": e.deleted,
+                    "updated_at": e.created_at,
+                    "schema_version": e.schema_version,
+                }
+                if conn.execute(sa.update(t).where(same, differs).values(**values)).rowcount:
+                    done.append((e.namespace, e.key))
+        return done
 
     def mark_published(self, event_ids: Sequence[str]) -> None:
         """Record that these events are on JetStream (the outbox relays the rest)."""

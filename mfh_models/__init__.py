@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from mfh_models.canonical import ChecksumRow, canonical_json, items_checksum, payload_digest
+from mfh_models.canonical import ChecksumRow, canonical_json, checksum_line, items_checksum, payload_digest
 from mfh_models.errors import (
     ConfigError,
     DeadlineExceeded,
@@ -90,6 +90,7 @@ __all__ = [
     "VersionConflict",
     "WatchedEvent",
     "canonical_json",
+    "checksum_line",
     "decode_untrusted_json",
     "default_config_dir",
     "default_data_dir",

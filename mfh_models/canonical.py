@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 from mfh_models.errors import InvalidArgument
 
-__all__ = ["ChecksumRow", "canonical_json", "items_checksum", "payload_digest"]
+__all__ = ["ChecksumRow", "canonical_json", "checksum_line", "items_checksum", "payload_digest"]
 
 
 def canonical_json(value: Any) -> str:
@@ -42,15 +42,14 @@ class ChecksumRow(NamedTuple):
     payload: str  # canonical JSON text, exactly as stored
 
 
+def checksum_line(r: ChecksumRow) -> str:
+    """One row's line of the checksum (the cross-host audit hashes these lines one by one)."""
+    return f"{r.namespace}\t{r.key}\t{r.version}\t{r.origin}\t{int(r.deleted)}\t{payload_digest(r.payload)}\n"
+
+
 def items_checksum(rows: Iterable[ChecksumRow]) -> str:
     """sha256 over the sorted checksum lines of ``rows``; the same for every store and host."""
-    lines = sorted(
-        (
-            (r.namespace.encode(), r.key.encode()),
-            f"{r.namespace}\t{r.key}\t{r.version}\t{r.origin}\t{int(r.deleted)}\t{payload_digest(r.payload)}\n",
-        )
-        for r in rows
-    )
+    lines = sorted(((r.namespace.encode(), r.key.encode()), checksum_line(r)) for r in rows)
     h = hashlib.sha256()
     for _, line in lines:
         h.update(line.encode("utf-8"))

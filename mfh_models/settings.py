@@ -109,6 +109,18 @@ class ReplicationSettings(_Section):
     max_age_days: float = Field(default=30.0, gt=0)
     num_replicas: int = Field(default=1, ge=1, le=5)
     publish_timeout_seconds: float = Field(default=2.0, gt=0)
+    #: Core NATS subjects of the cross-host audit (``mfh audit --peers``): ``<prefix>.<event_topic>``.
+    audit_subject_prefix: str = Field(default="mfh.audit", pattern=r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
+
+    @model_validator(mode="after")
+    def _audit_outside_stream(self) -> ReplicationSettings:
+        # A request on a subject the stream captures would be stored as an event and PubAck'ed.
+        if (self.audit_subject_prefix + ".").startswith(self.subject_prefix.strip(".") + "."):
+            raise ValueError(
+                f"audit_subject_prefix {self.audit_subject_prefix!r} lies under subject_prefix "
+                f"{self.subject_prefix!r}: the stream would store the audit's requests"
+            )
+        return self
 
 
 class CircuitBreakerSettings(_Section):

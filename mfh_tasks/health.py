@@ -24,6 +24,7 @@ from mfh_core.redis_health import describe_url
 from mfh_models import Settings
 from mfh_tasks.backlog import Backlog, sample_backlog
 from mfh_tasks.last_runs import AuditRun, SnapshotRun, last_audit, last_snapshot
+from mfh_tasks.peer_audit import read_verdict
 from mfh_tasks.peer_lag import ConsumerBacklog, PeerLag, read_consumer_backlog, read_peer_lag
 
 __all__ = ["HostHealth", "Level", "Reason", "gather", "judge"]
@@ -61,6 +62,7 @@ class HostHealth:
     consumer: ConsumerBacklog | None = None
     snapshot: SnapshotRun | None = None
     audit: AuditRun | None = None
+    cross_audit: dict[str, Any] | None = None  # the last cross-host verdict (mfh audit --peers)
     reasons: list[Reason] = field(default_factory=list)
 
     @property
@@ -92,6 +94,7 @@ class HostHealth:
             "replication": {"peers": [p.as_dict() for p in self.peers], "consumer": opt(self.consumer)},
             "snapshot": opt(self.snapshot),
             "audit": opt(self.audit),
+            "cross_audit": self.cross_audit,
         }
 
 
@@ -129,6 +132,7 @@ async def gather(settings: Settings, *, timeout_s: float = 2.0) -> HostHealth:
                         sql.close()
                 h.peers = await read_peer_lag(client, s.storage.redis_prefix)
                 h.consumer = await read_consumer_backlog(client, s.storage.redis_prefix)
+                h.cross_audit = await read_verdict(client, s.storage.redis_prefix)
             except (RedisError, OSError) as e:
                 h.redis = Probe(False, None, f"failed while reading: {type(e).__name__}: {e}", "unreachable")
     finally:
@@ -196,6 +200,7 @@ def judge(h: HostHealth, s: Settings) -> list[Reason]:
         yellow("replication", f"{h.consumer.pending} events on the stream not yet applied here")
     if h.audit is not None and not h.audit.ok:
         red("audit", f"the last replay audit ({_ago(h.checked_at - h.audit.checked_at)} ago) found a checksum mismatch")
+    _judge_cross_audit(h, red, yellow)
     if h.snapshot is not None:
         overdue = 2 * s.scheduler.snapshot_interval_seconds + 60
         age = h.checked_at - h.snapshot.taken_at
@@ -204,6 +209,22 @@ def judge(h: HostHealth, s: Settings) -> list[Reason]:
                    f" {_ago(s.scheduler.snapshot_interval_seconds)})")  # fmt: skip
     out.sort(key=lambda r: -_RANK[r.level])
     return out
+
+
+def _judge_cross_audit(h: HostHealth, red: Any, yellow: Any) -> None:
+    v = h.cross_audit
+    if v is None:
+        return
+    ago = _ago(h.checked_at - float(v.get("checked_at", 0.0)))
+    n = int(v.get("differences", 0))
+    if n or v.get("truncated"):
+        keys = ", ".join(v.get("keys", [])[:3])
+        red("hosts", f"the last cross-host audit ({ago} ago) found {n}{'+' if v.get('truncated') else ''} key(s) that"
+            f" differ between hosts ({keys}): mfh audit --peers --repair")  # fmt: skip
+    unreachable = v.get("unreachable") or {}
+    if unreachable:
+        yellow("hosts", f"the last cross-host audit ({ago} ago) could not compare {', '.join(sorted(unreachable))}:"
+               " no answer from its replicator")  # fmt: skip
 
 
 def _judge_processes(h: HostHealth, s: Settings, red: Any, yellow: Any) -> None:

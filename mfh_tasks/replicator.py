@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from redis.exceptions import RedisError
 
 from mfh_core import HotStore, SqlStore
-from mfh_core.eventbus import DurableSubscription, EventBus
+from mfh_core.eventbus import DurableSubscription, EventBus, is_repair
 from mfh_core.heartbeat import Heartbeat
 from mfh_core.jsonlog import configure_json_logging
 from mfh_core.metrics import REPLICATION_APPLIED, REPLICATION_LAG, REPLICATION_SKIPPED
@@ -32,6 +32,7 @@ from mfh_core.redaction import install_loop_exception_handler, install_redaction
 from mfh_core.redis_health import check_persistence
 from mfh_models import MemoryEvent, MFHError, Settings, Unavailable, load_settings
 from mfh_tasks.outbox import OutboxRelay
+from mfh_tasks.peer_audit import AuditResponder, audit_subject
 from mfh_tasks.peer_lag import PeerLagBook
 from mfh_tasks.persist import PersistPipeline
 from mfh_tasks.runtime import build_hot_store, wait_for_sound_sql_store, warn_if_store_switched
@@ -123,7 +124,7 @@ class Replicator:
 
     async def _on_message(self, event: MemoryEvent, msg: Any) -> None:
         self.received += 1
-        if event.origin == self.host_id:
+        if event.origin == self.host_id and not is_repair(msg):
             REPLICATION_SKIPPED.labels(reason="own").inc()
             await msg.ack()
             return
@@ -134,7 +135,8 @@ class Replicator:
     async def _hot_loop(self) -> None:
         while True:
             batch = _take(self._incoming, await self._incoming.get(), self.hot_batch_max)
-            won = await self._with_retry(batch, self.apply_hot)
+            repairs = frozenset(e.event_id for e, msg in batch if is_repair(msg))
+            won = await self._with_retry(batch, functools.partial(self.apply_hot, repairs=repairs))
             if won is not None:
                 for (event, msg), applied in zip(batch, won, strict=True):
                     self._hot_done.put_nowait((event, msg, applied))
@@ -151,8 +153,10 @@ class Replicator:
                     break
                 batch.extend(_take(self._hot_done, nxt, self.persist_batch_max - len(batch)))
             won = [e for e, _, applied in batch if applied]
+            repairs = [e for e, msg, _ in batch if is_repair(msg)]
             pending = [(e, msg) for e, msg, _ in batch]
-            if await self._with_retry(pending, functools.partial(self.persist_remote, won=won)) is not None:
+            step = functools.partial(self.persist_remote, won=won, repairs=repairs)
+            if await self._with_retry(pending, step) is not None:
                 for _, msg, _ in batch:
                     with contextlib.suppress(Exception):  # a lost ack means a harmless redelivery
                         await msg.ack()
@@ -190,12 +194,18 @@ class Replicator:
         if not self._held:
             self._idle.set()
 
-    async def apply_hot(self, events: Sequence[MemoryEvent]) -> list[bool]:
-        """Take each remote event into the hot store if it is newer (which moves this host's clock past it)."""
+    async def apply_hot(self, events: Sequence[MemoryEvent], repairs: frozenset[str] = frozenset()) -> list[bool]:
+        """Take each remote event into the hot store if it is newer (which moves this host's clock past it).
+
+        ``repairs``: ids of the cross-host audit's re-published events: old by nature, not counted as lag."""
         hot = self.pipeline.hot
         won = list(await asyncio.gather(*(hot.apply(e.to_record(), from_sql=False) for e in events)))
         now_ms = time.time() * 1000
         for e, applied in zip(events, won, strict=True):
+            if e.event_id in repairs:
+                if applied:
+                    REPLICATION_APPLIED.labels(origin=e.origin).inc()
+                continue
             lag_s = max(now_ms - e.created_at, 0) / 1000
             REPLICATION_LAG.labels(origin=e.origin).observe(lag_s)
             if self.lag_book is not None:
@@ -206,10 +216,24 @@ class Replicator:
                 REPLICATION_SKIPPED.labels(reason="older").inc()
         return won
 
-    async def persist_remote(self, events: Sequence[MemoryEvent], won: Sequence[MemoryEvent] = ()) -> int:
-        """The worker's persist path without publishing, then a repair of the entries in ``won``."""
+    async def persist_remote(
+        self, events: Sequence[MemoryEvent], won: Sequence[MemoryEvent] = (), repairs: Sequence[MemoryEvent] = ()
+    ) -> int:
+        """The worker's persist path without publishing, then a repair of the entries in ``won``.
+
+        ``repairs``: events the cross-host audit re-published; a row holding one's exact (version, origin)
+        with other content was changed behind the hub's back and is rewritten (and its clean Redis entry
+        dropped, so reads refill it from SQL)."""
         await self.pipeline.persist(events, publish=False)
         await self._repair(won)
+        if repairs:
+            fixed = await asyncio.to_thread(self.pipeline.sql.replace_same_version, repairs)
+            by_key = {(e.namespace, e.key): e for e in repairs}
+            for ns, key in fixed:
+                e = by_key[(ns, key)]
+                await self.pipeline.hot.evict_clean(ns, key, e.version, e.origin)
+            if fixed:
+                log.warning("repair: rewrote %d rows changed behind the hub's back: %s", len(fixed), fixed[:10])
         return len(events)
 
     async def apply_remote(self, events: Sequence[MemoryEvent]) -> int:
@@ -294,6 +318,7 @@ async def run_replication(settings: Settings, stop: asyncio.Event, *, outbox_int
     bus = EventBus.from_settings(settings.replication, name=f"mfh-replicator-{settings.host_id}")
     replicator: Replicator | None = None
     reporter: asyncio.Task[None] | None = None
+    responder: AuditResponder | None = None
     try:
         if not await _connect(bus, stop):
             return
@@ -303,10 +328,16 @@ async def run_replication(settings: Settings, stop: asyncio.Event, *, outbox_int
             bus=bus, pipeline=PersistPipeline(sql=sql, hot=hot), host_id=settings.host_id, lag_book=book
         )
         await replicator.start()
+        responder = AuditResponder(
+            bus=bus, sql=sql, redis=hot.redis, redis_prefix=settings.storage.redis_prefix, host_id=settings.host_id
+        )
+        await responder.start(audit_subject(settings.replication))
         reporter = asyncio.create_task(_report_lag(replicator, book, hot, stop), name="mfh-replicator-lag")
         relay = OutboxRelay(sql=sql, bus=bus, interval_s=outbox_interval_s)
         await relay.run(stop)
     finally:
+        if responder is not None:
+            await responder.close()
         if reporter is not None:
             reporter.cancel()
             with contextlib.suppress(asyncio.CancelledError):

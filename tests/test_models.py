@@ -338,3 +338,14 @@ def test_a_payload_of_an_older_schema_version_is_upcast_on_read() -> None:
         upcasters.upcast_text(Kind.SESSION_DATA, stored, SCHEMA_VERSION)
     with pytest.raises(InvalidArgument, match="newer"):
         upcasters.upcast(Kind.MEMORY_ITEM, {}, SCHEMA_VERSION + 2)
+
+
+@pytest.mark.parametrize("prefix", ["mfh.events", "mfh.events.audit"])
+def test_audit_subjects_inside_the_stream_are_refused(tmp_path: Path, prefix: str) -> None:
+    # Given audit subjects the events stream (mfh.events.>) would capture  Then the settings say so
+    cdir = _config_dir(tmp_path, f"replication:\n  audit_subject_prefix: '{prefix}'\n")
+    with pytest.raises(ConfigError, match="would store the audit's requests"):
+        load_settings("h", config_dir=cdir, env={})
+    (tmp_path / "ok").mkdir()
+    cdir = _config_dir(tmp_path / "ok", "replication:\n  audit_subject_prefix: 'mfh.eventsaudit'\n")
+    assert load_settings("h", config_dir=cdir, env={}).replication.audit_subject_prefix == "mfh.eventsaudit"

@@ -49,6 +49,7 @@ __all__ = [
     "fail",
     "host_env",
     "missing_server_library",
+    "non_negative_float",
     "non_negative_int",
     "positive_float",
     "positive_int",
@@ -81,13 +82,14 @@ SERVER_LIBRARIES: Final = frozenset(
 #:
 #: ==== =====================================================================
 #: 0    ok
-#: 1    other error (an audit or restore whose checksums differ, a bug)
+#: 1    other error (an audit or restore whose checksums differ, hosts whose keys differ, a bug)
 #: 2    usage, invalid argument or configuration
 #: 3    not found
 #: 4    version conflict
 #: 5    unavailable or exhausted: worth retrying
 #: 6    unauthenticated
 #: 7    the SQL store's file is corrupt or missing: no retry mends it; restore it
+#: 8    ``mfh audit --peers``: equal among the hosts that answered, but some host did not answer
 #: ==== =====================================================================
 EXIT_CODES: Final[tuple[tuple[type[MFHError], int], ...]] = (
     (InvalidArgument, 2),
@@ -131,15 +133,24 @@ def positive_int(text: str) -> int:
 count = non_negative_int  # retries, limits
 
 
-def positive_float(text: str) -> float:
-    """An argparse type: a finite number above 0 (seconds)."""
+def _float(text: str, *, zero: bool) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a number") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text[:40]} is not a number of seconds above 0")
+    if not (value >= 0 if zero else value > 0) or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text[:40]} is not a number of seconds {'from' if zero else 'above'} 0")
     return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number above 0 (seconds)."""
+    return _float(text, zero=False)
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite number from 0 (seconds)."""
+    return _float(text, zero=True)
 
 
 def fail(message: str, code: int = 1) -> int:

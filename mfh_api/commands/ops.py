@@ -14,7 +14,18 @@ import sys
 import time
 from typing import Any
 
-from mfh_api.commands import add_json, count, emit, fail, host_env, settings_from
+from mfh_api.commands import (
+    add_json,
+    count,
+    emit,
+    exit_code,
+    fail,
+    host_env,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    settings_from,
+)
 
 __all__ = ["register"]
 
@@ -47,6 +58,85 @@ def _show(d: Any, *, as_json: bool) -> None:
     for e in d.events:
         kind = e.kind or "-"
         print(f"  {e.op:<6} {e.namespace}/{e.key}  version={e.version}  origin={e.origin}  {kind}  {e.payload_bytes} B")
+
+
+def _audit(args: argparse.Namespace) -> int:
+    if args.peers is None:
+        if args.repair:
+            return fail("audit: --repair goes with --peers (the replay audit repairs nothing)", 2)
+        return int(_schedules("audit")(args))
+    if args.full:
+        return fail("audit: --full is for the replay audit, not --peers", 2)
+    return _peer_audit(args)
+
+
+def _peer_audit(args: argparse.Namespace) -> int:
+    """``mfh audit --peers``: compare the hosts' items over the event bus (docs/replication.md)."""
+    import asyncio
+
+    from mfh_models import MFHError, validate_origin
+    from mfh_tasks.peer_audit import run_peer_audit
+
+    settings = settings_from(args)
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    try:
+        for p in peers:
+            validate_origin(p)
+        if not settings.replication.enabled:
+            return fail("audit --peers: replication is disabled on this host (replication.enabled)", 2)
+        result = asyncio.run(
+            run_peer_audit(
+                settings,
+                peers=peers or None,
+                repair=args.repair,
+                timeout_s=args.timeout,
+                round_timeout_s=args.round_timeout,
+                max_keys=args.max_keys,
+                settle_s=args.settle,
+            )
+        )
+    except MFHError as e:
+        return fail(f"audit --peers: {e}", exit_code(e))
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2, sort_keys=True))
+    else:
+        print(_describe(result))
+    return result.exit_code
+
+
+def _describe(result: Any) -> str:
+    """The peer audit for a terminal: the hosts, each key that differs with every host's row, the verdict."""
+    found, final = result.found, result.final
+    lines = [
+        f"cross-host audit {result.id}: {len(found.hosts)} host(s) compared ({', '.join(found.hosts) or 'none'}), "
+        f"{found.namespaces} namespace(s), {max(found.rows.values(), default=0)} keys, "
+        f"{found.rounds} round(s), {result.seconds:.2f} s"
+    ]
+    for host, why in sorted(final.unreachable.items()):
+        lines.append(f"UNREACHABLE {host}: {why}")
+    for d in found.differences:
+        lines.append(f"DIFFERS {d.namespace}/{d.key}")
+        for host, row in sorted(d.rows.items()):
+            if row is None:
+                lines.append(f"  {host:<12} (no row)")
+            else:
+                log = {True: "matches its log", False: "DIFFERS FROM ITS LOG", None: "not in its log"}[row.logged]
+                state = "deleted" if row.deleted else "put"
+                lines.append(
+                    f"  {host:<12} version {row.version} origin {row.origin} {state} digest {row.digest[:12]} {log}"
+                )
+    if found.truncated:
+        lines.append(f"more keys differ than the {len(found.differences)} listed: run it again after a repair")
+    if result.repaired is not None:
+        lines.append(f"repair: {result.repaired} row(s) re-published")
+        for d in result.unresolved or []:
+            lines.append(f"  not repaired {d.namespace}/{d.key}: no row its host's log confirms; decide by hand")
+    if final.equal:
+        verdict = "equal" if not final.unreachable else "equal among the hosts that answered"
+    else:
+        verdict = f"{len(final.differences)} key(s) differ" + (" after the repair" if result.repaired else "")
+    lines.append(f"verdict: {verdict}")
+    return "\n".join(lines)
 
 
 def _snapshot(args: argparse.Namespace) -> int:
@@ -117,14 +207,47 @@ def register(subparsers: Any) -> None:
 
     audit = subparsers.add_parser(
         "audit",
-        help="replay the event log now and compare checksums (exit 1 on a mismatch)",
-        description="Writes <snapshot_dir>/audit-latest.json and appends to audit-history.jsonl.",
+        help="replay the event log now and compare checksums (exit 1 on a mismatch); --peers: compare hosts",
+        description="Without --peers: replay this host's event log and compare with its items; writes "
+        "<snapshot_dir>/audit-latest-<host>.json. With --peers: compare every host's items over the event bus "
+        "and name the keys that differ; exit 0 equal, 1 keys differ, 8 some host did not answer, 5 NATS is down.",
     )
     audit.add_argument(
         "--full", action="store_true", help="replay the whole log (default: from the last verified snapshot)"
     )
+    audit.add_argument(
+        "--peers",
+        nargs="?",
+        const="",
+        metavar="HOST,...",
+        help="compare the hosts' items instead (default: every host on the stream and every one that answers)",
+    )
+    audit.add_argument(
+        "--repair", action="store_true", help="with --peers: re-publish the newest row of each key that differs"
+    )
+    audit.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=5.0,
+        help="with --peers: seconds a host has to answer at all, or it is unreachable (default: 5)",
+    )
+    audit.add_argument(
+        "--round-timeout",
+        type=positive_float,
+        default=120.0,
+        help="with --peers: seconds a host that answered has for each round of digests (default: 120)",
+    )
+    audit.add_argument(
+        "--max-keys", type=positive_int, default=1000, help="with --peers: list at most this many keys (default: 1000)"
+    )
+    audit.add_argument(
+        "--settle",
+        type=non_negative_float,
+        default=0.5,
+        help="with --peers: seconds to wait before reading the differing keys again (default: 0.5)",
+    )
     add_json(audit, "the audit result (ok, both checksums, events, seconds) as one JSON document")
-    audit.set_defaults(func=_schedules("audit"))
+    audit.set_defaults(func=_audit)
 
     snap = subparsers.add_parser(
         "snapshot",

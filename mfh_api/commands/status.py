@@ -111,6 +111,14 @@ def render(h: Any) -> str:
         lines.append(
             _fit(f"  audit     {verdict}  {_ago(now - a.checked_at)} ago  {a.events} events in {a.seconds:.1f}s")
         )
+    v = h.cross_audit
+    if v is None:
+        lines.append("  hosts     no cross-host audit yet (mfh audit --peers)")
+    else:
+        n, gone = int(v.get("differences", 0)), sorted(v.get("unreachable") or {})
+        verdict = f"DIFFER {n} key(s)" if n or v.get("truncated") else "equal"
+        compared = f"{len(v.get('hosts', []))} host(s)" + (f", no answer: {', '.join(gone)}" if gone else "")
+        lines.append(_fit(f"  hosts     {verdict}  {_ago(now - float(v.get('checked_at', 0)))} ago  {compared}"))
     if h.reasons:
         lines.append("")
         for reason in h.reasons:

@@ -8,12 +8,13 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import re
+from pathlib import Path
 from typing import Final
 
 from mfh_client.types import API_KEY_METADATA
 from mfh_models import ConfigError, Settings, Unauthenticated
 
-__all__ = ["API_KEY_METADATA", "ApiKeyCheck", "check_bind_is_safe", "is_loopback"]
+__all__ = ["API_KEY_METADATA", "ApiKeyCheck", "check_bind_is_safe", "is_loopback", "read_file"]
 
 #: Keys made only of these are written verbatim by every JSON encoder (no escapes), so a body that
 #: carries such a key holds it byte for byte: :meth:`ApiKeyCheck.scan_json` can look for it unparsed.
@@ -90,10 +91,32 @@ def is_loopback(bind: str) -> bool:
 
 
 def check_bind_is_safe(settings: Settings, *, insecure: bool) -> None:
-    """Refuse to serve a non-loopback address without an API key unless the operator said --insecure."""
-    if insecure or ApiKeyCheck.from_settings(settings).required or is_loopback(settings.server.bind):
+    """Refuse to serve a non-loopback address without an API key, TLS on gRPC and CURVE on ZeroMQ,
+    unless the operator said --insecure (docs/security.md)."""
+    s = settings.server
+    if insecure or is_loopback(s.bind):
         return
-    raise ConfigError(
-        f"server.bind is {settings.server.bind!r} (reachable from other machines) and no API key is set: "
-        "set MFH_API_KEY (server.api_key), bind to 127.0.0.1, or pass --insecure to accept the risk"
-    )
+    missing = []
+    if not ApiKeyCheck.from_settings(settings).required:
+        missing.append("no API key (MFH_API_KEY, server.api_key)")
+    if not s.tls:
+        missing.append("no TLS for gRPC (MFH_TLS_CERT and MFH_TLS_KEY, server.tls_cert_file/tls_key_file)")
+    if not s.curve:
+        missing.append("no CURVE for ZeroMQ (MFH_CURVE_SECRET, server.zmq_curve_secret_file)")
+    if missing:
+        raise ConfigError(
+            f"server.bind is {s.bind!r} (reachable from other machines) with {'; '.join(missing)}: set them "
+            "(docs/security.md; scripts/make_certs.sh makes test ones), bind to 127.0.0.1, "
+            "or pass --insecure to accept the risk"
+        )
+
+
+def read_file(path: str, setting: str) -> bytes:
+    """A key or certificate file the settings name; ConfigError (exit 2) naming it when it cannot be read."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"server.{setting}: cannot read {path!r}: {e.strerror or e}") from None
+    if not data.strip():
+        raise ConfigError(f"server.{setting}: {path!r} is empty")
+    return data

@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from grpc_reflection.v1alpha._async import ReflectionServicer
 
-from mfh_api.auth import ApiKeyCheck
+from mfh_api.auth import ApiKeyCheck, read_file
 from mfh_api.grpc_guard import Guard
 from mfh_api.limits import PeerSlots
 from mfh_api.service import Durability, MemoryService, PutSpec
@@ -403,6 +403,25 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], status: tuple[grpc
     raise AssertionError("unreachable: abort raises")
 
 
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials of the ``server`` settings (None: plain text); ConfigError names a file it cannot read."""
+    s = settings.server
+    if s.tls_cert_file is None or s.tls_key_file is None:
+        return None
+    cert, key = read_file(s.tls_cert_file, "tls_cert_file"), read_file(s.tls_key_file, "tls_key_file")
+    client_ca = read_file(s.tls_client_ca_file, "tls_client_ca_file") if s.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+def _security_mode(settings: Settings) -> str:
+    s = settings.server
+    if s.tls_client_ca_file:
+        return "TLS, client certificates required"
+    return "TLS" if s.tls else "plain text"
+
+
 class GrpcServer:
     """The api's gRPC listener; ``port`` is the bound port (settings may say 0 for an ephemeral one)."""
 
@@ -447,7 +466,12 @@ class GrpcServer:
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(_Reflection(names, self.streams), server)
         host = f"[{s.bind}]" if ":" in s.bind else s.bind
         try:
-            self._port = server.add_insecure_port(f"{host}:{s.grpc_port}")
+            address = f"{host}:{s.grpc_port}"
+            credentials = server_credentials(self.settings)
+            if credentials is None:
+                self._port = server.add_insecure_port(address)
+            else:
+                self._port = server.add_secure_port(address, credentials)
         except RuntimeError as e:
             raise OSError(f"cannot bind gRPC to {host}:{s.grpc_port}: {e}") from e
         if self._port == 0:  # older grpcio reports a failed bind this way
@@ -456,7 +480,7 @@ class GrpcServer:
         self._server = server
         await self._update_health()
         self._health_task = asyncio.create_task(self._health_loop(), name="mfh-grpc-health")
-        log.info("gRPC listening on %s:%d", s.bind, self._port)
+        log.info("gRPC listening on %s:%d (%s)", s.bind, self._port, _security_mode(self.settings))
         return self._port
 
     async def _update_health(self) -> None:

@@ -18,12 +18,15 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import time
 from collections import deque
 from typing import Any, Final
 
 import zmq
 import zmq.asyncio
+import zmq.auth
+from zmq.auth.asyncio import AsyncioAuthenticator
 
 from mfh_api import legacy_v0
 from mfh_api.auth import ApiKeyCheck
@@ -53,7 +56,15 @@ from mfh_api.zmq_protocol import (
 )
 from mfh_client.codes import INTERNAL_MESSAGE, zmq_error
 from mfh_core.metrics import API_LATENCY, API_REQUESTS
-from mfh_models import DeadlineExceeded, InvalidArgument, MFHError, Settings, Unauthenticated, Unavailable
+from mfh_models import (
+    ConfigError,
+    DeadlineExceeded,
+    InvalidArgument,
+    MFHError,
+    Settings,
+    Unauthenticated,
+    Unavailable,
+)
 
 __all__ = ["ZmqServer", "dispatch"]
 
@@ -139,8 +150,13 @@ class ZmqServer:
         max_running_per_peer: int = 4,
         max_in_flight_bytes: int = 16 * 1024 * 1024,
         queue_messages: int = 16,
+        curve_secret_file: str | None = None,
+        curve_clients_dir: str | None = None,
     ) -> None:
         self.service = service
+        self.curve_secret_file = curve_secret_file
+        self.curve_clients_dir = curve_clients_dir
+        self._zap: AsyncioAuthenticator | None = None
         self.bind = bind
         self.requested_port = port
         self._api_key = ApiKeyCheck(api_key)
@@ -186,6 +202,8 @@ class ZmqServer:
             max_running_per_peer=s.max_running_per_peer,
             max_in_flight_bytes=s.max_in_flight_bytes,
             queue_messages=s.zmq_queue_messages,
+            curve_secret_file=s.zmq_curve_secret_file,
+            curve_clients_dir=s.zmq_curve_clients_dir,
         )
 
     @property
@@ -205,6 +223,14 @@ class ZmqServer:
         sock.setsockopt(zmq.RCVHWM, self.queue_messages)
         sock.setsockopt(zmq.SNDHWM, self.queue_messages)
         sock.setsockopt(zmq.LINGER, 200)
+        try:
+            self._secure(sock)
+        except BaseException:
+            sock.close(linger=0)
+            self._stop_zap()
+            ctx, self._ctx = self._ctx, None
+            ctx.term()
+            raise
         if ":" in self.bind:
             sock.setsockopt(zmq.IPV6, 1)
         host = f"[{self.bind}]" if ":" in self.bind else self.bind
@@ -219,8 +245,42 @@ class ZmqServer:
         self.port = int(bytes(last).decode().rsplit(":", 1)[1]) if isinstance(last, bytes) else 0
         self._sock = sock
         self._loop_task = asyncio.create_task(self._serve(), name="mfh-zmq-router")
-        log.info("ZeroMQ ROUTER listening on %s", self.endpoint)
+        log.info("ZeroMQ ROUTER listening on %s (%s)", self.endpoint, self._mode)
         return self.port
+
+    @property
+    def _mode(self) -> str:
+        if self.curve_secret_file is None:
+            return "plain text"
+        return "CURVE, listed clients only" if self.curve_clients_dir else "CURVE"
+
+    def _secure(self, sock: zmq.asyncio.Socket) -> None:
+        """CURVE with a ZAP handler (docs/security.md): only peers that know the server's public key (and,
+        with ``curve_clients_dir``, hold a listed key) complete the handshake; others never reach us."""
+        if self.curve_secret_file is None:
+            return
+        try:
+            public, secret = zmq.auth.load_certificate(self.curve_secret_file)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"server.zmq_curve_secret_file: cannot read {self.curve_secret_file!r}: {e}") from None
+        if secret is None:
+            raise ConfigError(
+                f"server.zmq_curve_secret_file: {self.curve_secret_file!r} holds no secret key (a .key_secret file)"
+            )
+        if self.curve_clients_dir is not None and not os.path.isdir(self.curve_clients_dir):
+            raise ConfigError(f"server.zmq_curve_clients_dir: {self.curve_clients_dir!r} is not a directory")
+        assert self._ctx is not None
+        self._zap = AsyncioAuthenticator(self._ctx, log=logging.getLogger("mfh.api.zmq.zap"))
+        self._zap.start()
+        self._zap.configure_curve(domain="*", location=self.curve_clients_dir or zmq.auth.CURVE_ALLOW_ANY)
+        sock.curve_secretkey = secret
+        sock.curve_publickey = public
+        sock.curve_server = True
+
+    def _stop_zap(self) -> None:
+        if self._zap is not None:
+            self._zap.stop()
+            self._zap = None
 
     async def close(self, grace: float = 2.0) -> None:
         """Answer new requests UNAVAILABLE ("shutting down": clients fail over), let requests in flight
@@ -242,6 +302,7 @@ class ZmqServer:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        self._stop_zap()
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None

@@ -306,7 +306,8 @@ class MemoryClient(Client):
     """Blocking gRPC client: ``MemoryClient("127.0.0.1:5714")`` or several ``host:port`` for failover."""
 
     def _connect(self, addresses: list[str], api_key: str | None, **options: Any) -> None:
-        """Options: ``max_message_bytes`` (default 4 MiB), sent and received."""
+        """Options: ``max_message_bytes`` (default 4 MiB), sent and received; ``tls``
+        (:class:`mfh_client.security.TlsConfig`) for a hub that serves TLS."""
         size = int(options.pop("max_message_bytes", _DEFAULT_MAX_MESSAGE))
         self.transport = self._grpc = GrpcTransport(addresses, api_key=api_key, max_message_bytes=size, **options)
 
@@ -324,7 +325,8 @@ class AsyncMemoryClient(AsyncClient):
     """asyncio gRPC client; ``async with AsyncMemoryClient([...]) as c:`` or call :meth:`close`."""
 
     def _connect(self, addresses: list[str], api_key: str | None, **options: Any) -> None:
-        """Options: ``max_message_bytes`` (default 4 MiB), sent and received."""
+        """Options: ``max_message_bytes`` (default 4 MiB), sent and received; ``tls``
+        (:class:`mfh_client.security.TlsConfig`) for a hub that serves TLS."""
         size = int(options.pop("max_message_bytes", _DEFAULT_MAX_MESSAGE))
         self.transport = self._grpc = AsyncGrpcTransport(addresses, api_key=api_key, max_message_bytes=size, **options)
 

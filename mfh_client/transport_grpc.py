@@ -16,6 +16,7 @@ from mfh_client.codecs import event_from_pb, from_pb_record
 from mfh_client.codes import exception_for
 from mfh_client.proto import pb, pb_grpc
 from mfh_client.retry import SERVER_ANSWER_METADATA
+from mfh_client.security import TlsConfig
 from mfh_client.types import API_KEY_METADATA, Durability, PutResult
 from mfh_models.canonical import canonical_json
 from mfh_models.records import WatchedEvent
@@ -108,25 +109,41 @@ def _watched(m: Any) -> Watched:
 class _Channels:
     """What both gRPC transports hold: addresses, metadata, channel options."""
 
-    def __init__(self, addresses: Sequence[str], *, api_key: str | None, max_message_bytes: int) -> None:
+    def __init__(
+        self, addresses: Sequence[str], *, api_key: str | None, max_message_bytes: int, tls: TlsConfig | None = None
+    ) -> None:
         self.addresses = list(addresses)
         self.metadata: tuple[tuple[str, str], ...] = ((API_KEY_METADATA, api_key),) if api_key else ()
-        self.options = [
+        self.options: list[tuple[str, Any]] = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
+            *(tls.channel_options() if tls else []),
         ]
+        self.credentials = tls.credentials() if tls else None  # read once: a missing file fails here
+
+    def channel(self, i: int) -> grpc.Channel:
+        if self.credentials is None:
+            return grpc.insecure_channel(self.addresses[i], options=self.options)
+        return grpc.secure_channel(self.addresses[i], self.credentials, options=self.options)
+
+    def aio_channel(self, i: int) -> grpc.aio.Channel:
+        if self.credentials is None:
+            return grpc.aio.insecure_channel(self.addresses[i], options=self.options)
+        return grpc.aio.secure_channel(self.addresses[i], self.credentials, options=self.options)
 
 
 class GrpcTransport(_Channels):
     """Blocking gRPC: one channel per endpoint, opened on first use."""
 
-    def __init__(self, addresses: Sequence[str], *, api_key: str | None, max_message_bytes: int) -> None:
-        super().__init__(addresses, api_key=api_key, max_message_bytes=max_message_bytes)
+    def __init__(
+        self, addresses: Sequence[str], *, api_key: str | None, max_message_bytes: int, tls: TlsConfig | None = None
+    ) -> None:
+        super().__init__(addresses, api_key=api_key, max_message_bytes=max_message_bytes, tls=tls)
         self._stubs: dict[int, tuple[grpc.Channel, Any]] = {}
 
     def stub(self, i: int) -> Any:
         if i not in self._stubs:
-            ch = grpc.insecure_channel(self.addresses[i], options=self.options)
+            ch = self.channel(i)
             self._stubs[i] = (ch, pb_grpc.MemoryFusionStub(ch))
         return self._stubs[i][1]
 
@@ -158,13 +175,15 @@ class GrpcTransport(_Channels):
 class AsyncGrpcTransport(_Channels):
     """grpc.aio: one channel per endpoint, opened on first use (inside the caller's event loop)."""
 
-    def __init__(self, addresses: Sequence[str], *, api_key: str | None, max_message_bytes: int) -> None:
-        super().__init__(addresses, api_key=api_key, max_message_bytes=max_message_bytes)
+    def __init__(
+        self, addresses: Sequence[str], *, api_key: str | None, max_message_bytes: int, tls: TlsConfig | None = None
+    ) -> None:
+        super().__init__(addresses, api_key=api_key, max_message_bytes=max_message_bytes, tls=tls)
         self._stubs: dict[int, tuple[grpc.aio.Channel, Any]] = {}
 
     def stub(self, i: int) -> Any:
         if i not in self._stubs:
-            ch = grpc.aio.insecure_channel(self.addresses[i], options=self.options)
+            ch = self.aio_channel(i)
             self._stubs[i] = (ch, pb_grpc.MemoryFusionStub(ch))
         return self._stubs[i][1]
 

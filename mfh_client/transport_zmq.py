@@ -21,6 +21,7 @@ from mfh_client import calls
 from mfh_client.calls import Call, Failure
 from mfh_client.codecs import record_from_json, watch_event_from_json
 from mfh_client.codes import exception_for_zmq
+from mfh_client.security import CurveConfig
 from mfh_client.types import PutResult
 from mfh_models.errors import DeadlineExceeded
 from mfh_models.records import WatchedEvent
@@ -88,10 +89,18 @@ def _polled(reply: tuple[list[WatchedEvent], int]) -> list[Watched]:
 class _Wire:
     """What both ZeroMQ transports share: request bodies, reply matching, results."""
 
-    def __init__(self, addresses: Sequence[str], *, api_key: str | None) -> None:
+    def __init__(self, addresses: Sequence[str], *, api_key: str | None, curve: CurveConfig | None = None) -> None:
         self.addresses = list(addresses)
         self.api_key = api_key
+        self.curve = curve
         self._index = -1  # the endpoint the open socket is connected to
+
+    def dealer(self, sock: zmq.Socket[bytes] | zmq.asyncio.Socket, i: int) -> None:
+        """Set up a new DEALER socket (CURVE, when configured) and connect it to endpoint ``i``."""
+        sock.setsockopt(zmq.LINGER, 0)
+        if self.curve is not None:
+            self.curve.apply(sock)
+        sock.connect(self.addresses[i])
 
     def request(self, call: Call[Any], timeout: float) -> tuple[str, bytes]:
         rid = uuid.uuid4().hex
@@ -133,8 +142,9 @@ class ZmqTransport(_Wire):
         *,
         api_key: str | None,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        curve: CurveConfig | None = None,
     ) -> None:
-        super().__init__(addresses, api_key=api_key)
+        super().__init__(addresses, api_key=api_key, curve=curve)
         self._ctx = context or zmq.Context.instance()
         self._sock: zmq.Socket[bytes] | None = None
 
@@ -142,8 +152,7 @@ class ZmqTransport(_Wire):
         if self._sock is None or self._index != i:
             self.close()
             sock = self._ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(self.addresses[i])
+            self.dealer(sock, i)
             self._sock, self._index = sock, i
         return self._sock
 
@@ -184,9 +193,14 @@ class AsyncZmqTransport(_Wire):
     """asyncio ZeroMQ; one per event loop. Concurrent calls take turns (one socket, one request in flight)."""
 
     def __init__(
-        self, addresses: Sequence[str], *, api_key: str | None, context: zmq.asyncio.Context | None = None
+        self,
+        addresses: Sequence[str],
+        *,
+        api_key: str | None,
+        context: zmq.asyncio.Context | None = None,
+        curve: CurveConfig | None = None,
     ) -> None:
-        super().__init__(addresses, api_key=api_key)
+        super().__init__(addresses, api_key=api_key, curve=curve)
         self._ctx = context or zmq.asyncio.Context.instance()
         self._sock: zmq.asyncio.Socket | None = None
         self._turn = asyncio.Lock()
@@ -195,8 +209,7 @@ class AsyncZmqTransport(_Wire):
         if self._sock is None or self._index != i:
             self.close()
             sock = self._ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(self.addresses[i])
+            self.dealer(sock, i)
             self._sock, self._index = sock, i
         return self._sock
 

@@ -66,6 +66,40 @@ class ServerSettings(_Section):
     max_streams_per_peer: int = Field(default=128, ge=1, description="open gRPC streams of one connection")
     watch_idle_seconds: float = Field(default=900.0, gt=0, description="a Watch with no event this long ends")
     watch_max_lifetime_seconds: float = Field(default=3600.0, gt=0, description="a Watch ends after this long")
+    # Transport security (docs/security.md): absolute paths; unset = plain text (loopback only, or --insecure).
+    tls_cert_file: str | None = Field(default=None, description="gRPC server certificate chain (PEM)")
+    tls_key_file: str | None = Field(default=None, description="its private key (PEM)")
+    tls_client_ca_file: str | None = Field(default=None, description="CA whose client certificates are required")
+    zmq_curve_secret_file: str | None = Field(default=None, description="ZeroMQ CURVE server key pair (zmq.auth)")
+    zmq_curve_clients_dir: str | None = Field(default=None, description="public keys of the allowed CURVE clients")
+
+    @model_validator(mode="after")
+    def _security_files(self) -> ServerSettings:
+        files = {
+            "tls_cert_file": self.tls_cert_file,
+            "tls_key_file": self.tls_key_file,
+            "tls_client_ca_file": self.tls_client_ca_file,
+            "zmq_curve_secret_file": self.zmq_curve_secret_file,
+            "zmq_curve_clients_dir": self.zmq_curve_clients_dir,
+        }
+        for name, path in files.items():
+            if path is not None and not os.path.isabs(path):
+                raise ValueError(f"{name} must be an absolute path (got {path[:200]!r})")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file (client certificates need TLS)")
+        if self.zmq_curve_clients_dir is not None and self.zmq_curve_secret_file is None:
+            raise ValueError("zmq_curve_clients_dir needs zmq_curve_secret_file (the server's CURVE key pair)")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
+
+    @property
+    def curve(self) -> bool:
+        return self.zmq_curve_secret_file is not None
 
 
 class StorageSettings(_Section):

@@ -21,8 +21,10 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from services import (
@@ -55,7 +57,7 @@ def _redis_dbs() -> Iterator[tuple[int, int]]:
     """Claim a free pair of Redis databases for this session (``MFH_TEST_REDIS_DBS=a,b`` forces one)."""
     import redis
 
-    token = f"{os.getpid()}-{secrets.token_hex(4)}"
+    token = f"{os.getpid()}-{socket.gethostname()}-{secrets.token_hex(4)}"
     forced = os.environ.get("MFH_TEST_REDIS_DBS")
     pairs = [tuple(int(x) for x in forced.split(","))] if forced else _DB_PAIRS
     client = redis.Redis.from_url(_redis_db_url(_CLAIM_DB), socket_connect_timeout=1, socket_timeout=5)
@@ -64,6 +66,7 @@ def _redis_dbs() -> Iterator[tuple[int, int]]:
     try:
         for a, b in pairs:
             key = f"mfh-test-claim:{a},{b}"
+            _drop_dead_claim(client, key)
             if forced or client.set(key, token, nx=True, ex=_CLAIM_TTL_S):
                 claim = key
                 yield (a, b)
@@ -73,6 +76,25 @@ def _redis_dbs() -> Iterator[tuple[int, int]]:
         if claim is not None and client.get(claim) == token.encode():
             client.delete(claim)
         client.close()
+
+
+def _drop_dead_claim(client: Any, key: str) -> None:
+    """A claim whose session was killed (SIGKILL, a CI timeout) would hold its pair for an hour: a claim made
+    on this machine by a process that no longer runs is released. Claims of other machines are left alone."""
+    held = client.get(key)
+    if held is None:
+        return
+    pid, _, rest = held.decode(errors="replace").partition("-")
+    machine, _, _ = rest.rpartition("-")
+    if machine != socket.gethostname() or not pid.isdigit():
+        return
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        # Only the dead session's own value is deleted (a new claim made meanwhile stays).
+        client.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end", 1, key, held)
+    except PermissionError:
+        pass  # alive, another user's
 
 
 def _flushed_redis(db: int) -> str:

@@ -12,8 +12,11 @@ from services import free_port
 class TcpProxy:
     """Forwards 127.0.0.1:<port> to a target; ``cut()`` drops every connection and refuses new ones."""
 
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target_host: str, target_port: int, *, capture: bool = False) -> None:
         self.target = (target_host, target_port)
+        #: With ``capture``, every byte that crossed the proxy, both ways (what a sniffer on the wire sees).
+        self.captured = bytearray()
+        self._capture = capture
         self.port = free_port()
         self._lock = threading.Lock()
         self._conns: list[socket.socket] = []
@@ -71,10 +74,12 @@ class TcpProxy:
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
+                if self._capture:
+                    with self._lock:
+                        self.captured += data
                 dst.sendall(data)
         except OSError:
             pass

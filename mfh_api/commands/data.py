@@ -86,14 +86,9 @@ def _key_and_endpoints(args: argparse.Namespace) -> tuple[str | None, list[str]]
     _check_endpoints(args.transport, endpoints)
     if key is not None and endpoints:
         return key, endpoints
-    try:
-        settings = settings_from(args)
-    except ModuleNotFoundError as e:  # the base install: no YAML, so no host configuration to read
-        if missing_server_library(e) is None:
-            raise
-        if endpoints:
-            return key, endpoints
-        raise _Usage(f"give --endpoint (reading the host's configuration for it: {NEEDS_SERVER})") from None
+    settings = _host_settings(args, endpoints)
+    if settings is None:
+        return key, endpoints
     s = settings.server
     if key is None and s.api_key:
         key = s.api_key.get_secret_value()
@@ -103,15 +98,59 @@ def _key_and_endpoints(args: argparse.Namespace) -> tuple[str | None, list[str]]
     return key, endpoints
 
 
+def _host_settings(args: argparse.Namespace, endpoints: list[str]) -> Any:
+    """The host's settings, or None on the base install (no YAML) when the flags say enough."""
+    try:
+        return settings_from(args)
+    except ModuleNotFoundError as e:  # the base install: no YAML, so no host configuration to read
+        if missing_server_library(e) is None:
+            raise
+        if endpoints:
+            return None
+        raise _Usage(f"give --endpoint (reading the host's configuration for it: {NEEDS_SERVER})") from None
+
+
+def _security(args: argparse.Namespace) -> dict[str, Any]:
+    """TLS / CURVE options of the client: the flags, then their variables, then (CURVE) the host's key pair."""
+    from mfh_client.security import CurveConfig, TlsConfig
+
+    def flag(name: str, var: str) -> str | None:
+        value: str | None = getattr(args, name) or os.environ.get(var) or None
+        return value
+
+    if args.transport == "zmq":
+        server_key = flag("curve_server_key", "MFH_CURVE_SERVER_KEY")
+        if server_key is None and not args.endpoint:  # this host's own api: its key pair names its public key
+            server_key = _host_settings(args, []).server.zmq_curve_secret_file
+        if server_key is None:
+            return {}
+        return {"curve": CurveConfig.from_files(server_key, flag("curve_secret", "MFH_CURVE_CLIENT_SECRET"))}
+    ca, cert, key = (
+        flag("tls_ca", "MFH_TLS_CA"),
+        flag("tls_cert", "MFH_TLS_CLIENT_CERT"),
+        flag("tls_key", "MFH_TLS_CLIENT_KEY"),
+    )
+    if ca is None and cert is None and (args.endpoint or not _host_settings(args, []).server.tls):
+        return {}
+    if ca is None and cert is None:
+        raise _Usage("this host's api serves TLS: give --tls-ca (the CA of server.tls_cert_file) or MFH_TLS_CA")
+    return {
+        "tls": TlsConfig(
+            ca_file=ca, cert_file=cert, key_file=key, server_name=flag("tls_server_name", "MFH_TLS_SERVER_NAME")
+        )
+    }
+
+
 def _client(args: argparse.Namespace) -> _Client:
     key, endpoints = _key_and_endpoints(args)
+    security = _security(args)
     if args.transport == "zmq":
         from mfh_client import ZmqClient
 
-        return ZmqClient(endpoints, api_key=key, timeout=args.timeout, retries=args.retries)
+        return ZmqClient(endpoints, api_key=key, timeout=args.timeout, retries=args.retries, **security)
     from mfh_client import MemoryClient
 
-    return MemoryClient(endpoints, api_key=key, timeout=args.timeout, retries=args.retries)
+    return MemoryClient(endpoints, api_key=key, timeout=args.timeout, retries=args.retries, **security)
 
 
 def _when(ms: int) -> str:
@@ -235,6 +274,19 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--api-key",
         help="the hub's API key (default: $MFH_API_KEY, else the host's server.api_key; "
         "the variable keeps it out of the process list)",
+    )
+    sec = p.add_argument_group("transport security (docs/security.md)")
+    sec.add_argument("--tls-ca", help="gRPC over TLS: the CA file the hub's certificate chains to ($MFH_TLS_CA)")
+    sec.add_argument("--tls-cert", help="this client's certificate, for a hub that requires one ($MFH_TLS_CLIENT_CERT)")
+    sec.add_argument("--tls-key", help="its private key ($MFH_TLS_CLIENT_KEY)")
+    sec.add_argument("--tls-server-name", help="the name to check the hub's certificate against ($MFH_TLS_SERVER_NAME)")
+    sec.add_argument(
+        "--curve-server-key",
+        help="ZeroMQ over CURVE: the hub's public .key file ($MFH_CURVE_SERVER_KEY; default: this host's key pair)",
+    )
+    sec.add_argument(
+        "--curve-secret",
+        help="this client's .key_secret file, for a hub listing its clients ($MFH_CURVE_CLIENT_SECRET)",
     )
 
 

@@ -48,7 +48,13 @@ step "pytest -q $*"
 rc=0
 # A hung test run (a socket left open by a failed test can block interpreter exit) must fail, not
 # hold CI to its limit: per test, pytest-timeout; for the whole run, timeout(1).
-timeout --signal=TERM --kill-after=60 "${MFH_TEST_TIMEOUT:-45m}" "$BIN/pytest" -q "$@" || rc=$?
+# Test files run in parallel (pytest-xdist, a file at a time per worker: most of the suite waits on
+# processes, timers and the network, not the CPU). MFH_TEST_WORKERS=0 runs them in this process. Each
+# worker claims its own pair of Redis test databases (tests/conftest.py: five pairs).
+workers="${MFH_TEST_WORKERS:-3}"
+parallel=()
+if [[ "$workers" != 0 ]]; then parallel=(-n "$workers" --dist loadfile); fi
+timeout --signal=TERM --kill-after=60 "${MFH_TEST_TIMEOUT:-45m}" "$BIN/pytest" -q "${parallel[@]}" --durations=15 "$@" || rc=$?
 if [[ $rc -eq 124 || $rc -eq 137 ]]; then
     echo "test.sh: FAILED: pytest did not finish within ${MFH_TEST_TIMEOUT:-45m}" >&2
 fi

@@ -21,6 +21,7 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -460,8 +461,10 @@ class SqlStore:
             cur = best.get(k)
             if cur is None or (r[6], r[7]) > (cur[6], cur[7]):
                 best[k] = r
+        delete = Op.DELETE.value
         item_rows = [
-            (r[2], r[3], r[4], r[5], r[6], r[7], r[1] == Op.DELETE.value, r[8], r[9]) for _, r in sorted(best.items())
+            (r[2], r[3], r[4], r[5], r[6], r[7], r[1] == delete, r[8], r[9])
+            for _, r in sorted(best.items(), key=itemgetter(0))
         ]
         self._write_rows(ev_rows, item_rows)
         return ApplyResult(len(ev_rows), len(item_rows))

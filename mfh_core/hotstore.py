@@ -21,10 +21,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from mfh_core.coalesce import Coalescer
 from mfh_models import (
+    SCHEMA_VERSION,
     DeadlineExceeded,
     Kind,
     MemoryEvent,
+    MFHError,
     NotFound,
     Op,
     Record,
@@ -112,6 +115,8 @@ class HotStore:
         self.dirty_key = f"{prefix}:dirty"
         self.persisted_channel = f"{prefix}:persisted"
         self._stage = self.redis.register_script(_lua("stage.lua"))
+        #: Concurrent stage_many calls share one script call (each keeps its own all-or-nothing result).
+        self.stager: Coalescer[Sequence[Change], list[MemoryEvent]] = Coalescer(self._stage_groups, weight=len)
         self._apply = self.redis.register_script(_lua("apply.lua"))
         self._mark_clean = self.redis.register_script(_lua("mark_clean.lua"))
         self._unstage = self.redis.register_script(_lua("unstage.lua"))
@@ -152,25 +157,43 @@ class HotStore:
         return event
 
     async def stage_many(self, changes: Sequence[Change]) -> list[MemoryEvent]:
-        """Version and stage every change or none, in one Lua call.
+        """Version and stage every change or none, in one Lua call (shared with concurrent callers).
 
         Raises NotFound (a delete of an absent or deleted key), VersionConflict or ResourceExhausted
         (the dirty set is at ``max_backlog``), naming the first change that failed; Unavailable when
         Redis cannot be reached (nothing staged), DeadlineExceeded when it did not answer in time
         (the change may be staged: reconcile then persists it).
         """
-        keys = [self.hlc_key, self.dirty_key, *(self.item_key(c.namespace, c.key) for c in changes)]
-        args: list[Any] = [self.origin, self.max_backlog, self.clock_skew_ms]
-        for c in changes:
-            ms, ctr = unpack(c.expected_version) if c.expected_version is not None else (0, 0)
-            kind = c.kind.value if c.kind is not None else ""
-            args += [c.op.value, kind, c.payload, "1" if c.expected_version is not None else "0", ms, ctr]
+        if not changes:
+            return []
+        return await self.stager.submit(changes)
+
+    async def _stage_groups(self, groups: list[Sequence[Change]]) -> list[list[MemoryEvent] | BaseException]:
+        """One script call for several callers' groups; per group its events or its error (stage.lua)."""
+        keys = [self.hlc_key, self.dirty_key]
+        args: list[Any] = [self.origin, self.max_backlog, self.clock_skew_ms, len(groups), *map(len, groups)]
+        for changes in groups:
+            for c in changes:
+                keys.append(self.item_key(c.namespace, c.key))
+                ms, ctr = unpack(c.expected_version) if c.expected_version is not None else (0, 0)
+                kind = c.kind.value if c.kind is not None else ""
+                args += [c.op.value, kind, c.payload, "1" if c.expected_version is not None else "0", ms, ctr]
         try:
-            res = await self._stage(keys=keys, args=args)
+            results = await self._stage(keys=keys, args=args)
         except RedisTimeoutError as e:  # the script may have run: the caller cannot be told "nothing was staged"
             raise DeadlineExceeded(f"redis did not answer in time while staging; the write may be staged ({e})") from e
         except RedisConnectionError as e:
             raise Unavailable(f"redis unavailable: {e}") from e
+        out: list[list[MemoryEvent] | BaseException] = []
+        for changes, res in zip(groups, results, strict=True):
+            try:
+                out.append(self._staged(changes, res))
+            except MFHError as e:
+                out.append(e)
+        return out
+
+    def _staged(self, changes: Sequence[Change], res: list[Any]) -> list[MemoryEvent]:
+        """One group's events, or its error raised."""
         if res[0] in ("conflict", "absent"):
             i = int(res[1]) - 1
             c, where = changes[i], f"puts[{i}]: " if len(changes) > 1 else ""
@@ -191,7 +214,7 @@ class HotStore:
         for i, c in enumerate(changes):
             version = pack(int(res[2 + 3 * i]), int(res[3 + 3 * i]))
             events.append(
-                MemoryEvent(
+                MemoryEvent.model_construct(  # validated: a Change, the script's versions, our origin
                     event_id=event_id_for(self.origin, version),
                     op=c.op,
                     namespace=c.namespace,
@@ -201,6 +224,7 @@ class HotStore:
                     version=version,
                     origin=self.origin,
                     created_at=now,
+                    schema_version=SCHEMA_VERSION,
                 )
             )
         return events

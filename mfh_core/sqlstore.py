@@ -21,6 +21,7 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -508,6 +509,47 @@ class SqlStore:
         ]
         self._write_rows(ev_rows, item_rows)
         return ApplyResult(len(ev_rows), len(item_rows))
+
+    def apply_event_rows(self, rows: Sequence[tuple[Any, ...]], *, published: bool = False) -> ApplyResult:
+        """:meth:`apply_batch` for events given as rows of :meth:`iter_event_rows` (a replay's fast
+        path: no event objects). Same rules: idempotent by event id, the newest version per key wins."""
+        if not rows:
+            return ApplyResult(0, 0)
+        unique = {r[0]: r for r in rows}  # by event id
+        ev_rows = [(*r, published) for r in unique.values()]  # in the given (commit) order
+        best: dict[tuple[str, str], tuple[Any, ...]] = {}
+        for r in unique.values():
+            k = (r[2], r[3])
+            cur = best.get(k)
+            if cur is None or (r[6], r[7]) > (cur[6], cur[7]):
+                best[k] = r
+        delete = Op.DELETE.value
+        item_rows = [
+            (r[2], r[3], r[4], r[5], r[6], r[7], r[1] == delete, r[8], r[9])
+            for _, r in sorted(best.items(), key=itemgetter(0))
+        ]
+        self._write_rows(ev_rows, item_rows)
+        return ApplyResult(len(ev_rows), len(item_rows))
+
+    def iter_event_rows(self, *, batch: int = 5000) -> Iterator[list[tuple[Any, ...]]]:
+        """The event log in commit order as plain rows (the columns of the events table but ``seq`` and
+        ``published``), in lists of up to ``batch``: what :meth:`apply_event_rows` takes."""
+        mark = "?" if self.dialect == "sqlite" else "%s"
+        cols = _EVENT_COLS.removesuffix(", published")
+        sql = f"SELECT seq, {cols} FROM events WHERE seq > {mark} ORDER BY seq LIMIT {mark}"
+        last = 0
+        while True:
+            with self._guard(), self._read.connect() as conn:
+                cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+                try:
+                    cur.execute(sql, (last, batch))
+                    rows = cur.fetchall()
+                finally:
+                    cur.close()
+            if not rows:
+                return
+            last = int(rows[-1][0])
+            yield [tuple(r[1:]) for r in rows]
 
     def import_rows(self, events: Sequence[tuple[MemoryEvent, bool]], items: Sequence[Record]) -> None:
         """Copy rows from another store as they are (``mfh migrate``): events in the given (commit)

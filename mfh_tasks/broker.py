@@ -9,6 +9,11 @@ requeue 23-69 s after a kill); a worker therefore also runs it on a timer
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from typing import Any
+
+import redis
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import (
     AgeLimit,
@@ -21,6 +26,7 @@ from dramatiq.middleware import (
 )
 
 from mfh_models import Settings
+from mfh_tasks.wakeup import WakeableConsumer, wake_channel
 
 __all__ = ["HubBroker", "build_broker"]
 
@@ -28,7 +34,32 @@ _MAINTENANCE = "maintenance"  # a dispatch command the Lua script has no branch 
 
 
 class HubBroker(RedisBroker):
-    """A RedisBroker whose maintenance pass (requeue of dead workers' messages) can be run on demand."""
+    """A RedisBroker whose maintenance pass (requeue of dead workers' messages) can be run on demand,
+    and whose idle consumers are woken by each enqueue instead of polling with a growing back-off
+    (:mod:`mfh_tasks.wakeup`)."""
+
+    @property
+    def consumer_class(self) -> Any:
+        return self._consumer
+
+    def _consumer(self, broker: Any, queue_name: str, prefetch: int, timeout: int) -> Any:
+        if queue_name in self.delay_queues:  # delayed messages (retries) wait for their eta anyway
+            return super().consumer_class(broker, queue_name, prefetch, timeout)
+        return WakeableConsumer(broker, queue_name, prefetch, timeout, channel=self.wake_channel(queue_name))
+
+    @functools.cache  # noqa: B019 - one broker per process, a handful of queues
+    def wake_channel(self, queue_name: str) -> str:
+        db = int(self.client.connection_pool.connection_kwargs.get("db", 0))
+        return wake_channel(self.namespace, db, queue_name)
+
+    def enqueue(self, message: Any, *, delay: int | None = None) -> Any:
+        """Enqueue, then wake the queue's idle consumers (a lost wake-up only costs the old polling delay)."""
+        enqueued = super().enqueue(message, delay=delay)
+        if delay is None:
+            # Enqueued all the same when this fails: the consumers' fallback poll finds it.
+            with contextlib.suppress(redis.RedisError):
+                self.client.publish(self.wake_channel(message.queue_name), b"")
+        return enqueued
 
     def _should_do_maintenance(self, command: str) -> int:
         if command == _MAINTENANCE:

@@ -1,9 +1,12 @@
 """The one way staged writes become queued ``persist_batch`` messages.
 
 A :class:`BatchQueue` is the write batcher, the batch encoding and the actor's ``send`` in one
-object. The api submits through it: many staged writes become one message, flushed when the batch
-reaches ``max_size`` or ``max_delay_s`` after its first write, and each caller is answered when
-the message carrying its events is enqueued (the write is then acknowledged: docs/architecture.md invariant 4).
+object. The api submits through it: many staged writes become one message, and each caller is
+answered when the message carrying its events is enqueued (the write is then acknowledged:
+docs/architecture.md invariant 4). A write that finds no send in flight goes out at once (with
+whatever the same loop iteration submitted): a quiet hub adds no batching delay. While a send is in
+flight, writes collect and go out when it returns, when the batch reaches ``max_size``, or
+``max_delay_s`` after its first write, whichever comes first: batches grow with load, not with waiting.
 The worker's dirty sweep and the scheduler's reconcile send through it at once (:meth:`BatchQueue.send_now`).
 The send itself is a blocking Redis call, run in a thread; at most ``max_in_flight`` sends run at once.
 """
@@ -60,6 +63,8 @@ class BatchQueue:
         self._timer: asyncio.TimerHandle | None = None
         self._slots = asyncio.Semaphore(max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._in_flight = 0  # sends started and not finished
+        self._flush_soon: asyncio.Handle | None = None
         self.batches_sent = 0
         #: The broker closed with the queue (None when someone else owns it).
         self.broker = broker
@@ -99,6 +104,9 @@ class BatchQueue:
         self._waiters.append(fut)
         if len(self._pending) >= self.max_size:
             self._flush()
+        elif self._in_flight == 0:
+            if self._flush_soon is None:  # after the callers already runnable in this iteration
+                self._flush_soon = loop.call_soon(self._flush)
         elif self._timer is None:
             self._timer = loop.call_later(self.max_delay_s, self._flush)
         await fut
@@ -107,13 +115,23 @@ class BatchQueue:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._flush_soon is not None:
+            self._flush_soon.cancel()
+            self._flush_soon = None
         if not self._pending:
             return
         events, waiters, starts = self._pending, self._waiters, self._starts
         self._pending, self._waiters, self._starts = [], [], []
+        self._in_flight += 1
         task = asyncio.ensure_future(self._send_batch(events, waiters, starts))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._in_flight -= 1
+        if self._in_flight == 0 and self._pending:  # what collected while it was in flight
+            self._flush()
 
     async def _send_batch(
         self, events: list[MemoryEvent], waiters: list[asyncio.Future[None]], starts: list[int]

@@ -1,7 +1,7 @@
 """The persist path shared by the write-behind actor, reconcile and the replicator.
 
-apply to SQL in one transaction (idempotent) → publish to JetStream (outbox on failure) →
-mark the Redis entries clean. Every step can be repeated safely, so a batch that fails at any
+apply to SQL in one transaction (idempotent) → publish to JetStream (outbox on failure) and, at
+the same time, mark the Redis entries clean. Every step can be repeated safely, so a batch that fails at any
 point is simply retried whole.
 
 SQL sits behind a circuit breaker: while it is open, batches wait for its probe (up to
@@ -32,7 +32,7 @@ class EventPublisher(Protocol):
 
 
 class PersistPipeline:
-    """apply_batch → publish → mark_clean, for one host."""
+    """apply_batch → publish and mark_clean, for one host."""
 
     def __init__(
         self,
@@ -66,14 +66,23 @@ class PersistPipeline:
                 lambda: asyncio.to_thread(self.sql.apply_batch, events, published=published), wait=self.sql_wait_s
             )
             if publish and self.bus is not None:
-                acked = await self.bus.publish_many(events)
+                # Committed: the entries turn clean (and PERSISTED callers are answered) while the
+                # events go out; the publish never raises (what is not acked stays for the outbox).
+                acked, cleaned = await asyncio.gather(
+                    self.bus.publish_many(events), self.hot.mark_clean(events), return_exceptions=True
+                )
+                if isinstance(acked, BaseException):
+                    raise acked
                 self._mark_later(acked)
                 if len(acked) < len(events):
                     reason = getattr(self.bus, "last_publish_error", None) or "not acked"
                     self.nats_outage.failure(f"{reason}; the outbox relays them", count=len(events) - len(acked))
                 else:
                     self.nats_outage.success()
-            await self.hot.mark_clean(events)
+                if isinstance(cleaned, BaseException):
+                    raise cleaned
+            else:
+                await self.hot.mark_clean(events)
         except Exception:
             PERSIST_BATCHES.labels(result="error").inc()
             raise

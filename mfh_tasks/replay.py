@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mfh_core import ApplyResult, SqlStore
@@ -26,11 +26,18 @@ Progress = Callable[[int, int | None], None]
 class ReplayResult:
     events: int
     checksum: str
-    seconds: float
+    seconds: float  # the whole replay, the checksum of the result included
+    checksum_seconds: float = 0.0  # of which computing the checksum
 
     @property
     def events_per_s(self) -> float:
         return self.events / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def apply_events_per_s(self) -> float:
+        """Events applied per second, the checksum left out (what ``apply_batch`` from memory is compared with)."""
+        applying = self.seconds - self.checksum_seconds
+        return self.events / applying if applying > 0 else 0.0
 
 
 def open_target(url: str, *, allow_existing: bool = False) -> SqlStore:
@@ -49,17 +56,6 @@ def open_target(url: str, *, allow_existing: bool = False) -> SqlStore:
     return target
 
 
-def _batches(events: Iterator[tuple[int, MemoryEvent]], size: int) -> Iterator[list[MemoryEvent]]:
-    batch: list[MemoryEvent] = []
-    for _, e in events:
-        batch.append(e)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def replay_from_sql(
     source: SqlStore, target: SqlStore, *, batch: int = 5000, progress: Progress | None = None
 ) -> ReplayResult:
@@ -67,16 +63,22 @@ def replay_from_sql(
 
     Reading and writing take turns in one thread: with a reader thread, the GIL hand-offs around
     every SQLite step made it twice as slow (measured: 10.3 s against 5.8 s for 200,000 events).
+    Rows go from one store to the other as plain tuples (``SqlStore.iter_event_rows`` →
+    ``apply_event_rows``, executemany batches): building an event object per row cost more than the
+    inserts (24,000 against 64,000 events/s for ``apply_batch`` from memory).
     """
     t0 = time.perf_counter()
     total = source.counts()["events"]
     done = 0
-    for events in _batches(source.iter_events(batch=batch), batch):
-        target.apply_batch(events, published=True)
-        done += len(events)
+    for rows in source.iter_event_rows(batch=batch):
+        target.apply_event_rows(rows, published=True)
+        done += len(rows)
         if progress is not None:
             progress(done, total)
-    return ReplayResult(done, target.checksum(), time.perf_counter() - t0)
+    t1 = time.perf_counter()
+    checksum = target.checksum()
+    t2 = time.perf_counter()
+    return ReplayResult(done, checksum, t2 - t0, t2 - t1)
 
 
 async def replay_from_stream(
@@ -110,5 +112,7 @@ async def replay_from_stream(
         done += len(buf)
         if progress is not None:
             progress(done, total)
+    t1 = time.perf_counter()
     checksum = await asyncio.to_thread(target.checksum)
-    return ReplayResult(done, checksum, time.perf_counter() - t0)
+    t2 = time.perf_counter()
+    return ReplayResult(done, checksum, t2 - t0, t2 - t1)

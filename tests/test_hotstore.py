@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 import pytest
 from factories import payload
 
-from mfh_core import HotStore
-from mfh_models import Kind, Op, Record, ResourceExhausted, VersionConflict, pack, unpack
+from mfh_core import Change, HotStore
+from mfh_models import Kind, NotFound, Op, Record, ResourceExhausted, VersionConflict, pack, unpack
 
 
 @pytest.fixture
@@ -39,6 +39,44 @@ async def test_versions_are_unique_under_concurrency(hot: HotStore) -> None:
     assert len(set(versions)) == 500
     ms, _ = unpack(max(versions))
     assert ms > 1_700_000_000_000  # wall-clock milliseconds in the high bits
+
+
+async def test_concurrent_stagings_share_one_round_trip_and_each_caller_gets_its_own_outcome(hot: HotStore) -> None:
+    # Given a key at version v1, and callers that will fail: a stale expected version, a delete of an
+    # absent key, and a two-put batch whose second put conflicts (all or nothing for that caller)
+    v1 = await put(hot, "taken", "one")
+    trips = hot.stager.round_trips
+
+    def change(key: str, text: str, expected: int | None = None, op: Op = Op.PUT) -> Change:
+        kind = Kind.MEMORY_ITEM if op is Op.PUT else None
+        return Change(op, "ns", key, kind, payload(text) if op is Op.PUT else "null", expected)
+
+    calls = [
+        [change(f"ok{i}", f"v{i}") for i in range(3)],
+        [change("taken", "stale", expected=v1 - 1)],
+        [change("ghost", "", op=Op.DELETE)],
+        [change("ok3", "v3"), change("taken", "create-only", expected=0)],
+        [change("taken", "two", expected=v1)],
+        *([change(f"single{i}", f"s{i}")] for i in range(20)),
+    ]
+    # When they all stage at the same time
+    results = await asyncio.gather(*(hot.stage_many(c) for c in calls), return_exceptions=True)
+    # Then they travelled together (one or two round trips, not 25)
+    assert hot.stager.round_trips - trips <= 2
+    # and each caller got its own answer: the valid ones their versions, the others their own error
+    ok, stale, ghost, mixed, fresh, *singles = results
+    assert isinstance(ok, list) and [e.key for e in ok] == ["ok0", "ok1", "ok2"]
+    assert isinstance(stale, VersionConflict) and stale.current_version == v1
+    assert isinstance(ghost, NotFound) and "ns/ghost" in str(ghost)
+    assert isinstance(mixed, VersionConflict) and "puts[1]" in str(mixed)
+    assert isinstance(fresh, list) and fresh[0].version > v1  # staged after the groups before it, in order
+    assert all(isinstance(r, list) and len(r) == 1 for r in singles)
+    # and a failed caller changed nothing: ok3 was not staged, "taken" holds the one valid update
+    assert await hot.get("ns", "ok3") is None and await hot.get("ns", "ghost") is None
+    entry = await hot.get("ns", "taken")
+    assert entry is not None and entry.record.version == fresh[0].version and "two" in entry.record.payload
+    versions = [e.version for r in results if isinstance(r, list) for e in r]
+    assert len(set(versions)) == len(versions) == 24
 
 
 async def test_stale_expected_version_is_refused_and_changes_nothing(hot: HotStore) -> None:

@@ -44,7 +44,7 @@ def source(tmp_path: Path) -> Iterator[SqlStore]:
     store.close()
 
 
-def test_replay_from_the_events_table_gives_the_live_checksum(source: SqlStore, db_url: str) -> None:
+def test_replay_from_the_events_table_gives_the_live_checksum(source: SqlStore, db_url: str, tmp_path: Path) -> None:
     # Given a host's store, and an empty SQLite or Postgres database
     live = source.checksum()
     target = open_target(db_url)
@@ -57,6 +57,12 @@ def test_replay_from_the_events_table_gives_the_live_checksum(source: SqlStore, 
         total = source.counts()["events"]
         assert result.events == total and seen[-1] == (total, total)
         assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+        # and that store's own log (read back from SQLite or Postgres) replays to the same checksum
+        again = open_target(f"sqlite:///{tmp_path}/again.db")
+        try:
+            assert replay_from_sql(target, again, batch=333).checksum == live
+        finally:
+            again.close()
     finally:
         target.close()
 

@@ -243,6 +243,35 @@ async def test_batch_put_is_all_or_nothing(svc: MemoryService) -> None:
     assert results[0].version < results[1].version
 
 
+async def test_concurrent_single_puts_are_staged_together_and_one_callers_bad_write_fails_only_that_caller(
+    svc: MemoryService,
+) -> None:
+    # Given a key at version v
+    v = (await svc.put(item("existing"))).version
+    trips = svc.hot.stager.round_trips
+    # When 40 callers put at once, among them a stale expected_version, a malformed payload and a batch
+    # whose second put conflicts
+    good = [svc.put(item(f"c{i}", f"text {i}")) for i in range(40)]
+    bad = [
+        svc.put(item("existing", "stale", expected=v - 1)),
+        svc.put(PutSpec("ns", "malformed", "memory_item", {"nope": 1})),
+        svc.batch_put([item("half"), item("existing", expected=0)]),
+    ]
+    results = await asyncio.gather(*good, *bad, return_exceptions=True)
+    # Then the good ones were staged in far fewer round trips than callers, each with its own version
+    assert svc.hot.stager.round_trips - trips < 20
+    versions = [r.version for r in results[:40] if isinstance(r, PutResult)]
+    assert len(set(versions)) == 40
+    # and each bad caller got its own error and wrote nothing
+    stale, malformed, half = results[40:]
+    assert isinstance(stale, VersionConflict) and stale.current_version == v
+    assert isinstance(malformed, InvalidArgument)
+    assert isinstance(half, VersionConflict)
+    records, missing = await svc.batch_get("ns", ["c0", "c39", "half", "malformed"])
+    assert [r.key for r in records] == ["c0", "c39"] and missing == ["half", "malformed"]
+    assert (await svc.get("ns", "existing")).version == v
+
+
 async def test_backlog_bound_refuses_new_writes_atomically(tmp_path: Path, redis_url: str) -> None:
     h = host_for(tmp_path, redis_url, write_behind={"max_backlog": 3})
     s = await build_service(h.settings)

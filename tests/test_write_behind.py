@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,8 +12,10 @@ from dramatiq import Message
 from hosts import InProcessApi, TestHost, make_host
 from services import async_wait_until
 
+from mfh_api.service import build_service
+from mfh_client import Durability, PutSpec
 from mfh_core import HotStore, SqlStore
-from mfh_models import InvalidArgument, MemoryEvent
+from mfh_models import DeadlineExceeded, InvalidArgument, MemoryEvent
 from mfh_tasks import BatchQueue, decode_batch
 
 
@@ -77,6 +80,36 @@ async def test_persist_waits_for_sql_and_ttl_starts_after(host: TestHost) -> Non
         sql.close()
 
 
+async def test_a_persisted_put_after_idle_answers_without_the_consumers_back_off(host: TestHost) -> None:
+    # Given a worker and an api service, the worker warmed up by a first PERSISTED put
+    host.start_worker(threads=2)
+    service = await build_service(host.settings)
+
+    async def persisted_put(key: str) -> float:
+        t0 = time.perf_counter()
+        await service.put(PutSpec("ns", key, "memory_item", {"content": key}), durability=Durability.PERSISTED)
+        return time.perf_counter() - t0
+
+    async def warmed_up() -> bool:
+        try:
+            await persisted_put("warm-up")
+            return True
+        except DeadlineExceeded:
+            return False
+
+    try:
+        await async_wait_until(warmed_up, 60, interval=0.1, message=f"a first PERSISTED put\n{host.log()}")
+        took = []
+        for i in range(2):
+            # When the hub has been idle for two seconds (Dramatiq's consumer used to back off to 0.5-1 s by then)
+            await asyncio.sleep(2.0)
+            took.append(await persisted_put(f"after-idle-{i}"))
+        # Then each PERSISTED put answers well within the old back-off (the wake-up signal fetched it at once)
+        assert max(took) < 0.15, f"PERSISTED puts after 2 s idle took {[round(t * 1000) for t in took]} ms"
+    finally:
+        await service.close()
+
+
 async def _ttl_positive(hot: HotStore) -> bool:
     return await hot.ttl_of("ns", "k") > 0
 
@@ -116,11 +149,31 @@ async def test_batcher_groups_concurrent_writes_and_answers_each_caller() -> Non
     assert [e for b in sent for e in b] == events
 
 
-async def test_batcher_flushes_a_lone_write_after_the_delay() -> None:
+async def test_batcher_sends_a_lone_write_at_once_and_collects_writes_while_a_send_is_in_flight() -> None:
+    # Given a batcher whose send blocks until released, with a long delay it must not wait for
+    release = asyncio.Event()
     sent: list[list[MemoryEvent]] = []
-    batcher = BatchQueue(sent.append, max_size=100, max_delay_s=0.002)
-    await asyncio.wait_for(batcher.submit(MemoryEvent.model_validate(_valid_event())), 1)
-    assert len(sent) == 1
+    loop = asyncio.get_running_loop()
+
+    def send(events: list[MemoryEvent]) -> None:
+        sent.append(events)
+        asyncio.run_coroutine_threadsafe(release.wait(), loop).result(5)
+
+    batcher = BatchQueue(send, max_size=100, max_delay_s=10.0)
+    events = [
+        MemoryEvent.model_validate({**_valid_event(), "event_id": f"main_pc-{i}", "version": i, "key": f"k{i}"})
+        for i in range(1, 6)
+    ]
+    # When one write comes alone, then four more while its send is in flight
+    first = asyncio.ensure_future(batcher.submit(events[0]))
+    await async_wait_until(lambda: len(sent) == 1, 5, message="the lone write to go out without the delay")
+    rest = asyncio.ensure_future(asyncio.gather(*(batcher.submit(e) for e in events[1:])))
+    await asyncio.sleep(0.05)
+    assert len(sent) == 1, "writes that came while a send was in flight went out on their own"
+    release.set()
+    await asyncio.wait_for(asyncio.gather(first, rest), 5)
+    # Then the four went out together, as soon as the first send returned
+    assert sent == [events[:1], events[1:]]
 
 
 async def test_batcher_reports_a_failed_enqueue_to_every_caller() -> None:

@@ -17,9 +17,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import gevent
+import gevent  # type: ignore[import-untyped]
 import grpc
-import grpc.experimental.gevent as grpc_gevent
+import grpc.experimental.gevent as grpc_gevent  # type: ignore[import-not-found]
 from locust import User, constant_throughput, events, task
 from locust.env import Environment
 
@@ -31,14 +31,14 @@ from mfh_client.types import API_KEY_METADATA
 grpc_gevent.init_gevent()
 
 
-@events.init.add_listener
+@events.init.add_listener  # type: ignore[untyped-decorator]
 def _fresh_clock(**_kwargs: Any) -> None:
     # gevent's loop caches "now": after seconds of imports without a yield it lags, and Locust's
     # --run-time timer (armed right after this event) would then fire that much early.
     gevent.get_hub().loop.update_now()
 
 
-@events.init_command_line_parser.add_listener
+@events.init_command_line_parser.add_listener  # type: ignore[untyped-decorator]
 def _options(parser: Any) -> None:
     parser.add_argument("--mfh-rate", type=float, default=1000.0, help="Gets per second offered by all users")
     parser.add_argument("--mfh-namespace", default="bench", help="namespace of the keys read")
@@ -47,7 +47,7 @@ def _options(parser: Any) -> None:
     parser.add_argument("--mfh-timeout", type=float, default=5.0, help="per-call deadline, seconds")
 
 
-class GrpcGetUser(User):  # type: ignore[misc]  # locust ships no type information
+class GrpcGetUser(User):
     """One channel, single Gets, paced to its share of ``--mfh-rate``."""
 
     abstract = False
@@ -55,6 +55,7 @@ class GrpcGetUser(User):  # type: ignore[misc]  # locust ships no type informati
     def __init__(self, environment: Environment) -> None:
         super().__init__(environment)
         opts = environment.parsed_options
+        assert opts is not None, "run by locust, which parses the options first"
         if not self.host:
             raise ValueError("--host HOST:PORT (the api's gRPC address) is required")
         self.namespace: str = opts.mfh_namespace
@@ -89,7 +90,7 @@ class GrpcGetUser(User):  # type: ignore[misc]  # locust ships no type informati
             length = reply.ByteSize()
         except grpc.RpcError as e:
             exc = e
-        events.request.fire(
+        events.request.fire(  # type: ignore[no-untyped-call]
             request_type="grpc",
             name="Get",
             response_time=(time.perf_counter() - start) * 1000,

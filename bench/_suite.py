@@ -101,7 +101,7 @@ class Result:
     name: str
     command: list[str]
     baseline: str
-    status: str = "not run"  # ok | failed (exit status != 0) | no figures | timeout
+    status: str = "not run"  # ok | exit N (figures, non-zero exit: often a target missed) | no figures | timeout
     returncode: int | None = None
     seconds: float = 0.0
     load_before: list[float] = field(default_factory=list)
@@ -250,7 +250,7 @@ def run_one(name: str, cmd: list[str], *, baseline: str, timeout: float, log_dir
         res.figures = figures
         res.final_line = next(line for line in reversed(lines) if line.strip())
     if res.status != "timeout":
-        res.status = "no figures" if figures is None else ("ok" if proc.returncode == 0 else "failed")
+        res.status = "no figures" if figures is None else ("ok" if proc.returncode == 0 else f"exit {proc.returncode}")
     if res.status != "ok":
         tail = (log_dir / f"{name}.stderr.log").read_text().splitlines()[-10:]
         res.output_tail += ["-- stderr --", *tail]

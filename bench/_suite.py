@@ -17,6 +17,7 @@ its defaults, with ``--quick`` when its ``--help`` lists that option, and with `
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import math
@@ -25,8 +26,10 @@ import platform
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -227,18 +230,28 @@ def run_one(name: str, cmd: list[str], *, baseline: str, timeout: float, log_dir
             cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1, start_new_session=True
         )
         assert proc.stdout is not None
-        deadline = t0 + timeout
+        expired = threading.Event()
+
+        def stop() -> None:  # the deadline passed: SIGINT first, so that the bench's finally blocks stop its servers
+            expired.set()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGINT)
+                if proc.poll() is None:
+                    time.sleep(30)
+                    os.killpg(proc.pid, signal.SIGKILL)
+
+        watchdog = threading.Timer(timeout, stop)
+        watchdog.daemon = True
+        watchdog.start()
         try:
             for line in proc.stdout:
                 lines.append(line.rstrip("\n"))
                 if echo:
                     print(f"[{name}] {line}", end="", flush=True)
-                if time.monotonic() > deadline:
-                    raise subprocess.TimeoutExpired(cmd, timeout)
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 15)
-            proc.wait(timeout=30)
+            proc.wait()
+        finally:
+            watchdog.cancel()
+        if expired.is_set():
             res.status = "timeout"
     res.seconds = round(time.monotonic() - t0, 1)
     res.returncode = proc.returncode

@@ -171,3 +171,14 @@ def test_a_file_without_markers_is_left_alone(tmp_path: Path) -> None:
     fresh = tmp_path / "sub" / "new.md"
     update_markdown(fresh, "section")
     assert f"{BEGIN}\nsection\n{END}" in fresh.read_text()
+
+
+def test_a_bench_past_its_timeout_is_interrupted_so_that_it_cleans_up(tmp_path: Path) -> None:
+    script = tmp_path / "hangs.py"
+    script.write_text(
+        "import time\nprint('started', flush=True)\n"
+        "try:\n    time.sleep(60)\nfinally:\n    print('stopped its servers')\n"
+    )
+    res = run_one("hangs", [sys.executable, str(script)], baseline="", timeout=1, log_dir=tmp_path, echo=False)
+    assert res.status == "timeout" and res.seconds < 30
+    assert res.output_tail[:2] == ["started", "stopped its servers"]

@@ -77,7 +77,7 @@ KNOWN: dict[str, Spec] = {
         baseline="the same events applied from memory (SqlStore.apply_batch, no reading)",
     ),
     "audit": Spec(
-        full=("--events", "300000", "--keys", "50000"),
+        full=("--events", "200000", "--keys", "50000"),
         quick=("--events", "20000", "--keys", "5000"),
         baseline="the full audit of the same store",
     ),

@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import csv
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -58,9 +59,13 @@ def run_locust(args: argparse.Namespace, target: str, csv_prefix: Path, log: Pat
         "--csv",
         str(csv_prefix),
     ]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "ab") as out:
         # Exit status 1 means "some requests failed": the CSV still holds the figures.
         proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=args.run_time + 120, check=False)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # Locust's own CPU (startup included): near run_time means the load generator, not the server, was the limit.
+    cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     stats = Path(f"{csv_prefix}_stats.csv")
     if not stats.exists():
         raise SystemExit(f"locust exited {proc.returncode} without {stats.name}:\n{log.read_text()[-2000:]}")
@@ -77,6 +82,7 @@ def run_locust(args: argparse.Namespace, target: str, csv_prefix: Path, log: Pat
         "p95_ms": float(row["95%"]),
         "p99_ms": float(row["99%"]),
         "max_ms": float(row["Max Response Time"]),
+        "cpu_s": round(cpu_s, 1),
     }
 
 
@@ -108,7 +114,8 @@ def main(args: argparse.Namespace) -> int:
             st = results[name] = run_locust(args, f"127.0.0.1:{port}", out / name, out / f"{name}.log")
             print(
                 f"{name:11s} {st['requests']:.0f} Gets ({st['failures']:.0f} failed) at {st['rps']:.0f}/s: "
-                f"p50={st['p50_ms']:g} p95={st['p95_ms']:g} p99={st['p99_ms']:g} max={st['max_ms']:g} ms",
+                f"p50={st['p50_ms']:g} p95={st['p95_ms']:g} p99={st['p99_ms']:g} max={st['max_ms']:g} ms; "
+                f"Locust used {st['cpu_s']:g} s CPU",
                 flush=True,
             )
     finally:

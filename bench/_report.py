@@ -111,6 +111,16 @@ def render_markdown(doc: dict[str, Any], plots: dict[str, Path], docs_dir: Path)
         f"{m['cpu'] or 'CPU ?'}, {m['cores']} cores, {m['memory_gb']} GB, {m['system']}, Python {m['python']}. "
         f"Load average (1/5/15 min) before: {_load(doc['load_before'])}, after: {_load(doc['load_after'])}.",
         "",
+    ]
+    loads = [b["load_before"][0] for b in doc["benches"]] + [doc["load_before"][0], doc["load_after"][0]]
+    if m["cores"] and max(loads) > m["cores"]:
+        out += [
+            f"**The machine was busy with other work during this run (load average up to {max(loads):.1f} on "
+            f"{m['cores']} cores): the absolute figures say more about that than about the hub; compare MFH "
+            "with the baseline measured beside it, and run again on a quiet machine before quoting them.**",
+            "",
+        ]
+    out += [
         "| figure | MFH | baseline, same run | MFH / baseline | target | met |",
         "| --- | --- | --- | --- | --- | --- |",
     ]

@@ -370,9 +370,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--img-dir", type=Path, help="where the PNG plots go (default: docs/img, or OUT_DIR/img)")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    ap.add_argument(
+        "--render",
+        type=Path,
+        metavar="RESULTS.json",
+        help="run nothing: write the markdown section and plots (default docs/) from a result file",
+    )
     ap.add_argument("--timeout", type=float, help="seconds per bench before it is stopped (default 1800; quick 300)")
     ap.add_argument("--quiet", action="store_true", help="do not echo each bench's output")
     return ap.parse_args(argv)
+
+
+def _render(results: Path, docs: Path, img_dir: Path | None, no_plots: bool) -> int:
+    from bench._report import render_markdown, update_markdown, write_plots
+
+    doc = json.loads(results.read_text())
+    plots = {} if no_plots else write_plots(doc, img_dir or ROOT / "docs" / "img")
+    update_markdown(docs, render_markdown(doc, plots, docs.parent))
+    print(f"markdown: {_shown(docs)} from {_shown(results)}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -387,6 +403,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = dict(args.args)
     select(available, list(overrides))  # an --args for a bench that does not exist is an error too
     server = redis_url(args.redis_url, None)  # a bad URL stops here, before anything runs
+    if args.render is not None:  # the page and plots again from a result file, nothing run
+        return _render(args.render, args.docs or ROOT / "docs" / "performance.md", args.img_dir, args.no_plots)
     if args.list:
         for n in available:
             spec = KNOWN.get(n)

@@ -61,6 +61,11 @@ def test_a_real_bench_runs_through_the_suite_into_json_markdown_and_a_plot(tmp_p
     assert "| replay | ok |" in text and "![throughput](img/throughput.png)" in text
     assert (tmp_path / "img" / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "img" / "read_latency.png").exists(), "no read_latency figures, no latency plot"
+    # The page again from the result file, nothing run.
+    again = tmp_path / "again.md"
+    out = _suite("--render", str(tmp_path / "out" / "latest.json"), "--docs", str(again), "--no-plots")
+    assert out.returncode == 0, out.stderr
+    assert row in again.read_text()
 
 
 def test_bad_names_are_refused_before_anything_runs(tmp_path: Path) -> None:
@@ -160,6 +165,10 @@ def test_markdown_targets_verdicts_and_latency_plot(tmp_path: Path) -> None:
     assert "| 1.20x | ≥ 1.2x the baseline | yes |" in rows["gRPC Get, max throughput (closed loop, best of c=16/64)"]
     assert rows["ZeroMQ Get p99 at 1,000/s"].split(" | ")[1] == "not measured"
     assert "![read_latency](img/read_latency.png)" in md and "load average" in md.lower()
+    assert "busy with other work" not in md
+    doc["load_after"] = [5.0, 3.0, 2.0]
+    busy = render_markdown(doc, {}, tmp_path)
+    assert "busy with other work during this run (load average up to 5.0 on 2 cores)" in busy
 
 
 def test_a_file_without_markers_is_left_alone(tmp_path: Path) -> None:

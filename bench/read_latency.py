@@ -6,8 +6,10 @@ silently lowering the rate (no coordinated omission). Every server runs in its o
 load generator is this process. Keys live under a fresh Redis key prefix, deleted at the end.
 
     python bench/read_latency.py [--rate 1000] [--duration 10] [--redis-url redis://127.0.0.1:6379/15]
+    python bench/read_latency.py --rates 500,1000,1500,2000 --closed-loop 16,64     # what the suite runs
 
-Prints one line per target and, last, ``name=value`` pairs (``grpc_p99_ms=…`` etc.).
+Prints one line per target and, last, ``name=value`` pairs (``grpc_p99_ms=…`` etc.; with ``--rates``
+also ``grpc_p99_ms_at_2000=…`` per rate, with ``--closed-loop`` the maximum ``grpc_max_per_s=…``).
 """
 
 from __future__ import annotations
@@ -163,14 +165,50 @@ def zmq_call(endpoint: str, timeout: float) -> tuple[Callable[[int], Awaitable[N
 Target = tuple[Callable[[int], Awaitable[None]], Callable[[], Awaitable[None]]]
 
 
-async def measure(target: Target, args: argparse.Namespace) -> tuple[list[float], int]:
-    """One warm-up (discarded), then ``--duration`` seconds at ``--rate``: (latencies in ms, errors)."""
+async def measure(target: Target, args: argparse.Namespace, rate: float | None = None) -> tuple[list[float], int]:
+    """A warm-up (discarded), then ``--duration`` s at ``rate`` (default ``--rate``): (latencies in ms, errors)."""
     call, close = target
+    rate = args.rate if rate is None else rate
     try:
-        await open_loop(call, args.rate, min(2.0, args.duration))
-        return await open_loop(call, args.rate, args.duration)
+        await open_loop(call, rate, min(2.0, args.duration))
+        return await open_loop(call, rate, args.duration)
     finally:
         await close()
+
+
+async def closed_loop(call: Callable[[int], Awaitable[None]], concurrency: int, duration: float) -> tuple[float, int]:
+    """``concurrency`` callers, each sending its next request when the last one answers: (replies/s, errors)."""
+    loop = asyncio.get_running_loop()
+    done = errors = 0
+    deadline = loop.time() + duration
+
+    async def caller(i: int) -> None:
+        nonlocal done, errors
+        while loop.time() < deadline:
+            try:
+                await call(i)
+                done += 1
+            except Exception:
+                errors += 1
+            i += concurrency
+
+    t0 = loop.time()
+    await asyncio.gather(*(caller(i) for i in range(concurrency)))
+    return done / (loop.time() - t0), errors
+
+
+async def max_throughput(name: str, make: Callable[[], Target], levels: list[int], seconds: float) -> dict[int, float]:
+    """Closed-loop replies/s at each concurrency level (a fresh client each, after a 1 s warm-up)."""
+    out: dict[int, float] = {}
+    for c in levels:
+        call, close = make()
+        try:
+            await closed_loop(call, c, min(1.0, seconds))
+            out[c], errors = await closed_loop(call, c, seconds)
+        finally:
+            await close()
+        print(f"{name:5s} closed loop c={c}: {out[c]:.0f}/s errors={errors}", flush=True)
+    return out
 
 
 def summary(name: str, lat: list[float], errors: int, rate: float) -> dict[str, float]:
@@ -250,6 +288,9 @@ async def main(args: argparse.Namespace) -> None:
     ]
     bare = spawn(bare_cmd, env, host.dir / "bare.log")
     results: dict[str, dict[str, float] | None] = {}
+    rates = sorted({args.rate, *args.rates})  # low to high; --rate's figures also print without a suffix
+    at_rate: dict[float, dict[str, dict[str, float] | None]] = {rate: {} for rate in rates}
+    maxima: dict[str, dict[int, float]] = {}
     try:
         wait_port(grpc_port, api, host.dir / "api.log")
         wait_port(bare_port, bare, host.dir / "bare.log")
@@ -263,17 +304,22 @@ async def main(args: argparse.Namespace) -> None:
         except SystemExit:
             print("zmq   n/a: the api did not open its ZeroMQ port (mfh_api.zmq_server missing?)", flush=True)
             targets["zmq"] = None
-        samples: dict[str, tuple[list[float], int]] = {name: ([], 0) for name in targets}
-        for rnd in range(args.rounds):  # interleaved, so background noise hits every target alike
+        for rate in rates:
+            samples: dict[str, tuple[list[float], int]] = {name: ([], 0) for name in targets}
+            for rnd in range(args.rounds):  # interleaved, so background noise hits every target alike
+                for name, make in targets.items():
+                    if make is None:
+                        continue
+                    lat, errors = await measure(make(), args, rate)
+                    if args.rounds > 1:
+                        summary(f"{name}#{rnd + 1}", lat, errors, rate)
+                    samples[name] = (samples[name][0] + lat, samples[name][1] + errors)
             for name, make in targets.items():
-                if make is None:
-                    continue
-                lat, errors = await measure(make(), args)
-                if args.rounds > 1:
-                    summary(f"{name}#{rnd + 1}", lat, errors, args.rate)
-                samples[name] = (samples[name][0] + lat, samples[name][1] + errors)
+                at_rate[rate][name] = None if make is None else summary(name, *samples[name], rate)
+        results = at_rate[args.rate]
         for name, make in targets.items():
-            results[name] = None if make is None else summary(name, *samples[name], args.rate)
+            if make is not None and args.closed_loop:
+                maxima[name] = await max_throughput(name, make, args.closed_loop, args.closed_loop_seconds)
     finally:
         for p in (api, bare):
             p.terminate()
@@ -293,7 +339,27 @@ async def main(args: argparse.Namespace) -> None:
         for q in ("p50", "p95", "p99"):
             pairs.append(f"{name}_{q}_ms=" + ("nan" if st is None else f"{st[q]:.2f}"))
         pairs.append(f"{name}_errors=" + ("nan" if st is None else f"{st['errors']:.0f}"))
+    if args.rates:  # every rate measured, --rate included: name_p99_ms_at_1000=...
+        for rate in sorted(rates):
+            for name, st in at_rate[rate].items():
+                for q in ("p50", "p95", "p99"):
+                    pairs.append(f"{name}_{q}_ms_at_{rate:g}=" + ("nan" if st is None else f"{st[q]:.2f}"))
+                pairs.append(f"{name}_errors_at_{rate:g}=" + ("nan" if st is None else f"{st['errors']:.0f}"))
+    for name, by_c in maxima.items():
+        pairs += [f"{name}_max_per_s_c{c}={v:.0f}" for c, v in by_c.items()]
+        pairs.append(f"{name}_max_per_s={max(by_c.values()):.0f}")
     print(" ".join(pairs), flush=True)
+
+
+def _floats(value: str) -> list[float]:
+    """``"500,1000"`` -> ``[500.0, 1000.0]`` (an argparse type: bad input is a usage error)."""
+    try:
+        out = [float(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {value!r}") from None
+    if not out or any(x <= 0 for x in out):
+        raise argparse.ArgumentTypeError(f"need positive numbers: {value!r}")
+    return out
 
 
 def _chunks(items: list[Any], size: int) -> list[list[Any]]:
@@ -304,6 +370,21 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--rate", type=float, default=1000.0, help="requests per second (open loop)")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds measured per target")
+    ap.add_argument(
+        "--rates",
+        type=_floats,
+        default=[],
+        metavar="R1,R2,...",
+        help="also measure at these rates (open loop); prints name_p99_ms_at_RATE=... for each, --rate included",
+    )
+    ap.add_argument(
+        "--closed-loop",
+        type=lambda v: [int(x) for x in _floats(v)],
+        default=[],
+        metavar="C1,C2,...",
+        help="then the maximum throughput: closed loop at these concurrencies, the best as name_max_per_s=...",
+    )
+    ap.add_argument("--closed-loop-seconds", type=float, default=5.0, help="seconds per closed-loop level")
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds per target (percentiles over all)")
     ap.add_argument(
         "--nice",

@@ -7,7 +7,9 @@ load generator is this process. Keys live under a fresh Redis key prefix, delete
 
     python bench/read_latency.py [--rate 1000] [--duration 10] [--redis-url redis://127.0.0.1:6379/15]
 
-Prints one line per target and, last, ``name=value`` pairs (``grpc_p99_ms=…`` etc.).
+Prints one line per target and, last, ``name=value`` pairs (``grpc_p99_ms=…`` etc.). With
+``--max-throughput`` it measures closed loop instead (``--concurrency`` callers each, best of them)
+and the last line gives ``grpc_max_rps=… zmq_max_rps=… bare_max_rps=… grpc_vs_bare=…``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -163,6 +166,43 @@ def zmq_call(endpoint: str, timeout: float) -> tuple[Callable[[int], Awaitable[N
 Target = tuple[Callable[[int], Awaitable[None]], Callable[[], Awaitable[None]]]
 
 
+async def closed_loop(call: Callable[[int], Awaitable[None]], concurrency: int, duration: float) -> tuple[float, int]:
+    """``concurrency`` callers, each sending its next request when the last is answered: (replies/s, errors)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + duration
+    done = errors = 0
+
+    async def caller(offset: int) -> None:
+        nonlocal done, errors
+        i = offset
+        while loop.time() < end:
+            try:
+                await call(i)
+                done += 1
+            except Exception:
+                errors += 1
+            i += concurrency
+
+    start = loop.time()
+    await asyncio.gather(*(caller(c) for c in range(concurrency)))
+    return done / (loop.time() - start), errors
+
+
+async def max_throughput(make: Callable[[], Target], args: argparse.Namespace) -> tuple[float, int, int]:
+    """Best closed-loop rate over ``--concurrency`` (each after a 1 s warm-up): (replies/s, at concurrency, errors)."""
+    best = (0.0, 0, 0)
+    for c in args.concurrency:
+        call, close = make()
+        try:
+            await closed_loop(call, c, 1.0)
+            rps, errors = await closed_loop(call, c, args.duration)
+        finally:
+            await close()
+        if rps > best[0]:
+            best = (rps, c, errors)
+    return best
+
+
 async def measure(target: Target, args: argparse.Namespace) -> tuple[list[float], int]:
     """One warm-up (discarded), then ``--duration`` seconds at ``--rate``: (latencies in ms, errors)."""
     call, close = target
@@ -264,16 +304,23 @@ async def main(args: argparse.Namespace) -> None:
             print("zmq   n/a: the api did not open its ZeroMQ port (mfh_api.zmq_server missing?)", flush=True)
             targets["zmq"] = None
         samples: dict[str, tuple[list[float], int]] = {name: ([], 0) for name in targets}
+        peaks: dict[str, list[float]] = {name: [] for name in targets}
         for rnd in range(args.rounds):  # interleaved, so background noise hits every target alike
             for name, make in targets.items():
                 if make is None:
+                    continue
+                if args.max_throughput:
+                    rps, conc, errs = await max_throughput(make, args)
+                    print(f"{name:5s} closed loop: {rps:.0f}/s (concurrency {conc}, {errs} errors)", flush=True)
+                    peaks[name].append(rps)
                     continue
                 lat, errors = await measure(make(), args)
                 if args.rounds > 1:
                     summary(f"{name}#{rnd + 1}", lat, errors, args.rate)
                 samples[name] = (samples[name][0] + lat, samples[name][1] + errors)
         for name, make in targets.items():
-            results[name] = None if make is None else summary(name, *samples[name], args.rate)
+            if not args.max_throughput:
+                results[name] = None if make is None else summary(name, *samples[name], args.rate)
     finally:
         for p in (api, bare):
             p.terminate()
@@ -282,6 +329,9 @@ async def main(args: argparse.Namespace) -> None:
         for batch in _chunks(list(r.scan_iter(match=f"{prefix}:*", count=1000)), 500):
             r.delete(*batch)
         r.close()
+    if args.max_throughput:
+        print(" ".join(throughput_pairs(args, peaks)), flush=True)
+        return
     pairs = [
         f"rate={args.rate:g}",
         f"duration_s={args.duration:g}",
@@ -294,6 +344,23 @@ async def main(args: argparse.Namespace) -> None:
             pairs.append(f"{name}_{q}_ms=" + ("nan" if st is None else f"{st[q]:.2f}"))
         pairs.append(f"{name}_errors=" + ("nan" if st is None else f"{st['errors']:.0f}"))
     print(" ".join(pairs), flush=True)
+
+
+def throughput_pairs(args: argparse.Namespace, peaks: dict[str, list[float]]) -> list[str]:
+    """The last line of a ``--max-throughput`` run: median over rounds of each target's best rate."""
+    med = {name: statistics.median(v) if v else float("nan") for name, v in peaks.items()}
+    pairs = [
+        "mode=closed_loop",
+        f"concurrency={','.join(map(str, args.concurrency))}",
+        f"duration_s={args.duration:g}",
+        f"rounds={args.rounds}",
+        f"nice={args.nice}",
+        f"load1={os.getloadavg()[0]:.2f}",
+    ]
+    pairs += [f"{name}_max_rps={v:.0f}" for name, v in med.items()]
+    for name in ("grpc", "zmq"):
+        pairs.append(f"{name}_vs_bare={med[name] / med['bare']:.2f}" if med.get("bare") else f"{name}_vs_bare=nan")
+    return pairs
 
 
 def _chunks(items: list[Any], size: int) -> list[list[Any]]:
@@ -311,6 +378,17 @@ if __name__ == "__main__":
         default=0,
         help="niceness increment for this run and its servers (negative needs root): on a shared machine, "
         "measures MFH rather than whatever else is running; the last line records it",
+    )
+    ap.add_argument(
+        "--max-throughput",
+        action="store_true",
+        help="closed loop instead: each target's best rate over --concurrency (the last line gives *_max_rps)",
+    )
+    ap.add_argument(
+        "--concurrency",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[16, 64],
+        help="callers in flight for --max-throughput, comma-separated (the best one counts)",
     )
     ap.add_argument("--timeout", type=float, default=5.0, help="per-request timeout (counted as an error)")
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/15", help="nothing is flushed; keys are removed")

@@ -17,7 +17,7 @@ import contextlib
 import functools
 import logging
 import time
-from typing import Any
+from typing import Any, Final
 
 import zmq
 import zmq.asyncio
@@ -37,13 +37,17 @@ from mfh_api.zmq_protocol import (
     PutPayload,
     decode_json,
     encode,
+    encode_records,
     error_reply,
+    get_data,
+    ok_get_reply,
     ok_reply,
     parse_payload,
     parse_v1,
     peek,
     peek_error,
-    record_to_json,
+    plain_get,
+    record_to_wire,
     request_id,
 )
 from mfh_client.codes import INTERNAL_MESSAGE, zmq_error
@@ -65,10 +69,10 @@ async def dispatch(service: MemoryService, action: str, payload: dict[str, Any],
     """Run one v1 action on the service and return its ``data``; raises MFHError on failure."""
     m = parse_payload(action, payload)
     if isinstance(m, GetPayload):
-        return {"record": record_to_json(await service.get(m.namespace, m.key))}
+        return {"record": record_to_wire(await service.get(m.namespace, m.key))}
     if isinstance(m, BatchGetPayload):
         records, missing = await service.batch_get(m.namespace, m.keys)
-        return {"records": [record_to_json(r) for r in records], "missing": missing}
+        return {"records": [record_to_wire(r) for r in records], "missing": missing}
     if isinstance(m, PutPayload):
         res = await service.put(_spec(m), durability=Durability(m.durability), timeout=budget_s)
         return {"version": res.version, "event_id": res.event_id}
@@ -95,8 +99,22 @@ async def dispatch(service: MemoryService, action: str, payload: dict[str, Any],
             page_token=m.page_token,
             include_deleted=m.include_deleted,
         )
-        return {"records": [record_to_json(r) for r in records], "next_page_token": token}
+        return {"records": [record_to_wire(r) for r in records], "next_page_token": token}
     raise InvalidArgument(f"unknown action {action!r}")  # unreachable: parse_payload knows every action
+
+
+#: Actions whose data holds only records (payloads as fragments): encode_records writes them.
+_RECORD_ACTIONS: Final = frozenset({"get", "batch_get", "list"})
+
+
+@functools.cache
+def _requests(method: str, code: str) -> Any:
+    return API_REQUESTS.labels(transport="zmq", method=method, code=code)  # labels() takes a lock: once each
+
+
+@functools.cache
+def _latency(method: str) -> Any:
+    return API_LATENCY.labels(transport="zmq", method=method)
 
 
 def _split(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:
@@ -265,11 +283,32 @@ class ZmqServer:
             API_REQUESTS.labels(transport="zmq", method="invalid", code="UNAUTHENTICATED").inc()
             await self._send(envelope, peek_error(seen, {"code": "UNAUTHENTICATED", "message": denied}))
             return
+        if not self._draining:
+            reply = self._cached_get(raw)
+            if reply is not None:  # answered from the near cache: nothing to wait for, no slot held
+                await self._send(envelope, reply)
+                return
         self._slots.try_acquire(peer)
         self.bytes_in_flight += size
         task = asyncio.create_task(self._handle(envelope, raw))
         self._tasks.add(task)
         task.add_done_callback(functools.partial(self._finished, peer, size))
+
+    def _cached_get(self, raw: bytes) -> bytes | None:
+        """The reply to a plain v1 ``get`` whose record the near cache holds; None: take the full path."""
+        started = time.perf_counter()
+        plain = plain_get(raw)
+        if plain is None:
+            return None
+        rid, namespace, key, api_key, _timeout = plain
+        if self._api_key.required and not self._api_key.ok(api_key):
+            return None
+        data = self.service.cached_answer(namespace, key, "zmq", get_data)
+        if data is None:
+            return None
+        _requests("Get", "OK").inc()
+        _latency("Get").observe(time.perf_counter() - started)
+        return ok_get_reply(rid, data)
 
     def _finished(self, peer: bytes, size: int, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -306,17 +345,22 @@ class ZmqServer:
         try:
             data = await self._run(body, call)
             code = "OK"
-            reply = legacy_v0.ok_to_v0(call.v0, data) if call.v0 is not None else ok_reply(call.rid, data)
+            if type(data) is bytes:  # a v1 get's data, encoded (and kept with its near-cache entry)
+                out = ok_get_reply(call.rid, data)
+            else:
+                reply = legacy_v0.ok_to_v0(call.v0, data) if call.v0 is not None else ok_reply(call.rid, data)
+                # Both never raise: an unencodable reply becomes an INTERNAL error reply.
+                out = encode_records(reply) if call.method in _RECORD_ACTIONS else encode(reply)
         except Exception as e:
             if not isinstance(e, MFHError):
                 log.exception("ZeroMQ %s request failed", call.method)
             error = zmq_error(e)
             code = error["code"]
-            reply = legacy_v0.error_to_v0(call.rid, error) if call.legacy else error_reply(call.rid, error)
+            out = encode(legacy_v0.error_to_v0(call.rid, error) if call.legacy else error_reply(call.rid, error))
         method = RPC_NAMES.get(call.method, "invalid")  # the gRPC names, so dashboards sum both transports
-        API_REQUESTS.labels(transport="zmq", method=method, code=code).inc()
-        API_LATENCY.labels(transport="zmq", method=method).observe(time.perf_counter() - started)
-        return encode(reply)  # never raises: an unencodable reply becomes an INTERNAL error reply
+        _requests(method, code).inc()
+        _latency(method).observe(time.perf_counter() - started)
+        return out
 
     async def _run(self, body: bytes, call: _Call) -> Any:
         obj = decode_json(body)
@@ -341,6 +385,10 @@ class ZmqServer:
         budget = min(timeout or self.deadline_seconds, 300.0)
         try:
             async with asyncio.timeout(budget):
+                if call.v0 is None and call.method == "get":
+                    m = parse_payload("get", payload)
+                    assert isinstance(m, GetPayload)
+                    return await self.service.get_answer(m.namespace, m.key, "zmq", get_data)
                 return await dispatch(self.service, call.method, payload, budget)
         except TimeoutError:
             raise DeadlineExceeded(f"no answer within {budget:g} s") from None

@@ -251,7 +251,8 @@ class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
         await _abort(context, status)
 
     async def Get(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        if type(request) is _GET_REQUEST and not self.draining:
+        probed = type(request) is _GET_REQUEST and not self.draining
+        if probed:
             # A near-cache hit: no I/O, no slot to hold, the answer already encoded.
             start = time.perf_counter()
             hit = self.service.cached_answer(request.namespace, request.key, "grpc", _get_response)
@@ -261,7 +262,7 @@ class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
                 return hit
 
         async def run(_t: float) -> Any:
-            return await self.service.get_answer(request.namespace, request.key, "grpc", _get_response)
+            return await self.service.get_answer(request.namespace, request.key, "grpc", _get_response, probed=probed)
 
         return await self._ok("Get", request, context, run)
 

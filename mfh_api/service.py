@@ -244,9 +244,12 @@ class MemoryService:
             near.add_encoding(entry, transport, wire)
         return wire
 
-    async def get_answer(self, namespace: str, key: str, transport: str, encode: Callable[[Record], T]) -> T:
-        """:meth:`get`, encoded by ``encode`` for ``transport``; the encoding is kept with the near-cache entry."""
-        rec, entry = await self._get(namespace, key)
+    async def get_answer(
+        self, namespace: str, key: str, transport: str, encode: Callable[[Record], T], *, probed: bool = False
+    ) -> T:
+        """:meth:`get`, encoded by ``encode`` for ``transport``; the encoding is kept with the near-cache entry.
+        ``probed``: :meth:`cached_answer` just missed, so the near cache is not asked again."""
+        rec, entry = await self._get(namespace, key, probe=not probed)
         if entry is not None:
             wire: T | None = entry.wire.get(transport)
             if wire is not None:
@@ -260,9 +263,11 @@ class MemoryService:
         """One live record; NotFound when absent or a tombstone."""
         return (await self._get(namespace, key))[0]
 
-    async def _get(self, namespace: str, key: str) -> tuple[Record, NearEntry | None]:
+    async def _get(self, namespace: str, key: str, *, probe: bool = True) -> tuple[Record, NearEntry | None]:
         near = self.near
-        entry = near.lookup((namespace, key)) if near is not None and type(namespace) is type(key) is str else None
+        entry = None
+        if probe and near is not None and type(namespace) is type(key) is str:
+            entry = near.lookup((namespace, key))
         if entry is not None:
             rec: Record | None = entry.record
         else:

@@ -283,32 +283,34 @@ class ZmqServer:
             API_REQUESTS.labels(transport="zmq", method="invalid", code="UNAUTHENTICATED").inc()
             await self._send(envelope, peek_error(seen, {"code": "UNAUTHENTICATED", "message": denied}))
             return
+        probed = False
         if not self._draining:
-            reply = self._cached_get(raw)
+            reply, probed = self._cached_get(raw)
             if reply is not None:  # answered from the near cache: nothing to wait for, no slot held
                 await self._send(envelope, reply)
                 return
         self._slots.try_acquire(peer)
         self.bytes_in_flight += size
-        task = asyncio.create_task(self._handle(envelope, raw))
+        task = asyncio.create_task(self._handle(envelope, raw, probed))
         self._tasks.add(task)
         task.add_done_callback(functools.partial(self._finished, peer, size))
 
-    def _cached_get(self, raw: bytes) -> bytes | None:
-        """The reply to a plain v1 ``get`` whose record the near cache holds; None: take the full path."""
+    def _cached_get(self, raw: bytes) -> tuple[bytes | None, bool]:
+        """The reply to a plain v1 ``get`` whose record the near cache holds (None: take the full path), and
+        whether the near cache was asked."""
         started = time.perf_counter()
         plain = plain_get(raw)
         if plain is None:
-            return None
+            return None, False
         rid, namespace, key, api_key, _timeout = plain
         if self._api_key.required and not self._api_key.ok(api_key):
-            return None
+            return None, False
         data = self.service.cached_answer(namespace, key, "zmq", get_data)
         if data is None:
-            return None
+            return None, True
         _requests("Get", "OK").inc()
         _latency("Get").observe(time.perf_counter() - started)
-        return ok_get_reply(rid, data)
+        return ok_get_reply(rid, data), True
 
     def _finished(self, peer: bytes, size: int, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -325,9 +327,9 @@ class ZmqServer:
         except zmq.ZMQError as e:  # the peer is gone: nothing to answer
             log.debug("reply not sent: %s", e)
 
-    async def _handle(self, envelope: list[bytes], body: bytes) -> None:
+    async def _handle(self, envelope: list[bytes], body: bytes, probed: bool = False) -> None:
         try:
-            reply = await self.answer(body)
+            reply = await self.answer(body, probed=probed)
         except Exception as e:  # answer() does not raise; if it ever did, the request still gets its one reply
             log.error("ZeroMQ request failed outside its handler (%s)", type(e).__name__)
             reply = peek_error(peek(body), {"code": "INTERNAL", "message": INTERNAL_MESSAGE})
@@ -338,12 +340,13 @@ class ZmqServer:
         if not self._api_key.ok(given if isinstance(given, str) else None):  # hmac.compare_digest inside
             raise Unauthenticated("missing api_key" if given in (None, "") else "wrong api_key")
 
-    async def answer(self, body: bytes) -> bytes:
-        """The whole request → reply path for one message, transport aside; never raises."""
+    async def answer(self, body: bytes, *, probed: bool = False) -> bytes:
+        """The whole request → reply path for one message, transport aside; never raises. ``probed``: the
+        near cache was asked for this (plain v1 get) request already and had nothing."""
         started = time.perf_counter()
         call = _Call()
         try:
-            data = await self._run(body, call)
+            data = await self._run(body, call, probed)
             code = "OK"
             if type(data) is bytes:  # a v1 get's data, encoded (and kept with its near-cache entry)
                 out = ok_get_reply(call.rid, data)
@@ -362,7 +365,7 @@ class ZmqServer:
         _latency(method).observe(time.perf_counter() - started)
         return out
 
-    async def _run(self, body: bytes, call: _Call) -> Any:
+    async def _run(self, body: bytes, call: _Call, probed: bool = False) -> Any:
         obj = decode_json(body)
         call.legacy = "v" not in obj
         field = "request_id" if call.legacy else "id"
@@ -388,7 +391,7 @@ class ZmqServer:
                 if call.v0 is None and call.method == "get":
                     m = parse_payload("get", payload)
                     assert isinstance(m, GetPayload)
-                    return await self.service.get_answer(m.namespace, m.key, "zmq", get_data)
+                    return await self.service.get_answer(m.namespace, m.key, "zmq", get_data, probed=probed)
                 return await dispatch(self.service, call.method, payload, budget)
         except TimeoutError:
             raise DeadlineExceeded(f"no answer within {budget:g} s") from None

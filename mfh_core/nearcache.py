@@ -98,6 +98,8 @@ class NearCache:
         self._epoch = 0
         self._tracking = False
         self._confirmed_at = float("-inf")
+        #: Called when a lookup finds tracking on but its confirmation too old (the feed pings at once).
+        self.on_stale: Callable[[], None] | None = None
 
     # -- state of the invalidation feed -------------------------------------------------------
 
@@ -133,6 +135,8 @@ class NearCache:
         """The cached answer for ``(namespace, key)``, or None (a miss, or the cache cannot be trusted now)."""
         if not self.usable():
             self.stats.bypasses += 1
+            if self._tracking and self.on_stale is not None:
+                self.on_stale()
             return None
         entry = self._records.get(ident)
         if entry is not None:

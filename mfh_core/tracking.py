@@ -120,9 +120,7 @@ class TrackingFeed:
         await conn.connect()
         await conn.send_command("CLIENT", "ID")
         client_id = int(await conn.read_response())
-        await conn.send_command(
-            "CLIENT", "TRACKING", "ON", "REDIRECT", client_id, "BCAST", "PREFIX", self.key_prefix
-        )
+        await conn.send_command("CLIENT", "TRACKING", "ON", "REDIRECT", client_id, "BCAST", "PREFIX", self.key_prefix)
         reply = await conn.read_response()
         if reply not in (b"OK", "OK"):
             raise ConnectionError(f"CLIENT TRACKING refused: {reply!r}")

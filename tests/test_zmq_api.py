@@ -285,7 +285,7 @@ async def test_busy_server_sheds_load_with_resource_exhausted(host: TestHost) ->
     # Given a server that may hold only one request in flight, and a service stuck on reads
     entered, gate = asyncio.Event(), asyncio.Event()
 
-    async def slow_get(*_args: Any) -> Any:
+    async def slow_get(*_args: Any, **_kwargs: Any) -> Any:
         entered.set()
         await gate.wait()
         raise NotFound("x")
@@ -409,7 +409,7 @@ async def test_client_retries_a_shed_call(served: tuple[MemoryService, ZmqServer
     service, server = served
     entered, gate = asyncio.Event(), asyncio.Event()
 
-    async def slow_get(*_args: Any) -> Any:
+    async def slow_get(*_args: Any, **_kwargs: Any) -> Any:
         entered.set()
         await gate.wait()
         raise NotFound("x")

@@ -43,6 +43,7 @@ from mfh_models import (
     Kind,
     MemoryEvent,
     MFHError,
+    NotFound,
     ResourceExhausted,
     Settings,
     Unavailable,
@@ -255,7 +256,10 @@ class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
         if probed:
             # A near-cache hit: no I/O, no slot to hold, the answer already encoded.
             start = time.perf_counter()
-            hit = self.service.cached_answer(request.namespace, request.key, "grpc", _get_response)
+            try:
+                hit = self.service.cached_answer(request.namespace, request.key, "grpc", _get_response)
+            except NotFound:  # a cached absence: answered through _call below, from the cache again
+                hit, probed = None, False
             if hit is not None:
                 _GET_OK.inc()
                 _GET_LATENCY.observe(time.perf_counter() - start)

@@ -231,13 +231,16 @@ class MemoryService:
 
     def cached_answer(self, namespace: str, key: str, transport: str, encode: Callable[[Record], T]) -> T | None:
         """The near cache's encoded answer for a live record, without I/O or validation (only keys that
-        passed it are ever cached); None otherwise: ask :meth:`get_answer`."""
+        passed it are ever cached); NotFound for a cached absence or tombstone; None on a miss: ask
+        :meth:`get_answer`."""
         near = self.near
         if near is None or type(namespace) is not str or type(key) is not str:
             return None
         entry = near.lookup((namespace, key))
-        if entry is None or entry.record is None or entry.record.deleted:
+        if entry is None:
             return None
+        if entry.record is None or entry.record.deleted:
+            raise NotFound(f"{namespace}/{key} not found")
         wire: T | None = entry.wire.get(transport)
         if wire is None:
             wire = encode(entry.record)

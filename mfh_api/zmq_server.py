@@ -52,7 +52,15 @@ from mfh_api.zmq_protocol import (
 )
 from mfh_client.codes import INTERNAL_MESSAGE, zmq_error
 from mfh_core.metrics import API_LATENCY, API_REQUESTS
-from mfh_models import DeadlineExceeded, InvalidArgument, MFHError, Settings, Unauthenticated, Unavailable
+from mfh_models import (
+    DeadlineExceeded,
+    InvalidArgument,
+    MFHError,
+    NotFound,
+    Settings,
+    Unauthenticated,
+    Unavailable,
+)
 
 __all__ = ["ZmqServer", "dispatch"]
 
@@ -305,7 +313,10 @@ class ZmqServer:
         rid, namespace, key, api_key, _timeout = plain
         if self._api_key.required and not self._api_key.ok(api_key):
             return None, False
-        data = self.service.cached_answer(namespace, key, "zmq", get_data)
+        try:
+            data = self.service.cached_answer(namespace, key, "zmq", get_data)
+        except NotFound:  # a cached absence: the full path answers it, from the cache again
+            return None, False
         if data is None:
             return None, True
         _requests("Get", "OK").inc()

@@ -176,6 +176,7 @@ class NearCache:
 
     def _store(self, ident: tuple[str, str], record: Record | None) -> NearEntry:
         now = self.clock()
+        self._drop(ident)
         if record is None:
             entry = NearEntry(None, 0, now)
             self._absent[ident] = entry
@@ -184,7 +185,6 @@ class NearCache:
                 self._absent.popitem(last=False)
                 self.stats.evictions += 1
             return entry
-        self._drop(ident)
         entry = NearEntry(record, _OVERHEAD + len(ident[0]) + len(ident[1]) + _COPIES * len(record.payload), now)
         self._records[ident] = entry
         self._bytes += entry.size
@@ -222,8 +222,7 @@ class NearCache:
         old = self._records.pop(ident, None)
         if old is not None:
             self._bytes -= old.size
-            return True
-        return self._absent.pop(ident, None) is not None
+        return self._absent.pop(ident, None) is not None or old is not None
 
     # -- introspection ------------------------------------------------------------------------
 

@@ -155,6 +155,11 @@ async def test_a_cached_absence_ends_with_a_later_put(api: tuple[ApiProcess, Hot
         return await proc.hits() > before
 
     await async_wait_until(absence_hit, 10, message="a cached absence")
+    # (answered without the stores: the hot store counts no further lookup of it)
+    hot_misses = await asyncio.to_thread(proc.metric, "mfh_cache_lookups_total", '{result="miss"}')
+    with pytest.raises(NotFound):
+        await proc.client.get("ns", "later")
+    assert await asyncio.to_thread(proc.metric, "mfh_cache_lookups_total", '{result="miss"}') == hot_misses
     # When another process puts it, Then reads see it within the bound
     version = await stage(hot, "later", "now here")
     await assert_seen_within_bound(proc, "later", version, time.monotonic())

@@ -1,8 +1,10 @@
 """A guard around every gRPC method handler (ours, health, reflection): no input yields UNKNOWN or INTERNAL.
 
 grpc answers UNKNOWN when a request does not parse (the deserializer raises inside grpc) and when
-a handler raises anything but an abort. :class:`Guard`, a server interceptor, rebuilds each handler
-so that malformed bytes become a :class:`Malformed` stand-in answered with INVALID_ARGUMENT, and
+a handler raises anything but an abort. :class:`GuardedRegistrar` rebuilds each handler as it is
+registered (:class:`Guard`, a server interceptor, does the same per call for a server built with
+interceptors anyway; an interceptor costs every call a few coroutine hops) so that malformed
+bytes become a :class:`Malformed` stand-in answered with INVALID_ARGUMENT, and
 an unexpected exception is logged by type only (its message may quote a request) and answered
 with the generic INTERNAL of :mod:`mfh_client.codes`: a bug of ours, never a verdict on the input
 (docs/architecture.md invariant 8).
@@ -20,7 +22,7 @@ import grpc
 from mfh_client.codes import INTERNAL_MESSAGE, grpc_status
 from mfh_models import MFHError
 
-__all__ = ["Guard", "Malformed", "guard_handler", "safe_deserializer"]
+__all__ = ["Guard", "GuardedRegistrar", "Malformed", "guard_handler", "safe_deserializer"]
 
 log = logging.getLogger("mfh.grpc.guard")
 
@@ -168,3 +170,39 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if len(self._cache) < 1024:  # registered handlers are a handful of long-lived objects
             self._cache[id(handler)] = (handler, guarded)
         return guarded  # type: ignore[no-any-return]
+
+
+class _GuardedGeneric(grpc.GenericRpcHandler):  # type: ignore[type-arg]
+    """A generic handler whose handlers come out guarded (rebuilt once per method, then cached)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self._cache: dict[int, tuple[Any, Any]] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = self._inner.service(handler_call_details)
+        if handler is None:
+            return None
+        hit = self._cache.get(id(handler))
+        if hit is not None and hit[0] is handler:
+            return hit[1]
+        method = handler_call_details.method
+        guarded = guard_handler(handler, method.rsplit("/", 1)[-1] or method)
+        if len(self._cache) < 1024:
+            self._cache[id(handler)] = (handler, guarded)
+        return guarded
+
+
+class GuardedRegistrar:
+    """Stands in for a grpc.aio server where handlers are added (``add_*Servicer_to_server(servicer, this)``),
+    guarding every handler on the way in: the server then needs no interceptor for the guarantee."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self._server.add_generic_rpc_handlers(tuple(_GuardedGeneric(h) for h in handlers))
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        guarded = {name: guard_handler(h, name) for name, h in handlers.items()}
+        self._server.add_registered_method_handlers(service, guarded)  # type: ignore[attr-defined]

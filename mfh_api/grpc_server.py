@@ -27,7 +27,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from grpc_reflection.v1alpha._async import ReflectionServicer
 
 from mfh_api.auth import ApiKeyCheck, read_file
-from mfh_api.grpc_guard import Guard
+from mfh_api.grpc_guard import Guard, GuardedRegistrar
 from mfh_api.limits import PeerSlots
 from mfh_api.service import Durability, MemoryService, PutSpec
 from mfh_client.codecs import from_pb_record, to_pb_record
@@ -43,6 +43,7 @@ from mfh_models import (
     Kind,
     MemoryEvent,
     MFHError,
+    NotFound,
     ResourceExhausted,
     Settings,
     Unavailable,
@@ -61,6 +62,7 @@ _MARGIN: Final = 0.05  # answer with our own DEADLINE_EXCEEDED message before gr
 _SPARE_RPCS: Final = 64
 R = TypeVar("R")
 _KINDS: Final = frozenset(k.value for k in Kind)
+_GET_REQUEST: Final = pb.GetRequest
 
 
 @functools.cache
@@ -71,6 +73,10 @@ def _latency(method: str) -> Any:
 @functools.cache
 def _ok_count(method: str) -> Any:
     return API_REQUESTS.labels("grpc", method, "OK")
+
+
+_GET_OK: Final = _ok_count("Get")
+_GET_LATENCY: Final = _latency("Get")
 
 
 def _spec(put: Any) -> PutSpec:
@@ -124,6 +130,15 @@ def _rebuild(handler: Any, behavior: Any) -> Any:
     return grpc.unary_unary_rpc_method_handler(behavior or handler.unary_unary, des, ser)
 
 
+def _serializer(inner: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+    """``inner``, except that an answer already encoded (the near cache keeps Get answers so) is sent as is."""
+
+    def serialize(message: Any) -> bytes:
+        return message if type(message) is bytes else inner(message)
+
+    return serialize
+
+
 def _method_handlers(servicer: MemoryFusionServicer) -> dict[str, Any]:
     """Like the generated ``add_MemoryFusionServicer_to_server``, with request parsing that cannot fail."""
     handlers: dict[str, Any] = {}
@@ -133,9 +148,14 @@ def _method_handlers(servicer: MemoryFusionServicer) -> dict[str, Any]:
         handlers[m.name] = make(
             getattr(servicer, m.name),
             request_deserializer=_safe(req.FromString),
-            response_serializer=resp.SerializeToString,
+            response_serializer=_serializer(resp.SerializeToString),
         )
     return handlers
+
+
+def _get_response(rec: Any) -> bytes:
+    """A Get answer as protobuf bytes: what the near cache keeps for gRPC."""
+    return bytes(pb.GetResponse(record=to_pb_record(rec)).SerializeToString())
 
 
 class _Gate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -232,9 +252,21 @@ class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
         await _abort(context, status)
 
     async def Get(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        probed = type(request) is _GET_REQUEST and not self.draining
+        if probed:
+            # A near-cache hit: no I/O, no slot to hold, the answer already encoded.
+            start = time.perf_counter()
+            try:
+                hit = self.service.cached_answer(request.namespace, request.key, "grpc", _get_response)
+            except NotFound:  # a cached absence: answered through _call below, from the cache again
+                hit, probed = None, False
+            if hit is not None:
+                _GET_OK.inc()
+                _GET_LATENCY.observe(time.perf_counter() - start)
+                return hit
+
         async def run(_t: float) -> Any:
-            rec = await self.service.get(request.namespace, request.key)
-            return pb.GetResponse(record=to_pb_record(rec))
+            return await self.service.get_answer(request.namespace, request.key, "grpc", _get_response, probed=probed)
 
         return await self._ok("Get", request, context, run)
 
@@ -449,21 +481,24 @@ class GrpcServer:
             ("grpc.so_reuseport", 0),
         ]
         auth = ApiKeyCheck.from_settings(self.settings)
-        # The key check costs a coroutine per call: only installed when there is a key to check. The
-        # guard, innermost, covers every handler (health and reflection too): no UNKNOWN, no INTERNAL to input.
+        # An interceptor costs every call a few coroutine hops: the key check is one only when there is a
+        # key to check. The guard covers every handler (health and reflection too: no UNKNOWN, no INTERNAL
+        # to input); it wraps them as they are registered, or innermost when interceptors run anyway.
+        interceptors: list[Any] = [_Gate(auth), Guard()] if auth.required else []
         server = grpc.aio.server(
-            interceptors=[*([_Gate(auth)] if auth.required else []), Guard()],
+            interceptors=interceptors,
             options=options,
             # A backstop only (it counts streams too: PITFALLS); the caps that matter are our own.
             maximum_concurrent_rpcs=s.max_concurrent_rpcs + s.max_streams + _SPARE_RPCS,
         )
         self.servicer = MemoryFusionServicer(self.service, self.settings, streams=self.streams)
         handlers = _method_handlers(self.servicer)
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-        server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        target: Any = server if interceptors else GuardedRegistrar(server)
+        target.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+        target.add_registered_method_handlers(SERVICE_NAME, handlers)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, target)
         names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
-        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(_Reflection(names, self.streams), server)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(_Reflection(names, self.streams), target)
         host = f"[{s.bind}]" if ":" in s.bind else s.bind
         try:
             address = f"{host}:{s.grpc_port}"

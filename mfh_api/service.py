@@ -24,9 +24,11 @@ from redis.exceptions import RedisError
 
 from mfh_client.types import Durability, PutResult, PutSpec
 from mfh_core import Change, ChangeFeed, HotStore, SqlStore
-from mfh_core.metrics import CACHE_LOOKUPS
+from mfh_core.metrics import CACHE_LOOKUPS, register_near_cache
+from mfh_core.nearcache import NearCache, NearEntry
 from mfh_core.resilience import Bulkhead, CircuitBreaker, OutageLog, breaker_from_settings
 from mfh_core.sqlstore import WatchPage
+from mfh_core.tracking import TrackingFeed
 from mfh_models import (
     DeadlineExceeded,
     InvalidArgument,
@@ -81,6 +83,8 @@ _WATCH_POLL_DEFAULT: Final = 100
 _WATCH_POLL_S: Final = 5.0
 #: Progress events (when asked for) at most this often while no change matches.
 _PROGRESS_EVERY_S: Final = 1.0
+#: Pings of the near cache's feed come this share of ``max_stale_ms`` apart, leaving the rest for the round trip.
+_PING_SHARE: Final = 0.4
 _CACHE_HIT: Final = CACHE_LOOKUPS.labels("hit")  # labels() takes a lock: resolve the children once
 _CACHE_MISS: Final = CACHE_LOOKUPS.labels("miss")
 
@@ -132,6 +136,8 @@ class MemoryService:
         redis_breaker: CircuitBreaker,
         sql_breaker: CircuitBreaker,
         bulkhead: Bulkhead,
+        near: NearCache | None = None,
+        tracking: TrackingFeed | None = None,
         on_close: Sequence[Callable[[], None]] = (),
     ) -> None:
         self.settings = settings
@@ -142,6 +148,8 @@ class MemoryService:
         self.redis_breaker = redis_breaker
         self.sql_breaker = sql_breaker
         self.bulkhead = bulkhead
+        self.near = near
+        self.tracking = tracking
         self._on_close = list(on_close)
         self._enqueue_outage = OutageLog(
             "write queue",
@@ -152,8 +160,10 @@ class MemoryService:
         self._closed = False
 
     async def start(self) -> None:
-        """Subscribe to the persisted channel (PERSISTED waiters and Watch)."""
+        """Subscribe to the persisted channel (PERSISTED waiters and Watch); start the near cache's feed."""
         await self.feed.start()
+        if self.tracking is not None:
+            await self.tracking.start()  # the cache turns itself on once tracking is confirmed
 
     async def close(self) -> None:
         """Flush pending writes to the queue, then close the stores."""
@@ -162,6 +172,8 @@ class MemoryService:
         self._closed = True
         await self.queue.close()
         await self.feed.close()
+        if self.tracking is not None:
+            await self.tracking.close()
         await self.hot.close()
         for fn in self._on_close:
             try:
@@ -200,8 +212,8 @@ class MemoryService:
 
     # -- reads ------------------------------------------------------------------------------------
 
-    async def _lookup(self, namespace: str, key: str) -> Record | None:
-        """The newest known record (tombstones included) from Redis, else SQL; None if neither has it."""
+    async def _read(self, namespace: str, key: str) -> tuple[Record | None, bool]:
+        """The newest known record (tombstones included) from Redis, else SQL, and whether Redis answered."""
         redis_ok = True
         try:
             entry = await self._redis(lambda: self.hot.get(namespace, key))
@@ -209,25 +221,86 @@ class MemoryService:
             entry, redis_ok = None, False
         if entry is not None:
             _CACHE_HIT.inc()
-            return entry.record
+            return entry.record, True
         _CACHE_MISS.inc()
         try:
             row = await self._sql(lambda: self.sql.get(namespace, key))
         except Unavailable as e:
             raise Unavailable(f"cannot read {namespace}/{key}: not in the hot store and SQL is down ({e})") from e
         if row is None:
+            return None, redis_ok
+        return (await self._fill(row) if redis_ok else row), redis_ok
+
+    async def _lookup(self, namespace: str, key: str) -> Record | None:
+        """The newest known record (tombstones included), never from the near cache; None if nothing has it."""
+        return (await self._read(namespace, key))[0]
+
+    async def _lookup_near(self, namespace: str, key: str) -> tuple[Record | None, NearEntry | None]:
+        """:meth:`_lookup`, and the near cache's new entry when the answer could be kept there."""
+        near = self.near
+        ticket = near.begin((namespace, key)) if near is not None else None
+        if near is None or ticket is None:
+            return (await self._read(namespace, key))[0], None
+        rec: Record | None = None
+        cacheable = False
+        try:
+            rec, cacheable = await self._read(namespace, key)  # from SQL with Redis down: not kept
+        finally:
+            entry = near.finish(ticket, rec, store=cacheable)
+        return rec, entry
+
+    def cached_answer(self, namespace: str, key: str, transport: str, encode: Callable[[Record], T]) -> T | None:
+        """The near cache's encoded answer for a live record, without I/O or validation (only keys that
+        passed it are ever cached); NotFound for a cached absence or tombstone; None on a miss: ask
+        :meth:`get_answer`."""
+        near = self.near
+        if near is None or type(namespace) is not str or type(key) is not str:
             return None
-        return await self._fill(row) if redis_ok else row
+        entry = near.lookup((namespace, key))
+        if entry is None:
+            return None
+        if entry.record is None or entry.record.deleted:
+            raise NotFound(f"{namespace}/{key} not found")
+        wire: T | None = entry.wire.get(transport)
+        if wire is None:
+            wire = encode(entry.record)
+            near.add_encoding(entry, transport, wire)
+        return wire
+
+    async def get_answer(
+        self, namespace: str, key: str, transport: str, encode: Callable[[Record], T], *, probed: bool = False
+    ) -> T:
+        """:meth:`get`, encoded by ``encode`` for ``transport``; the encoding is kept with the near-cache entry.
+        ``probed``: :meth:`cached_answer` just missed, so the near cache is not asked again."""
+        rec, entry = await self._get(namespace, key, probe=not probed)
+        if entry is not None:
+            wire: T | None = entry.wire.get(transport)
+            if wire is not None:
+                return wire
+        wire = encode(rec)
+        if entry is not None and self.near is not None:
+            self.near.add_encoding(entry, transport, wire)
+        return wire
 
     async def get(self, namespace: str, key: str) -> Record:
         """One live record; NotFound when absent or a tombstone."""
-        validate_namespace(namespace)
-        validate_key(key)
-        async with self.bulkhead.slot():
-            rec = await self._lookup(namespace, key)
+        return (await self._get(namespace, key))[0]
+
+    async def _get(self, namespace: str, key: str, *, probe: bool = True) -> tuple[Record, NearEntry | None]:
+        near = self.near
+        entry = None
+        if probe and near is not None and type(namespace) is type(key) is str:
+            entry = near.lookup((namespace, key))
+        if entry is not None:
+            rec: Record | None = entry.record
+        else:
+            validate_namespace(namespace)
+            validate_key(key)
+            async with self.bulkhead.slot():
+                rec, entry = await self._lookup_near(namespace, key)
         if rec is None or rec.deleted:
             raise NotFound(f"{namespace}/{key} not found")
-        return rec
+        return rec, entry
 
     async def batch_get(self, namespace: str, keys: Sequence[str]) -> tuple[list[Record], list[str]]:
         """(live records in request order, missing keys in request order); duplicates answered once."""
@@ -237,27 +310,56 @@ class MemoryService:
             raise InvalidArgument(f"at most {MAX_BATCH_GET_KEYS} keys per BatchGet, got {len(unique)}")
         for k in unique:
             validate_key(k)
-        async with self.bulkhead.slot():
-            found: dict[str, Record] = {}
-            redis_ok = True
-            try:
-                hits = await self._redis(lambda: self.hot.get_many(namespace, unique))
-            except Unavailable:
-                hits, redis_ok = {}, False
-            found.update({k: e.record for k, e in hits.items()})
-            misses = [k for k in unique if k not in found]
-            _CACHE_HIT.inc(len(found))
-            if misses:
-                _CACHE_MISS.inc(len(misses))
+        found: dict[str, Record | None] = {}
+        near = self.near
+        if near is not None:
+            for k in unique:
+                hit = near.lookup((namespace, k))
+                if hit is not None:
+                    found[k] = hit.record
+        rest = [k for k in unique if k not in found]
+        if rest:
+            async with self.bulkhead.slot():
+                tickets = {k: near.begin((namespace, k)) for k in rest} if near is not None else {}
+                read: dict[str, Record] = {}
+                cacheable = False
                 try:
-                    rows = await self._sql(lambda: self.sql.get_many(namespace, misses))
-                except Unavailable as e:
-                    raise Unavailable(f"cannot read {len(misses)} keys missing from the hot store: {e}") from e
-                for k, row in rows.items():
-                    found[k] = await self._fill(row) if redis_ok else row
-        records = [found[k] for k in unique if k in found and not found[k].deleted]
-        missing = [k for k in unique if k not in found or found[k].deleted]
+                    read, cacheable = await self._read_many(namespace, rest)
+                finally:
+                    if near is not None:
+                        for k, ticket in tickets.items():
+                            near.finish(ticket, read.get(k), store=cacheable)
+            found.update(read)
+        records: list[Record] = []
+        missing: list[str] = []
+        for k in unique:
+            rec = found.get(k)
+            if rec is None or rec.deleted:
+                missing.append(k)
+            else:
+                records.append(rec)
         return records, missing
+
+    async def _read_many(self, namespace: str, keys: list[str]) -> tuple[dict[str, Record], bool]:
+        """Records (tombstones included) of the keys Redis or SQL has, and whether Redis answered."""
+        found: dict[str, Record] = {}
+        redis_ok = True
+        try:
+            hits = await self._redis(lambda: self.hot.get_many(namespace, keys))
+        except Unavailable:
+            hits, redis_ok = {}, False
+        found.update({k: e.record for k, e in hits.items()})
+        misses = [k for k in keys if k not in found]
+        _CACHE_HIT.inc(len(found))
+        if misses:
+            _CACHE_MISS.inc(len(misses))
+            try:
+                rows = await self._sql(lambda: self.sql.get_many(namespace, misses))
+            except Unavailable as e:
+                raise Unavailable(f"cannot read {len(misses)} keys missing from the hot store: {e}") from e
+            for k, row in rows.items():
+                found[k] = await self._fill(row) if redis_ok else row
+        return found, redis_ok
 
     # -- writes -----------------------------------------------------------------------------------
 
@@ -270,6 +372,11 @@ class MemoryService:
         if row is not None:
             await self._redis_write(lambda: self.hot.apply(row, from_sql=True))
         return row
+
+    def _invalidate_near(self, *, namespace_keys: list[tuple[str, str]]) -> None:
+        """Read-your-writes on this api: drop the keys now, before Redis's own invalidation arrives."""
+        if self.near is not None:
+            self.near.invalidate(namespace_keys)
 
     async def _redis_write(self, fn: Callable[[], Awaitable[T]]) -> T:
         """A Redis step of a write: any Redis failure means the hub is read-only for now."""
@@ -390,7 +497,10 @@ class MemoryService:
             for p in puts:
                 if p.expected_version is not None:
                     await self._ensure_hot(p.namespace, p.key)
-            events = await self._redis_write(lambda: self.hot.stage_many(puts))
+            try:
+                events = await self._redis_write(lambda: self.hot.stage_many(puts))
+            finally:  # staged or maybe staged: this api's next read of these keys must see it
+                self._invalidate_near(namespace_keys=[(p.namespace, p.key) for p in puts])
             waiters = await self._enqueue(events, durability)
         await self._await_persisted(events, waiters, started, timeout)
         return [_result(e) for e in events]
@@ -414,7 +524,10 @@ class MemoryService:
             if current is None or current.deleted:
                 raise NotFound(f"{namespace}/{key} not found")
             tombstone = Change(Op.DELETE, namespace, key, None, "null", expected)
-            [event] = await self._redis_write(lambda: self.hot.stage_many([tombstone]))
+            try:
+                [event] = await self._redis_write(lambda: self.hot.stage_many([tombstone]))
+            finally:
+                self._invalidate_near(namespace_keys=[(namespace, key)])
             waiters = await self._enqueue([event], durability)
         await self._await_persisted([event], waiters, started, timeout)
         return _result(event)
@@ -603,6 +716,7 @@ def compose_service(
 ) -> MemoryService:
     """A service over the given stores and queue, with its change feed, breakers and bulkhead built from settings."""
     cb, bh = settings.resilience.circuit_breaker, settings.resilience.bulkhead
+    near, tracking = _near_cache(settings, hot)
     return MemoryService(
         settings=settings,
         hot=hot,
@@ -612,8 +726,32 @@ def compose_service(
         redis_breaker=breaker_from_settings("redis", cb, logger=log),
         sql_breaker=breaker_from_settings("sql", cb, logger=log),
         bulkhead=Bulkhead("memory service", max_concurrent=bh.max_concurrent, max_queue_size=bh.max_queue_size),
+        near=near,
+        tracking=tracking,
         on_close=on_close,
     )
+
+
+def _near_cache(settings: Settings, hot: HotStore) -> tuple[NearCache | None, TrackingFeed | None]:
+    """The near cache and its invalidation feed (``near_cache`` settings), or neither when it is off."""
+    nc = settings.near_cache
+    if not nc.enabled:
+        return None, None
+    near = NearCache(
+        max_entries=nc.max_entries,
+        max_bytes=nc.max_bytes,
+        max_absent=nc.max_absent_entries,
+        absent_ttl_s=nc.absent_ttl_seconds,
+        max_stale_s=nc.max_stale_ms / 1000,
+    )
+    register_near_cache(near)
+    tracking = TrackingFeed(
+        redis_url=settings.storage.redis_url,
+        key_prefix=hot.item_prefix,  # every hot-store entry, and nothing else
+        cache=near,
+        ping_interval_s=_PING_SHARE * nc.max_stale_ms / 1000,
+    )
+    return near, tracking
 
 
 async def build_service(settings: Settings) -> MemoryService:

@@ -12,10 +12,11 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Final, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from mfh_client.codecs import record_from_json, record_to_json, watch_event_to_json
-from mfh_models import MAX_JSON_DEPTH, InvalidArgument, decode_untrusted_json
+from mfh_models import MAX_JSON_DEPTH, InvalidArgument, Record, decode_untrusted_json
 from mfh_models.records import format_validation_error
 
 __all__ = [
@@ -34,14 +35,19 @@ __all__ = [
     "WatchPayload",
     "decode_json",
     "encode",
+    "encode_records",
     "error_reply",
+    "get_data",
+    "ok_get_reply",
     "ok_reply",
     "parse_payload",
     "parse_v1",
     "peek",
     "peek_error",
+    "plain_get",
     "record_from_json",
     "record_to_json",
+    "record_to_wire",
     "request_id",
     "safe_id",
     "watch_event_to_json",
@@ -286,6 +292,11 @@ def encode(reply: dict[str, Any]) -> bytes:
         return json.dumps(reply, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
     except (ValueError, TypeError, RecursionError) as e:  # UnicodeEncodeError is a ValueError
         log.error("ZeroMQ reply not encodable (%s); answering INTERNAL", type(e).__name__)  # no reply content
+    return _unencodable(reply)
+
+
+def _unencodable(reply: dict[str, Any]) -> bytes:
+    """The INTERNAL error reply, in ``reply``'s schema, that stands in for a reply that cannot be encoded."""
     if "v" in reply:
         fallback: dict[str, Any] = error_reply(safe_id(reply.get("id")), _UNENCODABLE)
     else:
@@ -294,3 +305,80 @@ def encode(reply: dict[str, Any]) -> bytes:
         if rid is not None:
             fallback["request_id"] = rid
     return json.dumps(fallback, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
+# -- the fast path of reads ------------------------------------------------------------------------
+#
+# A record's payload is canonical JSON text already: it is spliced into the reply as it is
+# (orjson.Fragment) instead of being parsed and written again, and replies that hold only records
+# (get, batch_get, list) are written by orjson. Nothing here produces canonical JSON (the checksum's
+# is mfh_models.canonical_json), so any valid JSON encoding does.
+
+_ENVELOPE_FIELDS: Final = frozenset({"v", "id", "action", "payload", "api_key", "timeout_ms"})
+
+
+def record_to_wire(record: Record) -> dict[str, Any]:
+    """:func:`record_to_json` for :func:`encode_records`: the same object, the payload text spliced in as is."""
+    return {
+        "namespace": record.namespace,
+        "key": record.key,
+        "kind": record.kind.value,
+        "payload": orjson.Fragment(record.payload),
+        "version": record.version,
+        "origin": record.origin,
+        "deleted": record.deleted,
+        "updated_at_ms": record.updated_at,
+        "schema_version": record.schema_version,
+    }
+
+
+def get_data(record: Record) -> bytes:
+    """The ``data`` of a ``get`` reply as JSON bytes: what the near cache keeps for ZeroMQ."""
+    return orjson.dumps({"record": record_to_wire(record)})
+
+
+def encode_records(reply: dict[str, Any]) -> bytes:
+    """:func:`encode` for a reply built from records (strings, integers, booleans, payload fragments:
+    no floats, so nothing orjson would write as ``null`` where json would refuse); never raises."""
+    try:
+        return orjson.dumps(reply)
+    except TypeError as e:  # orjson.JSONEncodeError: a string with a lone surrogate, an integer past 64 bits
+        log.error("ZeroMQ reply not encodable (%s); answering INTERNAL", type(e).__name__)
+    return _unencodable(reply)
+
+
+def ok_get_reply(rid: str | int | None, data: bytes) -> bytes:
+    """A v1 ``get`` success reply around its encoded ``data`` (:func:`get_data`)."""
+    return b'{"v":1,"id":' + orjson.dumps(rid) + b',"status":"ok","data":' + data + b"}"
+
+
+def plain_get(body: bytes) -> tuple[str | int | None, str, str, str | None, int | None] | None:
+    """``(id, namespace, key, api_key, timeout_ms)`` when ``body`` is a well-formed v1 ``get`` of the plainest
+    shape (every field of the right type, nothing else); None for anything else, which then takes the full
+    path (:func:`decode_json`, :func:`parse_v1`, :func:`parse_payload`) and gets its precise answer there.
+
+    Accepts only what the full path accepts too: strict UTF-8 JSON (orjson refuses bad UTF-8, lone
+    surrogates and NaN), ``v`` the integer 1, an id :func:`safe_id` can echo, a payload of exactly two strings.
+    """
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if type(obj) is not dict or obj.get("action") != "get" or not _ENVELOPE_FIELDS.issuperset(obj):
+        return None
+    v, rid, payload = obj.get("v"), obj.get("id"), obj.get("payload")
+    if type(v) is not int or v != 1 or type(payload) is not dict or len(payload) != 2:
+        return None
+    ns, key = payload.get("namespace"), payload.get("key")
+    if type(ns) is not str or type(key) is not str:
+        return None
+    if rid is not None and not (
+        (type(rid) is str and len(rid) <= MAX_ID_CHARS) or (type(rid) is int and _ID_MIN <= rid < _ID_MAX)
+    ):
+        return None
+    api_key, timeout_ms = obj.get("api_key"), obj.get("timeout_ms")
+    if api_key is not None and type(api_key) is not str:
+        return None
+    if timeout_ms is not None and not (type(timeout_ms) is int and 0 < timeout_ms <= 300_000):
+        return None
+    return rid, ns, key, api_key, timeout_ms

@@ -44,13 +44,17 @@ from mfh_api.zmq_protocol import (
     WatchPayload,
     decode_json,
     encode,
+    encode_records,
     error_reply,
+    get_data,
+    ok_get_reply,
     ok_reply,
     parse_payload,
     parse_v1,
     peek,
     peek_error,
-    record_to_json,
+    plain_get,
+    record_to_wire,
     request_id,
     watch_event_to_json,
 )
@@ -61,6 +65,7 @@ from mfh_models import (
     DeadlineExceeded,
     InvalidArgument,
     MFHError,
+    NotFound,
     Settings,
     Unauthenticated,
     Unavailable,
@@ -84,10 +89,10 @@ async def dispatch(service: MemoryService, action: str, payload: dict[str, Any],
     """Run one v1 action on the service and return its ``data``; raises MFHError on failure."""
     m = parse_payload(action, payload)
     if isinstance(m, GetPayload):
-        return {"record": record_to_json(await service.get(m.namespace, m.key))}
+        return {"record": record_to_wire(await service.get(m.namespace, m.key))}
     if isinstance(m, BatchGetPayload):
         records, missing = await service.batch_get(m.namespace, m.keys)
-        return {"records": [record_to_json(r) for r in records], "missing": missing}
+        return {"records": [record_to_wire(r) for r in records], "missing": missing}
     if isinstance(m, PutPayload):
         res = await service.put(_spec(m), durability=Durability(m.durability), timeout=budget_s)
         return {"version": res.version, "event_id": res.event_id}
@@ -114,7 +119,7 @@ async def dispatch(service: MemoryService, action: str, payload: dict[str, Any],
             page_token=m.page_token,
             include_deleted=m.include_deleted,
         )
-        return {"records": [record_to_json(r) for r in records], "next_page_token": token}
+        return {"records": [record_to_wire(r) for r in records], "next_page_token": token}
     if isinstance(m, WatchPayload):
         # Answer before the request's deadline, with what came: the client polls again after next_sequence.
         wait = max(0.0, min(m.wait_ms / 1000, budget_s - _WATCH_MARGIN_S))
@@ -123,6 +128,20 @@ async def dispatch(service: MemoryService, action: str, payload: dict[str, Any],
         )
         return {"events": [watch_event_to_json(seq, e) for seq, e in events], "next_sequence": position}
     raise InvalidArgument(f"unknown action {action!r}")  # unreachable: parse_payload knows every action
+
+
+#: Actions whose data holds only records (payloads as fragments): encode_records writes them.
+_RECORD_ACTIONS: Final = frozenset({"get", "batch_get", "list"})
+
+
+@functools.cache
+def _requests(method: str, code: str) -> Any:
+    return API_REQUESTS.labels(transport="zmq", method=method, code=code)  # labels() takes a lock: once each
+
+
+@functools.cache
+def _latency(method: str) -> Any:
+    return API_LATENCY.labels(transport="zmq", method=method)
 
 
 def _split(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:
@@ -167,7 +186,7 @@ class ZmqServer:
         self.max_running_per_peer = max_running_per_peer
         self._running: dict[bytes, int] = {}  # per peer; a peer with none running has no entry
         # Admitted, not started yet: (envelope, body, when it came); its deadline runs from then.
-        self._waiting: dict[bytes, deque[tuple[list[bytes], bytes, float]]] = {}
+        self._waiting: dict[bytes, deque[tuple[list[bytes], bytes, float, bool]]] = {}
         self.queue_messages = queue_messages
         self.bytes_in_flight = 0
         self.port = 0
@@ -350,6 +369,12 @@ class ZmqServer:
             API_REQUESTS.labels(transport="zmq", method="invalid", code="UNAUTHENTICATED").inc()
             await self._send(envelope, peek_error(seen, {"code": "UNAUTHENTICATED", "message": denied}))
             return
+        probed = False
+        if not self._draining:
+            reply, probed = self._cached_get(raw)
+            if reply is not None:  # answered from the near cache: nothing to wait for, no slot held
+                await self._send(envelope, reply)
+                return
         self._slots.try_acquire(peer)
         self.bytes_in_flight += size
         # Held is not running. Every running request adds its steps to each turn of the event loop
@@ -359,15 +384,37 @@ class ZmqServer:
         # peer runs a few at a time and the rest of its share waits here, in arrival order, for
         # one of them to end: a burst from a well-behaved peer waits a moment instead of failing.
         if self._running.get(peer, 0) < self.max_running_per_peer:
-            self._start(peer, envelope, raw, None)
+            self._start(peer, envelope, raw, None, probed)
         else:
-            self._waiting.setdefault(peer, deque()).append((envelope, raw, time.monotonic()))
+            self._waiting.setdefault(peer, deque()).append((envelope, raw, time.monotonic(), probed))
 
-    def _start(self, peer: bytes, envelope: list[bytes], raw: bytes, received: float | None) -> None:
+    def _start(
+        self, peer: bytes, envelope: list[bytes], raw: bytes, received: float | None, probed: bool = False
+    ) -> None:
         self._running[peer] = self._running.get(peer, 0) + 1
-        task = asyncio.create_task(self._handle(envelope, raw, received))
+        task = asyncio.create_task(self._handle(envelope, raw, received, probed))
         self._tasks.add(task)
         task.add_done_callback(functools.partial(self._finished, peer, len(raw)))
+
+    def _cached_get(self, raw: bytes) -> tuple[bytes | None, bool]:
+        """The reply to a plain v1 ``get`` whose record the near cache holds (None: take the full path), and
+        whether the near cache was asked."""
+        started = time.perf_counter()
+        plain = plain_get(raw)
+        if plain is None:
+            return None, False
+        rid, namespace, key, api_key, _timeout = plain
+        if self._api_key.required and not self._api_key.ok(api_key):
+            return None, False
+        try:
+            data = self.service.cached_answer(namespace, key, "zmq", get_data)
+        except NotFound:  # a cached absence: the full path answers it, from the cache again
+            return None, False
+        if data is None:
+            return None, True
+        _requests("Get", "OK").inc()
+        _latency("Get").observe(time.perf_counter() - started)
+        return ok_get_reply(rid, data), True
 
     def _finished(self, peer: bytes, size: int, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -392,9 +439,11 @@ class ZmqServer:
         except zmq.ZMQError as e:  # the peer is gone: nothing to answer
             log.debug("reply not sent: %s", e)
 
-    async def _handle(self, envelope: list[bytes], body: bytes, received: float | None = None) -> None:
+    async def _handle(
+        self, envelope: list[bytes], body: bytes, received: float | None = None, probed: bool = False
+    ) -> None:
         try:
-            reply = await self.answer(body, received)
+            reply = await self.answer(body, received, probed=probed)
         except Exception as e:  # answer() does not raise; if it ever did, the request still gets its one reply
             log.error("ZeroMQ request failed outside its handler (%s)", type(e).__name__)
             reply = peek_error(peek(body), {"code": "INTERNAL", "message": INTERNAL_MESSAGE})
@@ -405,26 +454,33 @@ class ZmqServer:
         if not self._api_key.ok(given if isinstance(given, str) else None):  # hmac.compare_digest inside
             raise Unauthenticated("missing api_key" if given in (None, "") else "wrong api_key")
 
-    async def answer(self, body: bytes, received: float | None = None) -> bytes:
-        """The whole request → reply path for one message, transport aside; never raises."""
+    async def answer(self, body: bytes, received: float | None = None, *, probed: bool = False) -> bytes:
+        """The whole request → reply path for one message, transport aside; never raises. ``received``: when
+        it arrived, if it waited its turn; ``probed``: the near cache was asked for this (plain v1 get)
+        request already and had nothing."""
         started = time.perf_counter()
         call = _Call()
         try:
-            data = await self._run(body, call, received)
+            data = await self._run(body, call, received, probed)
             code = "OK"
-            reply = legacy_v0.ok_to_v0(call.v0, data) if call.v0 is not None else ok_reply(call.rid, data)
+            if type(data) is bytes:  # a v1 get's data, encoded (and kept with its near-cache entry)
+                out = ok_get_reply(call.rid, data)
+            else:
+                reply = legacy_v0.ok_to_v0(call.v0, data) if call.v0 is not None else ok_reply(call.rid, data)
+                # Both never raise: an unencodable reply becomes an INTERNAL error reply.
+                out = encode_records(reply) if call.method in _RECORD_ACTIONS else encode(reply)
         except Exception as e:
             if not isinstance(e, MFHError):
                 log.exception("ZeroMQ %s request failed", call.method)
             error = zmq_error(e)
             code = error["code"]
-            reply = legacy_v0.error_to_v0(call.rid, error) if call.legacy else error_reply(call.rid, error)
+            out = encode(legacy_v0.error_to_v0(call.rid, error) if call.legacy else error_reply(call.rid, error))
         method = RPC_NAMES.get(call.method, "invalid")  # the gRPC names, so dashboards sum both transports
-        API_REQUESTS.labels(transport="zmq", method=method, code=code).inc()
-        API_LATENCY.labels(transport="zmq", method=method).observe(time.perf_counter() - started)
-        return encode(reply)  # never raises: an unencodable reply becomes an INTERNAL error reply
+        _requests(method, code).inc()
+        _latency(method).observe(time.perf_counter() - started)
+        return out
 
-    async def _run(self, body: bytes, call: _Call, received: float | None = None) -> Any:
+    async def _run(self, body: bytes, call: _Call, received: float | None = None, probed: bool = False) -> Any:
         obj = decode_json(body)
         call.legacy = "v" not in obj
         field = "request_id" if call.legacy else "id"
@@ -451,6 +507,10 @@ class ZmqServer:
                 raise DeadlineExceeded("waited its turn past its deadline; nothing was done")
         try:
             async with asyncio.timeout(budget):
+                if call.v0 is None and call.method == "get":
+                    m = parse_payload("get", payload)
+                    assert isinstance(m, GetPayload)
+                    return await self.service.get_answer(m.namespace, m.key, "zmq", get_data, probed=probed)
                 return await dispatch(self.service, call.method, payload, budget)
         except TimeoutError:
             raise DeadlineExceeded(f"no answer within {budget:g} s") from None

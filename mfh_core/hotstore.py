@@ -107,6 +107,7 @@ class HotStore:
         )
         self.redis: aioredis.Redis = aioredis.Redis(connection_pool=pool)
         self.prefix = prefix
+        self.item_prefix = f"{prefix}:i:"  # every entry's key starts so (the near cache tracks this prefix)
         self.origin = origin
         self.ttl = cache_ttl_seconds
         self.max_backlog = max_backlog
@@ -127,7 +128,7 @@ class HotStore:
         self.reconnect_key = f"{prefix}:recovery:reconnect"
 
     def item_key(self, namespace: str, key: str) -> str:
-        return f"{self.prefix}:i:{namespace}:{key}"
+        return f"{self.item_prefix}{namespace}:{key}"
 
     def _split_item_key(self, item_key: str) -> tuple[str, str]:
         ns, _, key = item_key[len(self.prefix) + 3 :].partition(":")

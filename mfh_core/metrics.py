@@ -8,7 +8,12 @@ several processes combine (``multiprocess_mode``; ignored elsewhere).
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 __all__ = [
     "API_LATENCY",
@@ -42,6 +47,7 @@ __all__ = [
     "REQUEUED_DIRTY",
     "UNPUBLISHED_EVENTS",
     "WRITE_BATCHES",
+    "register_near_cache",
 ]
 
 _FAST = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -178,3 +184,62 @@ PROCESS_STARTED = Gauge(
     ["role"],
     multiprocess_mode="livemin",
 )
+
+
+class _NearCacheCollector:
+    """The near caches' counters, read when Prometheus scrapes: a hit only bumps a plain integer."""
+
+    def __init__(self) -> None:
+        self.caches: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def describe(self) -> list[Metric]:
+        return []  # names are fixed; nothing to collect at registration
+
+    def collect(self) -> Iterator[Metric]:
+        caches = list(self.caches)
+        lookups = CounterMetricFamily(
+            "mfh_near_cache_lookups",
+            "Near cache lookups by result: hit, miss, bypass (the cache was off or not confirmed fresh)",
+            labels=["result"],
+        )
+        for result, field in (("hit", "hits"), ("miss", "misses"), ("bypass", "bypasses")):
+            lookups.add_metric([result], _sum(caches, field))
+        yield lookups
+        yield CounterMetricFamily(
+            "mfh_near_cache_evictions", "Near cache entries evicted by its bounds", value=_sum(caches, "evictions")
+        )
+        yield CounterMetricFamily(
+            "mfh_near_cache_invalidations",
+            "Near cache entries dropped because their key changed (any process or host)",
+            value=_sum(caches, "invalidations"),
+        )
+        yield CounterMetricFamily(
+            "mfh_near_cache_flushes",
+            "Whole near cache drops: tracking connection lost, FLUSHDB",
+            value=_sum(caches, "flushes"),
+        )
+        entries = GaugeMetricFamily("mfh_near_cache_entries", "Near cache entries by kind", labels=["kind"])
+        entries.add_metric(["record"], sum(c.entries for c in caches))
+        entries.add_metric(["absent"], sum(c.absences for c in caches))
+        yield entries
+        yield GaugeMetricFamily(
+            "mfh_near_cache_bytes", "Approximate bytes held by the near cache", value=sum(c.bytes for c in caches)
+        )
+        yield GaugeMetricFamily(
+            "mfh_near_cache_tracking",
+            "1 while the near cache's invalidation feed is connected (else the cache is off)",
+            value=sum(1 for c in caches if c.tracking),
+        )
+
+
+def _sum(caches: list[Any], field: str) -> int:
+    return sum(int(getattr(c.stats, field)) for c in caches)
+
+
+_NEAR_CACHES = _NearCacheCollector()
+REGISTRY.register(_NEAR_CACHES)
+
+
+def register_near_cache(cache: Any) -> None:
+    """Export ``cache``'s counters (held weakly: a closed cache drops out of the sums)."""
+    _NEAR_CACHES.caches.add(cache)

@@ -29,6 +29,7 @@ __all__ = [
     "BulkheadSettings",
     "CircuitBreakerSettings",
     "MetricsSettings",
+    "NearCacheSettings",
     "RecoverySettings",
     "ReplicationSettings",
     "ResilienceSettings",
@@ -210,6 +211,24 @@ class RecoverySettings(_Section):
     sweep_stale_seconds: float = Field(default=10.0, gt=0)
 
 
+class NearCacheSettings(_Section):
+    """The api's in-process cache of recently read entries (docs/operations.md, "The near cache").
+
+    Kept correct by Redis client tracking: a change made anywhere is not hidden by this cache for
+    longer than ``max_stale_ms`` (normally well under a millisecond); on a lost tracking connection
+    the whole cache is dropped and stays off until tracking is back.
+    """
+
+    enabled: bool = True
+    max_entries: int = Field(default=50_000, ge=1, description="records held at most")
+    max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="approximate bytes of records held")
+    max_absent_entries: int = Field(default=10_000, ge=0, description="confirmed absences held at most (0: none)")
+    absent_ttl_seconds: float = Field(default=10.0, gt=0, description="a confirmed absence is forgotten after this")
+    max_stale_ms: float = Field(
+        default=50.0, ge=1, le=10_000, description="hits only while the feed confirmed it is this fresh"
+    )
+
+
 class MetricsSettings(_Section):
     """Prometheus ports of the non-api processes (the api's is ``server.metrics_port``); 0 turns one off."""
 
@@ -233,6 +252,7 @@ class Settings(_Section):
     scheduler: SchedulerSettings = SchedulerSettings()
     metrics: MetricsSettings = MetricsSettings()
     recovery: RecoverySettings = RecoverySettings()
+    near_cache: NearCacheSettings = NearCacheSettings()
 
     @model_validator(mode="after")
     def _check_host(self) -> Settings:

@@ -234,7 +234,7 @@ async def test_an_unexpected_error_is_internal_with_a_generic_message(
     async def broken(*_: object) -> None:
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(api.service, "get", broken)
+    monkeypatch.setattr(api.service, "get_answer", broken)  # what the Get handler calls
     # When a Get arrives, Then the client sees INTERNAL without the details, and the server keeps serving
     code, details = await status_of(api.stub().Get(pb.GetRequest(namespace="ns", key="k"), metadata=MD[0]))
     assert code is grpc.StatusCode.INTERNAL and "secret" not in details and "logged" in details

@@ -285,7 +285,7 @@ async def test_busy_server_sheds_load_with_resource_exhausted(host: TestHost) ->
     # Given a server that may hold only one request in flight, and a service stuck on reads
     entered, gate = asyncio.Event(), asyncio.Event()
 
-    async def slow_get(namespace: str, key: str) -> Any:
+    async def slow_get(*_args: Any, **_kwargs: Any) -> Any:
         entered.set()
         await gate.wait()
         raise NotFound("x")
@@ -293,7 +293,7 @@ async def test_busy_server_sheds_load_with_resource_exhausted(host: TestHost) ->
     async for service, server in _serve(host):
         server.max_in_flight = 1
 
-        service.get = slow_get  # type: ignore[method-assign]
+        service.get_answer = slow_get  # type: ignore[method-assign] # what a v1 get calls
         ctx = zmq.asyncio.Context()
         a, b = Raw(ctx, server.endpoint), Raw(ctx, server.endpoint)
         try:
@@ -409,14 +409,14 @@ async def test_client_retries_a_shed_call(served: tuple[MemoryService, ZmqServer
     service, server = served
     entered, gate = asyncio.Event(), asyncio.Event()
 
-    async def slow_get(namespace: str, key: str) -> Any:
+    async def slow_get(*_args: Any, **_kwargs: Any) -> Any:
         entered.set()
         await gate.wait()
         raise NotFound("x")
 
     shed = API_REQUESTS.labels(transport="zmq", method="shed", code="RESOURCE_EXHAUSTED")
     server.max_in_flight = 1
-    service.get = slow_get  # type: ignore[method-assign]
+    service.get_answer = slow_get  # type: ignore[method-assign] # what a v1 get calls
     ctx = zmq.asyncio.Context()
     try:
         holder = Raw(ctx, server.endpoint)  # kept referenced: a collected socket drops its queued message

@@ -14,14 +14,15 @@ import sys
 import time
 from typing import Any
 
-from mfh_api.commands import add_json, count, emit, fail, host_env, settings_from
+from mfh_api.commands import add_json, count, emit, fail, host_env, settings_from, store_settings
 
 __all__ = ["register"]
 
 
 def _schedules(job: str) -> Any:
     def run(args: argparse.Namespace) -> int:
-        settings_from(args)  # fail here, readably, on a bad configuration
+        # Fail here, readably, on a bad configuration; the jobs (not the scheduler) find the hub's data dir.
+        settings_from(args) if job == "run" else store_settings(args)
         argv = [sys.executable, "-m", "schedules", job, *(["--json"] if getattr(args, "json", False) else [])]
         argv += ["--full"] if getattr(args, "full", False) else []
         if job == "run":

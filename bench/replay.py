@@ -18,6 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from mfh_core import SqlStore
@@ -29,28 +30,29 @@ T0_MS = 1_760_000_000_000
 
 def generate(n: int, keys: int, seed: int = 1) -> list[MemoryEvent]:
     """``n`` events with distinct versions, about 15% deletes, from main_pc and pc2."""
+    return list(iter_generated(n, keys, seed))
+
+
+def iter_generated(n: int, keys: int, seed: int = 1) -> Iterator[MemoryEvent]:
+    """The events of :func:`generate`, one at a time (for a million without holding them all)."""
     rng = random.Random(seed)
-    out: list[MemoryEvent] = []
     for i in range(n):
         origin = "main_pc" if rng.random() < 0.5 else "pc2"
         version = pack(T0_MS + i, rng.randrange(4))
         delete = rng.random() < 0.15
         payload = "null" if delete else canonical_json({"content": f"memory {i} " + "x" * 80, "tags": ["bench"]})
-        out.append(
-            MemoryEvent.model_construct(
-                event_id=event_id_for(origin, version),
-                op=Op.DELETE if delete else Op.PUT,
-                namespace=f"agent{rng.randrange(8)}",
-                key=f"k{rng.randrange(keys)}",
-                kind=Kind.MEMORY_ITEM,
-                payload=payload,
-                version=version,
-                origin=origin,
-                created_at=T0_MS + i,
-                schema_version=1,
-            )
+        yield MemoryEvent.model_construct(
+            event_id=event_id_for(origin, version),
+            op=Op.DELETE if delete else Op.PUT,
+            namespace=f"agent{rng.randrange(8)}",
+            key=f"k{rng.randrange(keys)}",
+            kind=Kind.MEMORY_ITEM,
+            payload=payload,
+            version=version,
+            origin=origin,
+            created_at=T0_MS + i,
+            schema_version=1,
         )
-    return out
 
 
 def apply_all(store: SqlStore, events: list[MemoryEvent], batch: int) -> None:

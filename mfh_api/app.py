@@ -129,6 +129,7 @@ async def run_api(settings: Settings, *, insecure: bool = False, stop: asyncio.E
         prefix=settings.storage.redis_prefix,
         role="api",
         host_id=settings.host_id,
+        data_dir=settings.data_dir or "",
         metrics_port=settings.server.metrics_port,
     )
     beating = asyncio.create_task(heartbeat.run(beat_stop), name="mfh-heartbeat")

@@ -16,7 +16,7 @@ import logging
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import MISSING, asdict, dataclass, replace
 from importlib import metadata
 
 import redis.asyncio as aioredis
@@ -24,7 +24,7 @@ from redis.exceptions import RedisError
 
 from mfh_core.metrics import PROCESS_STARTED, PROCESSES
 
-__all__ = ["Heartbeat", "ProcessRecord", "hub_version", "read_processes"]
+__all__ = ["Heartbeat", "ProcessRecord", "announced_data_dirs", "hub_version", "read_processes"]
 
 log = logging.getLogger("mfh.heartbeat")
 
@@ -51,6 +51,7 @@ class ProcessRecord:
     started_at: float  # unix seconds
     metrics_port: int  # 0: none
     beat_at: float
+    data_dir: str = ""  # where its relative data paths resolve (mfh_models.Settings.data_dir)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -58,7 +59,8 @@ class ProcessRecord:
     @classmethod
     def from_json(cls, raw: str | bytes) -> ProcessRecord:
         data = json.loads(raw)
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        required = {k: data[k] for k, f in cls.__dataclass_fields__.items() if f.default is MISSING}
+        return cls(**required, **{k: data[k] for k in ("data_dir",) if k in data})  # older processes lack it
 
     def pid_gone(self) -> bool:
         """True when the record is of this machine and its pid no longer exists (a SIGKILLed process)."""
@@ -88,6 +90,7 @@ class Heartbeat:
         role: str,
         host_id: str,
         metrics_port: int = 0,
+        data_dir: str = "",
         interval_s: float = 5.0,
         ttl_s: float = 15.0,
     ) -> None:
@@ -109,6 +112,7 @@ class Heartbeat:
             started_at=time.time(),
             metrics_port=metrics_port,
             beat_at=0.0,
+            data_dir=data_dir,
         )
         PROCESSES.labels(role=role, version=self.record.version).set(1)
         PROCESS_STARTED.labels(role=role).set(self.record.started_at)
@@ -159,4 +163,29 @@ async def read_processes(client: aioredis.Redis, prefix: str) -> list[ProcessRec
             out.append(ProcessRecord.from_json(raw))
     order = {r: i for i, r in enumerate(ROLES)}
     out.sort(key=lambda p: (order.get(p.role, len(order)), p.started_at))
+    return out
+
+
+def announced_data_dirs(redis_url: str, prefix: str, host_id: str, *, timeout_s: float = 1.0) -> set[str]:
+    """The data directories this machine's live processes of ``host_id`` announce (empty when Redis
+    does not answer): for a command run without MFH_DATA_DIR to find the running hub's store."""
+    import redis  # the sync client: the CLI asks once
+
+    here = socket.gethostname()
+    client = redis.Redis.from_url(redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    try:
+        keys = list(client.scan_iter(match=_keys_pattern(prefix), count=200))
+        raws = client.mget(keys) if keys else []
+    except (RedisError, OSError):
+        return set()
+    finally:
+        client.close()
+    out = set()
+    for raw in raws:
+        if raw is None:  # expired between SCAN and MGET
+            continue
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            p = ProcessRecord.from_json(raw)
+            if p.host_id == host_id and p.hostname == here and p.data_dir and not p.pid_gone():
+                out.add(p.data_dir)
     return out

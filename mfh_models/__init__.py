@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from mfh_models.canonical import ChecksumRow, canonical_json, checksum_line, items_checksum, payload_digest
+from mfh_models.canonical import (
+    ChecksumRow,
+    canonical_json,
+    checksum_line,
+    checksum_order,
+    items_checksum,
+    lines_checksum,
+    payload_digest,
+)
 from mfh_models.errors import (
     ConfigError,
     DeadlineExceeded,
@@ -91,12 +99,14 @@ __all__ = [
     "WatchedEvent",
     "canonical_json",
     "checksum_line",
+    "checksum_order",
     "decode_untrusted_json",
     "default_config_dir",
     "default_data_dir",
     "event_id_for",
     "items_checksum",
     "json_schemas",
+    "lines_checksum",
     "load_settings",
     "pack",
     "parse_kind",

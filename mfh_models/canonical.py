@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 from mfh_models.errors import InvalidArgument
 
-__all__ = ["ChecksumRow", "canonical_json", "checksum_line", "items_checksum", "payload_digest"]
+__all__ = ["ChecksumRow", "canonical_json", "items_checksum", "payload_digest"]
 
 
 def canonical_json(value: Any) -> str:
@@ -43,14 +43,25 @@ class ChecksumRow(NamedTuple):
 
 
 def checksum_line(r: ChecksumRow) -> str:
-    """One row's line of the checksum (the cross-host audit hashes these lines one by one)."""
+    """The line one item row adds to :func:`items_checksum` (namespaces and keys hold no tabs)."""
     return f"{r.namespace}\t{r.key}\t{r.version}\t{r.origin}\t{int(r.deleted)}\t{payload_digest(r.payload)}\n"
+
+
+def checksum_order(line: str) -> tuple[bytes, bytes]:
+    """The sort key of a :func:`checksum_line`: (namespace, key) in byte order."""
+    namespace, key, _ = line.split("\t", 2)
+    return namespace.encode(), key.encode()
+
+
+def lines_checksum(lines: Iterable[str]) -> str:
+    """sha256 over checksum lines already in :func:`checksum_order`."""
+    h = hashlib.sha256()
+    for line in lines:
+        h.update(line.encode("utf-8"))
+    return h.hexdigest()
 
 
 def items_checksum(rows: Iterable[ChecksumRow]) -> str:
     """sha256 over the sorted checksum lines of ``rows``; the same for every store and host."""
     lines = sorted(((r.namespace.encode(), r.key.encode()), checksum_line(r)) for r in rows)
-    h = hashlib.sha256()
-    for _, line in lines:
-        h.update(line.encode("utf-8"))
-    return h.hexdigest()
+    return lines_checksum(line for _, line in lines)

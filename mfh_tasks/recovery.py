@@ -148,6 +148,7 @@ class Recovery(dramatiq.Middleware):
             prefix=s.storage.redis_prefix,
             role="worker",
             host_id=s.host_id,
+            data_dir=s.data_dir or "",
             metrics_port=s.metrics.worker_port,
         )
         try:

@@ -376,6 +376,7 @@ async def _serve(settings: Settings) -> None:
         prefix=settings.storage.redis_prefix,
         role="replicator",
         host_id=settings.host_id,
+        data_dir=settings.data_dir or "",
         metrics_port=port,
     )
     beating = asyncio.create_task(heartbeat.run(stop), name="mfh-heartbeat")

@@ -11,6 +11,11 @@ schema_version``), tombstones included, in key order. The header (format 2)::
 (:meth:`mfh_core.SqlStore.snapshot`), so the events the snapshot lacks are exactly those with a
 higher seq in the same store. Format-1 files (no ``kind``, no watermark) are listed but not restorable.
 
+Beside each one, ``snapshot-<host>-<stamp>.lines.gz`` holds its rows' checksum lines (what
+:func:`mfh_models.items_checksum` hashes), in order: the incremental audit merges the rows the
+events after the watermark changed into them instead of loading every row into a table, so its cost
+grows with those events, not with the store (:func:`read_checksum_lines`, :func:`merged_checksum`).
+
 ``snapshot-verified-<host>.json`` names the newest snapshot an audit proved equal to the replay of
 the log up to its watermark: the incremental audit starts from it, and pruning never removes it.
 """
@@ -18,24 +23,28 @@ the log up to its watermark: the incremental audit starts from it, and pruning n
 from __future__ import annotations
 
 import gzip
+import heapq
 import json
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mfh_core import SqlStore
-from mfh_models import ChecksumRow, InvalidArgument, Kind, Record, items_checksum
+from mfh_models import ChecksumRow, InvalidArgument, Kind, Record, checksum_line, checksum_order, lines_checksum
 
 __all__ = [
     "FORMAT",
     "ROW_COLUMNS",
     "SnapshotHeader",
     "iter_snapshot_rows",
+    "lines_path",
     "mark_verified",
+    "merged_checksum",
+    "read_checksum_lines",
     "read_header",
     "snapshots_of",
     "verified_snapshot",
@@ -99,7 +108,8 @@ def write_snapshot(sql: SqlStore, directory: Path, *, host: str) -> SnapshotHead
         events = snap.counts()["events"]
         rows: list[Record] = [r for chunk in snap.iter_records(batch=_BATCH) for r in chunk]
     rows.sort(key=lambda r: (r.namespace.encode(), r.key.encode()))  # byte order, as the checksum
-    checksum = items_checksum(_checksum_row(r) for r in rows)
+    lines = [checksum_line(_checksum_row(r)) for r in rows]
+    checksum = lines_checksum(lines)
     head = {
         "checksum": checksum,
         "items": len(rows),
@@ -110,12 +120,58 @@ def write_snapshot(sql: SqlStore, directory: Path, *, host: str) -> SnapshotHead
         "watermark_event_id": watermark_id,
         "events": events,
     }
+    sidecar = lines_path(final)
+    sidecar_tmp = sidecar.with_suffix(".tmp")
+    with gzip.open(sidecar_tmp, "wt", encoding="utf-8", compresslevel=6) as out:
+        out.writelines(lines)
+    sidecar_tmp.rename(sidecar)  # before the snapshot: a snapshot's lines are there once it is
     with gzip.open(tmp, "wt", encoding="utf-8") as out:
         out.write(json.dumps(head) + "\n")
         for r in rows:
             out.write(json.dumps(_row_dict(r), separators=(",", ":")) + "\n")
     tmp.rename(final)
     return _header(final, head)
+
+
+def lines_path(snapshot: Path) -> Path:
+    """The checksum-lines file beside a snapshot file."""
+    return snapshot.with_name(snapshot.name.removesuffix(".jsonl.gz") + ".lines.gz")
+
+
+def read_checksum_lines(head: SnapshotHeader) -> list[str] | None:
+    """The snapshot's checksum lines, in order, if its lines file is there and hashes to the header's
+    checksum; None otherwise (an older snapshot, or a damaged file: the caller loads the rows)."""
+    path = lines_path(head.path)
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            lines = f.readlines()
+    except FileNotFoundError:
+        return None
+    except (OSError, EOFError, ValueError) as e:
+        log.warning("%s is unreadable (%s): the audit loads the snapshot's rows instead", path.name, e)
+        return None
+    if len(lines) != head.items or lines_checksum(lines) != head.checksum:
+        log.warning("%s does not match %s: the audit loads the snapshot's rows instead", path.name, head.path.name)
+        return None
+    return lines
+
+
+def merged_checksum(base: Sequence[str], changed: Iterable[ChecksumRow]) -> str:
+    """The checksum of ``base`` (a snapshot's checksum lines) after upserting ``changed`` rows into it
+    under the store's rule: per key, the row with the greater (version, origin) stays."""
+    new: dict[tuple[str, str], tuple[int, str, str]] = {
+        (r.namespace, r.key): (r.version, r.origin, checksum_line(r)) for r in changed
+    }
+
+    kept = []
+    for line in base:
+        namespace, key, version, origin, _ = line.split("\t", 4)
+        mine = new.pop((namespace, key), None)
+        kept.append(line if mine is None or (mine[0], mine[1]) <= (int(version), origin) else mine[2])
+    if not new:
+        return lines_checksum(kept)
+    added = sorted((v[2] for v in new.values()), key=checksum_order)  # keys the base lacks
+    return lines_checksum(heapq.merge(kept, added, key=checksum_order))
 
 
 def _row_dict(r: Record) -> dict[str, Any]:

@@ -65,6 +65,7 @@ async def run_scheduler(settings: Settings, *, stop: asyncio.Event | None = None
         prefix=settings.storage.redis_prefix,
         role="scheduler",
         host_id=settings.host_id,
+        data_dir=settings.data_dir or "",
         metrics_port=settings.metrics.scheduler_port,
     )
     beating = asyncio.create_task(heartbeat.run(stop), name="mfh-heartbeat")

@@ -272,3 +272,51 @@ def test_hostile_arguments_exit_2_with_one_error_line(
     assert "Traceback" not in stderr and done.stdout == b""
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("mfh") and needle in last, stderr
+
+
+def test_a_second_terminal_without_mfh_data_dir_reads_the_running_hubs_store(tmp_path: Path, redis_url: str) -> None:
+    # Given a hub whose api runs with a data directory of its own (as scripts/run.sh gives var/),
+    # its SQLite file and snapshots relative to it, as the shipped configuration has them
+    data = tmp_path / "var"
+    host = make_host(
+        tmp_path,
+        redis_url=redis_url,
+        overrides={**own_prefix(), "storage": {**own_prefix()["storage"], "sqlite_path": "memory.db"},
+                   "scheduler": {"snapshot_dir": "snapshots"}},
+    )  # fmt: skip
+    grpc_port = free_port()
+    hub_env = {**host.env, "MFH_DATA_DIR": str(data)}
+    # and a second terminal: another directory, another HOME, no MFH_DATA_DIR
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    terminal = {k: v for k, v in host.env.items() if k not in ("MFH_DATA_DIR", "XDG_DATA_HOME")}
+    terminal["HOME"] = str(tmp_path / "home")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "mfh_api.cli", *args]
+        return subprocess.run(cmd, env=terminal, cwd=elsewhere, capture_output=True, text=True, timeout=60)
+
+    # Before the hub runs, the command reads the default data directory, and says the store is missing
+    before = run("checksum")
+    assert before.returncode != 0 and str(tmp_path / "home") in before.stderr, before.stderr
+    log = open(tmp_path / "api.log", "wb")  # noqa: SIM115 - lives with the process
+    api = subprocess.Popen(
+        [sys.executable, "-m", "mfh_api.cli", "api", "--zmq-port", str(free_port()), "--grpc-port", str(grpc_port)],
+        env=hub_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: api.poll() is None and tcp_open("127.0.0.1", grpc_port), 60, message="api up")
+        assert (data / "memory.db").exists()
+        # When that terminal runs mfh checksum and mfh status
+        checksum = wait_until(lambda: (r := run("checksum", "--json")).returncode == 0 and r, 30, message="checksum")
+        status = run("status", "--json")
+    finally:
+        api.terminate()
+        api.wait(timeout=30)
+        log.close()
+    # Then both read the hub's store, and say where they found it
+    assert json.loads(checksum.stdout)["host_id"] == "main_pc"
+    assert f"running hub's data directory {data}" in checksum.stderr, checksum.stderr
+    doc = json.loads(status.stdout)
+    assert doc["sql"]["ok"] and doc["host_id"] == "main_pc", doc["sql"]
+    assert [p["data_dir"] for p in doc["processes"]] == [str(data)]

@@ -11,15 +11,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from factories import event
 from hosts import make_host
 
 from mfh_api.cli import main as mfh
 from mfh_core import SqlStore
+from mfh_core.sqlstore import engine_url
 from mfh_models import InvalidArgument, MemoryEvent, Op
 from mfh_tasks.replay import open_target
 from mfh_tasks.restore import restore_from_sql, restore_snapshot_only
-from mfh_tasks.snapshots import read_header, verified_snapshot
+from mfh_tasks.snapshots import lines_path, read_header, verified_snapshot
 from schedules.jobs import audit, iter_archived_events, prune_events, snapshot
 
 
@@ -152,6 +154,41 @@ def test_the_incremental_audit_starts_at_the_verified_snapshot(store: SqlStore, 
     assert {"host", "ok", "live_checksum", "replay_checksum", "events", "seconds", "checked_at"} <= set(latest)
     # And --full still replays every event
     assert audit(store, host="main_pc", report_dir=snaps, full=True).events == store.counts()["events"]
+
+
+def test_the_incremental_audit_merges_into_the_snapshots_lines_and_still_catches_a_drifted_row(
+    store: SqlStore, tmp_path: Path
+) -> None:
+    # Given a verified snapshot (with its checksum lines beside it), then events after it: older
+    # versions of its keys (the snapshot's rows win), newer ones, and keys it lacks
+    snaps = tmp_path / "snaps"
+    store.apply_batch(_events(1500, seed=20))
+    first = snapshot(store, snaps, host="main_pc")
+    assert lines_path(first).exists()
+    assert audit(store, host="main_pc", report_dir=snaps, full=True).verified_snapshot == first.name
+    store.apply_batch(_events(300, seed=21, keys=400))
+    live = store.checksum()
+    # When the incremental audit runs  Then it agrees with the live store
+    inc = audit(store, host="main_pc", report_dir=snaps)
+    assert inc.ok and inc.mode == "incremental" and inc.replay_checksum == live
+    # and without the lines file (a snapshot from before them), or with a damaged one, it loads the rows: same verdict
+    saved = lines_path(first).read_bytes()
+    lines_path(first).unlink()
+    assert audit(store, host="main_pc", report_dir=snaps).replay_checksum == live
+    lines_path(first).write_bytes(gzip.compress(b"ns\tk1\t1\tmain_pc\t0\tfeed\n"))
+    assert audit(store, host="main_pc", report_dir=snaps).replay_checksum == live
+    lines_path(first).write_bytes(saved)
+    # When a row changes in the live table without an event (one no event since the snapshot wrote)
+    touched = {e.key for _, e in store.iter_events(after_seq=read_header(first).watermark or 0)}
+    untouched = sorted({f"k{i}" for i in range(300)} - touched)[0]
+    engine = sa.create_engine(engine_url(store.url))
+    with engine.begin() as conn:
+        drift = sa.text("UPDATE items SET payload = :p WHERE key = :k")
+        assert conn.execute(drift, {"p": '{"content":"drift"}', "k": untouched}).rowcount == 1
+    engine.dispose()
+    # Then the incremental audit finds the mismatch
+    drifted = audit(store, host="main_pc", report_dir=snaps)
+    assert drifted.mode == "incremental" and not drifted.ok and drifted.live_checksum != drifted.replay_checksum
 
 
 def test_pruning_then_restore_audit_and_replay_still_give_the_live_checksum(store: SqlStore, tmp_path: Path) -> None:

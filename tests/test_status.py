@@ -1,14 +1,16 @@
 """``mfh status`` and every process's metrics, on a host of real processes (issue 11).
 
-One host runs the four Procfile processes (api, ``mfh worker --processes 2``, replicator,
-scheduler) against a private Redis with an append-only file, SQLite and a private NATS, all
-binding their metrics to 127.0.0.2 (a loopback address that is not the default). The tests run
-in file order: green first, then one fault at a time (SQL locked, NATS down, worker stopped),
-each turning the status yellow or red and naming the cause.
+Two hosts, main_pc and pc2, each run the four Procfile processes (api, worker (``--processes 2``
+on main_pc), replicator, scheduler) against a Redis of their own with an append-only file, a
+SQLite file of their own and one private NATS they replicate through, all binding their metrics
+to 127.0.0.2 (a loopback address that is not the default). The tests run in file order: both
+green with the lag from the peer first, then one fault at a time (SQL locked, NATS down, worker
+stopped), each turning the status yellow or red and naming the cause.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import signal
@@ -18,6 +20,7 @@ import sys
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,14 @@ class Host:
     host: TestHost
     ports: dict[str, int]  # role -> metrics port
     worker: subprocess.Popen[bytes]
+    endpoint: str  # its api's gRPC address
+    workers: int  # worker processes
+
+
+@dataclass
+class Pair:
+    a: Host  # main_pc, the host the fault tests break
+    b: Host  # pc2, its peer
 
 
 def mfh(host: TestHost, *args: str) -> subprocess.CompletedProcess[str]:
@@ -53,6 +64,21 @@ def status(host: TestHost) -> tuple[int, dict[str, Any]]:
     return out.returncode, json.loads(out.stdout)
 
 
+def reports(*hosts: TestHost) -> list[tuple[int, dict[str, Any], subprocess.CompletedProcess[str]]]:
+    """``mfh status --json`` and ``mfh status`` on each host, all at once (each start-up costs seconds when loaded)."""
+    with ThreadPoolExecutor() as pool:
+        docs = [pool.submit(status, h) for h in hosts]
+        texts = [pool.submit(mfh, h, "status") for h in hosts]
+        return [(*d.result(), t.result()) for d, t in zip(docs, texts, strict=True)]
+
+
+def health(host: TestHost) -> dict[str, Any]:
+    """What ``mfh status --json`` prints, gathered in this process: for awaiting a state cheaply."""
+    from mfh_tasks.health import gather
+
+    return asyncio.run(gather(host.settings)).as_dict()
+
+
 def roles(doc: dict[str, Any]) -> list[str]:
     return sorted(p["role"] for p in doc["processes"])
 
@@ -61,15 +87,21 @@ def reasons(doc: dict[str, Any]) -> dict[str, str]:
     return {r["component"]: f"{r['level']}: {r['message']}" for r in doc["reasons"]}
 
 
-@pytest.fixture(scope="module")
-def running(tmp_path_factory: pytest.TempPathFactory, nats_server: NatsServer) -> Iterator[Host]:
-    tmp = tmp_path_factory.mktemp("status")
-    redis = RedisServer(tmp, conf=HUB_REDIS_CONF).start()
+def peers(doc: dict[str, Any]) -> list[str]:
+    return [p["origin"] for p in doc["replication"]["peers"]]
+
+
+def want_roles(h: Host) -> list[str]:
+    return sorted(["api", "replicator", "scheduler"] + ["worker"] * h.workers)
+
+
+def _configure(tmp: Path, name: str, redis_url: str, nats_url: str) -> tuple[TestHost, dict[str, int]]:
     ports = {role: free_port() for role in ("api", "worker", "replicator", "scheduler")}
     host = make_host(
         tmp,
-        redis_url=redis.url,
-        nats_url=nats_server.url,
+        name=name,
+        redis_url=redis_url,
+        nats_url=nats_url,
         overrides={
             "storage": {"redis_prefix": f"t{uuid.uuid4().hex[:10]}"},
             "server": {"bind": BIND, "metrics_port": ports["api"]},
@@ -80,52 +112,88 @@ def running(tmp_path_factory: pytest.TempPathFactory, nats_server: NatsServer) -
             },
         },
     )
-    zmq_port, grpc_port = free_port(), free_port()
-    api = host.spawn("mfh_api.cli", "api", "--zmq-port", str(zmq_port), "--grpc-port", str(grpc_port), log_name="api")
+    return host, ports
+
+
+def put(h: Host, key: str) -> None:
+    out = mfh(
+        h.host, "put", "ns", key, '{"content": "hello"}', "--endpoint", h.endpoint, "--persisted", "--timeout", "30"
+    )
+    assert out.returncode == 0, out.stderr + h.host.log("api") + h.host.log("worker")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory, nats_server: NatsServer) -> Iterator[Pair]:
+    """Two hosts, main_pc (``mfh worker --processes 2``) and pc2, each with its own Redis and SQLite, one NATS."""
+    tmp = tmp_path_factory.mktemp("status")
+    redises = [RedisServer(tmp, conf=HUB_REDIS_CONF).start(), RedisServer(tmp, conf=HUB_REDIS_CONF).start()]
+    made = [_configure(tmp, name, r.url, nats_server.url) for name, r in zip(("main_pc", "pc2"), redises, strict=True)]
+    grpc = [free_port(), free_port()]
+    apis = [
+        host.spawn("mfh_api.cli", "api", "--zmq-port", str(free_port()), "--grpc-port", str(port), log_name="api")
+        for (host, _), port in zip(made, grpc, strict=True)
+    ]
     try:
         # The api first: it creates the schema; the others then start together.
-        wait_until(lambda: api.poll() is None and tcp_open(BIND, grpc_port), 60, message=f"api up\n{host.log('api')}")
-        worker = host.spawn("mfh_api.cli", "worker", "--processes", "2", "--threads", "2", log_name="worker")
-        host.spawn("mfh_api.cli", "replicator", log_name="replicator")
-        host.spawn("mfh_api.cli", "scheduler", log_name="scheduler")
-        put = mfh(
-            host,
-            "put",
-            "ns",
-            "k1",
-            '{"content": "hello"}',
-            "--endpoint",
-            f"{BIND}:{grpc_port}",
-            "--persisted",
-            "--timeout",
-            "30",
-        )
-        assert put.returncode == 0, put.stderr + host.log("api") + host.log("worker")
-        yield Host(host, ports, worker)
+        for (host, _), api, port in zip(made, apis, grpc, strict=True):
+            wait_until(lambda a=api, p=port: a.poll() is None and tcp_open(BIND, p), 60, message=f"{host.name} api up")
+        hosts = []
+        for (host, ports), port, n in zip(made, grpc, (2, 1), strict=True):
+            worker = host.spawn("mfh_api.cli", "worker", "--processes", str(n), "--threads", "2", log_name="worker")
+            host.spawn("mfh_api.cli", "replicator", log_name="replicator")
+            host.spawn("mfh_api.cli", "scheduler", log_name="scheduler")
+            hosts.append(Host(host, ports, worker, f"{BIND}:{port}", n))
+        # Every process up, and each replicator's consumer on the stream, before the first write:
+        # an event that waits for a replicator to start would count its start-up as lag.
+        for h in hosts:
+            wait_until(
+                lambda h=h: (doc := health(h.host)) and roles(doc) == want_roles(h) and doc["replication"]["consumer"],
+                60,
+                interval=0.5,
+                message=f"{h.host.name}: every process up, its replicator consuming",
+            )
+        for i, h in enumerate(hosts):
+            put(h, f"k{i}")
+        yield Pair(*hosts)
     finally:
-        host.stop_all()
-        redis.kill()
+        for host, _ in made:
+            host.stop_all()
+        for r in redises:
+            r.kill()
 
 
-def test_a_healthy_host_is_green(running: Host) -> None:
-    # Given the four processes of a host, up  When an operator runs mfh status
-    def all_up() -> tuple[int, dict[str, Any]] | None:
-        code, doc = status(running.host)
-        want = ["api", "replicator", "scheduler", "worker", "worker"]
-        return (code, doc) if roles(doc) == want and doc["status"] == "green" else None
+@pytest.fixture(scope="module")
+def running(pair: Pair) -> Host:
+    return pair.a
 
-    code, doc = wait_until(all_up, 60, interval=0.5, message="all processes up and green")
-    text = mfh(running.host, "status")
-    # Then it is green with exit 0, every process with its version and uptime, and fits 80 columns
-    assert code == 0 and text.returncode == 0, text.stdout
-    assert "GREEN" in text.stdout.splitlines()[0]
-    assert all(len(line) <= 80 for line in text.stdout.splitlines()), text.stdout
-    for role in ("api", "worker", "replicator", "scheduler"):
-        assert re.search(rf"^  {role}\s+up\s+pid \d+\s+v\S+\s+up \d", text.stdout, re.M), text.stdout
-    assert doc["redis"]["extra"]["persistence"] == "aof"
-    assert doc["sql"]["ok"] and doc["nats"]["ok"] and doc["nats"]["extra"]["messages"] >= 1
-    assert doc["write_path"]["dead_letters"] == 0 and doc["write_path"]["dirty"] == 0
-    assert doc["reasons"] == []
+
+def test_a_healthy_two_host_setup_is_green_with_lag_per_peer(pair: Pair) -> None:
+    # Given two hosts, each with its four processes up, that have each written once
+    for h, peer in ((pair.a, pair.b), (pair.b, pair.a)):
+
+        def green(h: Host = h, peer: Host = peer) -> bool:
+            doc = health(h.host)
+            return roles(doc) == want_roles(h) and doc["status"] == "green" and peers(doc) == [peer.host.name]
+
+        wait_until(green, 60, interval=0.2, message=f"{h.host.name} green, lag from {peer.host.name}")
+    # When an operator runs mfh status on each
+    seen = reports(pair.a.host, pair.b.host)
+    for (h, peer), (code, doc, text) in zip(((pair.a, pair.b), (pair.b, pair.a)), seen, strict=True):
+        out = text.stdout
+        # Then it is green with exit 0, every process with its version and uptime, and fits 80 columns
+        assert code == 0 and text.returncode == 0, out
+        assert "GREEN" in out.splitlines()[0] and h.host.name in out.splitlines()[0]
+        assert all(len(line) <= 80 for line in out.splitlines()), out
+        for role in ("api", "worker", "replicator", "scheduler"):
+            assert re.search(rf"^  {role}\s+up\s+pid \d+\s+v\S+\s+up \d", out, re.M), out
+        assert doc["host_id"] == h.host.name and doc["redis"]["extra"]["persistence"] == "aof"
+        assert doc["sql"]["ok"] and doc["nats"]["ok"] and doc["nats"]["extra"]["messages"] >= 2
+        assert doc["write_path"]["dead_letters"] == 0 and doc["write_path"]["dirty"] == 0
+        assert doc["reasons"] == []
+        # and the replication lag from the peer host, measured on the event it applied
+        (lag,) = doc["replication"]["peers"]
+        assert lag["origin"] == peer.host.name and 0 <= lag["lag_s"] < 5, lag
+        assert re.search(rf"^  from {peer.host.name}\s+lag \d+ ms", out, re.M), out
 
 
 def _scrape(port: int) -> str:
@@ -197,35 +265,40 @@ def test_sql_locked_turns_red_naming_it(running: Host) -> None:
     assert doc["sql"]["state"] == "locked"
 
 
-def test_nats_down_turns_yellow_naming_it(running: Host, nats_server: NatsServer) -> None:
-    # Given NATS stopped
+def test_nats_down_turns_both_hosts_yellow_naming_it(pair: Pair, nats_server: NatsServer) -> None:
+    # Given the NATS both hosts replicate through, stopped
     nats_server.stop()
     try:
-        # When the operator runs mfh status
-        code, doc = status(running.host)
-        text = mfh(running.host, "status").stdout
+        # When the operator runs mfh status on each host
+        seen = reports(pair.a.host, pair.b.host)
     finally:
         nats_server.start()
-    # Then it is yellow (writes still work, events wait in the outbox), exit 0, naming NATS
-    assert doc["status"] == "yellow" and code == 0, doc["reasons"]
-    assert reasons(doc)["nats"].startswith("yellow:") and "outbox" in reasons(doc)["nats"]
-    assert "YELLOW" in text.splitlines()[0] and "nats" in text.splitlines()[0]
-    # and once NATS is back the host is green again
-    wait_until(lambda: status(running.host)[1]["status"] == "green", 60, interval=0.5, message="green again")
+    # Then each is yellow (writes still work, events wait in the outbox), exit 0, naming NATS
+    for code, doc, out in seen:
+        text = out.stdout
+        assert doc["status"] == "yellow" and code == 0, (doc["host_id"], doc["reasons"])
+        assert reasons(doc)["nats"].startswith("yellow:") and "outbox" in reasons(doc)["nats"]
+        assert "YELLOW" in text.splitlines()[0] and "nats" in text.splitlines()[0], text
+    # and once NATS is back both hosts are green again
+    for h in (pair.a, pair.b):
+        wait_until(lambda h=h: health(h.host)["status"] == "green", 60, interval=0.5, message="green again")
 
 
-def test_worker_stopped_turns_red_naming_it(running: Host) -> None:
-    # Given the host's `mfh worker` stopped (SIGTERM, as systemd or honcho stops it)
+def test_worker_stopped_turns_its_host_red_naming_it(pair: Pair) -> None:
+    running = pair.a
+    # Given main_pc's `mfh worker` stopped (SIGTERM, as systemd or honcho stops it)
     running.worker.send_signal(signal.SIGTERM)
     assert running.worker.wait(timeout=30) == 0, running.host.log("worker")
     # When the operator runs mfh status  Then it is red, exit 1, naming the worker
-    code, doc = wait_until(
-        lambda: (r := status(running.host))[1]["status"] == "red" and r, 30, interval=0.5, message="red"
-    )
+    wait_until(lambda: health(running.host)["status"] == "red", 30, interval=0.2, message="red")
+    (code, doc, out), (peer_code, peer_doc, _) = reports(running.host, pair.b.host)
     assert code == 1 and "worker" not in roles(doc)
     assert reasons(doc)["worker"].startswith("red:") and "not persisted" in reasons(doc)["worker"]
-    text = mfh(running.host, "status").stdout
+    text = out.stdout
     assert re.search(r"^  worker\s+DOWN", text, re.M) and "RED" in text.splitlines()[0], text
+    # and the peer host, whose worker runs, stays green: each host's status is its own
+    assert peer_code == 0 and peer_doc["status"] == "green", peer_doc["reasons"]
+    assert roles(peer_doc) == want_roles(pair.b)
 
 
 def test_judge_names_each_finding_with_its_level() -> None:

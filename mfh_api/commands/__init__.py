@@ -192,6 +192,34 @@ def settings_from(args: argparse.Namespace, overrides: Mapping[str, Any] | None 
     return load_settings(getattr(args, "host", None), config_dir=getattr(args, "config_dir", None), overrides=overrides)
 
 
+def store_settings(args: argparse.Namespace) -> Settings:
+    """:func:`settings_from`, for a command that reads this host's stores (status, checksum, audit,
+    snapshot, restore, replay): with neither MFH_DATA_DIR nor the configuration naming a data
+    directory, the one this host's running processes announce in their heartbeats, so a second
+    terminal finds the store ``scripts/run.sh`` (or a service manager) gave the hub. It is exported
+    as MFH_DATA_DIR for the child processes a command starts, and named on stderr."""
+    from mfh_core.heartbeat import announced_data_dirs
+    from mfh_models import default_data_dir
+
+    settings = settings_from(args)
+    if os.environ.get("MFH_DATA_DIR") or settings.data_dir != str(default_data_dir(os.environ)):
+        return settings
+    announced = announced_data_dirs(settings.storage.redis_url, settings.storage.redis_prefix, settings.host_id)
+    if len(announced) > 1:
+        print(
+            f"mfh: this host's processes use different data directories ({', '.join(sorted(announced))}); "
+            f"reading {settings.data_dir} (set MFH_DATA_DIR to pick one)",
+            file=sys.stderr,
+        )
+        return settings
+    if not announced or announced == {settings.data_dir}:
+        return settings
+    (data_dir,) = announced
+    print(f"mfh: using the running hub's data directory {data_dir} (MFH_DATA_DIR is not set)", file=sys.stderr)
+    os.environ["MFH_DATA_DIR"] = data_dir
+    return settings_from(args)
+
+
 def host_env(args: argparse.Namespace) -> dict[str, str]:
     """The environment for a child process that reads its settings itself (``dramatiq`` workers)."""
     env = dict(os.environ)

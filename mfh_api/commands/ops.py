@@ -25,6 +25,7 @@ from mfh_api.commands import (
     positive_float,
     positive_int,
     settings_from,
+    store_settings,
 )
 
 __all__ = ["register"]
@@ -32,7 +33,8 @@ __all__ = ["register"]
 
 def _schedules(job: str) -> Any:
     def run(args: argparse.Namespace) -> int:
-        settings_from(args)  # fail here, readably, on a bad configuration
+        # Fail here, readably, on a bad configuration; the jobs (not the scheduler) find the hub's data dir.
+        settings_from(args) if job == "run" else store_settings(args)
         argv = [sys.executable, "-m", "schedules", job, *(["--json"] if getattr(args, "json", False) else [])]
         argv += ["--full"] if getattr(args, "full", False) else []
         if job == "run":

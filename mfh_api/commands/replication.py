@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from mfh_api.commands import add_json, emit, exit_code, fail, positive_int, settings_from
+from mfh_api.commands import add_json, emit, exit_code, fail, positive_int, settings_from, store_settings
 from mfh_models import MFHError, StoreNotCurrent
 
 __all__ = ["ProgressBar", "register"]
@@ -68,7 +68,7 @@ def _replay(args: argparse.Namespace) -> int:
     from mfh_core.eventbus import EventBus
     from mfh_tasks.replay import ReplayResult, open_target, replay_from_sql, replay_from_stream
 
-    settings = settings_from(args)
+    settings = store_settings(args)
     source_url = args.source or settings.storage.database_url
     bar = None if args.quiet else ProgressBar("replay")
     try:
@@ -120,7 +120,7 @@ def _replay(args: argparse.Namespace) -> int:
 def _checksum(args: argparse.Namespace) -> int:
     from mfh_core import SqlStore
 
-    settings = settings_from(args)
+    settings = store_settings(args)
     try:
         store = SqlStore(settings.storage.database_url)
         try:

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mfh_api.commands import exit_code, fail, positive_int, settings_from
+from mfh_api.commands import exit_code, fail, positive_int, store_settings
 from mfh_models import InvalidArgument, MFHError
 
 __all__ = ["list_snapshots", "register"]
@@ -47,7 +47,7 @@ def _restore(args: argparse.Namespace) -> int:
     from mfh_tasks.restore import RestoreResult, restore_from_sql, restore_from_stream, restore_snapshot_only
     from mfh_tasks.snapshots import mark_verified, write_snapshot
 
-    settings = settings_from(args)
+    settings = store_settings(args)
     snapdir = Path(settings.scheduler.snapshot_dir)
     bar = None if args.quiet else ProgressBar("restore")
     try:
@@ -115,7 +115,7 @@ def list_snapshots(args: argparse.Namespace) -> int:
     """``mfh snapshot list``: this host's snapshots, oldest first, and which one the last audit verified."""
     from mfh_tasks.snapshots import read_header, snapshots_of, verified_snapshot
 
-    settings = settings_from(args)
+    settings = store_settings(args)
     directory = Path(settings.scheduler.snapshot_dir)
     verified = verified_snapshot(directory, settings.host_id)
     rows = []

@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from mfh_api.commands import positive_float, settings_from
+from mfh_api.commands import positive_float, store_settings
 
 __all__ = ["register", "render"]
 
@@ -132,7 +132,7 @@ def render(h: Any) -> str:
 def _once(args: argparse.Namespace) -> tuple[int, str]:
     from mfh_tasks.health import gather
 
-    h = asyncio.run(gather(settings_from(args), timeout_s=args.timeout))
+    h = asyncio.run(gather(store_settings(args), timeout_s=args.timeout))
     out = json.dumps(h.as_dict(), indent=None if args.watch else 2, sort_keys=True) if args.json else render(h)
     return (1 if h.level == "red" else 0), out
 

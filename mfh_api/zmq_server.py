@@ -25,6 +25,7 @@ import zmq.asyncio
 from mfh_api import legacy_v0
 from mfh_api.auth import ApiKeyCheck
 from mfh_api.limits import PeerSlots
+from mfh_api.search import MetadataCondition, SearchSpec
 from mfh_api.service import Durability, MemoryService, PutSpec
 from mfh_api.zmq_protocol import (
     MAX_ID_CHARS,
@@ -33,8 +34,10 @@ from mfh_api.zmq_protocol import (
     BatchPutPayload,
     DeletePayload,
     GetPayload,
+    ListNamespacesPayload,
     ListPayload,
     PutPayload,
+    SearchPayload,
     decode_json,
     encode,
     error_reply,
@@ -57,7 +60,28 @@ log = logging.getLogger("mfh.api.zmq")
 
 def _spec(p: PutPayload) -> PutSpec:
     return PutSpec(
-        namespace=p.namespace, key=p.key, kind=p.kind, payload=p.payload, expected_version=p.expected_version
+        namespace=p.namespace,
+        key=p.key,
+        kind=p.kind,
+        payload=p.payload,
+        expected_version=p.expected_version,
+        ttl_seconds=p.ttl_seconds or None,
+    )
+
+
+def _search_spec(m: SearchPayload) -> SearchSpec:
+    f = m.filters
+    return SearchSpec(
+        namespace=m.namespace,
+        namespace_prefix=m.namespace_prefix,
+        query=m.query,
+        kinds=f.kinds,
+        tags=f.tags,
+        metadata=[MetadataCondition(c.field, c.op, c.value) for c in f.metadata],
+        updated_after_ms=f.updated_after_ms,
+        updated_before_ms=f.updated_before_ms,
+        embedding=m.embedding,
+        top_k=m.top_k,
     )
 
 
@@ -96,6 +120,14 @@ async def dispatch(service: MemoryService, action: str, payload: dict[str, Any],
             include_deleted=m.include_deleted,
         )
         return {"records": [record_to_json(r) for r in records], "next_page_token": token}
+    if isinstance(m, SearchPayload):
+        hits = await service.search(_search_spec(m))
+        return {"hits": [{"record": record_to_json(r), "score": s} for r, s in hits]}
+    if isinstance(m, ListNamespacesPayload):
+        names, token = await service.list_namespaces(
+            prefix=m.prefix, max_depth=m.max_depth, page_size=m.page_size, page_token=m.page_token
+        )
+        return {"namespaces": names, "next_page_token": token}
     raise InvalidArgument(f"unknown action {action!r}")  # unreachable: parse_payload knows every action
 
 

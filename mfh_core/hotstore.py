@@ -283,6 +283,20 @@ class HotStore:
                 out[k] = entry
         return out
 
+    async def claim_dim(self, namespace: str, dim: int) -> int:
+        """The namespace's embedding dimension: the first one claimed (here or seeded from SQL) stays."""
+        key = f"{self.prefix}:dim:{namespace}"
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(key, dim, nx=True)
+            pipe.get(key)
+            _, got = await pipe.execute()
+        return int(got) if got is not None else dim
+
+    async def known_dim(self, namespace: str) -> int | None:
+        """The dimension claimed for the namespace on this host, if any."""
+        got = await self.redis.get(f"{self.prefix}:dim:{namespace}")
+        return int(got) if got is not None else None
+
     async def ttl_of(self, namespace: str, key: str) -> int:
         """Seconds left before the entry expires; -1 when it has no TTL (dirty), -2 when absent."""
         return int(await self.redis.ttl(self.item_key(namespace, key)))

@@ -1,0 +1,149 @@
+"""The search index: derived state, one ``search_docs`` row per item, written in the item's transaction.
+
+A row holds what search filters and ranks on, taken from the item's payload: the text (full-text),
+the tags and metadata (filters), ``expires_at_ms`` (expiry), and the embedding as float32 bytes.
+Rows carry the item's (version, origin) and are upserted under the same guard as ``items``, so the
+index is order-insensitive and idempotent like the items (DESIGN.md invariant 2), and ``mfh replay``
+rebuilds it from the log. The index is not part of the checksum (invariant 7 covers items only).
+
+Which text each kind indexes: ``memory_item`` its content and tags; ``knowledge_record`` subject,
+predicate, object and content; ``session_data`` the string values of ``data``. Filters read
+``metadata`` (``data`` for session_data) and ``tags`` (memory_item).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from array import array
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Final
+
+__all__ = [
+    "DOC_COLS",
+    "MAX_QUERY_TERMS",
+    "MetaFilter",
+    "SearchQuery",
+    "doc_row",
+    "fts_terms",
+    "unpack_vector",
+]
+
+DOC_COLS: Final = (
+    "namespace, key, kind, version, origin, deleted, updated_at, expires_at, tags, meta, body, dim, embedding, chg"
+)
+#: Terms of one full-text query the index looks up (more is refused as oversized by the service).
+MAX_QUERY_TERMS: Final = 32
+_TERM: Final = re.compile(r"\w+", re.UNICODE)
+_MAX_BODY_CHARS: Final = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class MetaFilter:
+    """``metadata.<field> <op> value``; op is one of eq, ne, lt, lte, gt, gte, in (value a list)."""
+
+    field: str
+    op: str
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class SearchQuery:
+    """A validated search: scope (one namespace, or a namespace and the names below it), filters, text."""
+
+    namespace: str
+    prefix: bool
+    now_ms: int
+    terms: tuple[str, ...] = ()
+    kinds: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    meta: tuple[MetaFilter, ...] = ()
+    updated_after_ms: int | None = None
+    updated_before_ms: int | None = None
+    limit: int | None = 10
+
+    @property
+    def filtered(self) -> bool:
+        """Anything beyond scope and expiry narrows the candidates."""
+        return bool(
+            self.terms
+            or self.kinds
+            or self.tags
+            or self.meta
+            or self.updated_after_ms is not None
+            or self.updated_before_ms is not None
+        )
+
+
+def fts_terms(query: str) -> tuple[str, ...]:
+    """The words of a full-text query (letters, digits, underscore), lower-cased, deduplicated."""
+    return tuple(dict.fromkeys(t.lower() for t in _TERM.findall(query)))
+
+
+def _strings(value: Any, depth: int = 0) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif depth < 8 and isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v, depth + 1)
+    elif depth < 8 and isinstance(value, list):
+        for v in value:
+            yield from _strings(v, depth + 1)
+
+
+def _text(kind: str, obj: dict[str, Any]) -> str:
+    if kind == "memory_item":
+        parts = [obj.get("content"), *(obj.get("tags") or [])]
+    elif kind == "knowledge_record":
+        parts = [obj.get("subject"), obj.get("predicate"), obj.get("object"), obj.get("content")]
+    else:
+        parts = list(_strings(obj.get("data") or {}))
+    return " ".join(p for p in parts if isinstance(p, str))[:_MAX_BODY_CHARS]
+
+
+def _int_or_none(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def doc_row(item: tuple[Any, ...], chg: int) -> tuple[Any, ...]:
+    """The ``search_docs`` row (in :data:`DOC_COLS` order) of an items row
+    ``(namespace, key, kind, payload, version, origin, deleted, updated_at, schema_version)``."""
+    namespace, key, kind, payload, version, origin, deleted, updated_at = item[:8]
+    obj: Any = None if deleted else json.loads(payload)
+    if not isinstance(obj, dict):
+        return (namespace, key, kind, version, origin, True, updated_at, None, "[]", "{}", "", None, None, chg)
+    tags = [t for t in obj.get("tags") or [] if isinstance(t, str)] if kind == "memory_item" else []
+    meta = obj.get("data" if kind == "session_data" else "metadata") or {}
+    # Empty tags and metadata (most records) skip the encoder: the same text json.dumps gives them.
+    tags_json = json.dumps(tags, separators=(",", ":")) if tags else "[]"
+    meta_json = json.dumps(meta, separators=(",", ":"), sort_keys=True) if meta and isinstance(meta, dict) else "{}"
+    vec = obj.get("embedding")
+    blob: bytes | None = None
+    dim: int | None = None
+    if isinstance(vec, list) and vec:
+        blob = array("f", vec).tobytes()  # validated numbers (ints or floats) in the float32 range
+        dim = len(vec)
+    return (
+        namespace,
+        key,
+        kind,
+        version,
+        origin,
+        False,
+        updated_at,
+        _int_or_none(obj.get("expires_at_ms")),
+        tags_json,
+        meta_json,
+        _text(kind, obj),
+        dim,
+        blob,
+        chg,
+    )
+
+
+def unpack_vector(blob: bytes) -> array[float]:
+    """float32 bytes back to floats."""
+    out = array("f")
+    out.frombytes(blob)
+    return out

@@ -41,6 +41,24 @@ __all__ = ["Change", "HotEntry", "HotStore"]
 _FIELDS = ("vm", "vc", "o", "d", "k", "p", "u", "dirty")
 
 
+class NeverSent(RedisConnectionError):
+    """Redis could not be reached (connect or handshake failed): no command of the call went out."""
+
+
+class _Connection(aioredis.Connection):
+    """A connection whose connect failures are :class:`NeverSent`, so a caller can tell "nothing was sent"
+    from "the connection was lost with the command on it" (the command may have run: Redis executes
+    what it read before it shuts down, without answering)."""
+
+    async def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True) -> None:
+        try:
+            await super().connect_check_health(check_health=check_health, retry_socket_connect=retry_socket_connect)
+        except NeverSent:
+            raise
+        except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+            raise NeverSent(str(e)) from e
+
+
 def _lua(name: str) -> str:
     return resources.files("mfh_core").joinpath("lua", name).read_text(encoding="utf-8")
 
@@ -101,6 +119,7 @@ class HotStore:
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout,
             decode_responses=True,
+            connection_class=_Connection,
         )
         self.redis: aioredis.Redis = aioredis.Redis(connection_pool=pool)
         self.prefix = prefix
@@ -155,8 +174,9 @@ class HotStore:
 
         Raises NotFound (a delete of an absent or deleted key), VersionConflict or ResourceExhausted
         (the dirty set is at ``max_backlog``), naming the first change that failed; Unavailable when
-        Redis cannot be reached (nothing staged), DeadlineExceeded when it did not answer in time
-        (the change may be staged: reconcile then persists it).
+        Redis could not be reached (nothing was sent, so nothing staged); DeadlineExceeded when the call
+        was sent and not answered, in time or at all (a lost connection): the change may be staged, and
+        reconcile then persists it.
         """
         keys = [self.hlc_key, self.dirty_key, *(self.item_key(c.namespace, c.key) for c in changes)]
         args: list[Any] = [self.origin, self.max_backlog, self.clock_skew_ms]
@@ -166,10 +186,14 @@ class HotStore:
             args += [c.op.value, kind, c.payload, "1" if c.expected_version is not None else "0", ms, ctr]
         try:
             res = await self._stage(keys=keys, args=args)
-        except RedisTimeoutError as e:  # the script may have run: the caller cannot be told "nothing was staged"
-            raise DeadlineExceeded(f"redis did not answer in time while staging; the write may be staged ({e})") from e
-        except RedisConnectionError as e:
+        except NeverSent as e:
             raise Unavailable(f"redis unavailable: {e}") from e
+        except (RedisTimeoutError, RedisConnectionError) as e:
+            # Sent, and no answer (a timeout, or the connection lost, e.g. Redis shutting down): the script may
+            # have run, so the caller cannot be told "nothing was staged"; a staged write is persisted by reconcile.
+            raise DeadlineExceeded(
+                f"redis did not answer while staging ({e}); the write may be staged: re-read the key"
+            ) from e
         if res[0] in ("conflict", "absent"):
             i = int(res[1]) - 1
             c, where = changes[i], f"puts[{i}]: " if len(changes) > 1 else ""

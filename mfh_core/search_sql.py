@@ -128,15 +128,18 @@ def namespace_rows(conn: Connection, namespace: str, prefix: bool) -> list[tuple
 
 def vectors_since(
     conn: Connection, namespace: str, after_chg: int
-) -> list[tuple[str, int, bool, int | None, int | None, bytes | None]]:
-    """(key, chg, deleted, expires_at, dim, embedding) of the namespace's docs changed after ``after_chg``
-    (on a first load, only those with an embedding)."""
+) -> list[tuple[str, int, bool, int | None, int | None, str | None]]:
+    """(key, chg, deleted, expires_at, dim, payload) of the namespace's docs changed after ``after_chg``
+    (on a first load, only those with an embedding); the payload (which holds the embedding) only for
+    a live doc with one. Doc and item are read in one statement: written in one transaction, they agree."""
     sql = (
-        "SELECT key, chg, deleted, expires_at, dim, embedding FROM search_docs "
-        "WHERE namespace = :ns AND chg > :after AND (embedding IS NOT NULL OR :after > 0)"
+        "SELECT d.key, d.chg, d.deleted, d.expires_at, d.dim, "
+        "CASE WHEN d.dim IS NOT NULL AND NOT d.deleted THEN i.payload END "
+        "FROM search_docs d JOIN items i ON i.namespace = d.namespace AND i.key = d.key "
+        "WHERE d.namespace = :ns AND d.chg > :after AND (d.dim IS NOT NULL OR :after > 0)"
     )
     rows = conn.execute(sa.text(sql), {"ns": namespace, "after": after_chg})
-    return [(r[0], int(r[1]), bool(r[2]), r[3], r[4], bytes(r[5]) if r[5] is not None else None) for r in rows]
+    return [(r[0], int(r[1]), bool(r[2]), r[3], r[4], r[5]) for r in rows]
 
 
 def live_namespaces(conn: Connection, prefix: str, now_ms: int) -> list[str]:

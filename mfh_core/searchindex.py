@@ -1,7 +1,9 @@
 """The search index: derived state, one ``search_docs`` row per item, written in the item's transaction.
 
 A row holds what search filters and ranks on, taken from the item's payload: the text (full-text),
-the tags and metadata (filters), ``expires_at_ms`` (expiry), and the embedding as float32 bytes.
+the tags and metadata (filters), ``expires_at_ms`` (expiry), and the embedding's dimension. The
+embedding itself stays in the item's payload (the truth): the api's vector cache parses it from there
+when it loads a namespace, so the write path never parses an embedding's floats (mfh_core.vectors).
 Rows carry the item's (version, origin) and are upserted under the same guard as ``items``, so the
 index is order-insensitive and idempotent like the items (DESIGN.md invariant 2), and ``mfh replay``
 rebuilds it from the log. The index is not part of the checksum (invariant 7 covers items only).
@@ -15,10 +17,11 @@ from __future__ import annotations
 
 import json
 import re
-from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Final
+
+import numpy as np
 
 __all__ = [
     "DOC_COLS",
@@ -26,17 +29,16 @@ __all__ = [
     "MetaFilter",
     "SearchQuery",
     "doc_row",
+    "embedding_of",
     "fts_terms",
-    "unpack_vector",
 ]
 
-DOC_COLS: Final = (
-    "namespace, key, kind, version, origin, deleted, updated_at, expires_at, tags, meta, body, dim, embedding, chg"
-)
+DOC_COLS: Final = "namespace, key, kind, version, origin, deleted, updated_at, expires_at, tags, meta, body, dim, chg"
 #: Terms of one full-text query the index looks up (more is refused as oversized by the service).
 MAX_QUERY_TERMS: Final = 32
 _TERM: Final = re.compile(r"\w+", re.UNICODE)
 _MAX_BODY_CHARS: Final = 64 * 1024
+_EMBEDDING: Final = '"embedding":['
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,24 +108,55 @@ def _int_or_none(v: Any) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
+def _cut_embedding(payload: str) -> tuple[Any, str | None]:
+    """(the payload's object, the text of its top-level embedding array, or None without one).
+
+    Parsing an embedding's floats is most of what indexing a record would cost, so the write path does
+    not: the top-level array (validated: a flat list of numbers) is cut out of the canonical text and
+    the rest is parsed with ``0`` standing where the array was. The marker is found at the top level
+    only when the cut array was the top-level one (a key of that name deeper down keeps its depth), and
+    a cut that broke the text fails to parse: either way the whole text is then parsed instead.
+    """
+    at = payload.find(_EMBEDDING)
+    if at >= 0:
+        start = at + len(_EMBEDDING)
+        end = payload.find("]", start)
+        if end > start:
+            try:
+                obj = json.loads(f"{payload[: start - 1]}0{payload[end + 1 :]}")
+            except ValueError:
+                obj = None
+            mark = obj.get("embedding") if isinstance(obj, dict) else None
+            if type(mark) is int and mark == 0 and isinstance(obj, dict):
+                del obj["embedding"]
+                return obj, payload[start:end]
+    obj = json.loads(payload)
+    vec = obj.get("embedding") if isinstance(obj, dict) else None
+    if isinstance(vec, list) and vec:
+        return obj, json.dumps(vec, separators=(",", ":"))[1:-1]
+    return obj, None
+
+
+def embedding_of(payload: str) -> np.ndarray[Any, np.dtype[np.float32]] | None:
+    """The payload's top-level embedding as float32 (the vector cache's one parse of it), or None."""
+    _, text = _cut_embedding(payload)
+    if text is None:
+        return None
+    return np.array(text.split(","), dtype=np.float64).astype(np.float32)
+
+
 def doc_row(item: tuple[Any, ...], chg: int) -> tuple[Any, ...]:
     """The ``search_docs`` row (in :data:`DOC_COLS` order) of an items row
     ``(namespace, key, kind, payload, version, origin, deleted, updated_at, schema_version)``."""
     namespace, key, kind, payload, version, origin, deleted, updated_at = item[:8]
-    obj: Any = None if deleted else json.loads(payload)
+    obj, vec = (None, None) if deleted else _cut_embedding(payload)
     if not isinstance(obj, dict):
-        return (namespace, key, kind, version, origin, True, updated_at, None, "[]", "{}", "", None, None, chg)
+        return (namespace, key, kind, version, origin, True, updated_at, None, "[]", "{}", "", None, chg)
     tags = [t for t in obj.get("tags") or [] if isinstance(t, str)] if kind == "memory_item" else []
     meta = obj.get("data" if kind == "session_data" else "metadata") or {}
     # Empty tags and metadata (most records) skip the encoder: the same text json.dumps gives them.
     tags_json = json.dumps(tags, separators=(",", ":")) if tags else "[]"
     meta_json = json.dumps(meta, separators=(",", ":"), sort_keys=True) if meta and isinstance(meta, dict) else "{}"
-    vec = obj.get("embedding")
-    blob: bytes | None = None
-    dim: int | None = None
-    if isinstance(vec, list) and vec:
-        blob = array("f", vec).tobytes()  # validated numbers (ints or floats) in the float32 range
-        dim = len(vec)
     return (
         namespace,
         key,
@@ -136,14 +169,6 @@ def doc_row(item: tuple[Any, ...], chg: int) -> tuple[Any, ...]:
         tags_json,
         meta_json,
         _text(kind, obj),
-        dim,
-        blob,
+        None if vec is None else vec.count(",") + 1,
         chg,
     )
-
-
-def unpack_vector(blob: bytes) -> array[float]:
-    """float32 bytes back to floats."""
-    out = array("f")
-    out.frombytes(blob)
-    return out

@@ -116,7 +116,6 @@ search_docs_table = sa.Table(
     sa.Column("meta", sa.Text().with_variant(JSONB(), "postgresql"), nullable=False),
     sa.Column("body", sa.Text, nullable=False),
     sa.Column("dim", sa.Integer, nullable=True),
-    sa.Column("embedding", sa.LargeBinary, nullable=True),
     sa.Column("chg", sa.BigInteger, nullable=False),
     # Partial: only records with an expiry (few) pay for this index entry; the sweep's
     # ``expires_at <= :now`` implies ``expires_at IS NOT NULL``, so both planners use it.
@@ -154,7 +153,7 @@ _DOC_UPDATE = (
     "ON CONFLICT (namespace, key) DO UPDATE SET kind = excluded.kind, version = excluded.version, "
     "origin = excluded.origin, deleted = excluded.deleted, updated_at = excluded.updated_at, "
     "expires_at = excluded.expires_at, tags = excluded.tags, meta = excluded.meta, body = excluded.body, "
-    "dim = excluded.dim, embedding = excluded.embedding, chg = excluded.chg "
+    "dim = excluded.dim, chg = excluded.chg "
     "WHERE excluded.version > search_docs.version "
     "OR (excluded.version = search_docs.version AND excluded.origin > search_docs.origin)"
 )
@@ -354,14 +353,13 @@ def _index_items(cur: Any, dialect: str, item_rows: Sequence[tuple[Any, ...]]) -
         generation = int(cur.fetchone()[0])
         if sqlite:
             cur.executemany(
-                f"INSERT INTO search_docs ({DOC_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) {_DOC_UPDATE}",
-                [(*d[:13], generation) for d in docs],
+                f"INSERT INTO search_docs ({DOC_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) {_DOC_UPDATE}",
+                [(*d[:12], generation) for d in docs],
             )
         else:
-            from psycopg2 import Binary
             from psycopg2.extras import execute_values
 
-            rows = [(*d[:12], Binary(d[12]) if d[12] is not None else None, generation) for d in docs]
+            rows = [(*d[:12], generation) for d in docs]
             execute_values(cur, f"INSERT INTO search_docs ({DOC_COLS}) VALUES %s {_DOC_UPDATE}", rows, page_size=1000)
     if sqlite:
         cur.execute("INSERT INTO search_fts(rowid, body) SELECT rowid, body FROM search_docs WHERE rowid > ?", (top,))
@@ -695,7 +693,7 @@ class SqlStore:
 
     def vectors_since(
         self, namespace: str, after_chg: int
-    ) -> list[tuple[str, int, bool, int | None, int | None, bytes | None]]:
+    ) -> list[tuple[str, int, bool, int | None, int | None, str | None]]:
         with self._guard(), self._read.connect() as conn:
             return search_sql.vectors_since(conn, namespace, after_chg)
 

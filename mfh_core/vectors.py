@@ -1,5 +1,7 @@
-"""Exact cosine top-k over client-supplied embeddings, from an in-process copy of ``search_docs``.
+"""Exact cosine top-k over client-supplied embeddings, from an in-process copy of them.
 
+The embeddings are read from the items' payloads (``search_docs`` says which rows changed and their
+dimension) and parsed here, once per change, rather than on the write path (mfh_core.searchindex).
 Each namespace's vectors are held as one normalised float32 matrix. Before a query the copy asks
 SQL for the namespace's generation (one primary-key read) and, when it moved, fetches only the rows
 changed since: every batch that touches a namespace bumps its generation under the row's lock in
@@ -14,6 +16,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
 import numpy as np
+
+from mfh_core.searchindex import embedding_of
 
 __all__ = ["VectorCache"]
 
@@ -43,14 +47,15 @@ class _Namespace:
         expires[: self.n] = self.expires[: self.n]
         self.mat, self.alive, self.expires = mat, alive, expires
 
-    def update(self, rows: Iterable[tuple[str, int, bool, int | None, int | None, bytes | None]]) -> None:
+    def update(self, rows: Iterable[tuple[str, int, bool, int | None, int | None, str | None]]) -> None:
         rows = list(rows)
         if self.n + len(rows) > len(self.alive):
             self._grow(self.n + len(rows))
-        for key, chg, deleted, expires_at, dim, blob in rows:
+        for key, chg, deleted, expires_at, dim, payload in rows:
             self.generation = max(self.generation, chg)
             i = self.pos.get(key)
-            if deleted or blob is None or dim != self.dim:
+            vec = embedding_of(payload) if payload is not None and not deleted and dim == self.dim else None
+            if vec is None or len(vec) != self.dim:
                 if i is not None:
                     self.alive[i] = False
                 continue
@@ -59,7 +64,7 @@ class _Namespace:
                 self.n += 1
                 self.pos[key] = i
                 self.keys.append(key)
-            v = np.frombuffer(blob, dtype=np.float32).astype(np.float64)
+            v = vec.astype(np.float64)
             norm = float(np.linalg.norm(v))
             self.mat[i] = v / norm if norm > 0 and np.isfinite(norm) else 0.0
             self.alive[i] = norm > 0 and np.isfinite(norm)

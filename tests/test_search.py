@@ -354,3 +354,36 @@ async def test_search_and_list_namespaces_on_grpc_and_zeromq(svc: MemoryService)
         z.close()
         await zmq_server.close()
         await grpc_server.stop(grace=1)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"content": "c", "embedding": [1, -2, 3.5e-7, 1e30, 0.1]},
+        {"content": "c", "metadata": {"embedding": ["a]b", 1]}},
+        {"content": "c", "metadata": {"embedding": [1, 2]}},
+        {"session_id": "s", "data": {"embedding": [1, 2]}, "embedding": [3.0, 4.5]},
+        {"session_id": "s", "data": {"embedding": [[1], 2]}},
+        {"content": 'he said "embedding":[1] ok'},
+        {"content": "c", "embedding": [0.25]},
+    ],
+)
+def test_the_index_reads_only_the_top_level_embedding_and_the_rest_of_the_payload_as_it_is(
+    payload: dict[str, Any],
+) -> None:
+    # Given a canonical payload, perhaps with a key named "embedding" below the top level
+    from mfh_core.searchindex import doc_row, embedding_of
+
+    text = canonical_json(payload)
+    # When the index derives its row and the vector cache its vector
+    row = doc_row(("ns", "k", "memory_item", text, 1, "main_pc", False, 1, 1), 0)
+    vec = embedding_of(text)
+    # Then both are what a full JSON parse gives: the top-level embedding as float32, the rest untouched
+    top = payload.get("embedding")
+    assert row[11] == (len(top) if top else None)
+    if top:
+        assert vec is not None and vec.tobytes() == np.array(top, dtype=np.float32).tobytes()
+    else:
+        assert vec is None
+    want_meta = payload.get("metadata") or {}
+    assert json.loads(row[9]) == want_meta

@@ -53,7 +53,6 @@ def upgrade() -> None:
         sa.Column("meta", json_type, nullable=False),
         sa.Column("body", sa.Text, nullable=False),
         sa.Column("dim", sa.Integer, nullable=True),
-        sa.Column("embedding", sa.LargeBinary, nullable=True),
         sa.Column("chg", sa.BigInteger, nullable=False),
     )
     op.create_index(

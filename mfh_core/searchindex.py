@@ -142,7 +142,8 @@ def embedding_of(payload: str) -> np.ndarray[Any, np.dtype[np.float32]] | None:
     _, text = _cut_embedding(payload)
     if text is None:
         return None
-    return np.array(text.split(","), dtype=np.float64).astype(np.float32)
+    # json's scanner reads a list of numbers about twice as fast as splitting and converting with numpy
+    return np.array(json.loads(f"[{text}]"), dtype=np.float32)
 
 
 def doc_row(item: tuple[Any, ...], chg: int) -> tuple[Any, ...]:

@@ -7,13 +7,16 @@ Clients stage ``--stage-batch`` writes per call (8: BatchPut-sized requests); a 
 batched pipeline with single Puts, where this one process's Redis client, not the pipeline, is the limit.
 Redis db 12 by default is flushed: point --redis-url at a scratch database.
 
-    python bench/write_pipeline.py [--writes 20000] [--rounds 3]
+    python bench/write_pipeline.py [--writes 20000] [--rounds 3] [--embedding-dim 384]
+
+``--embedding-dim`` gives the batched rounds' records an embedding (384 floats: ~3 KB of JSON each).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import statistics
 import time
 
@@ -26,14 +29,25 @@ from mfh_tasks import BatchQueue, build_hot_store
 
 
 async def run_round(
-    host: BenchHost, *, writes: int, batch_size: int, concurrency: int, stage_batch: int, tag: str
+    host: BenchHost,
+    *,
+    writes: int,
+    batch_size: int,
+    concurrency: int,
+    stage_batch: int,
+    tag: str,
+    embedding_dim: int = 0,
 ) -> float:
     """Stage ``writes`` writes with ``concurrency`` callers; return persisted writes/s."""
     s = host.settings
     s = s.model_copy(update={"write_behind": s.write_behind.model_copy(update={"batch_max_size": batch_size})})
     queue = BatchQueue.from_settings(s)
     hot: HotStore = build_hot_store(s)
-    payload = canonical_json({"content": "x" * 200, "tags": ["bench"], "importance": 0.5})
+    body: dict[str, object] = {"content": "x" * 200, "tags": ["bench"], "importance": 0.5}
+    if embedding_dim:
+        rng = random.Random(1)
+        body["embedding"] = [round(rng.uniform(-1, 1), 4) for _ in range(embedding_dim)]
+    payload = canonical_json(body)
     next_i = 0
 
     async def writer() -> None:
@@ -71,6 +85,9 @@ async def main() -> None:
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--threads", type=int, default=4, help="worker threads")
     ap.add_argument("--stage-batch", type=int, default=8, help="writes staged per client call (1 = single Puts)")
+    ap.add_argument(
+        "--embedding-dim", type=int, default=0, help="records carry an embedding of this many floats (0 = none)"
+    )
     args = ap.parse_args()
 
     redis.Redis.from_url(args.redis_url).flushdb()
@@ -103,6 +120,7 @@ async def main() -> None:
                     concurrency=args.concurrency,
                     stage_batch=args.stage_batch,
                     tag=f"batched{r}",
+                    embedding_dim=args.embedding_dim,
                 )
             )
             # The same pipeline fed by single Puts: this process's staging is then the limit, not the pipeline.
@@ -135,7 +153,7 @@ async def main() -> None:
     )
     print(
         f"persisted_writes_per_s={b:.0f} single_message_writes_per_s={s1:.0f} ratio={b / s1:.2f} "
-        f"per_put_staging_writes_per_s={p1:.0f} stage_batch={args.stage_batch}"
+        f"per_put_staging_writes_per_s={p1:.0f} stage_batch={args.stage_batch} embedding_dim={args.embedding_dim}"
     )
 
 

@@ -29,6 +29,7 @@ from grpc_reflection.v1alpha._async import ReflectionServicer
 from mfh_api.auth import ApiKeyCheck, read_file
 from mfh_api.grpc_guard import Guard, GuardedRegistrar
 from mfh_api.limits import PeerSlots
+from mfh_api.search import SearchSpec, parse_metadata_filter
 from mfh_api.service import Durability, MemoryService, PutSpec
 from mfh_client.codecs import from_pb_record, to_pb_record
 from mfh_client.codes import INTERNAL_MESSAGE, grpc_status
@@ -84,7 +85,30 @@ def _spec(put: Any) -> PutSpec:
     if r.schema_version not in (0, SCHEMA_VERSION):
         raise InvalidArgument(f"schema_version {r.schema_version} is not supported (this server: {SCHEMA_VERSION})")
     expected = put.expected_version if put.HasField("expected_version") else None
-    return PutSpec(namespace=r.namespace, key=r.key, kind=r.kind, payload=r.payload_json, expected_version=expected)
+    return PutSpec(
+        namespace=r.namespace,
+        key=r.key,
+        kind=r.kind,
+        payload=r.payload_json,
+        expected_version=expected,
+        ttl_seconds=put.ttl_seconds or None,
+    )
+
+
+def _search_spec(r: Any) -> SearchSpec:
+    f = r.filters
+    return SearchSpec(
+        namespace=r.namespace,
+        namespace_prefix=r.namespace_prefix,
+        query=r.query,
+        kinds=list(f.kinds),
+        tags=list(f.tags),
+        metadata=[parse_metadata_filter(m.field, m.op, m.value_json) for m in f.metadata],
+        updated_after_ms=f.updated_after_ms if f.HasField("updated_after_ms") else None,
+        updated_before_ms=f.updated_before_ms if f.HasField("updated_before_ms") else None,
+        embedding=list(r.embedding),
+        top_k=r.top_k,
+    )
 
 
 def _durability(value: int, field: str = "durability") -> Durability:
@@ -323,6 +347,25 @@ class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
             return pb.ListResponse(records=[to_pb_record(r) for r in records], next_page_token=token)
 
         return await self._ok("List", request, context, run)
+
+    async def Search(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async def run(_t: float) -> Any:
+            hits = await self.service.search(_search_spec(request))
+            return pb.SearchResponse(hits=[pb.SearchHit(record=to_pb_record(r), score=s) for r, s in hits])
+
+        return await self._ok("Search", request, context, run)
+
+    async def ListNamespaces(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async def run(_t: float) -> Any:
+            names, token = await self.service.list_namespaces(
+                prefix=request.prefix,
+                max_depth=request.max_depth,
+                page_size=request.page_size,
+                page_token=request.page_token,
+            )
+            return pb.ListNamespacesResponse(namespaces=names, next_page_token=token)
+
+        return await self._ok("ListNamespaces", request, context, run)
 
     async def _ok(
         self, name: str, request: Any, context: grpc.aio.ServicerContext[Any, Any], fn: Callable[[float], Awaitable[R]]

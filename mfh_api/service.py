@@ -17,22 +17,27 @@ import base64
 import binascii
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Final, TypeVar
 
 from redis.exceptions import RedisError
 
+from mfh_api.search import SearchSpec, validate_search
 from mfh_client.types import Durability, PutResult, PutSpec
 from mfh_core import Change, ChangeFeed, HotStore, SqlStore
 from mfh_core.metrics import CACHE_LOOKUPS, register_near_cache
 from mfh_core.nearcache import NearCache, NearEntry
 from mfh_core.resilience import Bulkhead, CircuitBreaker, OutageLog, breaker_from_settings
+from mfh_core.searchindex import SearchQuery
 from mfh_core.sqlstore import WatchPage
 from mfh_core.tracking import TrackingFeed
+from mfh_core.vectors import VectorCache
 from mfh_models import (
     DeadlineExceeded,
     InvalidArgument,
     MemoryEvent,
+    MFHError,
     NotFound,
     Op,
     OutOfRange,
@@ -45,6 +50,8 @@ from mfh_models import (
     validate_namespace,
     validate_payload,
 )
+from mfh_models.expiry import expires_at_of, is_expired, refreshed_payload, with_ttl
+from mfh_models.namespaces import is_under, truncate_namespace
 from mfh_tasks import BatchQueue, build_hot_store
 
 __all__ = [
@@ -55,6 +62,7 @@ __all__ = [
     "MemoryService",
     "PutResult",
     "PutSpec",
+    "SearchSpec",
     "build_service",
     "compose_service",
 ]
@@ -105,13 +113,28 @@ def _check_expected(v: int | None) -> int | None:
     return v
 
 
-def _validate_put(spec: PutSpec) -> Change:
+#: (namespace, key, score) from the index; (record, score) answered; names of a page.
+_Hits = list[tuple[str, str, float]]
+_Scored = list[tuple[Record, float]]
+_Names = list[str]
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _validate_put(spec: PutSpec, now_ms: int) -> tuple[Change, int | None]:
+    """The change to stage and the length of the embedding its payload carries (None without one)."""
     ns, key = validate_namespace(spec.namespace), validate_key(spec.key)
     payload = spec.payload
     if isinstance(payload, bytes | str):
         payload = decode_untrusted_json(payload, what="payload_json")
+    if spec.ttl_seconds and isinstance(payload, dict):
+        payload = with_ttl(payload, spec.ttl_seconds, now_ms)
     kind, text = validate_payload(spec.kind, payload)
-    return Change(Op.PUT, ns, key, kind, text, _check_expected(spec.expected_version))
+    vec = payload.get("embedding") if isinstance(payload, dict) else None
+    dim = len(vec) if isinstance(vec, list) else None
+    return Change(Op.PUT, ns, key, kind, text, _check_expected(spec.expected_version)), dim
 
 
 def _result(e: MemoryEvent) -> PutResult:
@@ -139,8 +162,11 @@ class MemoryService:
         near: NearCache | None = None,
         tracking: TrackingFeed | None = None,
         on_close: Sequence[Callable[[], None]] = (),
+        clock: Callable[[], int] = _now_ms,
     ) -> None:
         self.settings = settings
+        self.clock = clock  # unix ms: expiry is decided with it, at read time (tests inject one)
+        self.vectors = VectorCache()
         self.hot = hot
         self.sql = sql
         self.queue = queue
@@ -261,6 +287,8 @@ class MemoryService:
             return None
         if entry.record is None or entry.record.deleted:
             raise NotFound(f"{namespace}/{key} not found")
+        if expires_at_of(entry.record.payload) is not None or self._refreshes(namespace):
+            return None  # expiry is decided at read time, refresh-on-read writes: the full path does both
         wire: T | None = entry.wire.get(transport)
         if wire is None:
             wire = encode(entry.record)
@@ -298,9 +326,33 @@ class MemoryService:
             validate_key(key)
             async with self.bulkhead.slot():
                 rec, entry = await self._lookup_near(namespace, key)
-        if rec is None or rec.deleted:
+        now = self.clock()
+        if rec is None or rec.deleted or is_expired(rec, now):
             raise NotFound(f"{namespace}/{key} not found")
+        refreshed = await self._maybe_refresh(rec, now)
+        if refreshed is not rec:  # a new version: the cached entry's encodings are of the old one
+            return refreshed, None
         return rec, entry
+
+    def _refreshes(self, namespace: str) -> bool:
+        return any(is_under(namespace, p) for p in self.settings.expiry.refresh_on_read)
+
+    async def _maybe_refresh(self, rec: Record, now: int) -> Record:
+        """Refresh-on-read: extend a TTL'd record's expiry (a conditional ACCEPTED put); on any failure the
+        read is still answered, with the record as it was."""
+        if not self._refreshes(rec.namespace):
+            return rec
+        payload = refreshed_payload(rec, now)
+        if payload is None:
+            return rec
+        change = Change(Op.PUT, rec.namespace, rec.key, rec.kind, payload, rec.version)
+        try:
+            [event] = await self._redis_write(lambda: self.hot.stage_many([change]))
+            await self._enqueue([event], Durability.ACCEPTED)
+        except MFHError as e:
+            log.debug("refresh-on-read of %s/%s skipped: %s", rec.namespace, rec.key, type(e).__name__)
+            return rec
+        return event.to_record()
 
     async def batch_get(self, namespace: str, keys: Sequence[str]) -> tuple[list[Record], list[str]]:
         """(live records in request order, missing keys in request order); duplicates answered once."""
@@ -330,14 +382,10 @@ class MemoryService:
                         for k, ticket in tickets.items():
                             near.finish(ticket, read.get(k), store=cacheable)
             found.update(read)
-        records: list[Record] = []
-        missing: list[str] = []
-        for k in unique:
-            rec = found.get(k)
-            if rec is None or rec.deleted:
-                missing.append(k)
-            else:
-                records.append(rec)
+        now = self.clock()
+        live = {k: r for k, r in found.items() if r is not None and not r.deleted and not is_expired(r, now)}
+        records = [await self._maybe_refresh(live[k], now) for k in unique if k in live]
+        missing = [k for k in unique if k not in live]
         return records, missing
 
     async def _read_many(self, namespace: str, keys: list[str]) -> tuple[dict[str, Record], bool]:
@@ -483,9 +531,17 @@ class MemoryService:
             raise InvalidArgument(f"at most {MAX_BATCH_PUTS} puts per BatchPut, got {len(specs)}")
         puts: list[Change] = []
         seen: set[tuple[str, str]] = set()
+        dims: dict[str, tuple[int, int]] = {}
+        now = self.clock()
         for i, spec in enumerate(specs):
             try:
-                p = _validate_put(spec)
+                p, dim = _validate_put(spec, now)
+                if dim is not None:
+                    first = dims.setdefault(p.namespace, (dim, i))
+                    if first[0] != dim:
+                        raise InvalidArgument(
+                            f"embedding has {dim} dimensions; puts[{first[1]}] to {p.namespace} has {first[0]}"
+                        )
             except InvalidArgument as e:
                 raise InvalidArgument(f"puts[{i}]: {e.message}" if len(specs) > 1 else e.message) from None
             if (p.namespace, p.key) in seen:
@@ -494,6 +550,8 @@ class MemoryService:
             puts.append(p)
         started = asyncio.get_running_loop().time()
         async with self.bulkhead.slot():
+            for ns, (dim, _) in sorted(dims.items()):
+                await self._check_dim(ns, dim)
             for p in puts:
                 if p.expected_version is not None:
                     await self._ensure_hot(p.namespace, p.key)
@@ -504,6 +562,19 @@ class MemoryService:
             waiters = await self._enqueue(events, durability)
         await self._await_persisted(events, waiters, started, timeout)
         return [_result(e) for e in events]
+
+    async def _check_dim(self, namespace: str, dim: int) -> None:
+        """One embedding dimension per namespace: the first claimed (in Redis, seeded from SQL) stays."""
+        known = await self._redis_write(lambda: self.hot.known_dim(namespace))
+        if known is None:
+            try:
+                rows = await self._sql(lambda: self.sql.search_namespaces(namespace, prefix=False))
+            except Unavailable:
+                rows = []
+            seed = next((d for _, _, d in rows if d is not None), dim)
+            known = await self._redis_write(lambda: self.hot.claim_dim(namespace, seed))
+        if known != dim:
+            raise InvalidArgument(f"embedding has {dim} dimensions; namespace {namespace} uses {known}")
 
     async def delete(
         self,
@@ -521,7 +592,7 @@ class MemoryService:
         started = asyncio.get_running_loop().time()
         async with self.bulkhead.slot():
             current = await self._ensure_hot(namespace, key)
-            if current is None or current.deleted:
+            if current is None or current.deleted or is_expired(current, self.clock()):
                 raise NotFound(f"{namespace}/{key} not found")
             tombstone = Change(Op.DELETE, namespace, key, None, "null", expected)
             try:
@@ -558,7 +629,7 @@ class MemoryService:
             told = loop.time()
             while True:
                 page = await self._read_log(namespace, key_prefix, cursor, _WATCH_PAGE)
-                for seq, event in page.events:
+                for seq, event in self._unexpired(page.events):
                     yield seq, event
                 moved, cursor = page.scanned_to > cursor, page.scanned_to
                 if page.events:
@@ -596,14 +667,22 @@ class MemoryService:
         deadline = loop.time() + max(wait_s, 0.0)
         page = await self._read_log(namespace, key_prefix, cursor, limit)
         if page.events or page.scanned_to < page.head or wait_s <= 0:
-            return page.events, page.scanned_to
+            return self._unexpired(page.events), page.scanned_to
         async with self.feed.subscribe(namespace, key_prefix) as watcher:
             while True:  # subscribed: re-read, so a commit between the read above and now is not waited for
                 page = await self._read_log(namespace, key_prefix, page.scanned_to, limit)
                 left = deadline - loop.time()
                 if page.events or page.scanned_to < page.head or left <= 0:
-                    return page.events, page.scanned_to
+                    return self._unexpired(page.events), page.scanned_to
                 await watcher.wait(left)
+
+    def _unexpired(self, events: list[tuple[int, MemoryEvent]]) -> list[tuple[int, MemoryEvent]]:
+        """The changes to send: a put whose record has expired by now is invisible to Watch too (docs/api.md,
+        "Expiry"); its position still counts as read."""
+        now = self.clock()
+        return [
+            (seq, e) for seq, e in events if e.op is Op.DELETE or (at := expires_at_of(e.payload)) is None or now < at
+        ]
 
     async def _read_log(self, namespace: str, key_prefix: str, after: int, limit: int) -> WatchPage:
         return await self._sql(
@@ -677,14 +756,91 @@ class MemoryService:
             except Unavailable:
                 hot = {}
         out: list[Record] = []
+        now = self.clock()
         for r in rows:
             entry = hot.get(r.key)
             rec = entry.record if entry is not None and entry.record.version > r.version else r
             if (rec.deleted and not include_deleted) or (k is not None and rec.kind is not k):
                 continue
+            if is_expired(rec, now):
+                continue
             out.append(rec)
         token = _encode_token(rows[-1].key, scope) if more and rows else ""
         return out, token
+
+    # -- search and namespaces --------------------------------------------------------------------
+
+    async def search(self, spec: SearchSpec) -> _Scored:
+        """Records in scope that pass the filters, best first: by cosine similarity with ``spec.embedding``,
+        else by full-text rank, else newest first. Reads the SQL index (PERSISTED state), overlaid with newer
+        hot entries: a record deleted or expired since it was indexed is left out."""
+        now = self.clock()
+        query, embedding, top_k = validate_search(spec, now)
+        async with self.bulkhead.slot():
+            if embedding:
+                hits = await self._vector_hits(query, embedding, top_k)
+            else:
+                hits = await self._sql(lambda: self.sql.search_keys(query))
+            return await self._hit_records(hits, now)
+
+    async def _vector_hits(self, query: SearchQuery, embedding: Sequence[float], top_k: int) -> _Hits:
+        spaces = await self._sql(lambda: self.sql.search_namespaces(query.namespace, prefix=query.prefix))
+        dims = sorted({d for _, _, d in spaces if d is not None})
+        if dims and len(embedding) not in dims:
+            where = f"namespace {query.namespace}" if not query.prefix else f"namespaces under {query.namespace}"
+            raise InvalidArgument(f"embedding has {len(embedding)} dimensions; {where} use {', '.join(map(str, dims))}")
+        allowed: dict[str, set[str]] | None = None
+        if query.filtered:
+            allowed = {}
+            for ns, key, _ in await self._sql(lambda: self.sql.search_keys(query)):
+                allowed.setdefault(ns, set()).add(key)
+        now = query.now_ms
+        return await self._sql(lambda: self.vectors.top_k(self.sql, spaces, embedding, top_k, now, allowed))
+
+    async def _hit_records(self, hits: _Hits, now: int) -> _Scored:
+        by_ns: dict[str, list[str]] = {}
+        for ns, key, _ in hits:
+            by_ns.setdefault(ns, []).append(key)
+        found: dict[tuple[str, str], Record] = {}
+        for ns, keys in by_ns.items():
+            rows = await self._sql(lambda ns=ns, keys=keys: self.sql.get_many(ns, keys))  # type: ignore[misc]
+            try:
+                hot = await self._redis(lambda ns=ns, keys=keys: self.hot.get_many(ns, keys))  # type: ignore[misc]
+            except Unavailable:
+                hot = {}
+            for key, row in rows.items():
+                entry = hot.get(key)
+                found[(ns, key)] = entry.record if entry is not None and entry.record.version > row.version else row
+        out = []
+        for ns, key, score in hits:
+            rec = found.get((ns, key))
+            if rec is not None and not rec.deleted and not is_expired(rec, now):
+                out.append((rec, score))
+        return out
+
+    async def list_namespaces(
+        self, *, prefix: str = "", max_depth: int = 0, page_size: int = 0, page_token: str = ""
+    ) -> tuple[_Names, str]:
+        """Names holding live (persisted, unexpired) records at or below ``prefix``, ascending; with
+        ``max_depth``, cut to that many segments and deduplicated."""
+        if prefix:
+            validate_namespace(prefix)
+        if isinstance(max_depth, bool) or not isinstance(max_depth, int) or not 0 <= max_depth <= 64:
+            raise InvalidArgument("max_depth must be from 0 to 64")
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 0:
+            raise InvalidArgument("page_size must not be negative")
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        scope: list[Any] = ["namespaces", prefix, max_depth]
+        after = _decode_token(page_token, scope)
+        now = self.clock()
+        async with self.bulkhead.slot():
+            names = await self._sql(lambda: self.sql.live_namespaces(prefix, now))
+        if max_depth:
+            names = sorted({truncate_namespace(n, max_depth) for n in names})
+        page = [n for n in names if n > after][: size + 1]
+        more = len(page) > size
+        page = page[:size]
+        return page, _encode_token(page[-1], scope) if more else ""
 
 
 def _encode_token(after_key: str, scope: list[Any]) -> str:
@@ -702,7 +858,9 @@ def _decode_token(token: str, scope: list[Any]) -> str:
     except (InvalidArgument, ValueError, KeyError, TypeError, binascii.Error):
         raise InvalidArgument("page_token is not a token this server issued") from None
     if got != scope or not isinstance(after, str):
-        raise InvalidArgument("page_token was issued for another namespace, kind, key_prefix or include_deleted")
+        raise InvalidArgument(
+            "page_token was issued for another namespace, prefix, kind, key_prefix, include_deleted or depth"
+        )
     return after
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Final, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from mfh_client.codecs import record_from_json, record_to_json, watch_event_to_json
 from mfh_models import MAX_JSON_DEPTH, InvalidArgument, Record, decode_untrusted_json
@@ -28,9 +28,11 @@ __all__ = [
     "BatchPutPayload",
     "DeletePayload",
     "GetPayload",
+    "ListNamespacesPayload",
     "ListPayload",
     "Peek",
     "PutPayload",
+    "SearchPayload",
     "V1Request",
     "WatchPayload",
     "decode_json",
@@ -100,6 +102,7 @@ class PutPayload(_Strict):
     payload: dict[str, Any] | StrictStr
     expected_version: Version | None = None
     durability: DurabilityName = "accepted"
+    ttl_seconds: StrictInt | None = Field(default=None, ge=0, description="0 or absent: no TTL")
 
 
 class BatchPutPayload(_Strict):
@@ -139,6 +142,42 @@ class WatchPayload(_Strict):
     wait_ms: StrictInt = Field(default=0, ge=0, le=300_000, description="capped by the request's deadline")
 
 
+class MetadataFilterPayload(_Strict):
+    """One ``filters.metadata`` condition; ``value`` is JSON (an array for ``in``)."""
+
+    field: StrictStr
+    op: StrictStr
+    value: Any
+
+
+class SearchFiltersPayload(_Strict):
+    kinds: list[StrictStr] = Field(default_factory=list, max_length=16)
+    tags: list[StrictStr] = Field(default_factory=list, max_length=1000)
+    metadata: list[MetadataFilterPayload] = Field(default_factory=list, max_length=1000)
+    updated_after_ms: StrictInt | None = None
+    updated_before_ms: StrictInt | None = None
+
+
+class SearchPayload(_Strict):
+    """``search``: like gRPC Search; the service checks the limits and names the bad field."""
+
+    namespace: StrictStr = ""
+    namespace_prefix: StrictStr = ""
+    query: StrictStr = ""
+    filters: SearchFiltersPayload = SearchFiltersPayload()
+    embedding: list[StrictFloat | StrictInt] = Field(default_factory=list, max_length=MAX_BATCH)
+    top_k: StrictInt = 0
+
+
+class ListNamespacesPayload(_Strict):
+    """``list_namespaces``: one page of names."""
+
+    prefix: StrictStr = ""
+    max_depth: StrictInt = Field(default=0, ge=0, le=64)
+    page_size: StrictInt = Field(default=100, ge=0)
+    page_token: StrictStr = ""
+
+
 ACTIONS: Final[dict[str, type[_Strict]]] = {
     "get": GetPayload,
     "batch_get": BatchGetPayload,
@@ -147,6 +186,8 @@ ACTIONS: Final[dict[str, type[_Strict]]] = {
     "delete": DeletePayload,
     "list": ListPayload,
     "watch": WatchPayload,
+    "search": SearchPayload,
+    "list_namespaces": ListNamespacesPayload,
 }
 
 
@@ -159,6 +200,8 @@ RPC_NAMES: Final[dict[str, str]] = {
     "delete": "Delete",
     "list": "List",
     "watch": "Watch",
+    "search": "Search",
+    "list_namespaces": "ListNamespaces",
 }
 
 

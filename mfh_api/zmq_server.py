@@ -31,6 +31,7 @@ from zmq.auth.asyncio import AsyncioAuthenticator
 from mfh_api import legacy_v0
 from mfh_api.auth import ApiKeyCheck
 from mfh_api.limits import PeerSlots
+from mfh_api.search import MetadataCondition, SearchSpec
 from mfh_api.service import Durability, MemoryService, PutSpec
 from mfh_api.zmq_protocol import (
     MAX_ID_CHARS,
@@ -39,8 +40,10 @@ from mfh_api.zmq_protocol import (
     BatchPutPayload,
     DeletePayload,
     GetPayload,
+    ListNamespacesPayload,
     ListPayload,
     PutPayload,
+    SearchPayload,
     WatchPayload,
     decode_json,
     encode,
@@ -54,6 +57,7 @@ from mfh_api.zmq_protocol import (
     peek,
     peek_error,
     plain_get,
+    record_to_json,
     record_to_wire,
     request_id,
     watch_event_to_json,
@@ -81,7 +85,28 @@ _WATCH_MARGIN_S: Final = 0.25
 
 def _spec(p: PutPayload) -> PutSpec:
     return PutSpec(
-        namespace=p.namespace, key=p.key, kind=p.kind, payload=p.payload, expected_version=p.expected_version
+        namespace=p.namespace,
+        key=p.key,
+        kind=p.kind,
+        payload=p.payload,
+        expected_version=p.expected_version,
+        ttl_seconds=p.ttl_seconds or None,
+    )
+
+
+def _search_spec(m: SearchPayload) -> SearchSpec:
+    f = m.filters
+    return SearchSpec(
+        namespace=m.namespace,
+        namespace_prefix=m.namespace_prefix,
+        query=m.query,
+        kinds=f.kinds,
+        tags=f.tags,
+        metadata=[MetadataCondition(c.field, c.op, c.value) for c in f.metadata],
+        updated_after_ms=f.updated_after_ms,
+        updated_before_ms=f.updated_before_ms,
+        embedding=m.embedding,
+        top_k=m.top_k,
     )
 
 
@@ -127,6 +152,14 @@ async def dispatch(service: MemoryService, action: str, payload: dict[str, Any],
             m.namespace, m.key_prefix, after_sequence=m.after_sequence, max_events=m.max_events, wait_s=wait
         )
         return {"events": [watch_event_to_json(seq, e) for seq, e in events], "next_sequence": position}
+    if isinstance(m, SearchPayload):
+        hits = await service.search(_search_spec(m))
+        return {"hits": [{"record": record_to_json(r), "score": s} for r, s in hits]}
+    if isinstance(m, ListNamespacesPayload):
+        names, token = await service.list_namespaces(
+            prefix=m.prefix, max_depth=m.max_depth, page_size=m.page_size, page_token=m.page_token
+        )
+        return {"namespaces": names, "next_page_token": token}
     raise InvalidArgument(f"unknown action {action!r}")  # unreachable: parse_payload knows every action
 
 

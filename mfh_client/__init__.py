@@ -15,7 +15,7 @@ SQL, Dramatiq or NATS library is needed.
 from __future__ import annotations
 
 from mfh_client.client import AsyncClient, AsyncMemoryClient, AsyncZmqClient, Client, MemoryClient, ZmqClient
-from mfh_client.types import Durability, PutResult, PutSpec
+from mfh_client.types import Durability, MetadataFilter, PutResult, PutSpec, SearchHit
 from mfh_models.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -27,6 +27,7 @@ from mfh_models.errors import (
     Unavailable,
     VersionConflict,
 )
+from mfh_models.namespaces import decode_namespace, encode_namespace
 from mfh_models.records import Kind, MemoryEvent, Record
 
 __all__ = [
@@ -41,14 +42,18 @@ __all__ = [
     "MFHError",
     "MemoryClient",
     "MemoryEvent",
+    "MetadataFilter",
     "NotFound",
     "OutOfRange",
     "PutResult",
     "PutSpec",
     "Record",
     "ResourceExhausted",
+    "SearchHit",
     "Unauthenticated",
     "Unavailable",
     "VersionConflict",
     "ZmqClient",
+    "decode_namespace",
+    "encode_namespace",
 ]

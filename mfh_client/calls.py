@@ -15,7 +15,7 @@ from typing import Any, Generic, TypeVar
 
 from mfh_client import retry
 from mfh_client.retry import CallKind
-from mfh_client.types import Durability, PutResult, PutSpec
+from mfh_client.types import Durability, MetadataFilter, PutResult, PutSpec, SearchHit
 from mfh_models.errors import InvalidArgument, MFHError
 from mfh_models.records import Record, WatchedEvent
 
@@ -58,6 +58,7 @@ def _put_args(spec: PutSpec) -> dict[str, Any]:
         "kind": spec.kind,
         "payload": spec.payload,
         "expected_version": spec.expected_version,
+        "ttl_seconds": spec.ttl_seconds,
     }
 
 
@@ -110,6 +111,48 @@ def watch_poll(
     """One ZeroMQ long poll of a Watch: the changes after ``after_sequence`` and the position to poll after."""
     args = {"namespace": namespace, "key_prefix": key_prefix, "after_sequence": after_sequence, "wait_ms": wait_ms}
     return Call("watch", args, CallKind.READ)
+
+
+def _condition(c: MetadataFilter | Sequence[Any]) -> dict[str, Any]:
+    if isinstance(c, MetadataFilter):
+        return {"field": c.field, "op": c.op, "value": c.value}
+    field_name, op, value = c
+    return {"field": field_name, "op": op, "value": value}
+
+
+def search(
+    namespace: str,
+    namespace_prefix: str,
+    query: str,
+    kinds: Sequence[str],
+    tags: Sequence[str],
+    metadata: Sequence[MetadataFilter | Sequence[Any]],
+    updated_after_ms: int | None,
+    updated_before_ms: int | None,
+    embedding: Sequence[float],
+    top_k: int,
+) -> Call[list[SearchHit]]:
+    filters = {
+        "kinds": list(kinds),
+        "tags": list(tags),
+        "metadata": [_condition(c) for c in metadata],
+        "updated_after_ms": updated_after_ms,
+        "updated_before_ms": updated_before_ms,
+    }
+    args = {
+        "namespace": namespace,
+        "namespace_prefix": namespace_prefix,
+        "query": query,
+        "filters": filters,
+        "embedding": [float(x) for x in embedding],
+        "top_k": top_k,
+    }
+    return Call("search", args, CallKind.READ)
+
+
+def list_namespaces(prefix: str, max_depth: int, page_size: int, page_token: str) -> Call[tuple[list[str], str]]:
+    args = {"prefix": prefix, "max_depth": max_depth, "page_size": page_size, "page_token": page_token}
+    return Call("list_namespaces", args, CallKind.READ)
 
 
 # -- endpoints and the retry policy ------------------------------------------------------------------

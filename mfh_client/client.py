@@ -19,12 +19,14 @@ from mfh_client import calls
 from mfh_client.calls import Call, Endpoints, Failure, RetryPolicy, WatchResume
 from mfh_client.transport_grpc import AsyncGrpcTransport, GrpcTransport
 from mfh_client.transport_zmq import AsyncZmqTransport, ZmqTransport, zmq_endpoints
-from mfh_client.types import Durability, PutResult, PutSpec
+from mfh_client.types import Durability, MetadataFilter, PutResult, PutSpec, SearchHit
 from mfh_models.records import Record, WatchedEvent
 
 __all__ = ["AsyncClient", "AsyncMemoryClient", "AsyncZmqClient", "Client", "MemoryClient", "ZmqClient"]
 
 T = TypeVar("T")
+_Hits = list[SearchHit]
+_Names = list[str]
 _DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024
 #: How long a ZeroMQ Watch poll waits for a change before it is answered (then the client polls again).
 _ZMQ_WATCH_WAIT_S = 2.0
@@ -173,6 +175,49 @@ class Client(_Base):
         """One page (records, next page token; ``""`` on the last page)."""
         return self._run(calls.list_page(namespace, kind, key_prefix, page_size, page_token, include_deleted), timeout)
 
+    def search(
+        self,
+        namespace: str = "",
+        *,
+        namespace_prefix: str = "",
+        query: str = "",
+        kinds: Sequence[str] = (),
+        tags: Sequence[str] = (),
+        metadata: Sequence[MetadataFilter | Sequence[Any]] = (),
+        updated_after_ms: int | None = None,
+        updated_before_ms: int | None = None,
+        embedding: Sequence[float] = (),
+        top_k: int = 10,
+        timeout: float | None = None,
+    ) -> _Hits:
+        """Records of ``namespace`` (or at/below ``namespace_prefix``) passing the filters, best first
+        (cosine with ``embedding``, else full-text rank of ``query``, else newest); see docs/api.md."""
+        call = calls.search(
+            namespace,
+            namespace_prefix,
+            query,
+            kinds,
+            tags,
+            metadata,
+            updated_after_ms,
+            updated_before_ms,
+            embedding,
+            top_k,
+        )
+        return self._run(call, timeout)
+
+    def list_namespaces(
+        self,
+        *,
+        prefix: str = "",
+        max_depth: int = 0,
+        page_size: int = 100,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> tuple[_Names, str]:
+        """One page of namespace names holding live records (names, next page token)."""
+        return self._run(calls.list_namespaces(prefix, max_depth, page_size, page_token), timeout)
+
     def close(self) -> None:
         self.transport.close()
 
@@ -284,6 +329,49 @@ class AsyncClient(_Base):
         """One page (records, next page token; ``""`` on the last page)."""
         call = calls.list_page(namespace, kind, key_prefix, page_size, page_token, include_deleted)
         return await self._run(call, timeout)
+
+    async def search(
+        self,
+        namespace: str = "",
+        *,
+        namespace_prefix: str = "",
+        query: str = "",
+        kinds: Sequence[str] = (),
+        tags: Sequence[str] = (),
+        metadata: Sequence[MetadataFilter | Sequence[Any]] = (),
+        updated_after_ms: int | None = None,
+        updated_before_ms: int | None = None,
+        embedding: Sequence[float] = (),
+        top_k: int = 10,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> _Hits:
+        """Records of ``namespace`` (or at/below ``namespace_prefix``) passing the filters, best first
+        (cosine with ``embedding``, else full-text rank of ``query``, else newest); see docs/api.md."""
+        call = calls.search(
+            namespace,
+            namespace_prefix,
+            query,
+            kinds,
+            tags,
+            metadata,
+            updated_after_ms,
+            updated_before_ms,
+            embedding,
+            top_k,
+        )
+        return await self._run(call, timeout)
+
+    async def list_namespaces(
+        self,
+        *,
+        prefix: str = "",
+        max_depth: int = 0,
+        page_size: int = 100,
+        page_token: str = "",
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> tuple[_Names, str]:
+        """One page of namespace names holding live records (names, next page token)."""
+        return await self._run(calls.list_namespaces(prefix, max_depth, page_size, page_token), timeout)
 
     async def aclose(self) -> None:
         close = getattr(self.transport, "close", None)

@@ -6,6 +6,7 @@ transports differ only in the channel they send it on.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncGenerator, Callable, Generator, Mapping, Sequence
 from typing import Any, Final
 
@@ -17,7 +18,7 @@ from mfh_client.codes import exception_for
 from mfh_client.proto import pb, pb_grpc
 from mfh_client.retry import SERVER_ANSWER_METADATA
 from mfh_client.security import TlsConfig
-from mfh_client.types import API_KEY_METADATA, Durability, PutResult
+from mfh_client.types import API_KEY_METADATA, Durability, PutResult, SearchHit
 from mfh_models.canonical import canonical_json
 from mfh_models.records import WatchedEvent
 
@@ -48,10 +49,37 @@ def _durability(d: Durability) -> Any:
 def _pb_put(a: Mapping[str, Any]) -> Any:
     payload = a["payload"] if isinstance(a["payload"], str) else canonical_json(a["payload"])
     rec = pb.Record(namespace=a["namespace"], key=a["key"], kind=a["kind"], payload_json=payload)
-    req = pb.PutRequest(record=rec)
+    req = pb.PutRequest(record=rec, ttl_seconds=a.get("ttl_seconds") or 0)
     if a["expected_version"] is not None:
         req.expected_version = a["expected_version"]
     return req
+
+
+def _search_request(a: Mapping[str, Any]) -> Any:
+    f = a["filters"]
+    filters = pb.SearchFilters(
+        kinds=f["kinds"],
+        tags=f["tags"],
+        metadata=[
+            pb.MetadataFilter(field=c["field"], op=c["op"], value_json=json.dumps(c["value"])) for c in f["metadata"]
+        ],
+    )
+    if f["updated_after_ms"] is not None:
+        filters.updated_after_ms = f["updated_after_ms"]
+    if f["updated_before_ms"] is not None:
+        filters.updated_before_ms = f["updated_before_ms"]
+    return pb.SearchRequest(
+        namespace=a["namespace"],
+        namespace_prefix=a["namespace_prefix"],
+        query=a["query"],
+        filters=filters,
+        embedding=a["embedding"],
+        top_k=a["top_k"],
+    )
+
+
+def _hits(m: Any) -> list[SearchHit]:
+    return [SearchHit(record=from_pb_record(h.record), score=h.score) for h in m.hits]
 
 
 def _put_request(a: Mapping[str, Any]) -> Any:
@@ -91,6 +119,12 @@ _METHODS: Final[dict[str, tuple[str, Callable[[Mapping[str, Any]], Any], Callabl
     ),
     "delete": ("Delete", _delete_request, _result),
     "list": ("List", lambda a: pb.ListRequest(**a), lambda m: (_records(m), m.next_page_token)),
+    "search": ("Search", _search_request, _hits),
+    "list_namespaces": (
+        "ListNamespaces",
+        lambda a: pb.ListNamespacesRequest(**a),
+        lambda m: (list(m.namespaces), m.next_page_token),
+    ),
 }
 
 

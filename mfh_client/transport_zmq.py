@@ -22,7 +22,7 @@ from mfh_client.calls import Call, Failure
 from mfh_client.codecs import record_from_json, watch_event_from_json
 from mfh_client.codes import exception_for_zmq
 from mfh_client.security import CurveConfig
-from mfh_client.types import PutResult
+from mfh_client.types import PutResult, SearchHit
 from mfh_models.errors import DeadlineExceeded
 from mfh_models.records import WatchedEvent
 
@@ -38,6 +38,8 @@ def _put_payload(a: Mapping[str, Any]) -> dict[str, Any]:
     p = {k: a[k] for k in ("namespace", "key", "kind", "payload")}
     if a["expected_version"] is not None:
         p["expected_version"] = a["expected_version"]
+    if a.get("ttl_seconds"):
+        p["ttl_seconds"] = a["ttl_seconds"]
     return p
 
 
@@ -47,6 +49,8 @@ def _payload(call: Call[Any]) -> dict[str, Any]:
         return {**_put_payload(a), "durability": a["durability"].value}
     if call.op == "batch_put":
         return {"puts": [_put_payload(p) for p in a["puts"]], "durability": a["durability"].value}
+    if call.op in ("search", "list_namespaces"):
+        return dict(a)
     # get, batch_get, delete, list: send the fields that are set (the server's defaults fill the rest)
     out = {k: v for k, v in a.items() if v is not None and v != "" and v is not False}
     if "durability" in out:
@@ -75,6 +79,8 @@ _RESULTS: Final[dict[str, Callable[[Any], Any]]] = {
     "delete": _result,
     "list": lambda d: (_records(d), str(d["next_page_token"])),
     "watch": lambda d: ([watch_event_from_json(e) for e in d["events"]], int(d["next_sequence"])),
+    "search": lambda d: [SearchHit(record=record_from_json(h["record"]), score=float(h["score"])) for h in d["hits"]],
+    "list_namespaces": lambda d: ([str(n) for n in d["namespaces"]], str(d["next_page_token"])),
 }
 
 #: What a Watch yields per poll: (sequence, the change), then (the position to poll after, None).

@@ -44,6 +44,24 @@ __all__ = ["Change", "HotEntry", "HotStore"]
 _FIELDS = ("vm", "vc", "o", "d", "k", "p", "u", "dirty")
 
 
+class NeverSent(RedisConnectionError):
+    """Redis could not be reached (connect or handshake failed): no command of the call went out."""
+
+
+class _Connection(aioredis.Connection):
+    """A connection whose connect failures are :class:`NeverSent`, so a caller can tell "nothing was sent"
+    from "the connection was lost with the command on it" (the command may have run: Redis executes
+    what it read before it shuts down, without answering)."""
+
+    async def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True) -> None:
+        try:
+            await super().connect_check_health(check_health=check_health, retry_socket_connect=retry_socket_connect)
+        except NeverSent:
+            raise
+        except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+            raise NeverSent(str(e)) from e
+
+
 def _lua(name: str) -> str:
     return resources.files("mfh_core").joinpath("lua", name).read_text(encoding="utf-8")
 
@@ -104,6 +122,7 @@ class HotStore:
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout,
             decode_responses=True,
+            connection_class=_Connection,
         )
         self.redis: aioredis.Redis = aioredis.Redis(connection_pool=pool)
         self.prefix = prefix
@@ -162,8 +181,9 @@ class HotStore:
 
         Raises NotFound (a delete of an absent or deleted key), VersionConflict or ResourceExhausted
         (the dirty set is at ``max_backlog``), naming the first change that failed; Unavailable when
-        Redis cannot be reached (nothing staged), DeadlineExceeded when it did not answer in time
-        (the change may be staged: reconcile then persists it).
+        Redis could not be reached (nothing was sent, so nothing staged); DeadlineExceeded when the call
+        was sent and not answered, in time or at all (a lost connection): the change may be staged, and
+        reconcile then persists it.
         """
         if not changes:
             return []
@@ -181,10 +201,14 @@ class HotStore:
                 args += [c.op.value, kind, c.payload, "1" if c.expected_version is not None else "0", ms, ctr]
         try:
             results = await self._stage(keys=keys, args=args)
-        except RedisTimeoutError as e:  # the script may have run: the caller cannot be told "nothing was staged"
-            raise DeadlineExceeded(f"redis did not answer in time while staging; the write may be staged ({e})") from e
-        except RedisConnectionError as e:
+        except NeverSent as e:
             raise Unavailable(f"redis unavailable: {e}") from e
+        except (RedisTimeoutError, RedisConnectionError) as e:
+            # Sent, and no answer (a timeout, or the connection lost, e.g. Redis shutting down): the script may
+            # have run, so the caller cannot be told "nothing was staged"; a staged write is persisted by reconcile.
+            raise DeadlineExceeded(
+                f"redis did not answer while staging ({e}); the write may be staged: re-read the key"
+            ) from e
         out: list[list[MemoryEvent] | BaseException] = []
         for changes, res in zip(groups, results, strict=True):
             try:
@@ -313,6 +337,20 @@ class HotStore:
             if entry is not None:
                 out[k] = entry
         return out
+
+    async def claim_dim(self, namespace: str, dim: int) -> int:
+        """The namespace's embedding dimension: the first one claimed (here or seeded from SQL) stays."""
+        key = f"{self.prefix}:dim:{namespace}"
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(key, dim, nx=True)
+            pipe.get(key)
+            _, got = await pipe.execute()
+        return int(got) if got is not None else dim
+
+    async def known_dim(self, namespace: str) -> int | None:
+        """The dimension claimed for the namespace on this host, if any."""
+        got = await self.redis.get(f"{self.prefix}:dim:{namespace}")
+        return int(got) if got is not None else None
 
     async def ttl_of(self, namespace: str, key: str) -> int:
         """Seconds left before the entry expires; -1 when it has no TTL (dirty), -2 when absent."""

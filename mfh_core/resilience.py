@@ -28,7 +28,7 @@ from enum import StrEnum
 from typing import TypeVar
 
 from mfh_core.metrics import BREAKER_STATE
-from mfh_models import MFHError, ResourceExhausted, Unavailable
+from mfh_models import DeadlineExceeded, MFHError, ResourceExhausted, Unavailable
 from mfh_models.settings import CircuitBreakerSettings
 
 __all__ = ["Bulkhead", "CircuitBreaker", "CircuitState", "OutageLog", "breaker_from_settings"]
@@ -220,6 +220,9 @@ class CircuitBreaker:
             result = await fn()
         except Unavailable as e:
             self.record_failure(e.message)
+            raise
+        except DeadlineExceeded:  # sent and not answered (a timeout, a lost connection): no verdict either way
+            self._release_trial()
             raise
         except MFHError:  # NotFound, a conflict...: the dependency answered, so it is up
             self.record_success()

@@ -27,9 +27,12 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, SQLAlchemyError
 
+from mfh_core import search_sql
+from mfh_core.searchindex import DOC_COLS, SearchQuery, doc_row
 from mfh_models import (
     ChecksumRow,
     InvalidArgument,
@@ -53,6 +56,8 @@ __all__ = [
     "events_table",
     "items_table",
     "metadata",
+    "search_docs_table",
+    "search_namespaces_table",
 ]
 
 log = logging.getLogger("mfh.sqlstore")
@@ -97,6 +102,45 @@ events_table = sa.Table(
     sa.Index("ix_events_unpublished", "published", "seq"),
 )
 
+#: Derived search state (mfh_core.searchindex): one row per item, written in the item's transaction.
+search_docs_table = sa.Table(
+    "search_docs",
+    metadata,
+    sa.Column("namespace", _text_c(64), primary_key=True),
+    sa.Column("key", _text_c(256), primary_key=True),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("version", sa.BigInteger, nullable=False),
+    sa.Column("origin", _text_c(32), nullable=False),
+    sa.Column("deleted", sa.Boolean, nullable=False),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
+    sa.Column("expires_at", sa.BigInteger, nullable=True),
+    sa.Column("tags", sa.Text().with_variant(JSONB(), "postgresql"), nullable=False),
+    sa.Column("meta", sa.Text().with_variant(JSONB(), "postgresql"), nullable=False),
+    sa.Column("body", sa.Text, nullable=False),
+    sa.Column("dim", sa.Integer, nullable=True),
+    sa.Column("chg", sa.BigInteger, nullable=False),
+    # Partial: only records with an expiry (few) pay for this index entry; the sweep's
+    # ``expires_at <= :now`` implies ``expires_at IS NOT NULL``, so both planners use it.
+    sa.Index(
+        "ix_search_docs_expires",
+        "expires_at",
+        sqlite_where=sa.text("expires_at IS NOT NULL"),
+        postgresql_where=sa.text("expires_at IS NOT NULL"),
+    ),
+    sa.Index("ix_search_docs_chg", "namespace", "chg"),
+    sa.Index("ix_search_docs_updated", "namespace", "updated_at"),
+)
+
+#: One row per namespace ever written: its embedding dimension and a generation that every batch
+#: touching the namespace bumps (under the row's lock), so a vector cache knows what changed.
+search_namespaces_table = sa.Table(
+    "search_namespaces",
+    metadata,
+    sa.Column("namespace", _text_c(64), primary_key=True),
+    sa.Column("generation", sa.BigInteger, nullable=False),
+    sa.Column("dim", sa.Integer, nullable=True),
+)
+
 _EVENT_COLS = "event_id, op, namespace, key, kind, payload, version, origin, created_at, schema_version, published"
 _ITEM_COLS = "namespace, key, kind, payload, version, origin, deleted, updated_at, schema_version"
 _ITEM_UPDATE = (
@@ -105,6 +149,20 @@ _ITEM_UPDATE = (
     "updated_at = excluded.updated_at, schema_version = excluded.schema_version "
     "WHERE excluded.version > items.version "
     "OR (excluded.version = items.version AND excluded.origin > items.origin)"
+)
+
+_DOC_UPDATE = (
+    "ON CONFLICT (namespace, key) DO UPDATE SET kind = excluded.kind, version = excluded.version, "
+    "origin = excluded.origin, deleted = excluded.deleted, updated_at = excluded.updated_at, "
+    "expires_at = excluded.expires_at, tags = excluded.tags, meta = excluded.meta, body = excluded.body, "
+    "dim = excluded.dim, chg = excluded.chg "
+    "WHERE excluded.version > search_docs.version "
+    "OR (excluded.version = search_docs.version AND excluded.origin > search_docs.origin)"
+)
+_NS_UPSERT = (
+    "INSERT INTO search_namespaces (namespace, generation, dim) VALUES ({p}, 1, {p}) "
+    "ON CONFLICT (namespace) DO UPDATE SET generation = search_namespaces.generation + 1, "
+    "dim = COALESCE(search_namespaces.dim, excluded.dim) RETURNING generation"
 )
 
 
@@ -337,11 +395,48 @@ class Snapshot:
         return {"items": int(items), "events": int(events)}
 
 
+def _index_items(cur: Any, dialect: str, item_rows: Sequence[tuple[Any, ...]]) -> None:
+    """The search rows of these items rows, per namespace (sorted: lock order), under the namespace's new
+    generation; same version guard as the items, in the caller's transaction (mfh_core.searchindex)."""
+    by_ns: dict[str, list[tuple[Any, ...]]] = {}
+    for row in item_rows:
+        by_ns.setdefault(row[0], []).append(row)
+    sqlite = dialect == "sqlite"
+    ns_sql = _NS_UPSERT.format(p="?" if sqlite else "%s")
+    top = 0
+    if sqlite:
+        # New docs get rowids above today's highest (the batch holds the write lock); updated ones keep
+        # theirs and the update trigger re-indexes them. FTS rows of the new ones are added below.
+        cur.execute("SELECT COALESCE(MAX(rowid), 0) FROM search_docs")
+        top = int(cur.fetchone()[0])
+    for ns in sorted(by_ns):
+        docs = [doc_row(r, 0) for r in by_ns[ns]]
+        dim = next((d[11] for d in docs if d[11] is not None), None)
+        cur.execute(ns_sql, (ns, dim))
+        generation = int(cur.fetchone()[0])
+        if sqlite:
+            cur.executemany(
+                f"INSERT INTO search_docs ({DOC_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) {_DOC_UPDATE}",
+                [(*d[:12], generation) for d in docs],
+            )
+        else:
+            from psycopg2.extras import execute_values
+
+            rows = [(*d[:12], generation) for d in docs]
+            execute_values(cur, f"INSERT INTO search_docs ({DOC_COLS}) VALUES %s {_DOC_UPDATE}", rows, page_size=1000)
+    if sqlite:
+        cur.execute("INSERT INTO search_fts(rowid, body) SELECT rowid, body FROM search_docs WHERE rowid > ?", (top,))
+
+
 class SqlStore:
     """Items and events in SQL. Thread-safe; sync (callers on an event loop use a thread)."""
 
-    def __init__(self, url: str, *, pool_size: int = 5, checkpoint_interval_s: float = 1.0) -> None:
+    def __init__(
+        self, url: str, *, pool_size: int = 5, checkpoint_interval_s: float = 1.0, index_search: bool = True
+    ) -> None:
         self.url = url  # as given; the engine gets engine_url(url)
+        #: Write the search index with the items (off only to measure what indexing costs: bench/search.py).
+        self.index_search = index_search
         real = engine_url(url)
         try:
             self.dialect = sa.engine.make_url(real).get_backend_name()
@@ -626,6 +721,8 @@ class SqlStore:
                             item_rows,
                             page_size=1000,
                         )
+                if item_rows and self.index_search:
+                    self._write_docs(cur, item_rows)
             finally:
                 cur.close()
 
@@ -655,6 +752,9 @@ class SqlStore:
                 if conn.execute(sa.update(t).where(same, differs).values(**values)).rowcount:
                     done.append((e.namespace, e.key))
         return done
+
+    def _write_docs(self, cur: Any, item_rows: Sequence[tuple[Any, ...]]) -> None:
+        _index_items(cur, self.dialect, item_rows)
 
     def mark_published(self, event_ids: Sequence[str]) -> None:
         """Record that these events are on JetStream (the outbox relays the rest)."""
@@ -709,6 +809,34 @@ class SqlStore:
         stmt = stmt.order_by(t.c.key).limit(limit)
         with self._guard(), self._read.connect() as conn:
             return [_record(r) for r in conn.execute(stmt)]
+
+    # -- the search index (mfh_core.search_sql) ----------------------------------------------------
+
+    def search_keys(self, query: SearchQuery) -> list[tuple[str, str, float]]:
+        """(namespace, key, score) of the live, unexpired docs that match ``query``."""
+        with self._guard(), self._read.connect() as conn:
+            return search_sql.search_keys(conn, self.dialect, query)
+
+    def search_namespaces(self, namespace: str, *, prefix: bool) -> list[tuple[str, int, int | None]]:
+        """(namespace, generation, embedding dimension) of the namespaces in scope."""
+        with self._guard(), self._read.connect() as conn:
+            return search_sql.namespace_rows(conn, namespace, prefix)
+
+    def vectors_since(
+        self, namespace: str, after_chg: int
+    ) -> list[tuple[str, int, bool, int | None, int | None, str | None]]:
+        with self._guard(), self._read.connect() as conn:
+            return search_sql.vectors_since(conn, namespace, after_chg)
+
+    def live_namespaces(self, prefix: str, now_ms: int) -> list[str]:
+        """Namespaces at or below ``prefix`` holding a live, unexpired record, ascending."""
+        with self._guard(), self._read.connect() as conn:
+            return search_sql.live_namespaces(conn, prefix, now_ms)
+
+    def expired(self, now_ms: int, *, limit: int = 500) -> list[tuple[str, str, int]]:
+        """(namespace, key, version) of live records whose expiry has passed (what the sweep tombstones)."""
+        with self._guard(), self._read.connect() as conn:
+            return search_sql.expired(conn, now_ms, limit)
 
     def iter_items(self) -> Iterator[ChecksumRow]:
         """Every item row (tombstones too) as checksum rows."""

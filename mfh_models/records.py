@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from enum import StrEnum
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -20,9 +20,11 @@ from mfh_models.untrusted import MAX_JSON_DEPTH, check_json_depth, refuse_lone_s
 
 __all__ = [
     "KIND_MODELS",
+    "MAX_EMBEDDING_DIM",
     "MAX_KEY_LENGTH",
     "MAX_NAMESPACE_LENGTH",
     "MAX_PAYLOAD_BYTES",
+    "MAX_TTL_SECONDS",
     "SCHEMA_VERSION",
     "Kind",
     "KnowledgeRecord",
@@ -95,9 +97,25 @@ def validate_origin(origin: str) -> str:
     return origin
 
 
+#: Largest embedding a record or a search may carry (floats).
+MAX_EMBEDDING_DIM: Final = 4096
+#: Longest TTL a put may ask for (ten years).
+MAX_TTL_SECONDS: Final = 10 * 365 * 86_400
+
+#: float32 range: embeddings are stored as float32.
+_Float = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-3.4e38, le=3.4e38)]
+
+
 class _Payload(BaseModel):
+    """Fields every kind may carry: ``expires_at_ms`` (unix ms; the record is invisible from then on),
+    ``ttl_seconds`` (set by a put's ``ttl_seconds``; refresh-on-read extends by it) and
+    ``embedding`` (client-supplied vector for similarity search; one dimension per namespace)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, str_max_length=MAX_PAYLOAD_BYTES)
     schema_version: int = Field(default=SCHEMA_VERSION, ge=1, le=SCHEMA_VERSION)
+    expires_at_ms: int | None = Field(default=None, strict=True, ge=0, lt=1 << 53)
+    ttl_seconds: int | None = Field(default=None, strict=True, gt=0, le=MAX_TTL_SECONDS)
+    embedding: list[_Float] | None = Field(default=None, min_length=1, max_length=MAX_EMBEDDING_DIM)
 
 
 class MemoryItem(_Payload):
@@ -116,7 +134,6 @@ class SessionData(_Payload):
     session_id: str = Field(min_length=1, max_length=256)
     agent_id: str | None = Field(default=None, max_length=256)
     data: dict[str, Any] = Field(default_factory=dict)
-    expires_at_ms: int | None = Field(default=None, ge=0)
 
 
 class KnowledgeRecord(_Payload):

@@ -229,6 +229,16 @@ class NearCacheSettings(_Section):
     )
 
 
+class ExpirySettings(_Section):
+    """Record expiry (``expires_at_ms`` / a put's ``ttl_seconds``): reads hide an expired record at once;
+    the scheduler's sweep tombstones it every ``sweep_interval_seconds`` (0 turns the sweep off).
+    ``refresh_on_read``: namespaces (a name covers the names below it) whose reads extend a TTL."""
+
+    sweep_interval_seconds: float = Field(default=30.0, ge=0)
+    sweep_batch: int = Field(default=500, ge=1, le=10_000)
+    refresh_on_read: list[str] = Field(default_factory=list)
+
+
 class MetricsSettings(_Section):
     """Prometheus ports of the non-api processes (the api's is ``server.metrics_port``); 0 turns one off."""
 
@@ -253,6 +263,7 @@ class Settings(_Section):
     metrics: MetricsSettings = MetricsSettings()
     recovery: RecoverySettings = RecoverySettings()
     near_cache: NearCacheSettings = NearCacheSettings()
+    expiry: ExpirySettings = ExpirySettings()
 
     @model_validator(mode="after")
     def _check_host(self) -> Settings:

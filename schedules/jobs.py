@@ -1,4 +1,4 @@
-"""The scheduler's jobs: reconcile lost batches, take snapshots, run the replay audit.
+"""The scheduler's jobs: reconcile lost batches, tombstone expired records, take snapshots, run the replay audit.
 
 Each job is a plain function of its collaborators, so tests and ``mfh`` commands run it directly.
 Files carry the host id (``snapshot-<host>-<stamp>.jsonl.gz``, ``audit-latest-<host>.json``,
@@ -7,6 +7,7 @@ Files carry the host id (``snapshot-<host>-<stamp>.jsonl.gz``, ``audit-latest-<h
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import logging
@@ -17,10 +18,10 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mfh_core import HotStore, SqlStore
+from mfh_core import Change, HotStore, SqlStore
 from mfh_core.metrics import DIRTY_ENTRIES, RECONCILE_REENQUEUED
 from mfh_core.sqlstore import Snapshot
-from mfh_models import MemoryEvent, MFHError
+from mfh_models import MemoryEvent, MFHError, NotFound, Op, VersionConflict
 from mfh_tasks.enqueue import Send
 from mfh_tasks.recovery import requeue_dirty
 from mfh_tasks.restore import load_snapshot
@@ -40,6 +41,7 @@ __all__ = [
     "AuditResult",
     "audit",
     "audit_paths",
+    "expire",
     "iter_archived_events",
     "prune_events",
     "reconcile",
@@ -62,6 +64,33 @@ async def reconcile(hot: HotStore, send: Send, *, stale_after_s: float, batch: i
         RECONCILE_REENQUEUED.inc(n)
         log.warning("reconcile: re-enqueued %d entries dirty for over %.0f s", n, stale_after_s)
     return n
+
+
+async def expire(hot: HotStore, sql: SqlStore, send: Send, *, now_ms: int, batch: int = 500) -> int:
+    """Tombstone records whose ``expires_at_ms`` has passed, through the normal write path: each is a
+    delete staged in Redis with a new version, conditional on the version that expired (a record put
+    or refreshed since is left alone), then persisted, logged and replicated like any delete.
+
+    Reads hide an expired record before this runs; the sweep makes the stores say so too, so replay,
+    the audits and the other hosts agree. Returns how many tombstones were staged.
+    """
+    rows = await asyncio.to_thread(sql.expired, now_ms, limit=batch)
+    events: list[MemoryEvent] = []
+    for namespace, key, version in rows:
+        if await hot.get(namespace, key) is None:  # the version check needs the key in Redis
+            row = await asyncio.to_thread(sql.get, namespace, key)
+            if row is None:
+                continue
+            await hot.apply(row, from_sql=True)
+        try:
+            events += await hot.stage_many([Change(Op.DELETE, namespace, key, None, "null", version)])
+        except (VersionConflict, NotFound):
+            continue  # changed since it expired (a new put, a refresh, a delete): not ours to remove
+    for i in range(0, len(events), 256):
+        send(events[i : i + 256])
+    if events:
+        log.info("expiry sweep: %d expired records tombstoned", len(events))
+    return len(events)
 
 
 def snapshot(sql: SqlStore, directory: Path, *, host: str, keep: int = 24) -> Path:

@@ -28,7 +28,7 @@ from mfh_tasks import BatchQueue, build_hot_store
 from mfh_tasks.backlog import export_backlog, sample_backlog
 from mfh_tasks.last_runs import export_last_runs
 from mfh_tasks.runtime import wait_for_sound_sql_store
-from schedules.jobs import audit, prune_events, reconcile, snapshot
+from schedules.jobs import audit, expire, prune_events, reconcile, snapshot
 from schedules.lease import Lease
 
 __all__ = ["run_scheduler"]
@@ -102,6 +102,9 @@ async def run_scheduler(settings: Settings, *, stop: asyncio.Event | None = None
     async def reconcile_dirty_entries() -> None:
         await reconcile(hot, queue.send_now, stale_after_s=settings.write_behind.stale_dirty_seconds)
 
+    async def expire_records() -> None:
+        await expire(hot, sql, queue.send_now, now_ms=time.time_ns() // 1_000_000, batch=settings.expiry.sweep_batch)
+
     async def take_snapshot() -> None:
         try:
             await asyncio.to_thread(snapshot, sql, report_dir, host=settings.host_id, keep=sch.snapshot_keep)
@@ -151,6 +154,8 @@ async def run_scheduler(settings: Settings, *, stop: asyncio.Event | None = None
         ("take_snapshot", take_snapshot, IntervalTrigger(seconds=sch.snapshot_interval_seconds)),
         ("audit_event_log", audit_event_log, CronTrigger.from_crontab(sch.audit_cron, timezone="UTC")),
     ]
+    if settings.expiry.sweep_interval_seconds > 0:
+        jobs.append(("expire_records", expire_records, IntervalTrigger(seconds=settings.expiry.sweep_interval_seconds)))
     for name, job, trigger in jobs:
         scheduler.add_job(leader_only(name, job), trigger, id=name, name=name, max_instances=1, coalesce=True)
 

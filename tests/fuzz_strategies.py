@@ -11,8 +11,9 @@ Settings: CI runs derandomized (the same inputs every run, so a failure reproduc
 a red build is never a fluke of the draw; the inputs still cover every mutation kind, and a local run
 draws new ones each time). ``MFH_FUZZ_EXAMPLES=<n>`` multiplies every test's example count (e.g. 10
 for a long local run). One example sends one hostile request, then one well-formed probe; the counts
-in CI: gRPC 6 x 230 + Watch 120 + Health 150 + 40 + reflection 150 + random bytes 9 x 25 + 15 fixed
-cases = 2,080; ZeroMQ v1 7 x 200 + garbage 300 + 16 fixed, v0 7 x 70 + 60: 2,266 together.
+in CI: gRPC 8 x 230 + Watch 120 + Health 150 + 40 + reflection 150 + random bytes 11 x 25 + 15 fixed
+cases = 2,590; ZeroMQ v1 9 x 200 + garbage 300 + 16 fixed, v0 7 x 70 + 60: 2,666 together. Search and
+ListNamespaces are reads: a refused one, and an accepted one, changes nothing.
 Hypothesis runs with ``deadline=None``: a round trip's time is not the property under test.
 """
 
@@ -376,6 +377,127 @@ invalid_payload_texts = st.one_of(
 )
 
 
+# -- Search and ListNamespaces (docs/api.md, "Search"; the limits of mfh_api.search) ---------------
+
+META_OPS = ["eq", "ne", "lt", "lte", "gt", "gte", "in"]
+_scalars = st.one_of(st.integers(-1000, 1000), st.floats(-1e6, 1e6), small_text, st.booleans())
+
+
+@st.composite
+def valid_condition(draw: st.DrawFn) -> dict[str, Any]:
+    """``{"field", "op", "value"}`` the service accepts (ranges compare a string or a number)."""
+    op = draw(st.sampled_from(META_OPS))
+    if op == "in":
+        value: Any = draw(st.lists(_scalars, min_size=1, max_size=5))
+    elif op in ("eq", "ne"):
+        value = draw(_scalars)
+    else:
+        value = draw(st.integers(-1000, 1000) | st.floats(-1e6, 1e6) | small_text)
+    return {"field": draw(st.sampled_from(["cat", "score", "name", "a_b", "_x", "A9"])), "op": op, "value": value}
+
+
+@st.composite
+def invalid_condition(draw: st.DrawFn) -> dict[str, Any]:
+    """A condition the service must refuse, one part made wrong."""
+    cond = dict(draw(valid_condition()))
+    how = draw(st.sampled_from(["field", "op", "range_bool", "in_shape", "value_type", "long_string"]))
+    if how == "field":
+        cond["field"] = draw(st.sampled_from(["", "1a", "a-b", "a.b", "a b", "é", "a" * 65, "a'b", "a;--"]))
+    elif how == "op":
+        cond["op"] = draw(st.sampled_from(["", "EQ", "like", "=", "in ", "contains", "\x00"]))
+    elif how == "range_bool":
+        cond["op"], cond["value"] = draw(st.sampled_from(["lt", "lte", "gt", "gte"])), draw(st.booleans())
+    elif how == "in_shape":
+        cond["op"] = "in"
+        cond["value"] = draw(st.sampled_from([[], 5, "x", {"a": 1}, list(range(101)), [[1]], [{"a": 1}]]))
+    elif how == "value_type":
+        cond["op"], cond["value"] = draw(st.sampled_from(["eq", "ne", "lt"])), draw(st.sampled_from([[1], {}, None]))
+    else:
+        cond["op"], cond["value"] = "eq", "v" * 1025
+    return cond
+
+
+def search_fields(*, json_door: bool) -> dict[str, FieldSpec]:
+    """The fields of a Search beside its scope (``json_door``: ZeroMQ, where any JSON type can arrive)."""
+
+    def wrong(t: str) -> st.SearchStrategy[Any]:
+        return wrong_type(t) if json_door else st.nothing()
+
+    return {
+        "query": FieldSpec(
+            st.sampled_from(["", "hot", "hot 3", "other namespace", "  ", "alive"]),
+            st.sampled_from(["!!!", "...", "q" * 1025, " ".join(f"w{i}" for i in range(33))]) | wrong("str"),
+            edge=hostile_strings.filter(lambda v: not has_bad(v) and len(v) <= 1024),
+        ),
+        "kinds": FieldSpec(
+            st.lists(st.sampled_from(KINDS), max_size=3),
+            st.lists(invalid_kinds.filter(lambda k: not has_bad(k)), min_size=1, max_size=2) | wrong("list"),
+        ),
+        "tags": FieldSpec(
+            st.lists(small_text.filter(lambda t: len(t) <= 256), max_size=3),
+            st.sampled_from([[""], ["t" * 257], [f"t{i}" for i in range(65)]]) | wrong("list"),
+        ),
+        "metadata": FieldSpec(
+            st.lists(valid_condition(), max_size=3),
+            st.lists(valid_condition(), max_size=2).flatmap(lambda ok: invalid_condition().map(lambda b: [*ok, b]))
+            | st.lists(valid_condition(), min_size=17, max_size=17),
+        ),
+        "updated_after_ms": FieldSpec(
+            st.integers(0, 2**53 - 1), st.sampled_from([-1, 2**53, 2**63 - 1, -(2**63)]) | wrong("int")
+        ),
+        "updated_before_ms": FieldSpec(
+            st.integers(0, 2**53 - 1), st.sampled_from([-1, 2**53, 2**63 - 1]) | wrong("int")
+        ),
+        # The fuzz namespaces hold no embeddings, so no dimension is fixed yet: any length up to 4096 is fine.
+        "embedding": FieldSpec(
+            st.lists(st.floats(-1.0, 1.0, width=32).filter(bool), min_size=1, max_size=8) | st.just([]),
+            st.sampled_from([[0.0], [0.0, 0.0, 0.0], [0.5] * 4097])
+            | st.sampled_from([[float("nan"), 1.0], [float("inf")], [1e39]] if not json_door else [[1e39], [True]])
+            | wrong("list"),
+        ),
+        "top_k": FieldSpec(
+            st.integers(0, 1000), st.sampled_from([1001, 2**31, 2**32 - 1] + ([-1] if json_door else [])) | wrong("int")
+        ),
+    }
+
+
+@st.composite
+def search_request(draw: st.DrawFn, *, json_door: bool) -> Built:
+    """A Search as a flat object: scope (exactly one of namespace and namespace_prefix) and the fields above."""
+    how = draw(st.sampled_from(["namespace", "namespace", "prefix", "both", "neither", "bad"]))
+    scope: dict[str, Any] = {}
+    must_fail = how in ("both", "neither", "bad")
+    if how in ("namespace", "both"):
+        scope["namespace"] = draw(valid_namespaces)
+    if how in ("prefix", "both"):
+        scope["namespace_prefix"] = draw(st.sampled_from(["fz", "fz2", "a", "0", "probe"]))
+    if how == "bad":
+        bad = invalid_namespaces.filter(lambda n: n != "" and not has_bad(n))
+        scope[draw(st.sampled_from(["namespace", "namespace_prefix"]))] = draw(bad)
+    rest = draw(mutate(search_fields(json_door=json_door), extras_forbidden=True, max_steps=2, extras=json_door))
+    obj = {**scope, **rest.obj}
+    return Built(obj, must_fail or rest.must_fail, [f"scope {how}", *rest.steps])
+
+
+def list_namespaces_fields(*, json_door: bool) -> dict[str, FieldSpec]:
+    def wrong(t: str) -> st.SearchStrategy[Any]:
+        return wrong_type(t) if json_door else st.nothing()
+
+    return {
+        "prefix": FieldSpec(
+            st.sampled_from(["", "fz", "fz2", "probe", "a"]),
+            invalid_namespaces.filter(lambda n: n != "" and not has_bad(n)) | wrong("str"),
+        ),
+        "max_depth": FieldSpec(st.integers(0, 64), st.sampled_from([65, 2**31, 2**32 - 1]) | wrong("int")),
+        "page_size": FieldSpec(
+            st.integers(0, 1000),
+            (st.sampled_from([-1]) if json_door else st.nothing()) | wrong("int"),
+            edge=st.sampled_from([1001, 2**31, 2**32 - 1]),
+        ),
+        "page_token": FieldSpec(st.just(""), forged_tokens().filter(lambda t: not has_bad(t)) | wrong("str")),
+    }
+
+
 # -- generic mutation of a flat object ----------------------------------------------------------
 
 
@@ -501,9 +623,11 @@ __all__ = [
     "invalid_payload",
     "invalid_payload_texts",
     "keyset",
+    "list_namespaces_fields",
     "mutate",
     "payload_text",
     "raw_tokens",
+    "search_request",
     "valid_keys",
     "valid_namespaces",
     "valid_payload",

@@ -12,6 +12,7 @@ client's short deadline (DEADLINE_EXCEEDED is then the client's own doing).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -44,8 +45,10 @@ from fuzz_strategies import (
     invalid_payload,
     invalid_payload_texts,
     keyset,
+    list_namespaces_fields,
     mutate,
     payload_text,
+    search_request,
     valid_keys,
     valid_namespaces,
     valid_payload,
@@ -121,6 +124,8 @@ STRING_PATHS: dict[str, list[tuple[int, ...]]] = {
     "Delete": [(1,), (2,)],
     "List": [(1,), (2,), (3,), (5,)],
     "Watch": [(1,), (2,)],
+    "Search": [(1,), (2,), (3,), (4, 1), (4, 2), (4, 3, 1), (4, 3, 2), (4, 3, 3)],
+    "ListNamespaces": [(1,), (4,)],
     "Health": [(1,)],
     "Reflection": [(1,), (3,), (4,), (7,)],
 }
@@ -244,6 +249,12 @@ def request(draw: st.DrawFn, method: str) -> tuple[Any, bool, list[str]]:
         steps = [s for _m, _f, ss in drawn for s in ss] + (["duplicate keys"] if dup else [])
         steps.append(f"batch durability {durability}")
         return pb.BatchPutRequest(puts=msgs, durability=durability), must_fail, steps
+    if method == "Search":
+        built = draw(search_request(json_door=False))
+        return search_message(built.obj), built.must_fail, built.steps
+    if method == "ListNamespaces":
+        built = draw(mutate(list_namespaces_fields(json_door=False), extras_forbidden=True, max_steps=2, extras=False))
+        return pb.ListNamespacesRequest(**built.obj), built.must_fail, built.steps
     specs: dict[str, dict[str, FieldSpec]] = {
         "Get": {"namespace": NS_SPEC, "key": KEY_SPEC},
         "BatchGet": {
@@ -278,6 +289,20 @@ def request(draw: st.DrawFn, method: str) -> tuple[Any, bool, list[str]]:
     built = draw(mutate(specs[method], extras_forbidden=True, max_steps=2, extras=False))
     fields = {k: v for k, v in built.obj.items() if v is not None}
     return getattr(pb, f"{method}Request")(**fields), built.must_fail, built.steps
+
+
+_FILTERS = ("kinds", "tags", "updated_after_ms", "updated_before_ms")
+
+
+def search_message(obj: dict[str, Any]) -> Any:
+    """A SearchRequest of a flat search object (fuzz_strategies.search_request); a condition's value as JSON."""
+    filters: dict[str, Any] = {k: obj[k] for k in _FILTERS if k in obj}
+    if "metadata" in obj:
+        filters["metadata"] = [
+            pb.MetadataFilter(field=c["field"], op=c["op"], value_json=json.dumps(c["value"])) for c in obj["metadata"]
+        ]
+    top = {k: v for k, v in obj.items() if k not in _FILTERS and k != "metadata"}
+    return pb.SearchRequest(filters=pb.SearchFilters(**filters), **top)
 
 
 def grpc_metadata(draw: st.DrawFn) -> tuple[list[tuple[str, str]], bool, str]:
@@ -354,7 +379,7 @@ def maybe_malformed(draw: st.DrawFn, body: bytes, where: str, must_fail: bool) -
     return body, must_fail, ""
 
 
-METHODS = ["Get", "BatchGet", "Put", "BatchPut", "Delete", "List"]
+METHODS = ["Get", "BatchGet", "Put", "BatchPut", "Delete", "List", "Search", "ListNamespaces"]
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -44,9 +44,11 @@ from fuzz_strategies import (
     invalid_payload,
     invalid_payload_texts,
     keyset,
+    list_namespaces_fields,
     mutate,
     payload_text,
     raw_tokens,
+    search_request,
     valid_keys,
     valid_namespaces,
     valid_payload,
@@ -56,7 +58,7 @@ from hosts import TestHost
 from hypothesis import given
 from hypothesis import strategies as st
 
-READS = frozenset({"get", "batch_get", "list", "watch"})
+READS = frozenset({"get", "batch_get", "list", "watch", "search", "list_namespaces"})
 
 fuzz_host = pytest.fixture(scope="module", name="fuzz_host")(fuzz_host_fixture)
 
@@ -215,6 +217,21 @@ PAYLOADS: dict[str, Any] = {
     ),
 }
 
+_FILTERS = ("kinds", "tags", "metadata", "updated_after_ms", "updated_before_ms")
+
+
+def nest_filters(built: Built) -> Built:
+    """The ZeroMQ shape of a flat search object: the filter fields under ``filters``."""
+    obj = {k: v for k, v in built.obj.items() if k not in _FILTERS}
+    filters = {k: v for k, v in built.obj.items() if k in _FILTERS}
+    if filters:
+        obj["filters"] = filters
+    return Built(obj, built.must_fail, built.steps)
+
+
+PAYLOADS["search"] = lambda: search_request(json_door=True).map(nest_filters)
+PAYLOADS["list_namespaces"] = lambda: mutate(list_namespaces_fields(json_door=True), extras_forbidden=True)
+
 ids_valid = st.one_of(st.none(), st.text(max_size=12).filter(lambda s: not has_bad(s)), st.integers(-(2**63), 2**63))
 ids_edge = st.sampled_from([10**30, -(10**30), "", "x" * 10_000, "é😀", "\x00"])
 ids_invalid = st.one_of(
@@ -261,7 +278,9 @@ def v1_request(draw: st.DrawFn, action: str) -> tuple[list[bytes], bool, list[st
     return [encode_json(obj)], must_fail, steps
 
 
-@pytest.mark.parametrize("action", ["get", "batch_get", "put", "batch_put", "delete", "list", "watch"])
+@pytest.mark.parametrize(
+    "action", ["get", "batch_get", "put", "batch_put", "delete", "list", "watch", "search", "list_namespaces"]
+)
 @fuzz_settings(200)
 @given(data=st.data())
 def test_every_v1_action_survives_hostile_requests(zmq_api: Zmq, action: str, data: st.DataObject) -> None:

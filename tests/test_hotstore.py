@@ -4,12 +4,27 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
+import redis
 from factories import payload
+from redis_server import VOLATILE, RedisServer
+from services import wait_until
 
 from mfh_core import Change, HotStore
-from mfh_models import Kind, NotFound, Op, Record, ResourceExhausted, VersionConflict, pack, unpack
+from mfh_models import (
+    DeadlineExceeded,
+    Kind,
+    NotFound,
+    Op,
+    Record,
+    ResourceExhausted,
+    Unavailable,
+    VersionConflict,
+    pack,
+    unpack,
+)
 
 
 @pytest.fixture
@@ -224,3 +239,39 @@ async def test_stage_many_is_all_or_nothing(hot: HotStore) -> None:
     # A good batch gets growing versions, one per change
     events = await hot.stage_many([Change(Op.PUT, "ns", f"b{i}", Kind.MEMORY_ITEM, payload("x")) for i in range(3)])
     assert [e.version for e in events] == sorted({e.version for e in events})
+
+
+async def test_a_stage_whose_connection_is_lost_after_sending_may_be_staged(tmp_path: Path) -> None:
+    # Given a hot store on a private Redis, connected, and Redis holding every write command (CLIENT PAUSE)
+    server = RedisServer(tmp_path, args=VOLATILE).start()
+    hot = HotStore(redis_url=server.url, prefix="t", origin="main_pc", cache_ttl_seconds=60)
+    admin = server.client()
+    try:
+        await put(hot, "warm")
+        admin.execute_command("CLIENT", "PAUSE", "10000", "WRITE")
+        try:
+            # When a stage is sent and its connection is closed before Redis answers it
+            staging = asyncio.create_task(put(hot, "k"))
+            await asyncio.to_thread(wait_until, lambda: _paused_client(admin) is not None, 5.0)
+            admin.execute_command("CLIENT", "KILL", "ID", _paused_client(admin))
+            # Then the caller is told the write may be staged (DeadlineExceeded), not "nothing staged"
+            with pytest.raises(DeadlineExceeded, match="may be staged"):
+                await staging
+        finally:
+            admin.execute_command("CLIENT", "UNPAUSE")
+        # And with Redis gone, nothing can be sent: Unavailable, nothing staged
+        server.kill()
+        with pytest.raises(Unavailable):
+            await put(hot, "k2")
+    finally:
+        admin.close()
+        await hot.close()
+        server.kill()
+
+
+def _paused_client(admin: redis.Redis) -> str | None:
+    """The id of the client whose EVALSHA is held by the pause."""
+    for c in admin.client_list():
+        if c.get("cmd") == "evalsha" and "b" in c.get("flags", ""):  # flag b: blocked
+            return str(c["id"])
+    return None

@@ -19,7 +19,7 @@ from hosts import TestHost, make_host
 from legacy_store import LEGACY_CHECKSUM, LEGACY_COUNTS, build_legacy_store
 
 from mfh_core import SqlStore
-from mfh_core.migrations import head
+from mfh_core.migrations import head, include_name
 from mfh_core.sqlstore import engine_url, metadata
 from mfh_models import StoreNotCurrent
 
@@ -75,7 +75,9 @@ def test_the_migrations_build_exactly_the_tables_the_store_declares(db_url: str)
     engine = sa.create_engine(engine_url(db_url))
     try:
         with engine.connect() as conn:
-            diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
+            diff = compare_metadata(
+                MigrationContext.configure(conn, opts={"compare_type": True, "include_name": include_name}), metadata
+            )
     finally:
         engine.dispose()
     assert diff == []

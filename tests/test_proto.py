@@ -44,7 +44,17 @@ def test_generated_modules_import() -> None:
     assert pb.DESCRIPTOR.name == "mfh/v1/memory_fusion.proto"
     assert pb.DESCRIPTOR.package == "mfh.v1"
     service = pb.DESCRIPTOR.services_by_name["MemoryFusion"]
-    assert [m.name for m in service.methods] == ["Get", "BatchGet", "Put", "BatchPut", "Delete", "List", "Watch"]
+    assert [m.name for m in service.methods] == [
+        "Get",
+        "BatchGet",
+        "Put",
+        "BatchPut",
+        "Delete",
+        "List",
+        "Watch",
+        "Search",
+        "ListNamespaces",
+    ]
     assert service.methods_by_name["Watch"].server_streaming
     assert hasattr(pb_grpc, "MemoryFusionStub")
     assert hasattr(pb_grpc, "MemoryFusionServicer")
@@ -67,6 +77,22 @@ def test_record_field_numbers_are_stable() -> None:
     assert pb.DURABILITY_UNSPECIFIED == 0
     assert pb.DURABILITY_ACCEPTED == 1
     assert pb.DURABILITY_PERSISTED == 2
+
+
+def test_the_search_fields_are_numbered_as_documented() -> None:
+    def numbers(msg: type) -> dict[str, int]:
+        return {f.name: f.number for f in msg.DESCRIPTOR.fields}  # type: ignore[attr-defined]
+
+    assert numbers(pb.PutRequest)["ttl_seconds"] == 4
+    assert numbers(pb.SearchRequest) == {
+        "namespace": 1,
+        "namespace_prefix": 2,
+        "query": 3,
+        "filters": 4,
+        "embedding": 5,
+        "top_k": 6,
+    }
+    assert numbers(pb.ListNamespacesRequest) == {"prefix": 1, "max_depth": 2, "page_size": 3, "page_token": 4}
 
 
 def test_record_round_trips() -> None:

@@ -199,7 +199,14 @@ def _written(args: argparse.Namespace, res: PutResult, verb: str) -> None:
 
 
 def _put(c: _Client, args: argparse.Namespace) -> None:
-    spec = PutSpec(args.namespace, args.key, args.kind, _payload(args), expected_version=args.expected_version)
+    spec = PutSpec(
+        args.namespace,
+        args.key,
+        args.kind,
+        _payload(args),
+        expected_version=args.expected_version,
+        ttl_seconds=args.ttl or None,
+    )
     _written(args, c.put(spec, durability=_durability(args)), "put")
 
 
@@ -309,6 +316,9 @@ def register(subparsers: Any) -> None:
         "--expected-version", type=non_negative_int, help="write only if the key is at this version (0: absent)"
     )
     put.add_argument("--persisted", action="store_true", help="answer after the SQL commit, not on acceptance")
+    put.add_argument(
+        "--ttl", type=non_negative_int, metavar="SECONDS", help="the record expires this long after the put"
+    )
     add_json(put, "the version and event id as JSON")
     _common(put)
     put.set_defaults(func=_runner(_put))

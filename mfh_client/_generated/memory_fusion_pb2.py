@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amfh/v1/memory_fusion.proto\x12\x06mfh.v1\"\xad\x01\n\x06Record\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x14\n\x0cpayload_json\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\x04\x12\x0e\n\x06origin\x18\x06 \x01(\t\x12\x0f\n\x07\x64\x65leted\x18\x07 \x01(\x08\x12\x15\n\rupdated_at_ms\x18\x08 \x01(\x03\x12\x16\n\x0eschema_version\x18\t \x01(\r\",\n\nGetRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"-\n\x0bGetResponse\x12\x1e\n\x06record\x18\x01 \x01(\x0b\x32\x0e.mfh.v1.Record\"2\n\x0f\x42\x61tchGetRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\"D\n\x10\x42\x61tchGetResponse\x12\x1f\n\x07records\x18\x01 \x03(\x0b\x32\x0e.mfh.v1.Record\x12\x0f\n\x07missing\x18\x02 \x03(\t\"\x88\x01\n\nPutRequest\x12\x1e\n\x06record\x18\x01 \x01(\x0b\x32\x0e.mfh.v1.Record\x12\x1d\n\x10\x65xpected_version\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12&\n\ndurability\x18\x03 \x01(\x0e\x32\x12.mfh.v1.DurabilityB\x13\n\x11_expected_version\"0\n\x0bPutResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\"[\n\x0f\x42\x61tchPutRequest\x12 \n\x04puts\x18\x01 \x03(\x0b\x32\x12.mfh.v1.PutRequest\x12&\n\ndurability\x18\x02 \x01(\x0e\x32\x12.mfh.v1.Durability\"8\n\x10\x42\x61tchPutResponse\x12$\n\x07results\x18\x01 \x03(\x0b\x32\x13.mfh.v1.PutResponse\"\x8b\x01\n\rDeleteRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x1d\n\x10\x65xpected_version\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12&\n\ndurability\x18\x04 \x01(\x0e\x32\x12.mfh.v1.DurabilityB\x13\n\x11_expected_version\"3\n\x0e\x44\x65leteResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\"\x82\x01\n\x0bListRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x12\n\nkey_prefix\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x12\n\npage_token\x18\x05 \x01(\t\x12\x17\n\x0finclude_deleted\x18\x06 \x01(\x08\"H\n\x0cListResponse\x12\x1f\n\x07records\x18\x01 \x03(\x0b\x32\x0e.mfh.v1.Record\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"|\n\x0cWatchRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x12\n\nkey_prefix\x18\x02 \x01(\t\x12\x1b\n\x0e\x61\x66ter_sequence\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x15\n\rsend_progress\x18\x04 \x01(\x08\x42\x11\n\x0f_after_sequence\"\\\n\nWatchEvent\x12\x1e\n\x06record\x18\x01 \x01(\x0b\x32\x0e.mfh.v1.Record\x12\n\n\x02op\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\x10\n\x08\x65vent_id\x18\x03 \x01(\t*[\n\nDurability\x12\x1a\n\x16\x44URABILITY_UNSPECIFIED\x10\x00\x12\x17\n\x13\x44URABILITY_ACCEPTED\x10\x01\x12\x18\n\x14\x44URABILITY_PERSISTED\x10\x02\x32\x8d\x03\n\x0cMemoryFusion\x12.\n\x03Get\x12\x12.mfh.v1.GetRequest\x1a\x13.mfh.v1.GetResponse\x12=\n\x08\x42\x61tchGet\x12\x17.mfh.v1.BatchGetRequest\x1a\x18.mfh.v1.BatchGetResponse\x12.\n\x03Put\x12\x12.mfh.v1.PutRequest\x1a\x13.mfh.v1.PutResponse\x12=\n\x08\x42\x61tchPut\x12\x17.mfh.v1.BatchPutRequest\x1a\x18.mfh.v1.BatchPutResponse\x12\x37\n\x06\x44\x65lete\x12\x15.mfh.v1.DeleteRequest\x1a\x16.mfh.v1.DeleteResponse\x12\x31\n\x04List\x12\x13.mfh.v1.ListRequest\x1a\x14.mfh.v1.ListResponse\x12\x33\n\x05Watch\x12\x14.mfh.v1.WatchRequest\x1a\x12.mfh.v1.WatchEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amfh/v1/memory_fusion.proto\x12\x06mfh.v1\"\xad\x01\n\x06Record\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x14\n\x0cpayload_json\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\x04\x12\x0e\n\x06origin\x18\x06 \x01(\t\x12\x0f\n\x07\x64\x65leted\x18\x07 \x01(\x08\x12\x15\n\rupdated_at_ms\x18\x08 \x01(\x03\x12\x16\n\x0eschema_version\x18\t \x01(\r\",\n\nGetRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"-\n\x0bGetResponse\x12\x1e\n\x06record\x18\x01 \x01(\x0b\x32\x0e.mfh.v1.Record\"2\n\x0f\x42\x61tchGetRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\"D\n\x10\x42\x61tchGetResponse\x12\x1f\n\x07records\x18\x01 \x03(\x0b\x32\x0e.mfh.v1.Record\x12\x0f\n\x07missing\x18\x02 \x03(\t\"\x9d\x01\n\nPutRequest\x12\x1e\n\x06record\x18\x01 \x01(\x0b\x32\x0e.mfh.v1.Record\x12\x1d\n\x10\x65xpected_version\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12&\n\ndurability\x18\x03 \x01(\x0e\x32\x12.mfh.v1.Durability\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\rB\x13\n\x11_expected_version\"0\n\x0bPutResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\"[\n\x0f\x42\x61tchPutRequest\x12 \n\x04puts\x18\x01 \x03(\x0b\x32\x12.mfh.v1.PutRequest\x12&\n\ndurability\x18\x02 \x01(\x0e\x32\x12.mfh.v1.Durability\"8\n\x10\x42\x61tchPutResponse\x12$\n\x07results\x18\x01 \x03(\x0b\x32\x13.mfh.v1.PutResponse\"\x8b\x01\n\rDeleteRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x1d\n\x10\x65xpected_version\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12&\n\ndurability\x18\x04 \x01(\x0e\x32\x12.mfh.v1.DurabilityB\x13\n\x11_expected_version\"3\n\x0e\x44\x65leteResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\"\x82\x01\n\x0bListRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x12\n\nkey_prefix\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x12\n\npage_token\x18\x05 \x01(\t\x12\x17\n\x0finclude_deleted\x18\x06 \x01(\x08\"H\n\x0cListResponse\x12\x1f\n\x07records\x18\x01 \x03(\x0b\x32\x0e.mfh.v1.Record\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"|\n\x0cWatchRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x12\n\nkey_prefix\x18\x02 \x01(\t\x12\x1b\n\x0e\x61\x66ter_sequence\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x15\n\rsend_progress\x18\x04 \x01(\x08\x42\x11\n\x0f_after_sequence\"\\\n\nWatchEvent\x12\x1e\n\x06record\x18\x01 \x01(\x0b\x32\x0e.mfh.v1.Record\x12\n\n\x02op\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\x10\n\x08\x65vent_id\x18\x03 \x01(\t\"?\n\x0eMetadataFilter\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\n\n\x02op\x18\x02 \x01(\t\x12\x12\n\nvalue_json\x18\x03 \x01(\t\"\xc0\x01\n\rSearchFilters\x12\r\n\x05kinds\x18\x01 \x03(\t\x12\x0c\n\x04tags\x18\x02 \x03(\t\x12(\n\x08metadata\x18\x03 \x03(\x0b\x32\x16.mfh.v1.MetadataFilter\x12\x1d\n\x10updated_after_ms\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x1e\n\x11updated_before_ms\x18\x05 \x01(\x03H\x01\x88\x01\x01\x42\x13\n\x11_updated_after_msB\x14\n\x12_updated_before_ms\"\x95\x01\n\rSearchRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x18\n\x10namespace_prefix\x18\x02 \x01(\t\x12\r\n\x05query\x18\x03 \x01(\t\x12&\n\x07\x66ilters\x18\x04 \x01(\x0b\x32\x15.mfh.v1.SearchFilters\x12\x11\n\tembedding\x18\x05 \x03(\x02\x12\r\n\x05top_k\x18\x06 \x01(\r\":\n\tSearchHit\x12\x1e\n\x06record\x18\x01 \x01(\x0b\x32\x0e.mfh.v1.Record\x12\r\n\x05score\x18\x02 \x01(\x01\"1\n\x0eSearchResponse\x12\x1f\n\x04hits\x18\x01 \x03(\x0b\x32\x11.mfh.v1.SearchHit\"a\n\x15ListNamespacesRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x11\n\tmax_depth\x18\x02 \x01(\r\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"E\n\x16ListNamespacesResponse\x12\x12\n\nnamespaces\x18\x01 \x03(\t\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*[\n\nDurability\x12\x1a\n\x16\x44URABILITY_UNSPECIFIED\x10\x00\x12\x17\n\x13\x44URABILITY_ACCEPTED\x10\x01\x12\x18\n\x14\x44URABILITY_PERSISTED\x10\x02\x32\x97\x04\n\x0cMemoryFusion\x12.\n\x03Get\x12\x12.mfh.v1.GetRequest\x1a\x13.mfh.v1.GetResponse\x12=\n\x08\x42\x61tchGet\x12\x17.mfh.v1.BatchGetRequest\x1a\x18.mfh.v1.BatchGetResponse\x12.\n\x03Put\x12\x12.mfh.v1.PutRequest\x1a\x13.mfh.v1.PutResponse\x12=\n\x08\x42\x61tchPut\x12\x17.mfh.v1.BatchPutRequest\x1a\x18.mfh.v1.BatchPutResponse\x12\x37\n\x06\x44\x65lete\x12\x15.mfh.v1.DeleteRequest\x1a\x16.mfh.v1.DeleteResponse\x12\x31\n\x04List\x12\x13.mfh.v1.ListRequest\x1a\x14.mfh.v1.ListResponse\x12\x33\n\x05Watch\x12\x14.mfh.v1.WatchRequest\x1a\x12.mfh.v1.WatchEvent0\x01\x12\x37\n\x06Search\x12\x15.mfh.v1.SearchRequest\x1a\x16.mfh.v1.SearchResponse\x12O\n\x0eListNamespaces\x12\x1d.mfh.v1.ListNamespacesRequest\x1a\x1e.mfh.v1.ListNamespacesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mfh.v1.memory_fusion_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DURABILITY']._serialized_start=1391
-  _globals['_DURABILITY']._serialized_end=1482
+  _globals['_DURABILITY']._serialized_start=2105
+  _globals['_DURABILITY']._serialized_end=2196
   _globals['_RECORD']._serialized_start=39
   _globals['_RECORD']._serialized_end=212
   _globals['_GETREQUEST']._serialized_start=214
@@ -44,25 +44,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BATCHGETRESPONSE']._serialized_start=359
   _globals['_BATCHGETRESPONSE']._serialized_end=427
   _globals['_PUTREQUEST']._serialized_start=430
-  _globals['_PUTREQUEST']._serialized_end=566
-  _globals['_PUTRESPONSE']._serialized_start=568
-  _globals['_PUTRESPONSE']._serialized_end=616
-  _globals['_BATCHPUTREQUEST']._serialized_start=618
-  _globals['_BATCHPUTREQUEST']._serialized_end=709
-  _globals['_BATCHPUTRESPONSE']._serialized_start=711
-  _globals['_BATCHPUTRESPONSE']._serialized_end=767
-  _globals['_DELETEREQUEST']._serialized_start=770
-  _globals['_DELETEREQUEST']._serialized_end=909
-  _globals['_DELETERESPONSE']._serialized_start=911
-  _globals['_DELETERESPONSE']._serialized_end=962
-  _globals['_LISTREQUEST']._serialized_start=965
-  _globals['_LISTREQUEST']._serialized_end=1095
-  _globals['_LISTRESPONSE']._serialized_start=1097
-  _globals['_LISTRESPONSE']._serialized_end=1169
-  _globals['_WATCHREQUEST']._serialized_start=1171
-  _globals['_WATCHREQUEST']._serialized_end=1295
-  _globals['_WATCHEVENT']._serialized_start=1297
-  _globals['_WATCHEVENT']._serialized_end=1389
-  _globals['_MEMORYFUSION']._serialized_start=1485
-  _globals['_MEMORYFUSION']._serialized_end=1882
+  _globals['_PUTREQUEST']._serialized_end=587
+  _globals['_PUTRESPONSE']._serialized_start=589
+  _globals['_PUTRESPONSE']._serialized_end=637
+  _globals['_BATCHPUTREQUEST']._serialized_start=639
+  _globals['_BATCHPUTREQUEST']._serialized_end=730
+  _globals['_BATCHPUTRESPONSE']._serialized_start=732
+  _globals['_BATCHPUTRESPONSE']._serialized_end=788
+  _globals['_DELETEREQUEST']._serialized_start=791
+  _globals['_DELETEREQUEST']._serialized_end=930
+  _globals['_DELETERESPONSE']._serialized_start=932
+  _globals['_DELETERESPONSE']._serialized_end=983
+  _globals['_LISTREQUEST']._serialized_start=986
+  _globals['_LISTREQUEST']._serialized_end=1116
+  _globals['_LISTRESPONSE']._serialized_start=1118
+  _globals['_LISTRESPONSE']._serialized_end=1190
+  _globals['_WATCHREQUEST']._serialized_start=1192
+  _globals['_WATCHREQUEST']._serialized_end=1316
+  _globals['_WATCHEVENT']._serialized_start=1318
+  _globals['_WATCHEVENT']._serialized_end=1410
+  _globals['_METADATAFILTER']._serialized_start=1412
+  _globals['_METADATAFILTER']._serialized_end=1475
+  _globals['_SEARCHFILTERS']._serialized_start=1478
+  _globals['_SEARCHFILTERS']._serialized_end=1670
+  _globals['_SEARCHREQUEST']._serialized_start=1673
+  _globals['_SEARCHREQUEST']._serialized_end=1822
+  _globals['_SEARCHHIT']._serialized_start=1824
+  _globals['_SEARCHHIT']._serialized_end=1882
+  _globals['_SEARCHRESPONSE']._serialized_start=1884
+  _globals['_SEARCHRESPONSE']._serialized_end=1933
+  _globals['_LISTNAMESPACESREQUEST']._serialized_start=1935
+  _globals['_LISTNAMESPACESREQUEST']._serialized_end=2032
+  _globals['_LISTNAMESPACESRESPONSE']._serialized_start=2034
+  _globals['_LISTNAMESPACESRESPONSE']._serialized_end=2103
+  _globals['_MEMORYFUSION']._serialized_start=2199
+  _globals['_MEMORYFUSION']._serialized_end=2734
 # @@protoc_insertion_point(module_scope)

@@ -69,14 +69,16 @@ class BatchGetResponse(_message.Message):
     def __init__(self, records: _Optional[_Iterable[_Union[Record, _Mapping]]] = ..., missing: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PutRequest(_message.Message):
-    __slots__ = ("record", "expected_version", "durability")
+    __slots__ = ("record", "expected_version", "durability", "ttl_seconds")
     RECORD_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
     DURABILITY_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     record: Record
     expected_version: int
     durability: Durability
-    def __init__(self, record: _Optional[_Union[Record, _Mapping]] = ..., expected_version: _Optional[int] = ..., durability: _Optional[_Union[Durability, str]] = ...) -> None: ...
+    ttl_seconds: int
+    def __init__(self, record: _Optional[_Union[Record, _Mapping]] = ..., expected_version: _Optional[int] = ..., durability: _Optional[_Union[Durability, str]] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
 
 class PutResponse(_message.Message):
     __slots__ = ("version", "event_id")
@@ -167,3 +169,77 @@ class WatchEvent(_message.Message):
     sequence: int
     event_id: str
     def __init__(self, record: _Optional[_Union[Record, _Mapping]] = ..., op: _Optional[str] = ..., sequence: _Optional[int] = ..., event_id: _Optional[str] = ...) -> None: ...
+
+class MetadataFilter(_message.Message):
+    __slots__ = ("field", "op", "value_json")
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    OP_FIELD_NUMBER: _ClassVar[int]
+    VALUE_JSON_FIELD_NUMBER: _ClassVar[int]
+    field: str
+    op: str
+    value_json: str
+    def __init__(self, field: _Optional[str] = ..., op: _Optional[str] = ..., value_json: _Optional[str] = ...) -> None: ...
+
+class SearchFilters(_message.Message):
+    __slots__ = ("kinds", "tags", "metadata", "updated_after_ms", "updated_before_ms")
+    KINDS_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_BEFORE_MS_FIELD_NUMBER: _ClassVar[int]
+    kinds: _containers.RepeatedScalarFieldContainer[str]
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    metadata: _containers.RepeatedCompositeFieldContainer[MetadataFilter]
+    updated_after_ms: int
+    updated_before_ms: int
+    def __init__(self, kinds: _Optional[_Iterable[str]] = ..., tags: _Optional[_Iterable[str]] = ..., metadata: _Optional[_Iterable[_Union[MetadataFilter, _Mapping]]] = ..., updated_after_ms: _Optional[int] = ..., updated_before_ms: _Optional[int] = ...) -> None: ...
+
+class SearchRequest(_message.Message):
+    __slots__ = ("namespace", "namespace_prefix", "query", "filters", "embedding", "top_k")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    namespace_prefix: str
+    query: str
+    filters: SearchFilters
+    embedding: _containers.RepeatedScalarFieldContainer[float]
+    top_k: int
+    def __init__(self, namespace: _Optional[str] = ..., namespace_prefix: _Optional[str] = ..., query: _Optional[str] = ..., filters: _Optional[_Union[SearchFilters, _Mapping]] = ..., embedding: _Optional[_Iterable[float]] = ..., top_k: _Optional[int] = ...) -> None: ...
+
+class SearchHit(_message.Message):
+    __slots__ = ("record", "score")
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    record: Record
+    score: float
+    def __init__(self, record: _Optional[_Union[Record, _Mapping]] = ..., score: _Optional[float] = ...) -> None: ...
+
+class SearchResponse(_message.Message):
+    __slots__ = ("hits",)
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    hits: _containers.RepeatedCompositeFieldContainer[SearchHit]
+    def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ...) -> None: ...
+
+class ListNamespacesRequest(_message.Message):
+    __slots__ = ("prefix", "max_depth", "page_size", "page_token")
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    MAX_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    prefix: str
+    max_depth: int
+    page_size: int
+    page_token: str
+    def __init__(self, prefix: _Optional[str] = ..., max_depth: _Optional[int] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListNamespacesResponse(_message.Message):
+    __slots__ = ("namespaces", "next_page_token")
+    NAMESPACES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    namespaces: _containers.RepeatedScalarFieldContainer[str]
+    next_page_token: str
+    def __init__(self, namespaces: _Optional[_Iterable[str]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

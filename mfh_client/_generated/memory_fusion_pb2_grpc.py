@@ -71,6 +71,16 @@ class MemoryFusionStub:
                 request_serializer=mfh_dot_v1_dot_memory__fusion__pb2.WatchRequest.SerializeToString,
                 response_deserializer=mfh_dot_v1_dot_memory__fusion__pb2.WatchEvent.FromString,
                 _registered_method=True)
+        self.Search = channel.unary_unary(
+                '/mfh.v1.MemoryFusion/Search',
+                request_serializer=mfh_dot_v1_dot_memory__fusion__pb2.SearchRequest.SerializeToString,
+                response_deserializer=mfh_dot_v1_dot_memory__fusion__pb2.SearchResponse.FromString,
+                _registered_method=True)
+        self.ListNamespaces = channel.unary_unary(
+                '/mfh.v1.MemoryFusion/ListNamespaces',
+                request_serializer=mfh_dot_v1_dot_memory__fusion__pb2.ListNamespacesRequest.SerializeToString,
+                response_deserializer=mfh_dot_v1_dot_memory__fusion__pb2.ListNamespacesResponse.FromString,
+                _registered_method=True)
 
 
 class MemoryFusionServicer:
@@ -135,6 +145,22 @@ class MemoryFusionServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Search(self, request, context):
+        """Find records of a namespace (or a namespace and the names below it) by filters, full text
+        and/or embedding similarity. Sees PERSISTED state: an ACCEPTED write becomes searchable once
+        it is persisted (milliseconds). Expired records are never returned.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListNamespaces(self, request, context):
+        """Page through the namespaces that hold live records, in ascending name order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemoryFusionServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -172,6 +198,16 @@ def add_MemoryFusionServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=mfh_dot_v1_dot_memory__fusion__pb2.WatchRequest.FromString,
                     response_serializer=mfh_dot_v1_dot_memory__fusion__pb2.WatchEvent.SerializeToString,
+            ),
+            'Search': grpc.unary_unary_rpc_method_handler(
+                    servicer.Search,
+                    request_deserializer=mfh_dot_v1_dot_memory__fusion__pb2.SearchRequest.FromString,
+                    response_serializer=mfh_dot_v1_dot_memory__fusion__pb2.SearchResponse.SerializeToString,
+            ),
+            'ListNamespaces': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListNamespaces,
+                    request_deserializer=mfh_dot_v1_dot_memory__fusion__pb2.ListNamespacesRequest.FromString,
+                    response_serializer=mfh_dot_v1_dot_memory__fusion__pb2.ListNamespacesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -365,6 +401,60 @@ class MemoryFusion:
             '/mfh.v1.MemoryFusion/Watch',
             mfh_dot_v1_dot_memory__fusion__pb2.WatchRequest.SerializeToString,
             mfh_dot_v1_dot_memory__fusion__pb2.WatchEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Search(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mfh.v1.MemoryFusion/Search',
+            mfh_dot_v1_dot_memory__fusion__pb2.SearchRequest.SerializeToString,
+            mfh_dot_v1_dot_memory__fusion__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListNamespaces(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mfh.v1.MemoryFusion/ListNamespaces',
+            mfh_dot_v1_dot_memory__fusion__pb2.ListNamespacesRequest.SerializeToString,
+            mfh_dot_v1_dot_memory__fusion__pb2.ListNamespacesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -19,7 +19,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection
 
-__all__ = ["BASELINE", "SchemaState", "head", "schema_state", "upgrade"]
+__all__ = ["BASELINE", "SchemaState", "head", "include_name", "schema_state", "upgrade"]
 
 SCRIPT_DIR = Path(__file__).resolve().parent
 #: The first revision: the schema as it was before migrations (tables created by ``create_all``).
@@ -42,6 +42,14 @@ _BASELINE_COLUMNS = {
         "published",
     },
 }
+
+
+def include_name(name: str | None, type_: str, parent_names: object) -> bool:
+    """What autogenerate compares: not the full-text parts of revision 0002, which no SQLAlchemy model
+    declares (SQLite's FTS5 table and its shadow tables; Postgres's expression index)."""
+    if type_ == "table" and name is not None and name.startswith("search_fts"):
+        return False
+    return not (type_ == "index" and name == "ix_search_docs_fts")
 
 
 def _config(conn: Connection | None = None) -> Config:

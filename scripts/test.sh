@@ -22,7 +22,7 @@ step "ruff format --check"
 "$BIN/ruff" format --check .
 
 # Packages that have code yet (a .py file other than __init__.py).
-PACKAGES=(mfh_models mfh_core mfh_tasks mfh_api schedules)
+PACKAGES=(mfh_models mfh_client mfh_core mfh_tasks mfh_api schedules)
 typed=()
 for pkg in "${PACKAGES[@]}"; do
     if [[ -d "$pkg" ]] && [[ -n "$(find "$pkg" -name '*.py' ! -name '__init__.py' -print -quit)" ]]; then

@@ -97,16 +97,17 @@ async def test_an_expired_record_is_invisible_on_every_read_path_before_any_swee
     assert "gone" not in (await svc.list_namespaces())[0]
 
     # And Watch does not deliver a change whose record is already expired when it is sent
+    _, now_at = await svc.watch_poll("exp", after_sequence=None)  # the log's position now
+    await persisted(svc, memo("exp", "late", "already over", expires_at_ms=T0))
+    await persisted(svc, memo("exp", "live", "still here"))
+
     async def first_event() -> str:
-        async for ev in svc.watch("exp"):
+        async for _seq, ev in svc.watch("exp", after_sequence=now_at):
+            assert ev is not None
             return ev.key
         raise AssertionError("watch ended")
 
-    task = asyncio.create_task(first_event())
-    await asyncio.sleep(0.2)  # the subscription is in place (Watch has no backfill)
-    await persisted(svc, memo("exp", "late", "already over", expires_at_ms=T0))
-    await persisted(svc, memo("exp", "live", "still here"))
-    assert await asyncio.wait_for(task, 10) == "live"
+    assert await asyncio.wait_for(first_event(), 10) == "live"
 
 
 async def test_bad_ttls_are_invalid_arguments(world: tuple[MemoryService, Clock, TestHost]) -> None:

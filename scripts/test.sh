@@ -49,12 +49,28 @@ rc=0
 # A hung test run (a socket left open by a failed test can block interpreter exit) must fail, not
 # hold CI to its limit: per test, pytest-timeout; for the whole run, timeout(1).
 # Test files run in parallel (pytest-xdist, a file at a time per worker: most of the suite waits on
-# processes, timers and the network, not the CPU). MFH_TEST_WORKERS=0 runs them in this process. Each
-# worker claims its own pair of Redis test databases (tests/conftest.py: five pairs).
+# processes, timers and the network, not the CPU); MFH_TEST_WORKERS=0 runs them in this process. Each
+# worker claims its own pair of Redis test databases (tests/conftest.py: five pairs). The suites that
+# kill, cut off or restart services and time the recovery (tests/faults, tests/cluster,
+# tests/test_outages.py) run afterwards on their own, so no other test's load skews their clocks.
 workers="${MFH_TEST_WORKERS:-3}"
 parallel=()
 if [[ "$workers" != 0 ]]; then parallel=(-n "$workers" --dist loadfile); fi
-timeout --signal=TERM --kill-after=60 "${MFH_TEST_TIMEOUT:-45m}" "$BIN/pytest" -q "${parallel[@]}" --durations=15 "$@" || rc=$?
+timed=(tests/faults tests/cluster tests/test_outages.py)
+run_pytest() {
+    timeout --signal=TERM --kill-after=60 "${MFH_TEST_TIMEOUT:-45m}" "$BIN/pytest" -q --durations=10 "$@"
+}
+if (($#)); then
+    run_pytest "${parallel[@]}" "$@" || rc=$?
+else
+    ignore=()
+    for t in "${timed[@]}"; do ignore+=("--ignore=$t"); done
+    run_pytest "${parallel[@]}" "${ignore[@]}" || rc=$?
+    if [[ $rc -eq 0 ]]; then
+        step "pytest -q ${timed[*]} (on their own)"
+        run_pytest "${timed[@]}" || rc=$?
+    fi
+fi
 if [[ $rc -eq 124 || $rc -eq 137 ]]; then
     echo "test.sh: FAILED: pytest did not finish within ${MFH_TEST_TIMEOUT:-45m}" >&2
 fi

@@ -380,7 +380,9 @@ async def test_a_zeromq_flood_does_not_starve_grpc_callers_of_the_same_api(tmp_p
         # seconds (4.8 s flooded against 0.3 s alone, measured before the fix).
         p99_alone, p99_flooded = alone[int(len(alone) * 0.99) - 1], flooded[int(len(flooded) * 0.99) - 1]
         assert still_flooding, "the flood ended before the measurement did: nothing was measured"
-        assert p99_flooded < max(10 * p99_alone, 1000.0), f"gRPC p99 {p99_alone:.1f} ms alone, {p99_flooded:.1f} flooded"
+        assert p99_flooded < max(10 * p99_alone, 1000.0), (
+            f"gRPC p99 {p99_alone:.1f} ms alone, {p99_flooded:.1f} flooded"
+        )
     finally:
         if proc is not None and proc.returncode is None:
             proc.kill()

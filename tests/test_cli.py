@@ -106,7 +106,7 @@ def api(tmp_path: Path, redis_url: str) -> Iterator[RunningApi]:
     try:
         wait_until(
             lambda: proc.poll() is None and all(tcp_open("127.0.0.1", p) for p in (zmq_port, grpc_port, metrics_port)),
-            30,
+            90,  # awaited: a test file running beside others can take a loaded box half a minute to start an api
             interval=0.05,
             message=f"mfh api to listen (log: {host.log('api')})",
         )
@@ -200,7 +200,7 @@ def test_zmq_client_survives_a_replica_sigkill(tmp_path: Path, redis_url: str) -
     ]
     host.spawn("mfh_api.cli", "worker", "--threads", "2", log_name="worker")
     try:
-        wait_until(lambda: all(tcp_open("127.0.0.1", p) for p in ports), 30, message="both replicas to listen")
+        wait_until(lambda: all(tcp_open("127.0.0.1", p) for p in ports), 90, message="both replicas to listen")
         endpoints = [f"tcp://127.0.0.1:{p}" for p in ports]
 
         async def load() -> tuple[int, list[str], int]:

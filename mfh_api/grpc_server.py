@@ -58,6 +58,12 @@ SERVICE_NAME: Final = pb.DESCRIPTOR.services_by_name["MemoryFusion"].full_name
 _AUTH_EXEMPT: Final = ("/grpc.health.v1.Health/",)  # load balancers probe without a key
 _NO_DEADLINE: Final = 1e6  # grpc reports "no deadline" as None or a huge number
 _SHUTTING_DOWN: Final = "server is shutting down; retry on another replica (nothing was done)"
+_WATCH_SHUTTING_DOWN: Final = "server is shutting down; watch again on another replica, after the last sequence seen"
+#: While draining, the close waits until no call has arrived for this long (clients have moved to another
+#: replica), at most ``_DRAIN_QUIET_MAX_S``: gRPC's close cancels every call that reached the server but
+#: not yet its handler, so it is left until the callers have gone.
+_DRAIN_QUIET_S: Final = 0.15
+_DRAIN_QUIET_MAX_S: Final = 3.0
 _MARGIN: Final = 0.05  # answer with our own DEADLINE_EXCEEDED message before grpc cancels the call
 #: grpc-level slots beyond our own caps, for calls being refused (a stream over its cap holds one briefly).
 _SPARE_RPCS: Final = 64
@@ -227,13 +233,29 @@ class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
         self.watch_lifetime = s.watch_max_lifetime_seconds
         self.draining = False  # shutting down: new calls are answered UNAVAILABLE (clients fail over)
         self._idle = asyncio.Event()
+        self._closing = asyncio.Event()  # set by drain(): open Watch streams end UNAVAILABLE
+        self._last_arrival = 0.0  # loop time of the last call that arrived while draining
+        self.drain_quiet_s, self.drain_quiet_max_s = _DRAIN_QUIET_S, _DRAIN_QUIET_MAX_S
 
     async def drain(self, timeout: float) -> None:  # noqa: ASYNC109 - the shutdown's grace period
-        """From now on answer UNAVAILABLE; wait (up to ``timeout`` s) for the calls already running."""
+        """From now on answer UNAVAILABLE and end the open Watch streams (UNAVAILABLE: watch again
+        elsewhere); wait (up to ``timeout`` s) for the calls already running, then until no call has
+        arrived for ``drain_quiet_s`` (at most ``drain_quiet_max_s``), so that the close that follows
+        finds no call that reached the server and has not been answered."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         self.draining = True
+        self._closing.set()
+        self._last_arrival = loop.time()
         if self.unary_in_flight > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout)
+        quiet_until = min(deadline, loop.time() + self.drain_quiet_max_s)
+        while (now := loop.time()) < quiet_until:
+            quiet_for = now - self._last_arrival
+            if quiet_for >= self.drain_quiet_s:
+                break
+            await asyncio.sleep(min(self.drain_quiet_s - quiet_for, quiet_until - now))
 
     async def _call(
         self, name: str, request: Any, context: grpc.aio.ServicerContext[Any, Any], fn: Callable[[float], Awaitable[R]]
@@ -243,6 +265,7 @@ class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
         counted = False
         try:
             if self.draining:
+                self._last_arrival = asyncio.get_running_loop().time()
                 raise Unavailable(_SHUTTING_DOWN)
             if self.unary_in_flight >= self.max_unary:  # streams are counted apart (self.streams)
                 raise ResourceExhausted(f"too many calls in flight ({self.max_unary}); retry shortly")
@@ -380,6 +403,9 @@ class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
         holds a stream slot of its connection, never a unary one."""
         status: tuple[grpc.StatusCode, str] | None = None
         try:
+            if self.draining:
+                self._last_arrival = asyncio.get_running_loop().time()
+                raise Unavailable(_WATCH_SHUTTING_DOWN)
             if isinstance(request, _Malformed):
                 raise InvalidArgument(f"malformed WatchRequest: {request.error}")
             with self.streams.hold(context.peer()):
@@ -399,9 +425,11 @@ class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
             await _abort(context, status)
 
     async def _bounded(self, events: AsyncIterator[R]) -> AsyncIterator[R]:
-        """``events`` until the idle or the lifetime limit passes (then DeadlineExceeded)."""
+        """``events`` until the idle or the lifetime limit passes (then DeadlineExceeded), or the server
+        starts shutting down (then Unavailable: watch again on another replica)."""
         loop = asyncio.get_running_loop()
         end = loop.time() + self.watch_lifetime
+        closing = asyncio.ensure_future(self._closing.wait())
         try:
             while True:
                 wait = min(self.watch_idle, end - loop.time())
@@ -409,7 +437,20 @@ class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
                     if wait <= 0:
                         raise TimeoutError
                     async with asyncio.timeout(wait):  # never around the yield: only the wait for an event
-                        ev = await anext(events)
+                        nxt = asyncio.ensure_future(anext(events))
+                        try:
+                            await asyncio.wait((nxt, closing), return_when=asyncio.FIRST_COMPLETED)
+                        finally:
+                            if not nxt.done():
+                                nxt.cancel()
+                                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                                    await nxt
+                        if not nxt.done() or nxt.cancelled():
+                            raise Unavailable(_WATCH_SHUTTING_DOWN)
+                        try:
+                            ev = nxt.result()
+                        except StopAsyncIteration:
+                            return
                 except TimeoutError:
                     if loop.time() >= end:
                         raise DeadlineExceeded(
@@ -420,6 +461,7 @@ class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
                     ) from None
                 yield ev
         finally:
+            closing.cancel()
             aclose = getattr(events, "aclose", None)
             if aclose is not None:
                 await aclose()

@@ -145,6 +145,7 @@ class HotStore:
         self.sweep_cursor_key = f"{prefix}:recovery:swept_upto"
         self.run_id_key = f"{prefix}:recovery:run_id"
         self.reconnect_key = f"{prefix}:recovery:reconnect"
+        self.catch_up_key = f"{prefix}:recovery:catch_up"
 
     def item_key(self, namespace: str, key: str) -> str:
         return f"{self.item_prefix}{namespace}:{key}"
@@ -436,6 +437,25 @@ class HotStore:
     async def claim_reconnect(self, *, within_ms: int = 10_000) -> bool:
         """True for the first of the processes that saw Redis come back within ``within_ms`` of each other."""
         return bool(await self.redis.set(self.reconnect_key, self.origin, nx=True, px=within_ms))
+
+    async def persisted_already(self, events: Sequence[MemoryEvent]) -> list[bool]:
+        """Per event: whether its entry is clean at exactly its version (that version is in SQL). One
+        pipelined round trip; an entry that is gone or dirty says no."""
+        if not events:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for e in events:
+                pipe.hmget(self.item_key(e.namespace, e.key), ["vm", "vc", "dirty"])
+            raws = await pipe.execute()
+        out = []
+        for e, (vm, vc, dirty) in zip(events, raws, strict=True):
+            out.append(vm is not None and vc is not None and dirty == "0" and pack(int(vm), int(vc)) == e.version)
+        return out
+
+    async def claim_catch_up(self, *, within_ms: int = 2_000) -> bool:
+        """True for the first of the workers whose SQL came back within ``within_ms`` of each other
+        (the one that persists the dirty entries at once: mfh_tasks.persist)."""
+        return bool(await self.redis.set(self.catch_up_key, self.origin, nx=True, px=within_ms))
 
     def _entry(self, namespace: str, key: str, raw: list[str | None]) -> HotEntry | None:
         vm, vc, origin, deleted, kind, payload, updated, dirty = raw

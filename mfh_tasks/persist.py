@@ -7,24 +7,36 @@ point is simply retried whole.
 SQL sits behind a circuit breaker: while it is open, batches wait for its probe (up to
 ``sql_wait_s``) instead of each hitting SQL, and an outage costs a log line when it starts, a
 summary every ``summary_every_s`` and a line when it ends; NATS publish shortfalls likewise.
+
+When SQL is back after an outage, a worker's pipeline (``catch_up=True``) persists every entry
+still dirty in Redis at once, in big batches, instead of leaving them to the queue: the queue then
+holds thousands of one- or two-write batches (each a transaction), and the batches a Redis restart
+re-enqueued sit behind them. One worker of the host does it (a claim in Redis); the queued batches
+for the same entries find them persisted (idempotent, docs/architecture.md invariant 2).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
 from typing import Protocol
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+
 from mfh_core import HotStore, SqlStore
 from mfh_core.metrics import PERSIST_BATCHES, PERSIST_EVENTS, PERSIST_SECONDS
-from mfh_core.resilience import CircuitBreaker, OutageLog
+from mfh_core.resilience import CircuitBreaker, CircuitState, OutageLog
 from mfh_models import MemoryEvent, MFHError
 
 __all__ = ["EventPublisher", "PersistPipeline"]
 
 log = logging.getLogger("mfh.persist")
+
+#: How long after SQL came back queued batches check Redis for entries persisted meanwhile.
+_SKIP_PERSISTED_S = 60.0
 
 
 class EventPublisher(Protocol):
@@ -44,6 +56,8 @@ class PersistPipeline:
         sql_breaker: CircuitBreaker | None = None,
         sql_wait_s: float = 0.0,
         summary_every_s: float = 15.0,
+        catch_up: bool = False,
+        catch_up_batch: int = 256,
     ) -> None:
         self.sql = sql
         self.hot = hot
@@ -56,15 +70,37 @@ class PersistPipeline:
         )
         self._acked: list[str] = []
         self._marker: asyncio.Task[None] | None = None
+        self.catch_up = catch_up
+        self.catch_up_batch = catch_up_batch
+        self._catching_up: asyncio.Task[int] | None = None
+        self._skip_persisted_until = 0.0  # after a catch-up: queued batches skip what it persisted
 
     async def persist(self, events: Sequence[MemoryEvent], *, publish: bool = True) -> None:
         """Persist a batch; ``publish=False`` for events that came from another host's stream."""
+        catching_up = self._catching_up
+        if publish and catching_up is not None and not catching_up.done():
+            # The catch-up has SQL to itself (it persists these entries too, most likely), then this
+            # batch skips what it persisted.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(catching_up)
+        await self._persist(events, publish=publish)
+
+    async def _persist(self, events: Sequence[MemoryEvent], *, publish: bool) -> None:
         t0 = time.perf_counter()
+        was_open = self.sql_breaker.state is not CircuitState.CLOSED
+        if publish and time.monotonic() < self._skip_persisted_until:
+            done = await self.hot.persisted_already(events)
+            events = [e for e, persisted in zip(events, done, strict=True) if not persisted]
+            if not events:
+                PERSIST_BATCHES.labels(result="skipped").inc()
+                return
         try:
             published = not publish or self.bus is None
             await self.sql_breaker.call(
                 lambda: asyncio.to_thread(self.sql.apply_batch, events, published=published), wait=self.sql_wait_s
             )
+            if was_open and self.catch_up and publish:
+                self._start_catch_up()
             if publish and self.bus is not None:
                 # Committed: the entries turn clean (and PERSISTED callers are answered) while the
                 # events go out; the publish never raises (what is not acked stays for the outbox).
@@ -89,6 +125,40 @@ class PersistPipeline:
         PERSIST_BATCHES.labels(result="ok").inc()
         PERSIST_EVENTS.inc(len(events))
         PERSIST_SECONDS.observe(time.perf_counter() - t0)
+
+    def _start_catch_up(self) -> None:
+        # For the next minute, a queued batch first asks Redis whether its entries were persisted
+        # meanwhile (by the catch-up, here or in another worker): one round trip instead of a transaction.
+        self._skip_persisted_until = time.monotonic() + _SKIP_PERSISTED_S
+        if self._catching_up is None or self._catching_up.done():
+            self._catching_up = asyncio.ensure_future(self.persist_dirty())
+
+    async def persist_dirty(self) -> int:
+        """Persist every entry dirty now, in batches of ``catch_up_batch``, if this process claims the
+        catch-up for the host (one per outage); how many events were persisted. Never raises: what is
+        left is persisted by its queued batch or the sweep."""
+        n = 0
+        try:
+            for attempt in range(3):  # Redis restarted meanwhile: the pool's first connections are dead
+                try:
+                    claimed = await self.hot.claim_catch_up()
+                    break
+                except RedisConnectionError:
+                    if attempt == 2:
+                        raise
+                    await asyncio.sleep(0.05)
+            if not claimed:
+                return 0
+            started = time.monotonic()
+            async for events in self.hot.dirty_events():
+                for i in range(0, len(events), self.catch_up_batch):
+                    await self._persist(events[i : i + self.catch_up_batch], publish=True)
+                    n += len(events[i : i + self.catch_up_batch])
+            if n:
+                log.info("sql is back: persisted the %d dirty entries at once in %.2fs", n, time.monotonic() - started)
+        except Exception as e:  # SQL or Redis gone again: the queue and the sweep still hold everything
+            log.warning("catch-up after the SQL outage stopped after %d entries: %s", n, e)
+        return n
 
     def _mark_later(self, event_ids: list[str]) -> None:
         # One SQL write per interval instead of one per batch: a second transaction per message was

@@ -8,6 +8,7 @@ import threading
 import time
 
 import dramatiq
+import dramatiq.worker
 from dramatiq.brokers.redis import RedisBroker
 
 from mfh_core import HotStore, SqlStore
@@ -35,6 +36,19 @@ store_log = logging.getLogger("mfh.store")
 
 #: How long a batch waits for an open SQL breaker's probe before it is retried with backoff.
 _SQL_WAIT_S = 5.0
+#: Dramatiq's consumer thread, when Redis is gone, sleeps 3 s before it reconnects and 5 s between
+#: tries to ack a finished message (during which it fetches nothing): a Redis restart then cost the
+#: write path 5-10 s after Redis was back (issue 8's scenario "Redis SIGKILLed while SQL is down").
+#: Both waits become a quarter of a second; the retries are cheap (one command on a connection that
+#: is refused at once while Redis is down).
+_CONSUMER_RETRY_S = 0.25
+
+
+def _short_consumer_retries() -> None:
+    # Module constants that dramatiq.worker reads each time it waits (the first also has an env var).
+    vars(dramatiq.worker).update(
+        CONSUMER_RESTART_DELAY_SECS=_CONSUMER_RETRY_S, POST_PROCESS_MESSAGE_RETRY_DELAY_SECS=_CONSUMER_RETRY_S
+    )
 
 
 def build_sql_store(settings: Settings) -> SqlStore:
@@ -182,6 +196,7 @@ def build_worker(settings: Settings, *, serve_metrics: bool = True) -> tuple[Red
 
     ``serve_metrics=False`` when the supervising ``mfh worker`` serves all worker processes' metrics.
     """
+    _short_consumer_retries()
     broker = build_broker(settings)
     sql = build_sql_store_when_sound(settings, process="worker")
     assert sql is not None  # without a stop event it waits until the store is sound
@@ -196,6 +211,7 @@ def build_worker(settings: Settings, *, serve_metrics: bool = True) -> tuple[Red
             sql_breaker=breaker_from_settings("sql", cb, logger=log),
             sql_wait_s=_SQL_WAIT_S,
             summary_every_s=cb.summary_every_seconds,
+            catch_up=True,
         )
 
     actor = declare_persist_actor(broker, settings, LazyPipeline(build))

@@ -394,3 +394,40 @@ async def test_malformed_protobuf_is_invalid_argument_on_every_service(api: Api,
         await health.Check(health_pb2.HealthCheckRequest(service=""))
     ).status == health_pb2.HealthCheckResponse.SERVING
     await api.serves()
+
+
+# -- graceful stop --------------------------------------------------------------------------------
+
+
+async def test_stop_ends_open_watch_streams_unavailable_at_once_and_answers_new_calls_unavailable(api: Api) -> None:
+    # Given an agent's Watch stream open on the server (registered with the change feed)
+    watch = api.stub().Watch(pb.WatchRequest(namespace="ns", key_prefix="w/"), metadata=MD[0])
+
+    async def watched() -> tuple[grpc.StatusCode, str]:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in watch:
+                pass
+        return info.value.code(), info.value.details() or ""
+
+    ended = asyncio.create_task(watched())
+    await async_wait_until(lambda: len(api.service.feed._watchers) == 1, 10, message="watch registered")
+    # When the server stops with a 10 s grace (its drain waiting for 2 s without a call, at most 4 s,
+    # so that the call below surely comes while it drains), and a call arrives while it drains
+    assert api.server.servicer is not None
+    api.server.servicer.drain_quiet_s, api.server.servicer.drain_quiet_max_s = 2.0, 4.0
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    stopping = asyncio.create_task(api.server.stop(grace=10))
+    code, details = await asyncio.wait_for(ended, 5)
+    watch_s = loop.time() - started
+    during = await status_of(api.stub().Put(put_req("late"), metadata=MD[0]))
+    await stopping
+    stop_s = loop.time() - started
+    # Then the stream ended UNAVAILABLE ("shutting down": watch again elsewhere), not CANCELLED by the close
+    # at the end of the grace; the late call was answered UNAVAILABLE (nothing done); the stop waited for
+    # the quiet window after it, not for the grace
+    assert code is grpc.StatusCode.UNAVAILABLE and "shutting down" in details, (code, details)
+    assert watch_s < 2.0, watch_s
+    assert during[0] is grpc.StatusCode.UNAVAILABLE and "nothing was done" in during[1], during
+    assert 2.0 <= stop_s < 8.0, stop_s
+    assert await api.service.hot.get("ns", "late") is None

@@ -262,3 +262,47 @@ async def test_the_sweep_enqueues_each_stale_entry_once_across_workers(tmp_path:
         assert sorted(e.key for p in pages for e in p) == sorted({e.key for batch in sent for e in batch})
     finally:
         await hot.close()
+
+
+# -- SQL back after an outage: the dirty entries are persisted at once ----------------------------
+
+
+async def test_sql_back_after_an_outage_persists_every_dirty_entry_at_once_and_queued_batches_skip_them(
+    tmp_path: Path, redis_url: str
+) -> None:
+    from mfh_tasks.persist import PersistPipeline
+
+    # Given 600 writes staged in Redis while SQL was down (their queued batches not run yet), and a
+    # worker's pipeline whose SQL breaker is open
+    host = make_host(tmp_path, redis_url=redis_url)
+    sql = SqlStore(host.settings.storage.database_url)
+    sql.create_schema()
+    hot = build_hot_store(host.settings)
+    pipeline = PersistPipeline(sql=sql, hot=hot, catch_up=True, catch_up_batch=100)
+    try:
+        staged = await hot.stage_many(
+            [Change(Op.PUT, "ns", f"k{i}", Kind.MEMORY_ITEM, canonical_json({"content": str(i)})) for i in range(600)]
+        )
+        for _ in range(pipeline.sql_breaker.failure_threshold):
+            pipeline.sql_breaker.record_failure("down")
+        assert pipeline.sql_breaker.state.value != "closed"
+        # When SQL answers again: the first queued batch (its probe) goes through
+        await async_wait_until(lambda: pipeline.sql_breaker.allow(), 5, message="breaker probe due")
+        pipeline.sql_breaker._release_trial()
+        await pipeline.persist(staged[:2])
+        # Then every dirty entry is persisted by the catch-up, in batches, not one queued batch at a time
+        assert pipeline._catching_up is not None
+        assert await asyncio.wait_for(pipeline._catching_up, 30) in (598, 600)  # the first two may be clean by then
+        assert await hot.dirty_count() == 0
+        assert sql.counts()["items"] == 600
+        # and a queued batch of entries it persisted is skipped: no second event in the log
+        events_before = sql.counts()["events"]
+        await pipeline.persist(staged[100:110])
+        assert sql.counts()["events"] == events_before
+        # while a batch of a write staged after it still lands
+        [late] = await hot.stage_many([Change(Op.PUT, "ns", "late", Kind.MEMORY_ITEM, canonical_json({"c": 1}))])
+        await pipeline.persist([late])
+        assert sql.get("ns", "late") is not None and sql.counts()["events"] == events_before + 1
+    finally:
+        await hot.close()
+        sql.close()

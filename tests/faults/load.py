@@ -10,6 +10,9 @@ acknowledged. So the end state each write implies is known without any guessing:
 
 The generator does its own retries (up to three attempts, failing over between endpoints), with a
 client per endpoint that makes exactly one attempt, so each attempt's answer is seen and recorded.
+As the shipped client does (``mfh_client.calls.Endpoints``), an endpoint whose attempt failed is
+avoided by every writer for ``cooldown_s`` (unless all are), so that a replica which answers
+"shutting down" stops getting calls.
 Retries follow the client's policy (``mfh_api.client_grpc``): a put is retried on UNAVAILABLE,
 DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED; a delete only when it cannot have run (refused before it
 was sent, or refused by the server). CANCELLED, UNKNOWN and INTERNAL are not retried: they say
@@ -119,6 +122,7 @@ class LoadGenerator:
         timeout_s: float = 2.0,
         attempts: int = 3,
         seed: int = 1,
+        cooldown_s: float = 2.0,
     ) -> None:
         self.endpoints = list(endpoints)
         self.ledger = ledger
@@ -129,6 +133,8 @@ class LoadGenerator:
         self.max_attempts = attempts
         self.rng = random.Random(seed)
         self.clients = [AsyncMemoryClient(ep, timeout=timeout_s, retries=0) for ep in self.endpoints]
+        self.cooldown = cooldown_s
+        self._down_until = [0.0] * len(self.endpoints)
         self._deletable: list[str] = []
         self._seq = 0
         self.stop = asyncio.Event()
@@ -153,6 +159,15 @@ class LoadGenerator:
 
         await asyncio.gather(*(writer(i) for i in range(self.concurrency)))
 
+    def _pick(self, preferred: int) -> int:
+        """``preferred`` unless it failed within the cooldown; else the next one up (else ``preferred``)."""
+        now, n = time.monotonic(), len(self.clients)
+        for step in range(n):
+            i = (preferred + step) % n
+            if self._down_until[i] <= now:
+                return i
+        return preferred
+
     def _next_write(self, seq: int) -> Write:
         if self._deletable and self.rng.random() < 0.3:
             key = self._deletable.pop(self.rng.randrange(len(self._deletable)))
@@ -164,7 +179,7 @@ class LoadGenerator:
         self.ledger.writes.append(w)
         w.sent_at = time.monotonic()
         ambiguous = False
-        endpoint = preferred
+        endpoint = self._pick(preferred)
         for attempt in range(self.max_attempts):
             w.attempts += 1
             client = self.clients[endpoint]
@@ -181,6 +196,8 @@ class LoadGenerator:
                 ambiguous = ambiguous or kind == "ambiguous"
                 cause = e.__cause__
                 code = cause.code() if isinstance(cause, grpc.aio.AioRpcError) else None
+                if code in _RETRY and len(self.clients) > 1:
+                    self._down_until[endpoint] = time.monotonic() + self.cooldown
                 if code not in _RETRY or attempt + 1 == self.max_attempts:
                     break
                 if w.op == "delete" and kind == "ambiguous":

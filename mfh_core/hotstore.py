@@ -17,6 +17,7 @@ from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -48,7 +49,7 @@ class NeverSent(RedisConnectionError):
     """Redis could not be reached (connect or handshake failed): no command of the call went out."""
 
 
-class _Connection(aioredis.Connection):
+class _NeverSentOnConnect(AbstractConnection):
     """A connection whose connect failures are :class:`NeverSent`, so a caller can tell "nothing was sent"
     from "the connection was lost with the command on it" (the command may have run: Redis executes
     what it read before it shuts down, without answering)."""
@@ -60,6 +61,26 @@ class _Connection(aioredis.Connection):
             raise
         except (RedisConnectionError, RedisTimeoutError, OSError) as e:
             raise NeverSent(str(e)) from e
+
+
+class _Connection(_NeverSentOnConnect, aioredis.Connection):
+    pass
+
+
+class _SSLConnection(_NeverSentOnConnect, aioredis.SSLConnection):
+    pass
+
+
+class _UnixConnection(_NeverSentOnConnect, aioredis.UnixDomainSocketConnection):
+    pass
+
+
+def never_sent_connection_class(redis_url: str) -> type[AbstractConnection]:
+    """The connection class for ``redis_url``'s scheme (rediss: TLS, unix: a socket), with connect failures
+    raised as NeverSent. Passing a ``connection_class`` to ``from_url`` replaces the one the scheme
+    chooses, so it must be chosen by scheme here (a rediss:// URL would otherwise go out in plain text)."""
+    scheme = redis_url.split("://", 1)[0].lower()
+    return {"rediss": _SSLConnection, "unix": _UnixConnection}.get(scheme, _Connection)
 
 
 def _lua(name: str) -> str:
@@ -122,7 +143,7 @@ class HotStore:
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout,
             decode_responses=True,
-            connection_class=_Connection,
+            connection_class=never_sent_connection_class(redis_url),
         )
         self.redis: aioredis.Redis = aioredis.Redis(connection_pool=pool)
         self.prefix = prefix

@@ -28,7 +28,42 @@ from dramatiq.middleware import (
 from mfh_models import Settings
 from mfh_tasks.wakeup import WakeableConsumer, wake_channel
 
-__all__ = ["HubBroker", "build_broker"]
+__all__ = ["BrokerNeverSent", "HubBroker", "build_broker"]
+
+
+class BrokerNeverSent(redis.ConnectionError):
+    """The broker's Redis could not be reached (connect or handshake failed): no command went out, so
+    a message that failed so is certainly not in the queue (any other lost connection: it may be)."""
+
+
+class _NeverSentOnConnect(redis.connection.AbstractConnection):
+    def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True) -> None:
+        try:
+            super().connect_check_health(check_health=check_health, retry_socket_connect=retry_socket_connect)
+        except BrokerNeverSent:
+            raise
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
+            raise BrokerNeverSent(str(e)) from e
+
+
+class _Connection(_NeverSentOnConnect, redis.connection.Connection):
+    pass
+
+
+class _SSLConnection(_NeverSentOnConnect, redis.connection.SSLConnection):
+    pass
+
+
+class _UnixConnection(_NeverSentOnConnect, redis.connection.UnixDomainSocketConnection):
+    pass
+
+
+def _client(url: str) -> redis.Redis:
+    """The broker's client; its connection class by the URL's scheme (one given to from_url replaces it)."""
+    scheme = url.split("://", 1)[0].lower()
+    cls = {"rediss": _SSLConnection, "unix": _UnixConnection}.get(scheme, _Connection)
+    return redis.Redis(connection_pool=redis.ConnectionPool.from_url(url, connection_class=cls))
+
 
 _MAINTENANCE = "maintenance"  # a dispatch command the Lua script has no branch for: maintenance only
 
@@ -85,7 +120,7 @@ def build_broker(settings: Settings) -> HubBroker:
         AsyncIO(),
     ]
     return HubBroker(  # type: ignore[no-untyped-call]
-        url=settings.storage.redis_url,
+        client=_client(settings.storage.redis_url),
         middleware=middleware,
         heartbeat_timeout=wb.heartbeat_timeout_ms,
         maintenance_chance=wb.maintenance_chance,

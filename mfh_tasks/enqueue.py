@@ -19,12 +19,13 @@ from typing import Any
 
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from mfh_models import MemoryEvent, Settings, Unavailable
 from mfh_models.settings import WriteBehindSettings
 from mfh_tasks.actors import declare_persist_actor, encode_batch
-from mfh_tasks.broker import build_broker
+from mfh_tasks.broker import BrokerNeverSent, build_broker
 
 __all__ = ["BatchQueue", "Send", "persist_sender"]
 
@@ -146,11 +147,13 @@ class BatchQueue:
                     self.batches_sent += 1
             except Exception as e:
                 # Only callers none of whose events can have gone out are told it failed (they then take
-                # their writes back). A caller with some of its events enqueued, or after a timeout (the
-                # message may be in the queue), is acknowledged: its events are staged and dirty, and
+                # their writes back). A caller with some of its events enqueued, or after a timeout or a
+                # connection lost with the command on it (the message may be in the queue: Redis runs
+                # what it read before it closes), is acknowledged: its events are staged and dirty, and
                 # reconcile enqueues whatever did not go out (a duplicate is harmless: apply is idempotent).
                 err = Unavailable(f"could not enqueue the write batch: {e}")
-                maybe_sent = isinstance(e, TimeoutError | RedisTimeoutError)
+                lost = isinstance(e, RedisConnectionError) and not isinstance(e, BrokerNeverSent)
+                maybe_sent = lost or isinstance(e, TimeoutError | RedisTimeoutError)
                 for w, start in zip(waiters, starts, strict=True):
                     if w.done():
                         continue

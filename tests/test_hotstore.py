@@ -275,3 +275,33 @@ def _paused_client(admin: redis.Redis) -> str | None:
         if c.get("cmd") == "evalsha" and "b" in c.get("flags", ""):  # flag b: blocked
             return str(c["id"])
     return None
+
+
+# -- a Redis reached by a unix socket -------------------------------------------------------------
+
+
+async def test_the_hot_store_and_the_broker_reach_a_redis_given_as_a_unix_socket_url(tmp_path: Path) -> None:
+    from hosts import make_host
+
+    from mfh_tasks import build_hot_store
+    from mfh_tasks.broker import build_broker
+
+    # Given a Redis that also listens on a unix socket, and settings that name it by its unix:// URL
+    sock = tmp_path / "redis.sock"
+    with RedisServer(tmp_path, args=[*VOLATILE, "--unixsocket", str(sock), "--unixsocketperm", "700"]) as server:
+        url = f"unix://{sock}?db=0"
+        host = make_host(tmp_path, redis_url=url)
+        hot = build_hot_store(host.settings)
+        broker = build_broker(host.settings)
+        try:
+            # When a write is staged and a message enqueued through them
+            [event] = await hot.stage_many([Change(Op.PUT, "ns", "k", Kind.MEMORY_ITEM, '{"c":1}')])
+            broker.client.rpush("probe", b"x")
+            # Then both went over the socket (a connection class chosen without the URL's scheme
+            # would have tried TCP with the socket's path as a host name)
+            entry = await hot.get("ns", "k")
+            assert entry is not None and entry.record.version == event.version and entry.dirty
+            assert server.client().llen("probe") == 1
+        finally:
+            broker.close()
+            await hot.close()

@@ -635,9 +635,14 @@ class SqlStore:
         self._write_rows(ev_rows, item_rows)
         return ApplyResult(len(ev_rows), len(item_rows))
 
-    def apply_event_rows(self, rows: Sequence[tuple[Any, ...]], *, published: bool = False) -> ApplyResult:
+    def apply_event_rows(
+        self, rows: Sequence[tuple[Any, ...]], *, published: bool = False, index: bool = True
+    ) -> ApplyResult:
         """:meth:`apply_batch` for events given as rows of :meth:`iter_event_rows` (a replay's fast
-        path: no event objects). Same rules: idempotent by event id, the newest version per key wins."""
+        path: no event objects). Same rules: idempotent by event id, the newest version per key wins.
+
+        ``index=False`` leaves the search index behind the items (a replay indexes once at the end,
+        :meth:`index_items`): only for a store nobody searches until then."""
         if not rows:
             return ApplyResult(0, 0)
         unique = {r[0]: r for r in rows}  # by event id
@@ -653,7 +658,7 @@ class SqlStore:
             (r[2], r[3], r[4], r[5], r[6], r[7], r[1] == delete, r[8], r[9])
             for _, r in sorted(best.items(), key=itemgetter(0))
         ]
-        self._write_rows(ev_rows, item_rows)
+        self._write_rows(ev_rows, item_rows, index=index)
         return ApplyResult(len(ev_rows), len(item_rows))
 
     def iter_event_rows(self, *, batch: int = 5000) -> Iterator[list[tuple[Any, ...]]]:
@@ -716,7 +721,45 @@ class SqlStore:
         origin, deleted, updated_at, schema_version``), version-guarded: the fast path of a restore."""
         self._write_rows([], sorted(rows, key=lambda r: (r[0], r[1])))
 
-    def _write_rows(self, ev_rows: Sequence[tuple[Any, ...]], item_rows: Sequence[tuple[Any, ...]]) -> None:
+    def index_items(self, *, batch: int = 5000) -> int:
+        """Bring the search index up to the items: (re)index every item row, in key order, one
+        transaction per ``batch`` (the docs' version guard makes a doc already current a no-op).
+
+        What a replay does once at the end instead of indexing each batch: every key is indexed once,
+        at its final version, and on SQLite the docs arrive in key order into an empty table (no
+        update triggers, FTS rows added in ascending rowid order). Returns the items indexed.
+        """
+        if not self.index_search:
+            return 0
+        mark = "?" if self.dialect == "sqlite" else "%s"
+        first = f"SELECT {_ITEM_COLS} FROM items ORDER BY namespace, key LIMIT {mark}"
+        more = (
+            f"SELECT {_ITEM_COLS} FROM items WHERE namespace > {mark} OR (namespace = {mark} AND key > {mark}) "
+            f"ORDER BY namespace, key LIMIT {mark}"
+        )
+        done = 0
+        last: tuple[str, str] | None = None
+        while True:
+            with self._guard(), self._write.begin() as conn:
+                cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+                try:
+                    if last is None:
+                        cur.execute(first, (batch,))
+                    else:
+                        cur.execute(more, (last[0], last[0], last[1], batch))
+                    rows = [tuple(r) for r in cur.fetchall()]
+                    if rows:
+                        _index_items(cur, self.dialect, rows)
+                finally:
+                    cur.close()
+            if not rows:
+                return done
+            done += len(rows)
+            last = (rows[-1][0], rows[-1][1])
+
+    def _write_rows(
+        self, ev_rows: Sequence[tuple[Any, ...]], item_rows: Sequence[tuple[Any, ...]], *, index: bool = True
+    ) -> None:
         """Insert event rows (idempotent by id) and upsert item rows (version-guarded) in one transaction."""
         with self._guard(), self._write.begin() as conn:
             cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
@@ -751,7 +794,7 @@ class SqlStore:
                             item_rows,
                             page_size=1000,
                         )
-                if item_rows and self.index_search:
+                if item_rows and self.index_search and index:
                     self._write_docs(cur, item_rows)
             finally:
                 cur.close()

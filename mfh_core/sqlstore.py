@@ -165,6 +165,10 @@ _NS_UPSERT = (
     "dim = COALESCE(search_namespaces.dim, excluded.dim) RETURNING generation"
 )
 
+#: The connection's temporary table the SQLite writer stages a batch's search docs in (_index_items_sqlite).
+_DOCS_IN = "mfh_docs_in"
+_DOCS_IN_COLS = ", ".join(f"n.{c.strip()}" for c in DOC_COLS.split(","))
+
 
 #: Schemes that mean Postgres through psycopg2; any other ``postgresql+<driver>`` is refused.
 _PG_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg2")
@@ -401,30 +405,55 @@ def _index_items(cur: Any, dialect: str, item_rows: Sequence[tuple[Any, ...]]) -
     by_ns: dict[str, list[tuple[Any, ...]]] = {}
     for row in item_rows:
         by_ns.setdefault(row[0], []).append(row)
-    sqlite = dialect == "sqlite"
-    ns_sql = _NS_UPSERT.format(p="?" if sqlite else "%s")
-    top = 0
-    if sqlite:
-        # New docs get rowids above today's highest (the batch holds the write lock); updated ones keep
-        # theirs and the update trigger re-indexes them. FTS rows of the new ones are added below.
-        cur.execute("SELECT COALESCE(MAX(rowid), 0) FROM search_docs")
-        top = int(cur.fetchone()[0])
+    if dialect == "sqlite":
+        _index_items_sqlite(cur, by_ns)
+        return
+    from psycopg2.extras import execute_values
+
+    ns_sql = _NS_UPSERT.format(p="%s")
     for ns in sorted(by_ns):
         docs = [doc_row(r, 0) for r in by_ns[ns]]
         dim = next((d[11] for d in docs if d[11] is not None), None)
         cur.execute(ns_sql, (ns, dim))
         generation = int(cur.fetchone()[0])
-        if sqlite:
-            cur.executemany(
-                f"INSERT INTO search_docs ({DOC_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) {_DOC_UPDATE}",
-                [(*d[:12], generation) for d in docs],
-            )
-        else:
-            from psycopg2.extras import execute_values
+        rows = [(*d[:12], generation) for d in docs]
+        execute_values(cur, f"INSERT INTO search_docs ({DOC_COLS}) VALUES %s {_DOC_UPDATE}", rows, page_size=1000)
 
-            rows = [(*d[:12], generation) for d in docs]
-            execute_values(cur, f"INSERT INTO search_docs ({DOC_COLS}) VALUES %s {_DOC_UPDATE}", rows, page_size=1000)
-    if sqlite:
+
+def _index_items_sqlite(cur: Any, by_ns: dict[str, list[tuple[Any, ...]]]) -> None:
+    """SQLite: the batch's docs go in through one statement, the existing ones in ascending rowid order.
+
+    FTS5 flushes its pending terms to a new segment at every statement that writes it (its savepoint
+    method) and at every write whose rowid is not above the last one (fts5_index.c,
+    sqlite3Fts5IndexBeginWrite). Upserted with ``executemany`` in key order, every updated doc's
+    trigger (delete old, insert new) flushed a segment of its own, and writing and merging those was
+    60% of ``apply_batch`` (bench/replay.py's log). So the docs are staged in a temporary table and
+    upserted by one ``INSERT ... SELECT`` ordered by the rowid they already have: the triggers' FTS
+    writes ascend, and FTS5 flushes once per batch. New docs come last (rowids above the highest) and
+    get their FTS rows from one ``INSERT ... SELECT`` after it.
+    """
+    ns_sql = _NS_UPSERT.format(p="?")
+    cur.execute("SELECT COALESCE(MAX(rowid), 0) FROM search_docs")
+    top = int(cur.fetchone()[0])
+    rows: list[tuple[Any, ...]] = []
+    for ns in sorted(by_ns):
+        docs = [doc_row(r, 0) for r in by_ns[ns]]
+        dim = next((d[11] for d in docs if d[11] is not None), None)
+        cur.execute(ns_sql, (ns, dim))
+        generation = int(cur.fetchone()[0])
+        rows.extend((*d[:12], generation) for d in docs)
+    cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS {_DOCS_IN} ({DOC_COLS})")
+    cur.execute(f"DELETE FROM temp.{_DOCS_IN}")
+    cur.executemany(f"INSERT INTO temp.{_DOCS_IN} ({DOC_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+    # WHERE true: an INSERT ... SELECT with a join needs it before ON CONFLICT (the parsing ambiguity
+    # SQLite's upsert documentation describes).
+    cur.execute(
+        f"INSERT INTO search_docs ({DOC_COLS}) SELECT {_DOCS_IN_COLS} FROM temp.{_DOCS_IN} n "
+        "LEFT JOIN search_docs d ON d.namespace = n.namespace AND d.key = n.key "
+        f"WHERE true ORDER BY d.rowid IS NULL, d.rowid {_DOC_UPDATE}"
+    )
+    cur.execute(f"DELETE FROM temp.{_DOCS_IN}")
+    if rows and cur.execute("SELECT MAX(rowid) FROM search_docs").fetchone()[0] > top:
         cur.execute("INSERT INTO search_fts(rowid, body) SELECT rowid, body FROM search_docs WHERE rowid > ?", (top,))
 
 
@@ -489,6 +518,7 @@ class SqlStore:
             cur.execute("PRAGMA synchronous=NORMAL")
             # Inline auto-checkpoints gave 35-48 ms p99 spikes; a background thread checkpoints instead.
             cur.execute("PRAGMA wal_autocheckpoint=0")
+            cur.execute("PRAGMA temp_store=MEMORY")  # the writer's staging table (_index_items_sqlite)
             cur.close()
 
         @sa_event.listens_for(eng, "begin")
@@ -605,9 +635,14 @@ class SqlStore:
         self._write_rows(ev_rows, item_rows)
         return ApplyResult(len(ev_rows), len(item_rows))
 
-    def apply_event_rows(self, rows: Sequence[tuple[Any, ...]], *, published: bool = False) -> ApplyResult:
+    def apply_event_rows(
+        self, rows: Sequence[tuple[Any, ...]], *, published: bool = False, index: bool = True
+    ) -> ApplyResult:
         """:meth:`apply_batch` for events given as rows of :meth:`iter_event_rows` (a replay's fast
-        path: no event objects). Same rules: idempotent by event id, the newest version per key wins."""
+        path: no event objects). Same rules: idempotent by event id, the newest version per key wins.
+
+        ``index=False`` leaves the search index behind the items (a replay indexes once at the end,
+        :meth:`index_items`): only for a store nobody searches until then."""
         if not rows:
             return ApplyResult(0, 0)
         unique = {r[0]: r for r in rows}  # by event id
@@ -623,7 +658,7 @@ class SqlStore:
             (r[2], r[3], r[4], r[5], r[6], r[7], r[1] == delete, r[8], r[9])
             for _, r in sorted(best.items(), key=itemgetter(0))
         ]
-        self._write_rows(ev_rows, item_rows)
+        self._write_rows(ev_rows, item_rows, index=index)
         return ApplyResult(len(ev_rows), len(item_rows))
 
     def iter_event_rows(self, *, batch: int = 5000) -> Iterator[list[tuple[Any, ...]]]:
@@ -686,7 +721,45 @@ class SqlStore:
         origin, deleted, updated_at, schema_version``), version-guarded: the fast path of a restore."""
         self._write_rows([], sorted(rows, key=lambda r: (r[0], r[1])))
 
-    def _write_rows(self, ev_rows: Sequence[tuple[Any, ...]], item_rows: Sequence[tuple[Any, ...]]) -> None:
+    def index_items(self, *, batch: int = 5000) -> int:
+        """Bring the search index up to the items: (re)index every item row, in key order, one
+        transaction per ``batch`` (the docs' version guard makes a doc already current a no-op).
+
+        What a replay does once at the end instead of indexing each batch: every key is indexed once,
+        at its final version, and on SQLite the docs arrive in key order into an empty table (no
+        update triggers, FTS rows added in ascending rowid order). Returns the items indexed.
+        """
+        if not self.index_search:
+            return 0
+        mark = "?" if self.dialect == "sqlite" else "%s"
+        first = f"SELECT {_ITEM_COLS} FROM items ORDER BY namespace, key LIMIT {mark}"
+        more = (
+            f"SELECT {_ITEM_COLS} FROM items WHERE namespace > {mark} OR (namespace = {mark} AND key > {mark}) "
+            f"ORDER BY namespace, key LIMIT {mark}"
+        )
+        done = 0
+        last: tuple[str, str] | None = None
+        while True:
+            with self._guard(), self._write.begin() as conn:
+                cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+                try:
+                    if last is None:
+                        cur.execute(first, (batch,))
+                    else:
+                        cur.execute(more, (last[0], last[0], last[1], batch))
+                    rows = [tuple(r) for r in cur.fetchall()]
+                    if rows:
+                        _index_items(cur, self.dialect, rows)
+                finally:
+                    cur.close()
+            if not rows:
+                return done
+            done += len(rows)
+            last = (rows[-1][0], rows[-1][1])
+
+    def _write_rows(
+        self, ev_rows: Sequence[tuple[Any, ...]], item_rows: Sequence[tuple[Any, ...]], *, index: bool = True
+    ) -> None:
         """Insert event rows (idempotent by id) and upsert item rows (version-guarded) in one transaction."""
         with self._guard(), self._write.begin() as conn:
             cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
@@ -721,7 +794,7 @@ class SqlStore:
                             item_rows,
                             page_size=1000,
                         )
-                if item_rows and self.index_search:
+                if item_rows and self.index_search and index:
                     self._write_docs(cur, item_rows)
             finally:
                 cur.close()

@@ -171,6 +171,47 @@ def test_replay_rebuilds_the_index_and_the_checksum_ignores_it(store: SqlStore, 
         target.close()
 
 
+def test_a_replay_indexes_each_key_at_its_final_version_once_it_has_applied_the_log(
+    store: SqlStore, tmp_path: Path
+) -> None:
+    # Given a log over several batches: keys rewritten, deleted, rewritten back, in two namespaces
+    from mfh_tasks.replay import open_target, replay_from_sql
+
+    rng = random.Random(11)
+    words = ["red", "green", "blue", "amber"]
+    latest: dict[tuple[str, str], str | None] = {}
+    v = 1000
+    for _ in range(5):
+        batch = []
+        for i in range(30):
+            ns, key = rng.choice(["ns", "ns.y"]), f"k{rng.randrange(25)}"
+            v += 1
+            text = None if rng.random() < 0.2 else f"{rng.choice(words)} item{i}"
+            batch.append(doc(key, v, {"content": text} if text else None, ns=ns))
+            latest[(ns, key)] = text
+        store.apply_batch(batch)
+    # When it is replayed into an empty SQLite store in small batches (the index is built at the end)
+    target = open_target(f"sqlite:///{tmp_path}/replayed.db")
+    try:
+        result = replay_from_sql(store, target, batch=7)
+        # Then the items' checksum is the live one and every word finds exactly the live docs holding it
+        assert result.checksum == store.checksum()
+        for w in words:
+            query = SearchQuery("ns", True, NOW, terms=(w,), limit=None)
+            got = {(n, k) for n, k, _ in target.search_keys(query)}
+            assert got == {nk for nk, t in latest.items() if t is not None and w in t.split()}, w
+            assert got == {(n, k) for n, k, _ in store.search_keys(query)}
+        # And the FTS5 index matches its content table; indexing again changes nothing
+        assert target.index_items() == len(latest)
+        with target._write.begin() as conn:
+            conn.exec_driver_sql("INSERT INTO search_fts(search_fts, rank) VALUES ('integrity-check', 1)")
+        assert {(n, k) for n, k, _ in target.search_keys(SearchQuery("ns", True, NOW, limit=None))} == {
+            nk for nk, t in latest.items() if t is not None
+        }
+    finally:
+        target.close()
+
+
 # -- namespaces ------------------------------------------------------------------------------------------
 
 

@@ -22,6 +22,7 @@ class TcpProxy:
         self._conns: list[socket.socket] = []
         self._listener: socket.socket | None = None
         self._up = False
+        self._swallow = False
         self._thread: threading.Thread | None = None
 
     def start(self) -> TcpProxy:
@@ -53,6 +54,11 @@ class TcpProxy:
                 c.close()
             self._conns.clear()
 
+    def swallow_answers(self, on: bool = True) -> None:
+        """From now on what a client sends still reaches the service, but no answer comes back and the
+        client's connection closes right after: a connection lost with the command on it (it ran)."""
+        self._swallow = on
+
     def _accept(self, ls: socket.socket) -> None:
         while True:
             try:
@@ -71,16 +77,21 @@ class TcpProxy:
                     upstream.close()
                     continue
                 self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            for a, b, up in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pipe, args=(a, b, up), daemon=True).start()
 
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, up: bool = True) -> None:
         try:
             while data := src.recv(65536):
                 if self._capture:
                     with self._lock:
                         self.captured += data
+                if self._swallow and not up:
+                    continue  # the answer is lost
                 dst.sendall(data)
+                if self._swallow and up:
+                    src.shutdown(socket.SHUT_RDWR)  # the client's connection drops with its command sent
+                    break
         except OSError:
             pass
         finally:

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import grpc
 import pytest
+import redis
 from hosts import TestHost, make_host
 from proxy import TcpProxy
 from services import async_wait_until, free_port, tcp_open
@@ -97,6 +98,50 @@ async def test_a_write_whose_batch_cannot_be_enqueued_is_unavailable_and_leaves_
         assert third.version > first.version
         assert broker.client.llen(f"dramatiq:{host.settings.write_behind.queue_name}") == queued + 1  # type: ignore[attr-defined]
     finally:
+        await svc.close()
+        sql.close()
+        proxy.cut()
+
+
+async def test_a_write_whose_enqueue_lost_its_connection_after_sending_is_acknowledged_and_stays_staged(
+    tmp_path: Path, redis_url: str
+) -> None:
+    # Given the same api side, its broker behind a proxy
+    parts = urlsplit(redis_url)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 6379).start()
+    host = _host(tmp_path, redis_url)
+    queue_settings = host.settings.model_copy(
+        update={
+            "storage": host.settings.storage.model_copy(
+                update={"redis_url": parts._replace(netloc=f"127.0.0.1:{proxy.port}").geturl()}
+            )
+        }
+    )
+    queue = BatchQueue.from_settings(queue_settings)
+    broker = queue.broker
+    assert broker is not None
+    hot = build_hot_store(host.settings)
+    sql = SqlStore(host.settings.storage.database_url)
+    sql.create_schema()
+    svc = compose_service(host.settings, hot=hot, sql=sql, queue=queue)
+    direct = redis.Redis.from_url(redis_url)
+    name = f"dramatiq:{host.settings.write_behind.queue_name}"
+    try:
+        await svc.put(_item("first", "v1"))  # the broker's scripts are loaded, its connection open
+        queued = direct.llen(name)
+        # When the broker's next enqueue reaches Redis but its answer never comes back (the connection
+        # drops with the command sent: Redis ran it)
+        proxy.swallow_answers()
+        result = await svc.put(_item("second", "v1"))
+        # Then the write is acknowledged, not answered "nothing was staged": its message is in the queue,
+        # and the entry stays staged and dirty (a worker or the sweep persists it)
+        assert result.version > 0
+        assert direct.llen(name) > queued
+        entry = await hot.get("ns", "second")
+        assert entry is not None and entry.dirty and entry.record.version == result.version
+    finally:
+        proxy.swallow_answers(False)
+        direct.close()
         await svc.close()
         sql.close()
         proxy.cut()

@@ -536,7 +536,7 @@ def mutate(
         if f.required or f.always or draw(st.booleans()):
             obj[name] = draw(f.valid)
     bad: set[str] = set()
-    extras: set[str] = set()
+    unknown: set[str] = set()  # not ``extras``: that is the parameter saying whether to add any
     steps: list[str] = []
     for _ in range(draw(st.integers(0, max_steps))):
         op = draw(st.sampled_from(["drop", "invalid", "invalid", "edge", "extra" if extras else "edge"]))
@@ -558,13 +558,13 @@ def mutate(
             if extra in spec:
                 continue
             obj[extra] = draw(hostile_values)
-            extras.add(extra)
+            unknown.add(extra)
             name = extra
         else:
             continue
         steps.append(f"{op} {name!r}")
     missing = [n for n, f in spec.items() if f.required and n not in obj]
-    must_fail = bool(missing) or bool(bad & obj.keys()) or (extras_forbidden and bool(extras)) or has_bad(obj)
+    must_fail = bool(missing) or bool(bad & obj.keys()) or (extras_forbidden and bool(unknown)) or has_bad(obj)
     return Built(obj, must_fail, steps)
 
 

@@ -18,6 +18,7 @@ event loop. Objects that live for the whole process (start-up) are frozen out of
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -100,10 +101,8 @@ class CollectorPolicy:
     async def run(self, stop: asyncio.Event) -> None:
         """Check every ``check_s`` until ``stop`` is set; the check itself reads one /proc file."""
         while not stop.is_set():
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.check_s)
-            except TimeoutError:
-                pass
             reason = self.due()
             if reason is not None and not stop.is_set():
                 self.collect(reason)

@@ -89,7 +89,7 @@ def test_rss_growth_makes_a_full_collection_due_early(full_collections: list[int
     policy.install()
     assert policy.due() is None
     ballast = bytearray(32 * 1024 * 1024)
-    ballast[:: 4096] = b"x" * len(ballast[:: 4096])  # touch every page: resident
+    ballast[::4096] = b"x" * len(ballast[::4096])  # touch every page: resident
     assert rss_mb() > 0
     assert policy.due() == "rss"
     policy.collect("rss")

@@ -6,7 +6,8 @@ each sending Gets open-loop at ``--rate`` per second (latency from each request'
 so stalls are not hidden); flooded, the same two clients again, beside a ZeroMQ peer in its own
 process that sends as fast as it can without ever reading (small authenticated Gets, 300 KB
 unauthenticated bodies, small unauthenticated ones) and 1,000 idle Watch streams over 10
-connections. The flooder runs at ``--flood-nice`` (a flooder on another machine takes none of the
+connections, held by another process (in the measuring one, its own garbage collections over
+those calls were measured too). The flooder runs at ``--flood-nice`` (a flooder on another machine takes none of the
 api's CPU; on a small shared box it would otherwise measure the kernel's share of the cores). The
 api's VmRSS is sampled throughout.
 
@@ -164,6 +165,22 @@ async def both(grpc_t: Target, zmq_t: Target, rate: float, duration: float) -> d
         await zmq_t[1]()
 
 
+async def watcher(target: str, n: int) -> None:
+    """Hold ``n`` idle Watch streams over 10 connections (its own process: --watcher TARGET); print how many
+    opened, then, at a line on stdin, how many are still open, and end."""
+    chans, calls = await open_watches(target, n, connections=10)
+    try:
+        await asyncio.sleep(2.0 if n else 0.0)  # let them open
+        print(json.dumps({"open": _open(calls)}), flush=True)
+        await asyncio.to_thread(sys.stdin.readline)
+        print(json.dumps({"still_open": _open(calls)}), flush=True)
+    finally:
+        for c in calls:
+            c.cancel()
+        for ch in chans:
+            await ch.close()
+
+
 async def open_watches(target: str, n: int, connections: int) -> tuple[list[grpc.aio.Channel], list[Any]]:
     local = [("grpc.use_local_subchannel_pool", 1)]  # one connection per channel
     chans = [grpc.aio.insecure_channel(target, options=local) for _ in range(connections)]
@@ -230,11 +247,18 @@ async def one_round(
     )
     for name, (lat, errors) in alone.items():
         res[f"{name}_alone"] = summary(f"round {r} {name} alone", lat, errors)
-    chans, watches = await open_watches(gt, args.watches, connections=10)
+    # The idle streams live in a process of their own, as the flooder does: 1,000 client calls in the
+    # measuring process made its own full garbage collections (100+ ms) part of what it measured.
+    watching = subprocess.Popen(  # noqa: ASYNC220 - started once, ended below
+        [sys.executable, HERE, "--watcher", gt, "--watches", str(args.watches)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
     flooder: subprocess.Popen[bytes] | None = None
     try:
-        await asyncio.sleep(2.0 if args.watches else 0.0)  # let them open
-        extra["watch_streams_open"] = min(extra.get("watch_streams_open", args.watches), _open(watches))
+        assert watching.stdout is not None and watching.stdin is not None
+        opened = json.loads(await asyncio.to_thread(watching.stdout.readline) or b"{}").get("open", 0)
+        extra["watch_streams_open"] = min(extra.get("watch_streams_open", args.watches), opened)
         flood_s, nice = args.duration + 2.5, str(args.flood_nice)
         flooder = subprocess.Popen(  # noqa: ASYNC220 - started once, never waited on here
             [sys.executable, HERE, "--flood", zt, "--flood-seconds", str(flood_s), "--flood-nice", nice],
@@ -249,7 +273,10 @@ async def one_round(
         line = await asyncio.to_thread(flooder.stdout.readline)
         for k, v in json.loads(line or b"{}").items():
             extra[f"flood_{k}"] = extra.get(f"flood_{k}", 0) + v
-        extra["watch_streams_still_open"] = min(extra.get("watch_streams_still_open", args.watches), _open(watches))
+        watching.stdin.write(b"done\n")
+        watching.stdin.flush()
+        still = json.loads(await asyncio.to_thread(watching.stdout.readline) or b"{}").get("still_open", 0)
+        extra["watch_streams_still_open"] = min(extra.get("watch_streams_still_open", args.watches), still)
     finally:
         for phase, seen in codes.items():  # why the well-behaved ZeroMQ peer's failures failed
             for code, n in seen.items():
@@ -257,10 +284,8 @@ async def one_round(
         if flooder is not None:
             flooder.kill()
             flooder.wait()
-        for c in watches:
-            c.cancel()
-        for ch in chans:
-            await ch.close()
+        watching.kill()
+        watching.wait()
     return res
 
 
@@ -338,6 +363,7 @@ if __name__ == "__main__":
     ap.add_argument("--flood-nice", type=int, default=10, help="niceness of the flooding process (0: same as ours)")
     ap.add_argument("--server-settings", default="{}", help="JSON merged into the server section (knob studies)")
     ap.add_argument("--flood", metavar="ENDPOINT", help=argparse.SUPPRESS)
+    ap.add_argument("--watcher", metavar="TARGET", help=argparse.SUPPRESS)
     ap.add_argument("--flood-seconds", type=float, default=10.0, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.flood:
@@ -345,5 +371,7 @@ if __name__ == "__main__":
         # priority keeps what is measured the api's own fairness, not the kernel's share of the cores.
         os.nice(a.flood_nice)
         flood(a.flood, a.flood_seconds)
+    elif a.watcher:
+        asyncio.run(watcher(a.watcher, a.watches))
     else:
         asyncio.run(main(a))

@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import contextlib
 import errno
-import gc
 import logging
 import signal
 import socket
@@ -25,6 +24,7 @@ from prometheus_client import start_http_server
 from mfh_api.auth import check_bind_is_safe
 from mfh_api.grpc_server import GrpcServer
 from mfh_api.service import MemoryService, build_service
+from mfh_core.gc_policy import CollectorPolicy
 from mfh_core.heartbeat import Heartbeat
 from mfh_core.jsonlog import JsonFormatter, configure_json_logging
 from mfh_core.redaction import install_loop_exception_handler, install_redaction
@@ -136,14 +136,18 @@ async def run_api(settings: Settings, *, insecure: bool = False, stop: asyncio.E
     grpc_server = GrpcServer(service, settings)
     zmq = _zmq_server(service, settings)
     httpd = None
+    s = settings.server
+    collector = CollectorPolicy(full_interval_s=s.gc_full_interval_seconds, rss_growth_mb=s.gc_rss_growth_mb)
+    collecting: asyncio.Task[None] | None = None
     try:
+        # Start-up objects never die: frozen out of every collection, before the first client can
+        # wait on one; from then on full collections run on the policy's schedule, not on allocation.
+        collector.install()
+        collecting = asyncio.create_task(collector.run(beat_stop), name="mfh-gc")
         await grpc_server.start()
         if zmq is not None:
             await zmq.start()
         httpd = _start_metrics(settings)
-        # Start-up objects never die: keep them out of the collector's way (fewer long GC pauses).
-        gc.collect()
-        gc.freeze()
         log.info(
             "api ready",
             extra={
@@ -164,6 +168,9 @@ async def run_api(settings: Settings, *, insecure: bool = False, stop: asyncio.E
         await asyncio.gather(*stops)
         beat_stop.set()
         await beating
+        if collecting is not None:
+            await collecting
+        collector.uninstall()
         await service.close()
         if httpd is not None:
             httpd.shutdown()

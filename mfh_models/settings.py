@@ -67,6 +67,8 @@ class ServerSettings(_Section):
     max_streams_per_peer: int = Field(default=128, ge=1, description="open gRPC streams of one connection")
     watch_idle_seconds: float = Field(default=900.0, gt=0, description="a Watch with no event this long ends")
     watch_max_lifetime_seconds: float = Field(default=3600.0, gt=0, description="a Watch ends after this long")
+    gc_full_interval_seconds: float = Field(default=300.0, gt=0, description="api: full garbage collection period")
+    gc_rss_growth_mb: float = Field(default=64.0, ge=0, description="api: or once RSS grew this much (0: off)")
     # Transport security (docs/security.md): absolute paths; unset = plain text (loopback only, or --insecure).
     tls_cert_file: str | None = Field(default=None, description="gRPC server certificate chain (PEM)")
     tls_key_file: str | None = Field(default=None, description="its private key (PEM)")

@@ -52,11 +52,13 @@ rc=0
 # processes, timers and the network, not the CPU); MFH_TEST_WORKERS=0 runs them in this process. Each
 # worker claims its own pair of Redis test databases (tests/conftest.py: five pairs). The suites that
 # kill, cut off or restart services and time the recovery (tests/faults, tests/cluster,
-# tests/test_outages.py) run afterwards on their own, so no other test's load skews their clocks.
+# tests/test_outages.py), and the fairness tests that time a caller beside a flood
+# (tests/test_fairness.py), run afterwards on their own, so no other test's load skews their
+# clocks; they run even when the first phase failed (the exit code is then the first one's).
 workers="${MFH_TEST_WORKERS:-3}"
 parallel=()
 if [[ "$workers" != 0 ]]; then parallel=(-n "$workers" --dist loadfile); fi
-timed=(tests/faults tests/cluster tests/test_outages.py)
+timed=(tests/faults tests/cluster tests/test_outages.py tests/test_fairness.py)
 run_pytest() {
     timeout --signal=TERM --kill-after=60 "${MFH_TEST_TIMEOUT:-45m}" "$BIN/pytest" -q --durations=10 "$@"
 }
@@ -66,10 +68,10 @@ else
     ignore=()
     for t in "${timed[@]}"; do ignore+=("--ignore=$t"); done
     run_pytest "${parallel[@]}" "${ignore[@]}" || rc=$?
-    if [[ $rc -eq 0 ]]; then
-        step "pytest -q ${timed[*]} (on their own)"
-        run_pytest "${timed[@]}" || rc=$?
-    fi
+    step "pytest -q ${timed[*]} (on their own)"
+    timed_rc=0
+    run_pytest "${timed[@]}" || timed_rc=$?
+    if [[ $rc -eq 0 ]]; then rc=$timed_rc; fi
 fi
 if [[ $rc -eq 124 || $rc -eq 137 ]]; then
     echo "test.sh: FAILED: pytest did not finish within ${MFH_TEST_TIMEOUT:-45m}" >&2

@@ -16,8 +16,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from mfh_core.searchindex import SearchQuery
+from mfh_core.vectors import DECODE_CHUNK, VectorChunk, decode_rows
 
-__all__ = ["expired", "live_namespaces", "namespace_rows", "search_keys", "vectors_since"]
+__all__ = ["VectorChunk", "expired", "live_namespaces", "namespace_rows", "search_keys", "vectors_since"]
 
 _FIELD: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _OPS: Final = {"eq": "=", "ne": "<>", "lt": "<", "lte": "<=", "gt": ">", "gte": ">="}
@@ -126,20 +127,20 @@ def namespace_rows(conn: Connection, namespace: str, prefix: bool) -> list[tuple
     return [(r[0], int(r[1]), None if r[2] is None else int(r[2])) for r in conn.execute(sa.text(sql), params)]
 
 
-def vectors_since(
-    conn: Connection, namespace: str, after_chg: int
-) -> list[tuple[str, int, bool, int | None, int | None, str | None]]:
-    """(key, chg, deleted, expires_at, dim, payload) of the namespace's docs changed after ``after_chg``
-    (on a first load, only those with an embedding); the payload (which holds the embedding) only for
-    a live doc with one. Doc and item are read in one statement: written in one transaction, they agree."""
+def vectors_since(conn: Connection, namespace: str, after_chg: int, dim: int | None) -> list[VectorChunk]:
+    """The namespace's docs changed after ``after_chg`` (on a first load, only those with an embedding),
+    decoded for dimension ``dim`` as the rows stream in (mfh_core.vectors.decode_rows); the payload
+    (which holds the embedding) is read only for a live doc with one. Doc and item are read in one
+    statement: written in one transaction, they agree."""
     sql = (
         "SELECT d.key, d.chg, d.deleted, d.expires_at, d.dim, "
         "CASE WHEN d.dim IS NOT NULL AND NOT d.deleted THEN i.payload END "
         "FROM search_docs d JOIN items i ON i.namespace = d.namespace AND i.key = d.key "
         "WHERE d.namespace = :ns AND d.chg > :after AND (d.dim IS NOT NULL OR :after > 0)"
     )
-    rows = conn.execute(sa.text(sql), {"ns": namespace, "after": after_chg})
-    return [(r[0], int(r[1]), bool(r[2]), r[3], r[4], r[5]) for r in rows]
+    # Streamed (a server-side cursor on Postgres): a first load never holds every payload's text at once
+    rows = conn.execution_options(yield_per=DECODE_CHUNK).execute(sa.text(sql), {"ns": namespace, "after": after_chg})
+    return decode_rows(rows, dim)
 
 
 def live_namespaces(conn: Connection, prefix: str, now_ms: int) -> list[str]:

@@ -822,11 +822,10 @@ class SqlStore:
         with self._guard(), self._read.connect() as conn:
             return search_sql.namespace_rows(conn, namespace, prefix)
 
-    def vectors_since(
-        self, namespace: str, after_chg: int
-    ) -> list[tuple[str, int, bool, int | None, int | None, str | None]]:
+    def vectors_since(self, namespace: str, after_chg: int, dim: int | None) -> list[search_sql.VectorChunk]:
+        """The namespace's docs changed after ``after_chg``, their vectors decoded for dimension ``dim``."""
         with self._guard(), self._read.connect() as conn:
-            return search_sql.vectors_since(conn, namespace, after_chg)
+            return search_sql.vectors_since(conn, namespace, after_chg, dim)
 
     def live_namespaces(self, prefix: str, now_ms: int) -> list[str]:
         """Namespaces at or below ``prefix`` holding a live, unexpired record, ascending."""

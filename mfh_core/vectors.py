@@ -62,24 +62,13 @@ def _vector(payload: str, dim: int) -> list[float] | _F32 | None:
     return emb
 
 
-def _block(vectors: list[Any], dim: int) -> tuple[_F32, np.ndarray[Any, np.dtype[np.bool_]]]:
-    """(normalised float32 rows, which rows are usable) of equal-length vectors."""
-    try:
-        raw = np.array(vectors, dtype=np.float64).reshape(len(vectors), dim)
-    except (TypeError, ValueError, OverflowError):  # a non-number somewhere: row by row
-        raw = np.zeros((len(vectors), dim), dtype=np.float64)
-        for i, v in enumerate(vectors):
-            try:
-                raw[i] = np.asarray(v, dtype=np.float64)
-            except (TypeError, ValueError, OverflowError):
-                raw[i] = np.nan
-    # float32 is what is stored (the model's range); normalise in float64, as one vector would be
+def _normalised(raw: _F32) -> tuple[_F32, np.ndarray[Any, np.dtype[np.bool_]]]:
+    """(rows scaled to unit length, which rows are usable: finite and not zero); norms in float64."""
     with np.errstate(over="ignore", invalid="ignore"):
-        raw = raw.astype(np.float32).astype(np.float64)
-        norms = np.sqrt(np.einsum("ij,ij->i", raw, raw))
-    ok = np.isfinite(norms) & (norms > 0)
-    norms[~ok] = 1.0
-    mat = (raw / norms[:, None]).astype(np.float32)
+        norms = np.sqrt(np.einsum("ij,ij->i", raw, raw, dtype=np.float64))
+        ok = np.isfinite(norms) & (norms > 0)
+        norms[~ok] = 1.0
+        mat = (raw / norms[:, None]).astype(np.float32)
     mat[~ok] = 0.0
     return mat, ok
 
@@ -88,39 +77,45 @@ def decode_rows(rows: Iterable[Any], dim: int | None) -> list[VectorChunk]:
     """Chunks of ``(key, chg, deleted, expires_at, dim, payload)`` rows (payload None without a vector),
     decoded for a namespace of dimension ``dim``."""
     out: list[VectorChunk] = []
+    width = dim or 0
     keys: list[str] = []
     expires: list[int] = []
-    has: list[int] = []
-    vectors: list[Any] = []
+    ok = np.zeros(DECODE_CHUNK, dtype=bool)
+    raw = np.zeros((DECODE_CHUNK, width), dtype=np.float32)
     chg = 0
 
     def flush() -> None:
-        nonlocal chg
+        nonlocal ok, raw, chg
         if not keys:
             return
-        ok = np.zeros(len(keys), dtype=bool)
-        mat = np.zeros((len(keys), dim or 0), dtype=np.float32)
-        if vectors and dim:
-            block, good = _block(vectors, dim)
-            at = np.asarray(has, dtype=np.int64)
-            mat[at] = block
-            ok[at] = good
-        out.append(VectorChunk(list(keys), chg, ok, np.asarray(expires, dtype=np.int64), mat))
-        keys.clear(), expires.clear(), has.clear(), vectors.clear()
+        n = len(keys)
+        mat, good = _normalised(raw[:n])
+        out.append(VectorChunk(list(keys), chg, ok[:n] & good, np.asarray(expires, dtype=np.int64), mat))
+        keys.clear()
+        expires.clear()
+        ok = np.zeros(DECODE_CHUNK, dtype=bool)
+        raw = np.zeros((DECODE_CHUNK, width), dtype=np.float32)
         chg = 0
 
-    for key, row_chg, deleted, expires_at, row_dim, payload in rows:
-        chg = max(chg, int(row_chg))
-        vec = None
-        if dim and payload is not None and not deleted and row_dim == dim:
-            vec = _vector(payload, dim)
-        if vec is not None:
-            has.append(len(keys))
-            vectors.append(vec)
-        keys.append(key)
-        expires.append(_NEVER if expires_at is None else int(expires_at))
-        if len(keys) >= DECODE_CHUNK:
-            flush()
+    # a value past float32's range becomes inf: that row is then not usable (no warning)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for key, row_chg, deleted, expires_at, row_dim, payload in rows:
+            chg = max(chg, int(row_chg))
+            j = len(keys)
+            if dim and payload is not None and not deleted and row_dim == dim:
+                vec = _vector(payload, dim)
+                if vec is not None:
+                    # straight into the block: no list outlives its row (millions of them would make the
+                    # cyclic collector rescan every live one, a tenth of a load's time)
+                    try:
+                        raw[j] = vec
+                        ok[j] = True
+                    except (TypeError, ValueError, OverflowError):
+                        raw[j] = 0.0
+            keys.append(key)
+            expires.append(_NEVER if expires_at is None else int(expires_at))
+            if len(keys) >= DECODE_CHUNK:
+                flush()
     flush()
     return out
 

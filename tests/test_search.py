@@ -152,6 +152,48 @@ def test_vector_top_k_is_exact_and_follows_changes(store: SqlStore) -> None:
     assert got[0][1] == "new" and abs(got[0][2] - 1.0) < 1e-5 and best not in {k for _, k, _ in got}
 
 
+def test_a_bulk_vector_load_across_chunks_matches_brute_force_and_skips_what_it_cannot_use(store: SqlStore) -> None:
+    # Given more rows than one decode chunk: most with a 4-dim embedding, some with another dimension,
+    # some with none, one all zeros, some expiring, and one deleted
+    from mfh_core.vectors import DECODE_CHUNK
+
+    rng = random.Random(11)
+    n = DECODE_CHUNK + 300
+    vecs: dict[str, list[float]] = {}
+    events = []
+    for i in range(n):
+        key, payload = f"k{i:05d}", {"content": "x"}
+        if i % 97 == 0:
+            payload["embedding"] = [rng.uniform(-1, 1) for _ in range(5)]  # not the namespace's dimension
+        elif i % 89 != 0:
+            payload["embedding"] = vecs[key] = [rng.uniform(-1, 1) for _ in range(4)]
+        if i % 50 == 1:
+            payload["expires_at_ms"] = NOW - 1  # expired: never a hit
+            vecs.pop(key, None)
+        events.append(doc(key, 100 + i, payload))
+    events[2] = doc("k00002", 102, {"content": "x", "embedding": [0.0, 0.0, 0.0, 0.0]})
+    vecs.pop("k00002")
+    # (the first row fixes the namespace's dimension at 4)
+    events[0] = doc("k00000", 100, {"content": "x", "embedding": [0.5, 0.5, 0.5, 0.5]})
+    vecs["k00000"] = [0.5, 0.5, 0.5, 0.5]
+    for i in range(0, n, 1000):
+        store.apply_batch(events[i : i + 1000])
+    store.apply_batch([doc("k00003", 10_000, None)])
+    vecs.pop("k00003")
+    q = [0.3, -0.7, 0.2, 0.9]
+    # When the cache loads the namespace in one go and answers a top-50
+    spaces = store.search_namespaces("ns", prefix=False)
+    assert spaces[0][2] == 4
+    got = VectorCache().top_k(store, spaces, q, 50, NOW)
+    # Then it is the exact top-50 of the usable, live rows, with their cosines
+    keys = sorted(vecs)
+    m = np.array([vecs[k] for k in keys], dtype=np.float32).astype(np.float64)
+    s = m @ np.array(q) / np.linalg.norm(m, axis=1) / np.linalg.norm(q)
+    order = np.argsort(-s, kind="stable")[:50]
+    assert [k for _, k, _ in got] == [keys[i] for i in order]
+    assert np.allclose([c for _, _, c in got], s[order], atol=1e-5)
+
+
 def test_replay_rebuilds_the_index_and_the_checksum_ignores_it(store: SqlStore, tmp_path: Path) -> None:
     store.apply_batch([doc("a", 10, {"content": "rebuilt words", "embedding": [1.0, 2.0]})])
     before = store.checksum()

@@ -45,9 +45,12 @@ _BASELINE_COLUMNS = {
 
 
 def include_name(name: str | None, type_: str, parent_names: object) -> bool:
-    """What autogenerate compares: not the full-text parts of revision 0002, which no SQLAlchemy model
-    declares (SQLite's FTS5 table and its shadow tables; Postgres's expression index)."""
+    """What autogenerate compares: not the full-text parts of revisions 0002 and 0003, which no SQLAlchemy
+    model declares (SQLite's FTS5 table and its shadow tables; Postgres's generated ``body_tsv`` column
+    and its GIN index)."""
     if type_ == "table" and name is not None and name.startswith("search_fts"):
+        return False
+    if type_ == "column" and name == "body_tsv":
         return False
     return not (type_ == "index" and name == "ix_search_docs_fts")
 

@@ -14,7 +14,9 @@ import asyncio
 import signal
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
@@ -28,10 +30,10 @@ from mfh_api.client_grpc import AsyncMemoryClient, MemoryClient
 from mfh_api.client_zmq import AsyncZmqClient
 from mfh_api.errors import exception_for
 from mfh_api.grpc_server import GrpcServer
-from mfh_api.service import PutSpec, build_service, compose_service
+from mfh_api.service import MemoryService, PutSpec, build_service, compose_service
 from mfh_api.zmq_server import ZmqServer
 from mfh_client.retry import CallKind, retryable
-from mfh_core import SqlStore
+from mfh_core import HotStore, SqlStore
 from mfh_models import MFHError, NotFound, Unavailable
 from mfh_tasks import BatchQueue, build_hot_store
 
@@ -51,11 +53,20 @@ def _host(tmp_path: Path, redis_url: str, name: str = "main_pc", **overrides: ob
 # -- a failed enqueue -------------------------------------------------------------------------------
 
 
-async def test_a_write_whose_batch_cannot_be_enqueued_is_unavailable_and_leaves_nothing_staged(
-    tmp_path: Path, redis_url: str
-) -> None:
-    # Given an api side whose hot store talks to Redis directly, and whose broker reaches the
-    # same Redis through a proxy (the broker boundary: a real Dramatiq enqueue over a real socket)
+@dataclass
+class BrokerBehindProxy:
+    """An api side whose hot store talks to Redis directly and whose broker reaches the same Redis
+    through a proxy (the broker boundary: a real Dramatiq enqueue over a real socket)."""
+
+    proxy: TcpProxy
+    host: TestHost
+    broker: Any  # the HubBroker: its client is untyped
+    hot: HotStore
+    svc: MemoryService
+
+
+@pytest.fixture
+async def broker_behind_proxy(tmp_path: Path, redis_url: str) -> AsyncIterator[BrokerBehindProxy]:
     parts = urlsplit(redis_url)
     proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 6379).start()
     host = _host(tmp_path, redis_url)
@@ -74,56 +85,52 @@ async def test_a_write_whose_batch_cannot_be_enqueued_is_unavailable_and_leaves_
     sql.create_schema()
     svc = compose_service(host.settings, hot=hot, sql=sql, queue=queue)
     try:
-        first = await svc.put(_item("kept", "v1"))  # enqueued; no worker runs, so it stays dirty
-        queued = broker.client.llen(f"dramatiq:{host.settings.write_behind.queue_name}")  # type: ignore[attr-defined]
-        # When the broker's connection to Redis is cut and two writes arrive: a new key and an overwrite
-        proxy.cut()
-        with pytest.raises(Unavailable, match="nothing was staged"):
-            await svc.put(_item("new", "lost"))
-        with pytest.raises(Unavailable, match="nothing was staged"):
-            await svc.put(_item("kept", "v2"))
-        # Then neither is readable: the new key does not exist, the overwritten one reads its previous version
-        with pytest.raises(NotFound):
-            await svc.get("ns", "new")
-        got = await svc.get("ns", "kept")
-        assert got.version == first.version and '"v1"' in got.payload
-        # and nothing new is staged: only the first write is dirty, and it is still dirty (its batch is queued)
-        entry = await hot.get("ns", "kept")
-        assert entry is not None and entry.dirty
-        assert await hot.dirty_count() == 1
-        # and once the queue answers again, new writes are accepted and nothing of the refused ones is queued
-        proxy.start()
-        await async_wait_until(lambda: tcp_open("127.0.0.1", proxy.port), 5)
-        third = await svc.put(_item("kept", "v3"))
-        assert third.version > first.version
-        assert broker.client.llen(f"dramatiq:{host.settings.write_behind.queue_name}") == queued + 1  # type: ignore[attr-defined]
+        yield BrokerBehindProxy(proxy, host, broker, hot, svc)
     finally:
+        proxy.swallow_answers(False)
         await svc.close()
         sql.close()
         proxy.cut()
 
 
+async def test_a_write_whose_batch_cannot_be_enqueued_is_unavailable_and_leaves_nothing_staged(
+    broker_behind_proxy: BrokerBehindProxy,
+) -> None:
+    # Given an api side whose hot store talks to Redis directly, and whose broker reaches the
+    # same Redis through a proxy (the broker boundary: a real Dramatiq enqueue over a real socket)
+    b = broker_behind_proxy
+    proxy, host, broker, hot, svc = b.proxy, b.host, b.broker, b.hot, b.svc
+    first = await svc.put(_item("kept", "v1"))  # enqueued; no worker runs, so it stays dirty
+    queued = broker.client.llen(f"dramatiq:{host.settings.write_behind.queue_name}")  # type: ignore[attr-defined]
+    # When the broker's connection to Redis is cut and two writes arrive: a new key and an overwrite
+    proxy.cut()
+    with pytest.raises(Unavailable, match="nothing was staged"):
+        await svc.put(_item("new", "lost"))
+    with pytest.raises(Unavailable, match="nothing was staged"):
+        await svc.put(_item("kept", "v2"))
+    # Then neither is readable: the new key does not exist, the overwritten one reads its previous version
+    with pytest.raises(NotFound):
+        await svc.get("ns", "new")
+    got = await svc.get("ns", "kept")
+    assert got.version == first.version and '"v1"' in got.payload
+    # and nothing new is staged: only the first write is dirty, and it is still dirty (its batch is queued)
+    entry = await hot.get("ns", "kept")
+    assert entry is not None and entry.dirty
+    assert await hot.dirty_count() == 1
+    # and once the queue answers again, new writes are accepted and nothing of the refused ones is queued
+    proxy.start()
+    await async_wait_until(lambda: tcp_open("127.0.0.1", proxy.port), 5)
+    third = await svc.put(_item("kept", "v3"))
+    assert third.version > first.version
+    assert broker.client.llen(f"dramatiq:{host.settings.write_behind.queue_name}") == queued + 1  # type: ignore[attr-defined]
+
+
 async def test_a_write_whose_enqueue_lost_its_connection_after_sending_is_acknowledged_and_stays_staged(
-    tmp_path: Path, redis_url: str
+    broker_behind_proxy: BrokerBehindProxy, redis_url: str
 ) -> None:
     # Given the same api side, its broker behind a proxy
-    parts = urlsplit(redis_url)
-    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 6379).start()
-    host = _host(tmp_path, redis_url)
-    queue_settings = host.settings.model_copy(
-        update={
-            "storage": host.settings.storage.model_copy(
-                update={"redis_url": parts._replace(netloc=f"127.0.0.1:{proxy.port}").geturl()}
-            )
-        }
-    )
-    queue = BatchQueue.from_settings(queue_settings)
-    broker = queue.broker
-    assert broker is not None
-    hot = build_hot_store(host.settings)
-    sql = SqlStore(host.settings.storage.database_url)
-    sql.create_schema()
-    svc = compose_service(host.settings, hot=hot, sql=sql, queue=queue)
+    b = broker_behind_proxy
+    proxy, host, hot, svc = b.proxy, b.host, b.hot, b.svc
     direct = redis.Redis.from_url(redis_url)
     name = f"dramatiq:{host.settings.write_behind.queue_name}"
     try:
@@ -140,11 +147,7 @@ async def test_a_write_whose_enqueue_lost_its_connection_after_sending_is_acknow
         entry = await hot.get("ns", "second")
         assert entry is not None and entry.dirty and entry.record.version == result.version
     finally:
-        proxy.swallow_answers(False)
         direct.close()
-        await svc.close()
-        sql.close()
-        proxy.cut()
 
 
 # -- SIGTERM under load -----------------------------------------------------------------------------

@@ -297,27 +297,6 @@ class HotStore:
 
         ``from_sql``: a read-repair fill (clean, with TTL); otherwise a remote event (dirty until persisted).
         """
-        item, args = self._apply_call(record, from_sql=from_sql)
-        return bool(await self._call(self._apply, [item, self.hlc_key, self.dirty_key], args))
-
-    async def apply_many(self, records: Sequence[Record], *, from_sql: bool) -> list[bool]:
-        """:meth:`apply` for many records in one pipelined round trip, in order; whether each was applied.
-
-        Each record is still its own script call (atomic on its own), so the result is that of applying
-        them one after the other: the replicator's hot stage takes a whole fetched batch this way."""
-        if not records:
-            return []
-        try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for record in records:
-                    item, args = self._apply_call(record, from_sql=from_sql)
-                    await self._apply(keys=[item, self.hlc_key, self.dirty_key], args=args, client=pipe)
-                results = await pipe.execute()
-        except (RedisConnectionError, RedisTimeoutError) as e:
-            raise Unavailable(f"redis unavailable: {e}") from e
-        return [bool(r) for r in results]
-
-    def _apply_call(self, record: Record, *, from_sql: bool) -> tuple[str, list[Any]]:
         vm, vc = unpack(record.version)
         args = [
             vm,
@@ -330,7 +309,8 @@ class HotStore:
             "fill" if from_sql else "remote",
             self.ttl,
         ]
-        return self.item_key(record.namespace, record.key), args
+        item = self.item_key(record.namespace, record.key)
+        return bool(await self._call(self._apply, [item, self.hlc_key, self.dirty_key], args))
 
     async def evict_clean(self, namespace: str, key: str, version: int, origin: str) -> bool:
         """Drop the entry if it is clean and holds exactly ``(version, origin)``: reads refill it from SQL."""

@@ -1,19 +1,8 @@
 """The persist path shared by the write-behind actor, reconcile and the replicator.
 
-apply to SQL in one transaction (idempotent) → mark the Redis entries clean, and publish to JetStream
-(outbox on failure) meanwhile. Every step can be repeated safely, so a batch that fails at any
+apply to SQL in one transaction (idempotent) → publish to JetStream (outbox on failure) and, at
+the same time, mark the Redis entries clean. Every step can be repeated safely, so a batch that fails at any
 point is simply retried whole.
-
-Concurrent batches (the worker's threads each run one) share one SQL transaction: a batch that finds
-an apply in flight waits for it and goes with whatever else came meanwhile, so a stream of small
-messages costs one commit per apply round, not one per message (``max_round_events`` bounds a round). A
-lone batch goes at once. A failed shared round that is not an outage is retried batch by batch, so
-one bad batch fails only itself.
-
-A batch is done once committed and marked clean: its publish finishes in the background (at most
-``max_publishing`` publishes pending; beyond that a batch waits for the oldest). Whatever is not
-acked stays unpublished in SQL for the outbox, as before, so the worker's thread is not held for
-the PubAcks (at 500 writes/s it was half of a message's time, and the queue fell seconds behind).
 
 SQL sits behind a circuit breaker: while it is open, batches wait for its probe (up to
 ``sql_wait_s``) instead of each hitting SQL, and an outage costs a log line when it starts, a
@@ -30,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -39,10 +27,9 @@ from typing import Protocol
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from mfh_core import HotStore, SqlStore
-from mfh_core.coalesce import Coalescer
 from mfh_core.metrics import PERSIST_BATCHES, PERSIST_EVENTS, PERSIST_SECONDS
 from mfh_core.resilience import CircuitBreaker, CircuitState, OutageLog
-from mfh_models import MemoryEvent, MFHError, Unavailable
+from mfh_models import MemoryEvent, MFHError
 
 __all__ = ["EventPublisher", "PersistPipeline"]
 
@@ -69,8 +56,6 @@ class PersistPipeline:
         sql_breaker: CircuitBreaker | None = None,
         sql_wait_s: float = 0.0,
         summary_every_s: float = 15.0,
-        max_round_events: int = 4096,
-        max_publishing: int = 16,
         catch_up: bool = False,
         catch_up_batch: int = 256,
     ) -> None:
@@ -85,29 +70,13 @@ class PersistPipeline:
         )
         self._acked: list[str] = []
         self._marker: asyncio.Task[None] | None = None
-        self.max_publishing = max_publishing
-        self._publishing: list[asyncio.Task[None]] = []
         self.catch_up = catch_up
         self.catch_up_batch = catch_up_batch
         self._catching_up: asyncio.Task[int] | None = None
         self._skip_persisted_until = 0.0  # after a catch-up: queued batches skip what it persisted
-        # One apply round at a time per flag (SQLite serialises writers anyway): batches that come
-        # while one is in flight go together in the next.
-        self._appliers = {
-            flag: Coalescer(
-                functools.partial(self._apply_groups, published=flag),
-                weight=len,
-                max_weight=max(1, max_round_events),
-                max_in_flight=1,
-            )
-            for flag in (False, True)
-        }
 
     async def persist(self, events: Sequence[MemoryEvent], *, publish: bool = True) -> None:
-        """Persist a batch; ``publish=False`` for events that came from another host's stream.
-
-        Returns once the batch is committed and its entries are clean; its publish may still be under way
-        (:meth:`drain_publishing` waits for it)."""
+        """Persist a batch; ``publish=False`` for events that came from another host's stream."""
         catching_up = self._catching_up
         if publish and catching_up is not None and not catching_up.done():
             # The catch-up has SQL to itself (it persists these entries too, most likely), then this
@@ -126,19 +95,28 @@ class PersistPipeline:
                 PERSIST_BATCHES.labels(result="skipped").inc()
                 return
         try:
-            publishing = publish and self.bus is not None
-            await self._appliers[not publishing].submit(events)
+            published = not publish or self.bus is None
+            await self.sql_breaker.call(
+                lambda: asyncio.to_thread(self.sql.apply_batch, events, published=published), wait=self.sql_wait_s
+            )
             if was_open and self.catch_up and publish:
                 self._start_catch_up()
-            if publishing:
+            if publish and self.bus is not None:
                 # Committed: the entries turn clean (and PERSISTED callers are answered) while the
                 # events go out; the publish never raises (what is not acked stays for the outbox).
-                task = asyncio.ensure_future(self._publish(events))
-                self._publishing.append(task)
-                try:
-                    await self.hot.mark_clean(events)
-                finally:
-                    await self._bound_publishing()
+                acked, cleaned = await asyncio.gather(
+                    self.bus.publish_many(events), self.hot.mark_clean(events), return_exceptions=True
+                )
+                if isinstance(acked, BaseException):
+                    raise acked
+                self._mark_later(acked)
+                if len(acked) < len(events):
+                    reason = getattr(self.bus, "last_publish_error", None) or "not acked"
+                    self.nats_outage.failure(f"{reason}; the outbox relays them", count=len(events) - len(acked))
+                else:
+                    self.nats_outage.success()
+                if isinstance(cleaned, BaseException):
+                    raise cleaned
             else:
                 await self.hot.mark_clean(events)
         except Exception:
@@ -181,60 +159,6 @@ class PersistPipeline:
         except Exception as e:  # SQL or Redis gone again: the queue and the sweep still hold everything
             log.warning("catch-up after the SQL outage stopped after %d entries: %s", n, e)
         return n
-
-    async def _apply_groups(
-        self, groups: list[Sequence[MemoryEvent]], *, published: bool
-    ) -> list[BaseException | None]:
-        """One transaction for several batches (apply is idempotent and order-insensitive, so their union
-        gives what applying them one by one would); if it fails for another reason than an outage, each
-        batch again on its own, so only the bad one fails."""
-        try:
-            await self._apply_one([e for g in groups for e in g], published=published)
-            return [None] * len(groups)
-        except Unavailable:
-            raise
-        except Exception:
-            if len(groups) == 1:
-                raise
-        results: list[BaseException | None] = []
-        for g in groups:
-            try:
-                await self._apply_one(g, published=published)
-                results.append(None)
-            except Exception as e:
-                results.append(e)
-        return results
-
-    async def _apply_one(self, events: Sequence[MemoryEvent], *, published: bool) -> None:
-        await self.sql_breaker.call(
-            lambda: asyncio.to_thread(self.sql.apply_batch, events, published=published), wait=self.sql_wait_s
-        )
-
-    async def _publish(self, events: Sequence[MemoryEvent]) -> None:
-        assert self.bus is not None
-        try:
-            acked = await self.bus.publish_many(events)
-        except Exception as e:  # publish_many does not raise; whatever did stays for the outbox
-            log.warning("publishing %d events failed (%s); the outbox relays them", len(events), e)
-            return
-        self._mark_later(acked)
-        if len(acked) < len(events):
-            reason = getattr(self.bus, "last_publish_error", None) or "not acked"
-            self.nats_outage.failure(f"{reason}; the outbox relays them", count=len(events) - len(acked))
-        else:
-            self.nats_outage.success()
-
-    async def _bound_publishing(self) -> None:
-        self._publishing = [t for t in self._publishing if not t.done()]
-        while len(self._publishing) > self.max_publishing:
-            await asyncio.wait([self._publishing[0]])
-            self._publishing = [t for t in self._publishing if not t.done()]
-
-    async def drain_publishing(self) -> None:
-        """Wait for every publish under way (tests; shutdown)."""
-        while self._publishing:
-            pending, self._publishing = self._publishing, []
-            await asyncio.gather(*pending, return_exceptions=True)
 
     def _mark_later(self, event_ids: list[str]) -> None:
         # One SQL write per interval instead of one per batch: a second transaction per message was

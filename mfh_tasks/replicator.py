@@ -113,7 +113,6 @@ class Replicator:
             ack_wait_s=self.ack_wait_s,
             max_ack_pending=self.max_ack_pending,
             batch=self.hot_batch_max,
-            skip=self._own,
         )
         log.info("replicator for %s: consumer %s on stream %s", self.host_id, self._sub.durable, self.bus.stream)
 
@@ -122,15 +121,6 @@ class Replicator:
         if self._sub is None:
             raise Unavailable("the replicator is not started")
         return await self._sub.info()
-
-    def _own(self, msg: Any) -> bool:
-        """This host's own event (by its subject), not a repair: acked unread (what ``_on_message`` does
-        with it after decoding)."""
-        if self.bus.origin_of(msg.subject) != self.host_id or is_repair(msg):
-            return False
-        self.received += 1
-        REPLICATION_SKIPPED.labels(reason="own").inc()
-        return True
 
     async def _on_message(self, event: MemoryEvent, msg: Any) -> None:
         self.received += 1
@@ -209,7 +199,7 @@ class Replicator:
 
         ``repairs``: ids of the cross-host audit's re-published events: old by nature, not counted as lag."""
         hot = self.pipeline.hot
-        won = await hot.apply_many([e.to_record() for e in events], from_sql=False)
+        won = list(await asyncio.gather(*(hot.apply(e.to_record(), from_sql=False) for e in events)))
         now_ms = time.time() * 1000
         for e, applied in zip(events, won, strict=True):
             if e.event_id in repairs:

@@ -6,15 +6,6 @@ fetched it (docs/architecture.md, "Quiet-time latency"). Here every sender publi
 wake channel right after it enqueues (:meth:`mfh_tasks.broker.HubBroker.enqueue`), and an idle
 consumer blocks on its subscription to that channel, so it fetches as soon as a message is there.
 
-Under a backlog the consumer also hands its worker threads fewer, larger messages: consecutive fetched
-``persist_batch`` messages are merged into one (up to ``merge_max_events`` events), which is acked,
-nacked or requeued as all of its parts. Each message costs a chain of Redis round trips and thread
-hand-offs whatever its size; with one per message a worker fell behind 500 writes/s sent as a hundred
-small messages a second, and its queue grew by seconds (apply is idempotent and order-insensitive, so
-the union of batches persists what they would one by one: docs/architecture.md invariant 2). The
-prefetch is raised to ``merge_prefetch`` so a fetch brings a whole backlog in one round trip. A
-message under retry, or delayed, is never merged.
-
 Nothing depends on the signal for correctness: a consumer that hears nothing (a lost subscription,
 a message requeued by a maintenance pass) still fetches once per ``idle_timeout`` (the worker
 timeout), as before. A wake published while the consumer is busy fetching stays in the
@@ -29,10 +20,8 @@ import threading
 from typing import Any
 
 import redis
-from dramatiq.broker import MessageProxy
 from dramatiq.brokers.redis import _RedisConsumer
 from dramatiq.common import compute_backoff
-from dramatiq.message import Message
 
 __all__ = ["WakeableConsumer", "wake_channel"]
 
@@ -50,26 +39,9 @@ class WakeableConsumer(_RedisConsumer):
     While its prefetch is full it waits for one of its messages to be acked instead (no fetch would be made).
     """
 
-    def __init__(
-        self,
-        broker: Any,
-        queue_name: str,
-        prefetch: int,
-        timeout: int,
-        *,
-        channel: str,
-        merge_actor: str | None = None,
-        merge_max_events: int = 1024,
-        merge_prefetch: int = 256,
-    ) -> None:
+    def __init__(self, broker: Any, queue_name: str, prefetch: int, timeout: int, *, channel: str) -> None:
         # The parent's own back-off becomes a zero sleep (max_backoff 1 ms); this class does the waiting.
-        if merge_actor is not None:
-            prefetch = max(prefetch, merge_prefetch)
         super().__init__(broker, queue_name, prefetch, 1)  # type: ignore[no-untyped-call]
-        self.merge_actor = merge_actor
-        self.merge_max_events = merge_max_events
-        self._parts: dict[str, list[Any]] = {}  # merged message id -> the other messages it carries
-        self.merged = 0  # messages folded into another one
         self.idle_timeout_s = timeout / 1000
         self.channel = channel
         self._pubsub: Any = None
@@ -79,61 +51,15 @@ class WakeableConsumer(_RedisConsumer):
 
     def ack(self, message: Any) -> None:
         try:
-            for m in self._all_parts(message):
-                super().ack(m)  # type: ignore[no-untyped-call]
+            super().ack(message)  # type: ignore[no-untyped-call]
         finally:
             self._slot_freed.set()
 
     def nack(self, message: Any) -> None:
         try:
-            for m in self._all_parts(message):
-                super().nack(m)  # type: ignore[no-untyped-call]
+            super().nack(message)  # type: ignore[no-untyped-call]
         finally:
             self._slot_freed.set()
-
-    def requeue(self, messages: Any) -> None:
-        super().requeue([m for message in messages for m in self._all_parts(message)])  # type: ignore[no-untyped-call]
-
-    def _all_parts(self, message: Any) -> list[Any]:
-        """A merged message and the messages folded into it (whose ack state goes with it)."""
-        return [message, *self._parts.pop(message.message_id, ())]
-
-    def _mergeable(self, message: Message[Any]) -> bool:
-        return (
-            message.actor_name == self.merge_actor
-            and len(message.args) == 1
-            and isinstance(message.args[0], list)
-            and not message.kwargs
-            and not message.options.get("retries")
-            and message.options.get("eta") is None
-        )
-
-    def _merge(self, first: Any) -> Any:
-        """``first`` with the mergeable messages that follow it in the fetched cache folded in."""
-        if self.merge_actor is None or not self.message_cache or not self._mergeable(first._message):
-            return first
-        events = list(first.args[0])
-        parts: list[Any] = []
-        while self.message_cache and len(events) < self.merge_max_events:
-            data = self.message_cache[0]
-            if data is None:
-                break
-            try:
-                nxt = Message.decode(data)
-            except Exception:  # the parent's own decoding reports it when it gets there
-                break
-            if not self._mergeable(nxt) or len(events) + len(nxt.args[0]) > self.merge_max_events:
-                break
-            self.message_cache.pop(0)
-            self.queued_message_ids.add(nxt.message_id)
-            parts.append(MessageProxy(nxt))
-            events.extend(nxt.args[0])
-        if not parts:
-            return first
-        merged = MessageProxy(first._message.copy(args=(events,)))  # first's ids: acked as first, then parts
-        self._parts[merged.message_id] = parts
-        self.merged += len(parts)
-        return merged
 
     def __next__(self) -> Any:
         self._slot_freed.clear()
@@ -142,8 +68,6 @@ class WakeableConsumer(_RedisConsumer):
             self._subscribed()  # before the fetch: a wake from here on ends the wait below
             self._drain()  # wakes already heard are answered by this fetch
         message = super().__next__()  # type: ignore[no-untyped-call]
-        if message is not None:
-            return self._merge(message)
         if message is None:
             if fetches:
                 self._wait_for_wake()

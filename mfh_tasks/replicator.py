@@ -86,15 +86,18 @@ class Replicator:
         self.hot_batch_max = hot_batch_max
         self.persist_batch_max = persist_batch_max
         self.persist_delay_s = persist_delay_s
-        # A restarted replicator gets what its dead predecessor held once ack_wait passes; a batch
-        # that takes longer (a store is down) keeps its messages with in_progress().
+        # A restarted replicator gets what its dead predecessor held once ack_wait passes; a message
+        # held longer (waiting in our queues behind a backlog, or a store is down) is kept ours with
+        # in_progress() by the keeper, so JetStream does not redeliver what we still hold.
         self.ack_wait_s = ack_wait_s
         self.max_ack_pending = max_ack_pending
         self._incoming: asyncio.Queue[Pending] = asyncio.Queue()
         self._hot_done: asyncio.Queue[Applied] = asyncio.Queue()
         self._sub: DurableSubscription | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._held: dict[int, Any] = {}  # messages received and not yet acked or nak'ed, by id()
+        # messages received and not yet acked or nak'ed, by id(): the message and when JetStream last
+        # heard from us about it (its delivery, or our last in_progress)
+        self._held: dict[int, tuple[Any, float]] = {}
         self._idle = asyncio.Event()
         self._idle.set()
         self._closing = False
@@ -106,6 +109,7 @@ class Replicator:
         self._tasks = [
             asyncio.create_task(self._hot_loop(), name="mfh-replicator-hot"),
             asyncio.create_task(self._persist_loop(), name="mfh-replicator-sql"),
+            asyncio.create_task(self._keeper(), name="mfh-replicator-keeper"),
         ]
         self._sub = await self.bus.subscribe_durable(
             consumer_name(self.host_id),
@@ -128,7 +132,7 @@ class Replicator:
             REPLICATION_SKIPPED.labels(reason="own").inc()
             await msg.ack()
             return
-        self._held[id(msg)] = msg
+        self._held[id(msg)] = (msg, time.monotonic())
         self._idle.clear()
         self._incoming.put_nowait((event, msg))  # acked by the persist loop, after the apply
 
@@ -175,9 +179,6 @@ class Replicator:
                 if self._closing:
                     raise
                 log.warning("replicator: %d events not applied (%s); retrying in %.1fs", len(events), e, delay)
-                for msg in list(self._held.values()):
-                    with contextlib.suppress(Exception):
-                        await msg.in_progress()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.ack_wait_s / 2)
             except Exception:
@@ -187,6 +188,23 @@ class Replicator:
                         await msg.nak(delay=5.0)
                 self._settled(msg for _, msg in batch)
                 return None
+
+    async def _keeper(self) -> None:
+        """Every quarter of ack_wait, tell JetStream we still hold each message held for over a quarter of it.
+
+        Nothing is sent on the normal path (messages are acked within milliseconds); a message that
+        waits (a store is down, a backlog is in our queues, the loop was starved) is not redelivered
+        while we hold it, only once this process is gone."""
+        every = self.ack_wait_s / 4  # so each one hears from us at most half an ack_wait after the last time
+        while True:
+            await asyncio.sleep(every)
+            now = time.monotonic()
+            stale = [(key, msg) for key, (msg, since) in self._held.items() if now - since > every]
+            for key, msg in stale:
+                if self._held.get(key, (None, 0.0))[0] is msg:
+                    self._held[key] = (msg, now)
+                    with contextlib.suppress(Exception):  # a lost one means at worst a harmless redelivery
+                        await msg.in_progress()
 
     def _settled(self, msgs: Iterable[Any]) -> None:
         for msg in msgs:

@@ -301,15 +301,16 @@ class FlakyPipeline(PersistPipeline):
 async def test_a_store_outage_longer_than_ack_wait_is_ridden_out_without_redeliveries(
     local: Replicator, nats_server: NatsServer
 ) -> None:
-    # Given a replicator whose SQL store is down for 3 s, three times its ack_wait (so messages wait in its queue)
+    # Given a replicator whose SQL store is down for 6 s, three times its ack_wait (so messages wait in its queue;
+    # ack_wait is 2 s, not less: on a starved CI box the client reads a delivery a good half second late)
     bus = EventBus(
         nats_url=nats_server.url, stream="t_outage", subject_prefix="mfh.outage", duplicate_window_s=60, max_age_s=600
     )
     await bus.connect()
     sql, hot = local.pipeline.sql, local.pipeline.hot
     pipeline = FlakyPipeline(sql=sql, hot=hot)
-    pipeline.down_until = time.monotonic() + 3.0
-    replicator = Replicator(bus=bus, pipeline=pipeline, host_id="main_pc", ack_wait_s=1.0, persist_batch_max=50)
+    pipeline.down_until = time.monotonic() + 6.0
+    replicator = Replicator(bus=bus, pipeline=pipeline, host_id="main_pc", ack_wait_s=2.0, persist_batch_max=50)
     try:
         await replicator.start()
         # When pc2's events arrive meanwhile

@@ -192,11 +192,20 @@ class SchedulerSettings(_Section):
     archive_pruned_events: bool = Field(
         default=True, description="write pruned events to events-<host>-<first>-<last>.jsonl.gz in snapshot_dir first"
     )
+    #: The cross-host audit (``mfh audit --peers``) on a schedule; None: not scheduled. Its verdict
+    #: reaches every host compared, so one host of a cluster is enough to schedule it.
+    peer_audit_cron: str | None = None
+    peer_audit_repair: bool = Field(default=False, description="the scheduled cross-host audit also repairs")
 
     @field_validator("audit_cron")
     @classmethod
     def _cron(cls, v: str) -> str:
         return validate_crontab(v)
+
+    @field_validator("peer_audit_cron")
+    @classmethod
+    def _peer_cron(cls, v: str | None) -> str | None:
+        return validate_crontab(v) if v is not None and v.strip() else None
 
 
 class RecoverySettings(_Section):

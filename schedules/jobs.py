@@ -1,4 +1,5 @@
-"""The scheduler's jobs: reconcile lost batches, tombstone expired records, take snapshots, run the replay audit.
+"""The scheduler's jobs: reconcile lost batches, tombstone expired records, take snapshots, run the replay
+audit and, where scheduled, the cross-host audit.
 
 Each job is a plain function of its collaborators, so tests and ``mfh`` commands run it directly.
 Files carry the host id (``snapshot-<host>-<stamp>.jsonl.gz``, ``audit-latest-<host>.json``,
@@ -21,8 +22,9 @@ from pathlib import Path
 from mfh_core import Change, HotStore, SqlStore
 from mfh_core.metrics import DIRTY_ENTRIES, RECONCILE_REENQUEUED
 from mfh_core.sqlstore import Snapshot
-from mfh_models import MemoryEvent, MFHError, NotFound, Op, VersionConflict
+from mfh_models import MemoryEvent, MFHError, NotFound, Op, Settings, VersionConflict
 from mfh_tasks.enqueue import Send
+from mfh_tasks.peer_audit import PeerAudit, run_peer_audit
 from mfh_tasks.recovery import requeue_dirty
 from mfh_tasks.restore import load_snapshot
 from mfh_tasks.snapshots import (
@@ -41,6 +43,7 @@ __all__ = [
     "AuditResult",
     "audit",
     "audit_paths",
+    "audit_peers",
     "expire",
     "iter_archived_events",
     "prune_events",
@@ -287,6 +290,30 @@ def prune_events(sql: SqlStore, directory: Path, *, host: str, archive: bool = T
     if pruned:
         log.info("pruned %d events below seq %d%s", pruned, below, " (archived)" if archive else "")
     return pruned
+
+
+async def audit_peers(settings: Settings) -> PeerAudit | None:
+    """The scheduled ``mfh audit --peers`` (``--repair`` with ``scheduler.peer_audit_repair``): one log line
+    with the verdict, a warning when hosts differ or did not answer; None (and a warning, no traceback)
+    when NATS does not answer. The verdict is stored as the command stores it (``mfh status``, metrics)."""
+    try:
+        result = await run_peer_audit(settings, repair=settings.scheduler.peer_audit_repair)
+    except MFHError as e:
+        log.warning("cross-host audit not run: %s", e, extra={"action": "audit_peers", "outcome": "unavailable"})
+        return None
+    v = result.verdict()
+    clean = result.exit_code == 0
+    log.log(
+        logging.INFO if clean else logging.WARNING,
+        "cross-host audit %s: %d host(s) %s, %s%s",
+        v["id"],
+        len(v["hosts"]),
+        ",".join(v["hosts"]),
+        "equal" if clean else f"{v['differences']} key(s) differ, {len(v['unreachable'])} host(s) unreachable",
+        f", {v['repaired']} row(s) re-published" if v["repaired"] else "",
+        extra={"action": "audit_peers", "outcome": "ok" if clean else "differs"},
+    )
+    return result
 
 
 def iter_archived_events(directory: Path, host: str) -> Iterator[list[MemoryEvent]]:

@@ -28,7 +28,7 @@ from mfh_tasks import BatchQueue, build_hot_store
 from mfh_tasks.backlog import export_backlog, sample_backlog
 from mfh_tasks.last_runs import export_last_runs
 from mfh_tasks.runtime import wait_for_sound_sql_store
-from schedules.jobs import audit, expire, prune_events, reconcile, snapshot
+from schedules.jobs import audit, audit_peers, expire, prune_events, reconcile, snapshot
 from schedules.lease import Lease
 
 __all__ = ["run_scheduler"]
@@ -156,6 +156,12 @@ async def run_scheduler(settings: Settings, *, stop: asyncio.Event | None = None
     ]
     if settings.expiry.sweep_interval_seconds > 0:
         jobs.append(("expire_records", expire_records, IntervalTrigger(seconds=settings.expiry.sweep_interval_seconds)))
+    if sch.peer_audit_cron and settings.replication.enabled:
+
+        async def audit_across_hosts() -> None:
+            await audit_peers(settings)
+
+        jobs.append(("audit_peers", audit_across_hosts, CronTrigger.from_crontab(sch.peer_audit_cron, timezone="UTC")))
     for name, job, trigger in jobs:
         scheduler.add_job(leader_only(name, job), trigger, id=name, name=name, max_instances=1, coalesce=True)
 
@@ -170,12 +176,17 @@ async def run_scheduler(settings: Settings, *, stop: asyncio.Event | None = None
     await renew_scheduler_lease()
     sampling = asyncio.create_task(sample_every(), name="mfh-backlog")
     scheduler.start()
+    peers = "not scheduled"
+    if sch.peer_audit_cron:
+        scheduled = f"at '{sch.peer_audit_cron}' UTC{' with repair' if sch.peer_audit_repair else ''}"
+        peers = scheduled if settings.replication.enabled else "not scheduled (replication is disabled)"
     log.info(
-        "scheduler for %s: reconcile every %ss, snapshot every %ss, audit at '%s' UTC",
+        "scheduler for %s: reconcile every %ss, snapshot every %ss, audit at '%s' UTC, cross-host audit %s",
         settings.host_id,
         sch.reconcile_interval_seconds,
         sch.snapshot_interval_seconds,
         sch.audit_cron,
+        peers,
     )
     try:
         await stop.wait()

@@ -8,6 +8,7 @@ host whose replicator is down must be reported unreachable (exit 8).
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sqlite3
 import subprocess
@@ -25,8 +26,10 @@ from test_replication import Side, expected_checksum, start_pair, stop_pair, wai
 
 from mfh_core import SqlStore
 from mfh_core.eventbus import EventBus
+from mfh_models import ConfigError
 from mfh_tasks import PersistPipeline, build_hot_store
 from mfh_tasks.replicator import Replicator
+from schedules.jobs import audit_peers
 
 
 def side(tmp_path: Path, name: str, redis_url: str, nats_url: str, **overrides: Any) -> Side:
@@ -129,6 +132,59 @@ async def test_audit_names_keys_changed_behind_the_hubs_back_and_repair_makes_ho
     assert cross["ok"] is True and cross["differences"] == 0 and cross["last_success_at"] == cross["checked_at"]
     assert gauge(metrics_port, "mfh_cross_audit_differences") == 0.0
     assert gauge(metrics_port, "mfh_cross_audit_last_success_timestamp_seconds") == pytest.approx(cross["checked_at"])
+
+
+async def test_the_scheduled_audit_repairs_logs_its_verdict_and_stores_it(
+    pair: tuple[Side, Side, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b, _ = pair
+    # Given two converged hosts, one row of pc2's file edited behind the hub's back
+    for i in range(30):
+        await a.api.put(f"k{i}", f"from main_pc {i}")
+    events = a.api.events
+    await wait_converged((a, b), events, within_s=30)
+    sqlite(b, "UPDATE items SET payload = ? WHERE namespace = 'ns' AND key = 'k7'", '{"content":"edited by hand"}')
+    # When main_pc's scheduler runs its cross-host audit job, scheduled with repair
+    sch = a.host.settings.scheduler.model_copy(update={"peer_audit_cron": "45 3 * * *", "peer_audit_repair": True})
+    settings = a.host.settings.model_copy(update={"scheduler": sch})
+    with caplog.at_level(logging.INFO, logger="mfh.schedules"):
+        result = await audit_peers(settings)
+    # Then it found the key, repaired it, and the hosts are equal again
+    assert result is not None and result.exit_code == 0
+    assert [f"{d.namespace}/{d.key}" for d in result.found.differences] == ["ns/k7"] and result.repaired == 1
+    assert a.sql.checksum() == b.sql.checksum() == expected_checksum(events)
+    # and one log line says what happened, without any payload
+    lines = [r.getMessage() for r in caplog.records if "cross-host audit" in r.getMessage()]
+    assert len(lines) == 1 and "2 host(s) main_pc,pc2, equal, 1 row(s) re-published" in lines[0], lines
+    assert "edited by hand" not in caplog.text and "from main_pc" not in caplog.text
+    # and both hosts' status shows the verdict
+    for s in (a, b):
+        cross = json.loads(mfh(s, "status", "--json").stdout)["cross_audit"]
+        assert cross["id"] == result.id and cross["ok"] is True and cross["repaired"] == 1, cross
+
+
+async def test_the_scheduled_audit_without_nats_logs_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    host = make_host(
+        tmp_path, name="main_pc", redis_url="redis://127.0.0.1:1/0", nats_url=f"nats://127.0.0.1:{free_port()}"
+    )
+    with caplog.at_level(logging.INFO, logger="mfh.schedules"):
+        assert await audit_peers(host.settings) is None
+    warnings = [r for r in caplog.records if r.name == "mfh.schedules"]
+    assert (
+        len(warnings) == 1
+        and warnings[0].levelno == logging.WARNING
+        and warnings[0].getMessage().startswith("cross-host audit not run: ")
+    ), caplog.text
+    assert all(r.exc_info is None for r in caplog.records)
+
+
+@pytest.mark.parametrize("cron", ["99 3 * * *", "every night", "* * * *"])
+def test_a_bad_peer_audit_cron_is_refused_naming_the_setting(tmp_path: Path, cron: str) -> None:
+    with pytest.raises(ConfigError, match=r"scheduler\.peer_audit_cron: "):
+        make_host(tmp_path, name="main_pc", redis_url="redis://127.0.0.1:1/0", nats_url="nats://127.0.0.1:1",
+                  overrides={"scheduler": {"peer_audit_cron": cron}})  # fmt: skip
 
 
 async def test_a_host_whose_replicator_is_down_is_reported_unreachable(pair: tuple[Side, Side, int]) -> None:

@@ -87,8 +87,11 @@ _WATCH_PAGE: Final = 1000
 _WATCH_WINDOW: Final = 20_000
 #: Events a ZeroMQ watch poll returns when it does not say.
 _WATCH_POLL_DEFAULT: Final = 100
-#: A Watch reads the log at least this often even without a commit notice.
+#: A Watch checks at least this often, even without a commit notice, whether the log moved on (a lost
+#: notice); it reads its page only when the log's head did. Every idle stream shares one read of the head,
+#: at most one per :data:`_HEAD_FRESH_S`: 1,000 idle streams no longer cost 200 reads of the log a second.
 _WATCH_POLL_S: Final = 5.0
+_HEAD_FRESH_S: Final = 1.0
 #: Progress events (when asked for) at most this often while no change matches.
 _PROGRESS_EVERY_S: Final = 1.0
 #: Pings of the near cache's feed come this share of ``max_stale_ms`` apart, leaving the rest for the round trip.
@@ -184,6 +187,8 @@ class MemoryService:
             summary_every_s=settings.resilience.circuit_breaker.summary_every_seconds,
         )
         self._closed = False
+        self._head: tuple[float, int] | None = None  # (loop time read, the log's head), shared by idle Watches
+        self._head_read: asyncio.Future[int] | None = None
 
     async def start(self) -> None:
         """Subscribe to the persisted channel (PERSISTED waiters and Watch); start the near cache's feed."""
@@ -639,7 +644,8 @@ class MemoryService:
                     yield cursor, None
                 if cursor < page.head:
                     continue  # still catching up: read the next page now
-                await watcher.wait(_WATCH_POLL_S)
+                while not await watcher.wait(_WATCH_POLL_S) and await self._log_head() <= page.head:
+                    pass  # no notice, and the log has not moved: nothing to read
 
     async def watch_poll(
         self,
@@ -684,6 +690,28 @@ class MemoryService:
             (seq, e) for seq, e in events if e.op is Op.DELETE or (at := expires_at_of(e.payload)) is None or now < at
         ]
 
+    async def _log_head(self) -> int:
+        """The event log's head, as read at most :data:`_HEAD_FRESH_S` ago: one read for every waiting stream."""
+        loop = asyncio.get_running_loop()
+        if self._head is not None and loop.time() - self._head[0] < _HEAD_FRESH_S:
+            return self._head[1]
+        if self._head_read is None:
+            self._head_read = asyncio.ensure_future(self._read_head())
+        return await asyncio.shield(self._head_read)  # one stream's cancellation does not cancel the others' read
+
+    async def _read_head(self) -> int:
+        try:
+            head = (await self._watch_head()).head
+            self._head = (asyncio.get_running_loop().time(), head)
+            return head
+        finally:
+            self._head_read = None
+
+    async def _watch_head(self) -> WatchPage:
+        """A page of no events after the log's head: its head and oldest sequence, two index lookups."""
+        read = self.sql.watch_page  # after the largest sequence there is: only the head and the oldest are read
+        return await self._sql(lambda: read("", "", _MAX_VERSION, limit=1, window=1))
+
     async def _read_log(self, namespace: str, key_prefix: str, after: int, limit: int) -> WatchPage:
         return await self._sql(
             lambda: self.sql.watch_page(namespace, key_prefix, after, limit=limit, window=_WATCH_WINDOW)
@@ -691,8 +719,7 @@ class MemoryService:
 
     async def _watch_start(self, namespace: str, key_prefix: str, after: int | None) -> int:
         """The position a Watch goes on after: ``after``, checked against the log, or the log's head (None)."""
-        read = self.sql.watch_page  # after the largest sequence there is: only the head and the oldest are read
-        first = await self._sql(lambda: read(namespace, key_prefix, _MAX_VERSION, limit=1, window=1))
+        first = await self._watch_head()
         if after is None:
             return first.head
         if after > first.head:

@@ -15,6 +15,7 @@ from factories import event
 from hosts import TestHost, make_host
 from services import async_wait_until
 
+from mfh_api import service as service_module
 from mfh_api.service import Durability, MemoryService, PutResult, PutSpec, build_service, compose_service
 from mfh_core import ChangeFeed, HotStore, SqlStore
 from mfh_core.resilience import Bulkhead, CircuitBreaker, CircuitState, OutageLog
@@ -359,6 +360,47 @@ async def test_watch_streams_persisted_changes_of_its_namespace_and_prefix(svc: 
     assert [(e.key, e.op) for e in got] == [("w/1", Op.PUT), ("w/2", Op.PUT)]
     assert got[0].version == r.version
     assert 0 < sequences[0] < sequences[1]
+
+
+async def test_idle_watches_share_one_read_of_the_log_and_still_see_a_change_whose_notice_was_lost(
+    svc: MemoryService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given 50 idle Watch streams that check for a lost notice every 0.2 s, and a count of the log reads
+    monkeypatch.setattr(service_module, "_WATCH_POLL_S", 0.2)
+    reads: list[str] = []
+    real_read = svc.sql.watch_page
+
+    def counted(namespace: str, key_prefix: str, after: int, **kw: Any) -> Any:
+        reads.append(namespace)
+        return real_read(namespace, key_prefix, after, **kw)
+
+    monkeypatch.setattr(svc.sql, "watch_page", counted)
+    got: list[MemoryEvent] = []
+
+    async def consume() -> None:
+        async for _seq, ev in svc.watch("ns", "lost/"):
+            assert ev is not None
+            got.append(ev)
+
+    tasks = [asyncio.create_task(consume()) for _ in range(50)]
+    try:
+        # (each stream reads where the log is, then its first page)
+        await async_wait_until(lambda: len(reads) >= 100, 10, message="50 streams to have read the log")
+        started = len(reads)
+        # When they wait through about ten checks with nothing committed (time itself is the condition)
+        await asyncio.sleep(2.0)
+        idle_reads = len(reads) - started
+        # Then the log was read about once per second for all of them, not 50 times per check
+        assert idle_reads <= 6, idle_reads
+        # When an event is committed to SQL with no notice at all (a notice lost with its Redis connection)
+        svc.sql.apply_batch([event("lost/1", 1, origin="pc2")])
+        # Then every stream still gets it, from the shared check of the log's head
+        await async_wait_until(lambda: len(got) == 50, 10, message="every stream to see the change")
+        assert {e.key for e in got} == {"lost/1"}
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 # -- composition ------------------------------------------------------------------------------------------

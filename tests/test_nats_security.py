@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from factories import event
 from hosts import TestHost, make_host
 from services import NatsServer, free_port, nats_server_binary, tcp_open, unavailable, wait_until
 
-from factories import event
 from mfh_core import SqlStore
 from mfh_core.eventbus import EventBus
 from mfh_core.nats_security import NatsSecurity
@@ -257,7 +257,7 @@ def test_half_a_configuration_is_refused_when_settings_load(tmp_path: Path) -> N
 
 def test_an_unreadable_ca_file_is_a_config_error_naming_it(tmp_path: Path) -> None:
     r = ReplicationSettings(nats_tls_ca_file=str(tmp_path / "missing.pem"))
-    with pytest.raises(ConfigError, match="replication.nats_tls_ca_file: cannot read"):
+    with pytest.raises(ConfigError, match=r"replication\.nats_tls_ca_file: cannot read"):
         EventBus.from_settings(r)
 
 

@@ -46,6 +46,7 @@ class NatsConnection:
         # Built now, so that an unreadable certificate is a ConfigError at start, not a retry loop.
         self._tls_context = self.security.ssl_context() if self.security.tls else None
         self._opening: asyncio.Future[BaseException] | None = None  # set on a fatal error while opening
+        self._last_error: BaseException | None = None  # the last error nats-py reported while opening
         self._warned_plaintext = False
         self.js_prefix = "$JS.API"
         self._nc: NATS | None = None
@@ -109,7 +110,7 @@ class NatsConnection:
         # With max_reconnect_attempts=-1 nats-py retries the first connect forever: bound it here, and
         # stop at once on what retrying cannot cure (a certificate, plain text, refused credentials).
         self._opening = fatal = loop.create_future()
-        self._last_error: BaseException | None = None
+        self._last_error = None
         connecting = asyncio.ensure_future(nc.connect(**options))
         try:
             await asyncio.wait({connecting, fatal}, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)

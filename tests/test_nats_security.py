@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -266,6 +267,21 @@ def test_plain_text_to_another_host_is_warned_about_without_the_password() -> No
     assert warning is not None and "plain text" in warning and "credentials" in warning and PASSWORD not in warning
     assert NatsSecurity(url="nats://127.0.0.1:4222").warning() is None
     assert NatsSecurity(url="tls://10.1.2.3:4222", tls=True).warning() is None
+
+
+async def test_a_process_warns_once_at_start_when_nats_is_plain_text_to_another_host(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given a bus on a plain nats:// URL to a host that is not loopback (an address nobody answers on)
+    bus = new_bus(NatsSecurity(url=f"nats://{USER}:{PASSWORD}@192.0.2.1:4222"), "warn")
+    # When it tries to connect, twice
+    with caplog.at_level(logging.WARNING, logger="mfh.eventbus"):
+        for _ in range(2):
+            with pytest.raises(Unavailable):
+                await bus.connect(wait_s=0.2)
+    # Then one warning says it is plain text, without the password
+    warnings = [r.getMessage() for r in caplog.records if "plain text" in r.getMessage()]
+    assert len(warnings) == 1 and "192.0.2.1" in warnings[0] and PASSWORD not in caplog.text
 
 
 # -- the processes --------------------------------------------------------------------------------

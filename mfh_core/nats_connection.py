@@ -114,6 +114,11 @@ class NatsConnection:
         connecting = asyncio.ensure_future(nc.connect(**options))
         try:
             await asyncio.wait({connecting, fatal}, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled (a process stopping): leave no connect loop behind
+            connecting.cancel()
+            with contextlib.suppress(BaseException):
+                await nc.close()
+            raise
         finally:
             self._opening = None
         failure: BaseException | None = None

@@ -237,8 +237,11 @@ class NatsSecurity:
 
 
 def is_fatal_connect_error(e: BaseException) -> bool:
-    """An error that retrying the same settings will not cure: a certificate, plain text, credentials."""
-    return isinstance(e, (ssl.SSLCertVerificationError, PlaintextRefused, nats.errors.AuthorizationError)) or (
+    """An error that retrying the same settings will not cure: a certificate, a TLS alert (a client
+    certificate the server wants), plain text, credentials. A cut link (an EOF) is not one."""
+    if isinstance(e, ssl.SSLError):
+        return not isinstance(e, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError))
+    return isinstance(e, (PlaintextRefused, nats.errors.AuthorizationError)) or (
         isinstance(e, nats.errors.Error) and _AUTH_VIOLATION in str(e)
     )
 

@@ -59,7 +59,7 @@ def other_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class TlsNats:
     """A private nats-server with JetStream, TLS only and a user/password, from a config file like the docs'."""
 
-    def __init__(self, workdir: Path, certs: Path) -> None:
+    def __init__(self, workdir: Path, certs: Path, *, verify: bool = False) -> None:
         binary = nats_server_binary()
         if binary is None:
             unavailable("nats-server binary not found")
@@ -73,6 +73,7 @@ tls {{
   cert_file: "{certs / "nats-server.pem"}"
   key_file: "{certs / "nats-server.key"}"
   ca_file: "{certs / "ca.pem"}"
+  verify: {"true" if verify else "false"}
   timeout: 2
 }}
 authorization {{ user: {USER}, password: "{PASSWORD}" }}
@@ -105,6 +106,14 @@ authorization {{ user: {USER}, password: "{PASSWORD}" }}
 @pytest.fixture(scope="module")
 def tls_nats(tmp_path_factory: pytest.TempPathFactory, certs: Path) -> Iterator[TlsNats]:
     server = TlsNats(tmp_path_factory.mktemp("nats-tls"), certs)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def mtls_nats(tmp_path_factory: pytest.TempPathFactory, certs: Path) -> Iterator[TlsNats]:
+    """The same, requiring a client certificate of the CA (``verify: true``)."""
+    server = TlsNats(tmp_path_factory.mktemp("nats-mtls"), certs, verify=True)
     yield server
     server.stop()
 
@@ -219,6 +228,36 @@ def test_a_plain_text_client_cannot_talk_to_the_tls_only_server(tls_nats: TlsNat
             raise ConnectionResetError("closed")
     # Then the server never answers: no PONG, no session
     assert b"PONG" not in got
+
+
+async def test_a_server_that_verifies_clients_takes_the_client_certificate(
+    mtls_nats: TlsNats, certs: Path, other_certs: Path
+) -> None:
+    # Given a server with `verify: true`
+    def with_cert(where: Path) -> NatsSecurity:
+        return security(
+            mtls_nats.url,
+            certs,
+            user=USER,
+            password=PASSWORD,
+            cert_file=str(where / "nats-client.pem"),
+            key_file=str(where / "nats-client.key"),
+        )
+
+    # When a bus shows the CA's client certificate, it publishes
+    bus = new_bus(with_cert(certs), "mtls")
+    try:
+        await bus.connect()
+        assert await bus.publish_many([event("k", 1)])
+    finally:
+        await bus.close()
+    # And without one, or with another CA's, it gets nowhere
+    for sec in (security(mtls_nats.url, certs, user=USER, password=PASSWORD), with_cert(other_certs)):
+        refused = new_bus(sec, "mtls2")
+        t0 = time.monotonic()
+        with pytest.raises(Unavailable, match=r"cannot connect to NATS.*TLS"):
+            await refused.connect(wait_s=10)
+        assert not refused.connected and time.monotonic() - t0 < 5
 
 
 async def test_status_probe_reports_the_cause_without_the_password(

@@ -40,6 +40,7 @@ from mfh_core.jetstream import (
     translate_error,
 )
 from mfh_core.nats_connection import NatsConnection
+from mfh_core.nats_security import NatsSecurity
 from mfh_core.pull_feed import ConsumerGone, PullFeed
 from mfh_core.subscription import DurableSubscription, EventHandler
 from mfh_models import InvalidArgument, MemoryEvent, Unavailable
@@ -78,6 +79,7 @@ class EventBus:
         num_replicas: int = 1,
         publish_timeout_s: float = 2.0,
         name: str = "mfh",
+        security: NatsSecurity | None = None,
     ) -> None:
         prefix = subject_prefix.strip(".")
         if not prefix or any(c in prefix for c in " \t\r\n*>") or "" in prefix.split("."):
@@ -86,7 +88,7 @@ class EventBus:
             raise InvalidArgument("duplicate_window_s must be positive and at most max_age_s")
         if publish_timeout_s <= 0:
             raise InvalidArgument("publish_timeout_s must be positive")
-        self.nats_url = nats_url
+        self.nats_url = nats_url  # as given, so possibly with a password: logs show self.conn.url
         self.stream = stream
         self.subject_prefix = prefix
         self.duplicate_window_s = float(duplicate_window_s)
@@ -95,7 +97,7 @@ class EventBus:
         self.publish_timeout_s = float(publish_timeout_s)
         self.name = name
         #: The connection this bus, its pull feeds and its durable consumers share.
-        self.conn = NatsConnection(url=nats_url, name=name)
+        self.conn = NatsConnection(url=nats_url, name=name, security=security)
         self.last_publish_error: str | None = None  # why the last publish_many fell short
         self._subs: set[DurableSubscription] = set()
 
@@ -110,6 +112,7 @@ class EventBus:
             num_replicas=r.num_replicas,
             publish_timeout_s=r.publish_timeout_seconds,
             name=name,
+            security=NatsSecurity.from_settings(r),
         )
 
     # -- connection -------------------------------------------------------------------------
@@ -124,9 +127,10 @@ class EventBus:
         except BaseException as e:
             await self.close()
             if isinstance(e, NATS_ERRORS):
-                raise Unavailable(f"NATS at {self.nats_url}: {type(e).__name__}: {e}") from e
+                raise Unavailable(f"NATS at {self.conn.url}: {type(e).__name__}: {e}") from e
             raise
-        log.info("connected to NATS at %s (stream %s)", self.nats_url, self.stream)
+        tls = " over TLS" if self.conn.security.tls else ""
+        log.info("connected to NATS at %s%s (stream %s)", self.conn.url, tls, self.stream)
 
     async def close(self) -> None:
         self.conn.mark_closing()

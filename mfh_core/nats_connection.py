@@ -3,7 +3,8 @@
 The event bus (:mod:`mfh_core.eventbus`), its pull feeds (:mod:`mfh_core.jetstream`) and its durable
 consumers (:mod:`mfh_core.subscription`) each take this object instead of reaching into another's
 attributes. It reconnects forever once connected (PITFALLS: nats-py settings) and counts reconnects, so
-a pull feed knows to send its pull request again.
+a pull feed knows to send its pull request again. TLS and credentials come from
+:class:`~mfh_core.nats_security.NatsSecurity`; no log line or error shows a password.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from mfh_core.jetstream import (
     AckMux,
     translate_error,
 )
+from mfh_core.nats_security import NatsSecurity, describe_connect_error, is_fatal_connect_error
 from mfh_models import Unavailable
 
 __all__ = ["NatsConnection"]
@@ -36,9 +38,16 @@ log = logging.getLogger("mfh.eventbus")
 class NatsConnection:
     """The client, its JetStream context and its PubAck multiplexer; ``down`` resolves when the link drops."""
 
-    def __init__(self, *, url: str, name: str = "mfh") -> None:
-        self.url = url
+    def __init__(self, *, url: str, name: str = "mfh", security: NatsSecurity | None = None) -> None:
+        self.security = security if security is not None else NatsSecurity.from_url(url)
+        #: For logs and messages: without a password.
+        self.url = self.security.display_url
         self.name = name
+        # Built now, so that an unreadable certificate is a ConfigError at start, not a retry loop.
+        self._tls_context = self.security.ssl_context() if self.security.tls else None
+        self._opening: asyncio.Future[BaseException] | None = None  # set on a fatal error while opening
+        self._last_error: BaseException | None = None  # the last error nats-py reported while opening
+        self._warned_plaintext = False
         self.js_prefix = "$JS.API"
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
@@ -76,10 +85,15 @@ class NatsConnection:
         if self.is_open:
             return
         self._closing = False
-        self._down = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._down = loop.create_future()
         nc = NATS()
+        warning = self.security.warning()
+        if warning and not self._warned_plaintext:
+            self._warned_plaintext = True
+            log.warning("%s", warning)
         options: dict[str, Any] = {
-            "servers": [self.url],
+            **self.security.connect_options(lambda: nc, context=self._tls_context),
             "name": self.name,
             "allow_reconnect": True,
             "max_reconnect_attempts": -1,
@@ -93,13 +107,35 @@ class NatsConnection:
             "reconnected_cb": self._on_reconnected,
             "closed_cb": self._on_closed,
         }
+        # With max_reconnect_attempts=-1 nats-py retries the first connect forever: bound it here, and
+        # stop at once on what retrying cannot cure (a certificate, plain text, refused credentials).
+        self._opening = fatal = loop.create_future()
+        self._last_error = None
+        connecting = asyncio.ensure_future(nc.connect(**options))
         try:
-            # With max_reconnect_attempts=-1 nats-py retries the first connect forever: bound it here.
-            await asyncio.wait_for(nc.connect(**options), wait_s)
-        except (*NATS_ERRORS, ValueError) as e:
+            await asyncio.wait({connecting, fatal}, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled (a process stopping): leave no connect loop behind
+            connecting.cancel()
+            with contextlib.suppress(BaseException):
+                await nc.close()
+            raise
+        finally:
+            self._opening = None
+        failure: BaseException | None = None
+        if connecting.done() and not connecting.cancelled():
+            failure = connecting.exception()
+        else:
+            connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, *NATS_ERRORS, ValueError):
+                await connecting
+            failure = fatal.result() if fatal.done() else self._last_error or TimeoutError("no answer")
+        if failure is not None:
             with contextlib.suppress(Exception):
                 await nc.close()
-            raise Unavailable(f"cannot connect to NATS at {self.url}: {type(e).__name__}: {e}") from e
+            if not isinstance(failure, (*NATS_ERRORS, ValueError)):
+                raise failure
+            why = describe_connect_error(failure, self.security)
+            raise Unavailable(f"cannot connect to NATS at {self.url}: {why}") from None
         self._nc = nc
         self._js = nc.jetstream(timeout=JS_API_TIMEOUT_S)
         self._acks = AckMux(nc)
@@ -112,10 +148,16 @@ class NatsConnection:
             raise
 
     async def _on_error(self, e: Exception) -> None:
+        opening = self._opening
+        if opening is not None:  # open() reports it, in one line
+            self._last_error = e
+            if is_fatal_connect_error(e) and not opening.done():
+                opening.set_result(e)
+            return
         # nats-py reports every failed reconnect attempt: log the first loudly, the rest quietly.
         self._errors_logged += 1
         level = logging.WARNING if self._errors_logged <= 1 else logging.DEBUG
-        log.log(level, "NATS error: %s: %s", type(e).__name__, e)
+        log.log(level, "NATS error at %s: %s", self.url, describe_connect_error(e, self.security))
 
     async def _on_disconnected(self) -> None:
         if self._down is not None and not self._down.done():

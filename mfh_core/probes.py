@@ -21,8 +21,10 @@ import redis.asyncio as aioredis
 import sqlalchemy as sa
 from redis.exceptions import RedisError
 
+from mfh_core.nats_security import NatsSecurity, describe_connect_error, is_fatal_connect_error
 from mfh_core.redaction import redact_text
 from mfh_core.redis_health import persistence_of
+from mfh_models import ConfigError
 
 __all__ = ["Probe", "probe_nats", "probe_redis", "probe_sql"]
 
@@ -115,28 +117,32 @@ def _probe_server(url: str, timeout_s: float) -> Probe:
     return Probe(True, _ms(t0), f"{u.get_backend_name()} {u.host}:{u.port or 5432}/{u.database}")
 
 
-async def probe_nats(url: str, *, stream: str, timeout_s: float = 2.0) -> Probe:
-    """Connect, one round trip, and the stream's size (``extra['messages']``); never reconnects, never creates."""
-    import nats
+async def probe_nats(url: str, *, stream: str, timeout_s: float = 2.0, security: NatsSecurity | None = None) -> Probe:
+    """Connect, one round trip, and the stream's size (``extra['messages']``); never reconnects, never creates.
+
+    ``security``: TLS and credentials (else those the URL implies); the detail never shows a password.
+    """
+    from nats.aio.client import Client as NATS
     from nats.errors import Error as NatsError
 
     async def quiet(_e: Exception) -> None:  # nats-py prints connection errors to stderr otherwise
         return None
 
+    security = security if security is not None else NatsSecurity.from_url(url)
     t0 = time.perf_counter()
-    nc = None
+    nc: NATS | None = None
     try:
-        nc = await asyncio.wait_for(
-            nats.connect(
-                url,
-                connect_timeout=timeout_s,
-                allow_reconnect=False,
-                max_reconnect_attempts=0,
-                error_cb=quiet,
-                name="mfh-status",
-            ),
-            timeout_s + 1,
-        )
+        client = NATS()
+        options: dict[str, Any] = {
+            **security.connect_options(lambda: client),
+            "connect_timeout": timeout_s,
+            "allow_reconnect": False,
+            "max_reconnect_attempts": 0,
+            "error_cb": quiet,
+            "name": "mfh-status",
+        }
+        nc = client
+        await asyncio.wait_for(client.connect(**options), timeout_s + 1)
         await nc.flush(timeout=max(int(timeout_s), 1))
         latency = _ms(t0)
         try:
@@ -145,9 +151,13 @@ async def probe_nats(url: str, *, stream: str, timeout_s: float = 2.0) -> Probe:
             return Probe(True, latency, f"stream {stream} unreadable: {_one_line(e)}", "ok", {"messages": None})
         messages = int(info.state.messages)
         return Probe(True, latency, f"stream {stream}: {messages} messages", extra={"messages": messages})
+    except ConfigError as e:  # a TLS file that cannot be read
+        return Probe(False, None, e.message, "unreachable")
     except (NatsError, OSError, TimeoutError) as e:
-        return Probe(False, None, f"{url}: {_one_line(e)}", "unreachable")
+        why = describe_connect_error(e, security) if is_fatal_connect_error(e) else _one_line(e)
+        return Probe(False, None, f"{security.display_url}: {redact_text(why)[:300]}", "unreachable")
     finally:
         if nc is not None:
+            # Bounded: after a failed TLS handshake nats-py's close can wait forever on its reader.
             with contextlib.suppress(Exception):
-                await nc.close()
+                await asyncio.wait_for(nc.close(), 1.0)

@@ -159,10 +159,13 @@ _FILTER: Final = RedactingFilter()
 
 
 def secrets_of(settings: Settings) -> list[str]:
-    """The API key and every password in the settings' URLs."""
+    """The API key, the NATS password or token, and every password in the settings' URLs."""
     out: list[str] = []
     if settings.server.api_key is not None:
         out.append(settings.server.api_key.get_secret_value())
+    for nats_secret in (settings.replication.nats_password, settings.replication.nats_token):
+        if nats_secret is not None:
+            out.append(nats_secret.get_secret_value())
     urls = [settings.storage.redis_url, settings.storage.postgres_url, settings.replication.nats_url]
     urls.append(getattr(settings.storage, "database_url", None))
     for url in urls:
@@ -174,6 +177,12 @@ def secrets_of(settings: Settings) -> list[str]:
             continue
         if password:
             out.append(password)
+    try:  # nats://token@host: a lone user name in the NATS URL is a token
+        nats_url = urlsplit(settings.replication.nats_url)
+        if nats_url.username and nats_url.password is None:
+            out.append(nats_url.username)
+    except ValueError:
+        pass
     return out
 
 

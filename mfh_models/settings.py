@@ -17,6 +17,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -148,6 +149,15 @@ class ReplicationSettings(_Section):
     publish_timeout_seconds: float = Field(default=2.0, gt=0)
     #: Core NATS subjects of the cross-host audit (``mfh audit --peers``): ``<prefix>.<event_topic>``.
     audit_subject_prefix: str = Field(default="mfh.audit", pattern=r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
+    # NATS security (docs/security.md, "NATS"). TLS is required when the URL says tls:// or any TLS file
+    # is set; credentials are user + password (or both in the URL, nats://user:password@host) or a token.
+    nats_tls_ca_file: str | None = Field(default=None, description="CA the NATS server's certificate must chain to")
+    nats_tls_cert_file: str | None = Field(default=None, description="client certificate for NATS (PEM, optional)")
+    nats_tls_key_file: str | None = Field(default=None, description="its private key (PEM)")
+    nats_tls_server_name: str | None = Field(default=None, description="name to verify instead of the URL's host")
+    nats_user: str | None = None
+    nats_password: SecretStr | None = None
+    nats_token: SecretStr | None = None
 
     @model_validator(mode="after")
     def _audit_outside_stream(self) -> ReplicationSettings:
@@ -158,6 +168,42 @@ class ReplicationSettings(_Section):
                 f"{self.subject_prefix!r}: the stream would store the audit's requests"
             )
         return self
+
+    @model_validator(mode="after")
+    def _nats_security(self) -> ReplicationSettings:
+        check_nats_security(self)
+        return self
+
+    @property
+    def nats_tls(self) -> bool:
+        """Whether NATS must be reached over TLS: a tls:// URL or any TLS setting."""
+        return urlsplit(self.nats_url).scheme == "tls" or any(
+            v is not None
+            for v in (self.nats_tls_ca_file, self.nats_tls_cert_file, self.nats_tls_key_file, self.nats_tls_server_name)
+        )
+
+
+def check_nats_security(r: ReplicationSettings) -> None:
+    """Refuse half a NATS security configuration (a certificate without its key, a user without a password)."""
+    try:
+        url = urlsplit(r.nats_url)
+        url_user, _ = url.username, url.password  # the password: raises on a malformed URL
+    except ValueError as e:
+        raise ValueError(f"nats_url is not a URL: {e}") from None
+    if url.scheme not in ("nats", "tls"):
+        raise ValueError(f"nats_url must start with nats:// or tls:// (got {url.scheme or 'no'} scheme)")
+    for name in ("nats_tls_ca_file", "nats_tls_cert_file", "nats_tls_key_file"):
+        path = getattr(r, name)
+        if path is not None and not os.path.isabs(path):
+            raise ValueError(f"{name} must be an absolute path (got {path[:200]!r})")
+    if (r.nats_tls_cert_file is None) != (r.nats_tls_key_file is None):
+        raise ValueError("nats_tls_cert_file and nats_tls_key_file go together: set both or neither")
+    if (r.nats_user is None) != (r.nats_password is None):
+        raise ValueError("nats_user and nats_password go together: set both or neither")
+    if url_user is not None and (r.nats_user is not None or r.nats_token is not None):
+        raise ValueError("nats_url carries credentials and so do nats_user/nats_token: give them in one place")
+    if r.nats_token is not None and r.nats_user is not None:
+        raise ValueError("nats_token and nats_user/nats_password are two ways to log in: set one")
 
 
 class CircuitBreakerSettings(_Section):
@@ -293,6 +339,10 @@ class Settings(_Section):
         ):
             if data[section][field]:
                 data[section][field] = _mask_url_password(data[section][field])
+        for field in ("nats_password", "nats_token"):  # NATS credentials
+            secret = getattr(self.replication, field)
+            data["replication"][field] = "********" if secret is not None else None
+        data["replication"]["nats_url"] = re.sub(r"://[^:/@]+@", "://****@", data["replication"]["nats_url"])
         return data
 
 

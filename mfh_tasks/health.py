@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 
 from mfh_core import SqlStore
 from mfh_core.heartbeat import ProcessRecord, read_processes
+from mfh_core.nats_security import NatsSecurity
 from mfh_core.probes import Probe, probe_nats, probe_redis, probe_sql
 from mfh_core.redis_health import describe_url
 from mfh_models import Settings
@@ -109,7 +110,12 @@ async def gather(settings: Settings, *, timeout_s: float = 2.0) -> HostHealth:
     nats_probe = None
     if s.replication.enabled:
         nats_probe = asyncio.create_task(
-            probe_nats(s.replication.nats_url, stream=s.replication.event_topic, timeout_s=timeout_s)
+            probe_nats(
+                s.replication.nats_url,
+                stream=s.replication.event_topic,
+                timeout_s=timeout_s,
+                security=NatsSecurity.from_settings(s.replication),
+            )
         )
     try:
         h.redis = await probe_redis(client, timeout_s=timeout_s)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Make a test CA and the keys a hub and its clients need for TLS (gRPC) and CURVE (ZeroMQ).
+# Make a test CA and the keys a hub and its clients need for TLS (gRPC, NATS) and CURVE (ZeroMQ).
 #
 #   scripts/make_certs.sh DIR [NAME ...]
 #
@@ -7,12 +7,14 @@
 # localhost, 127.0.0.1, ::1 and every NAME given: host names or IP addresses of the hub), client.pem /
 # client.key (a client certificate of the same CA, for server.tls_client_ca_file), and for ZeroMQ
 # curve/server.key + curve/server.key_secret and curve/clients/client.key + curve/client.key_secret
-# (zmq.auth certificate files). Existing files are kept: delete DIR to start again.
+# (zmq.auth certificate files), nats-server.pem / nats-server.key (a certificate for nats-server, valid for
+# the same names) and nats-client.pem / nats-client.key (a NATS client certificate, for `verify: true`).
+# Existing files are kept: delete DIR to start again.
 # For production, issue server and client certificates from your own CA (docs/security.md).
 set -euo pipefail
 
 if [[ $# -lt 1 || "$1" == -h || "$1" == --help ]]; then
-    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 DIR="$1"
@@ -49,6 +51,10 @@ issue() {  # issue NAME CN EXTENSIONS...
 }
 issue server "${1:-localhost}" "subjectAltName=$san" "extendedKeyUsage=serverAuth" "keyUsage=digitalSignature,keyEncipherment"
 issue client "mfh-client" "extendedKeyUsage=clientAuth" "keyUsage=digitalSignature,keyEncipherment"
+# nats-server presents this one to clients and, in a cluster, to the other servers on its routes.
+issue nats-server "${1:-localhost}" "subjectAltName=$san" "extendedKeyUsage=serverAuth,clientAuth" \
+    "keyUsage=digitalSignature,keyEncipherment"
+issue nats-client "mfh-nats-client" "extendedKeyUsage=clientAuth" "keyUsage=digitalSignature,keyEncipherment"
 
 if [[ ! -f curve/server.key_secret ]]; then
     mkdir -p curve/clients
@@ -61,5 +67,5 @@ zmq.auth.create_certificates("curve", "client")
 os.replace("curve/client.key", "curve/clients/client.key")
 PY
 fi
-chmod 644 ca.pem server.pem client.pem curve/server.key curve/clients/client.key
-echo "made in $(pwd): ca.pem server.pem/.key client.pem/.key curve/server.key(_secret) curve/clients/ curve/client.key_secret"
+chmod 644 ca.pem server.pem client.pem nats-server.pem nats-client.pem curve/server.key curve/clients/client.key
+echo "made in $(pwd): ca.pem server.pem/.key client.pem/.key nats-server.pem/.key nats-client.pem/.key curve/server.key(_secret) curve/clients/ curve/client.key_secret"

@@ -31,6 +31,7 @@ __all__ = [
     "ListNamespacesPayload",
     "ListPayload",
     "Peek",
+    "PingPayload",
     "PutPayload",
     "SearchPayload",
     "V1Request",
@@ -178,6 +179,10 @@ class ListNamespacesPayload(_Strict):
     page_token: StrictStr = ""
 
 
+class PingPayload(_Strict):
+    """``ping``: answered by the process itself, no store asked (``mfh front`` heartbeats with it)."""
+
+
 ACTIONS: Final[dict[str, type[_Strict]]] = {
     "get": GetPayload,
     "batch_get": BatchGetPayload,
@@ -188,6 +193,7 @@ ACTIONS: Final[dict[str, type[_Strict]]] = {
     "watch": WatchPayload,
     "search": SearchPayload,
     "list_namespaces": ListNamespacesPayload,
+    "ping": PingPayload,
 }
 
 
@@ -202,6 +208,7 @@ RPC_NAMES: Final[dict[str, str]] = {
     "watch": "Watch",
     "search": "Search",
     "list_namespaces": "ListNamespaces",
+    "ping": "Ping",
 }
 
 

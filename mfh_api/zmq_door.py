@@ -3,6 +3,7 @@ the envelope of a request, and who a request counts against (its peer)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from typing import Final
@@ -14,7 +15,17 @@ from zmq.auth.asyncio import AsyncioAuthenticator
 
 from mfh_models import ConfigError
 
-__all__ = ["FRONT_ROUTING_PREFIX", "door_mode", "load_curve_keys", "open_router", "peer_of", "split_envelope"]
+log = logging.getLogger("mfh.api.zmq")
+
+__all__ = [
+    "FRONT_ROUTING_PREFIX",
+    "door_mode",
+    "load_curve_keys",
+    "open_router",
+    "peer_of",
+    "send_reply",
+    "split_envelope",
+]
 
 
 def split_envelope(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:
@@ -53,6 +64,8 @@ def open_router(
     sock.setsockopt(zmq.RCVHWM, queue_messages)
     sock.setsockopt(zmq.SNDHWM, queue_messages)
     sock.setsockopt(zmq.LINGER, 200)
+    # A reply that does not fit is refused (EAGAIN), not dropped in silence: send_reply tries again.
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     zap: AsyncioAuthenticator | None = None
     try:
         zap = _secure(ctx, sock, curve_secret_file, curve_clients_dir)
@@ -116,3 +129,35 @@ def peer_of(envelope: list[bytes]) -> bytes:
     if len(envelope) >= 3 and envelope[0].startswith(FRONT_ROUTING_PREFIX):
         return envelope[0] + b"\x00" + envelope[1]
     return envelope[0]
+
+
+#: Pauses before the tries of a patient :func:`send_reply` after the first (seconds).
+_PATIENCE: Final = (0.0, 0.001, 0.005, 0.02)
+
+
+async def send_reply(sock: zmq.asyncio.Socket, frames: list[bytes], *, patient: bool = True) -> bool:
+    """Send one reply on a ROUTER; False when it was not sent (the peer is gone, or does not read).
+
+    libzmq counts a pipe full until the socket's own thread hears that its I/O thread sent what was
+    queued, and it listens for that at most once a millisecond: a burst of replies to one peer (a front
+    sends one replica the requests of all its peers) found the pipe "full" after ``queue_messages``
+    replies and lost the rest. So a refused reply is tried again after the socket caught up
+    (``EVENTS`` makes it listen); a patient one (a request's own task) also after short pauses, so
+    a peer that does not read costs its own task about 25 ms, never the receive loop."""
+    for pause in _PATIENCE if patient else _PATIENCE[:1]:
+        try:
+            await sock.send_multipart(frames, flags=zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            if pause:
+                await asyncio.sleep(pause)
+            sock.getsockopt(zmq.EVENTS)
+        except zmq.ZMQError as e:  # EHOSTUNREACH: the peer is gone; nothing to answer
+            log.debug("reply not sent: %s", e)
+            return False
+    try:
+        await sock.send_multipart(frames, flags=zmq.NOBLOCK)
+        return True
+    except zmq.ZMQError as e:
+        log.debug("reply not sent: %s", e)
+        return False

@@ -43,8 +43,8 @@ from zmq.auth.asyncio import AsyncioAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
 from mfh_api.limits import PeerSlots
-from mfh_api.zmq_door import FRONT_ROUTING_PREFIX, door_mode, load_curve_keys, open_router, split_envelope
-from mfh_api.zmq_protocol import peek, peek_error
+from mfh_api.zmq_door import FRONT_ROUTING_PREFIX, door_mode, load_curve_keys, open_router, send_reply, split_envelope
+from mfh_api.zmq_protocol import SHUTTING_DOWN, peek, peek_error
 from mfh_client.retry import CallKind
 from mfh_core.metrics import (
     FRONT_FAILOVERS,
@@ -67,6 +67,14 @@ _HOLD_LIMIT_S: Final = 310.0
 _READS_V1: Final = frozenset({"get", "batch_get", "list", "watch", "search", "list_namespaces", "ping"})
 _READS_V0: Final = frozenset({"get", "retrieve", "batch_get", "list"})
 _WRITES_V0: Final = frozenset({"put", "store"})
+_REFUSED_DRAINING: Final = SHUTTING_DOWN.encode()
+
+
+def _refused_draining(reply: list[bytes]) -> bool:
+    """Whether a replica refused the request because it is shutting down (nothing done: any replica may take it)."""
+    return (
+        len(reply) == 1 and len(reply[0]) < 1024 and b'"status":"error"' in reply[0] and _REFUSED_DRAINING in reply[0]
+    )
 
 
 def _unconditional(put: Any) -> bool:
@@ -331,7 +339,7 @@ class ZmqFront:
         envelope, body = split_envelope(frames)
         peer = envelope[0]
         size = sum(len(f) for f in body)
-        first = body[0] if body else b""
+        first = body[-1] if body else b""  # what the api peeks at too
         if self._draining:
             FRONT_REQUESTS.labels(outcome="unavailable").inc()
             error = {"code": "UNAVAILABLE", "message": "mfh front is shutting down; retry (nothing was done)"}
@@ -381,13 +389,9 @@ class ZmqFront:
             return True
         return False
 
-    async def _reply(self, envelope: list[bytes], reply: list[bytes]) -> None:
-        if self._sock is None:
-            return
-        try:
-            await self._sock.send_multipart([*envelope, *reply], flags=zmq.NOBLOCK)
-        except zmq.ZMQError as e:  # the peer is gone, or does not read: nothing to answer
-            log.debug("reply not sent: %s", e)
+    async def _reply(self, envelope: list[bytes], reply: list[bytes], *, patient: bool = False) -> None:
+        if self._sock is not None:
+            await send_reply(self._sock, [*envelope, *reply], patient=patient)
 
     def _release(self, tag: bytes) -> _Held | None:
         held = self._held.pop(tag, None)
@@ -404,7 +408,7 @@ class ZmqFront:
 
     async def _answer(self, held: _Held, code: str, message: str) -> None:
         self._release(held.tag)
-        first = held.body[0] if held.body else b""
+        first = held.body[-1] if held.body else b""
         await self._reply(held.envelope, [peek_error(peek(first), {"code": code, "message": message})])
 
     # -- the replicas -------------------------------------------------------------------------------
@@ -429,6 +433,16 @@ class ZmqFront:
             if held is None or held.replica is not r:
                 FRONT_REQUESTS.labels(outcome="late").inc()  # answered by another replica after a re-send
                 continue
+            if _refused_draining(reply):
+                r.draining = True
+                self._update(r)
+                if held.resends < self.max_resends:
+                    held.resends += 1
+                    r.held.pop(tag, None)
+                    if await self._forward(held, exclude=r):
+                        FRONT_REQUESTS.labels(outcome="resent").inc()
+                        continue
+                    r.held[tag] = held
             self._release(tag)
             await self._reply(held.envelope, reply)
             await asyncio.sleep(0)
@@ -480,6 +494,8 @@ class ZmqFront:
         self._update(r)
         if r.live or not r.held:
             return
+        if r.connected and time.monotonic() - r.last_heard <= self.dead_after_s:
+            return  # shutting down, not dead: it answers what it holds
         # Whatever it held gets an answer: from another replica when a repeat is harmless, else from us.
         for tag, held in list(r.held.items()):
             r.held.pop(tag, None)

@@ -24,6 +24,7 @@ __all__ = [
     "MAX_BATCH",
     "MAX_ID_CHARS",
     "RPC_NAMES",
+    "SHUTTING_DOWN",
     "BatchGetPayload",
     "BatchPutPayload",
     "DeletePayload",
@@ -58,6 +59,8 @@ __all__ = [
 
 log = logging.getLogger("mfh.api.zmq")
 
+#: The refusal of a request that reaches a draining server: nothing was done, any replica may take it.
+SHUTTING_DOWN: Final = "server is shutting down; retry on another replica (nothing was done)"
 #: A sanity bound on batch sizes; the service enforces its own, smaller limits with precise messages.
 MAX_BATCH: Final = 10_000
 #: The longest request id echoed back; a longer one (or one that is not valid Unicode) is refused.

@@ -32,10 +32,11 @@ from mfh_api.auth import ApiKeyCheck
 from mfh_api.limits import PeerSlots
 from mfh_api.search import MetadataCondition, SearchSpec
 from mfh_api.service import Durability, MemoryService, PutSpec
-from mfh_api.zmq_door import door_mode, open_router, peer_of, split_envelope
+from mfh_api.zmq_door import door_mode, open_router, peer_of, send_reply, split_envelope
 from mfh_api.zmq_protocol import (
     MAX_ID_CHARS,
     RPC_NAMES,
+    SHUTTING_DOWN,
     BatchGetPayload,
     BatchPutPayload,
     DeletePayload,
@@ -415,13 +416,9 @@ class ZmqServer:
         if not task.cancelled() and task.exception() is not None:  # retrieved: no asyncio log with its repr
             log.error("ZeroMQ request task failed (%s)", type(task.exception()).__name__)
 
-    async def _send(self, envelope: list[bytes], reply: bytes) -> None:
-        if self._sock is None:
-            return
-        try:
-            await self._sock.send_multipart([*envelope, reply])
-        except zmq.ZMQError as e:  # the peer is gone: nothing to answer
-            log.debug("reply not sent: %s", e)
+    async def _send(self, envelope: list[bytes], reply: bytes, *, patient: bool = False) -> None:
+        if self._sock is not None:
+            await send_reply(self._sock, [*envelope, reply], patient=patient)
 
     async def _handle(
         self, envelope: list[bytes], body: bytes, received: float | None = None, probed: bool = False
@@ -431,7 +428,7 @@ class ZmqServer:
         except Exception as e:  # answer() does not raise; if it ever did, the request still gets its one reply
             log.error("ZeroMQ request failed outside its handler (%s)", type(e).__name__)
             reply = peek_error(peek(body), {"code": "INTERNAL", "message": INTERNAL_MESSAGE})
-        await self._send(envelope, reply)
+        await self._send(envelope, reply, patient=True)
 
     def _authenticate(self, obj: dict[str, Any]) -> None:
         given = obj.get("api_key")
@@ -483,7 +480,7 @@ class ZmqServer:
             req = parse_v1(obj)
             call.method, payload, timeout = req.action, req.payload, req.timeout_s
         if self._draining:
-            raise Unavailable("server is shutting down; retry on another replica (nothing was done)")
+            raise Unavailable(SHUTTING_DOWN)
         budget = min(timeout or self.deadline_seconds, 300.0)
         if received is not None:  # it waited its turn (max_running_per_peer): the deadline ran meanwhile
             budget -= time.monotonic() - received

@@ -366,3 +366,34 @@ def test_no_live_replica_is_answered_unavailable_at_once(hub: Hub) -> None:
     agent.sock.close()
     d.close()
     ctx.term()
+
+
+@pytest.mark.parametrize(
+    ("body", "kind"),
+    [
+        ({"v": 1, "action": "get", "payload": {"namespace": "n", "key": "k"}}, "read"),
+        ({"v": 1, "action": "watch", "payload": {"namespace": "n"}}, "read"),
+        (
+            {"v": 1, "action": "put", "payload": {"namespace": "n", "key": "k", "kind": "memory_item", "payload": {}}},
+            "write",
+        ),
+        ({"v": 1, "action": "put", "payload": {"namespace": "n", "key": "k", "expected_version": 3}}, "conditional"),
+        (
+            {"v": 1, "action": "batch_put", "payload": {"puts": [{"key": "a"}, {"key": "b", "expected_version": 0}]}},
+            "conditional",
+        ),
+        ({"v": 1, "action": "batch_put", "payload": {"puts": [{"key": "a"}]}}, "write"),
+        ({"v": 1, "action": "delete", "payload": {"namespace": "n", "key": "k"}}, "conditional"),
+        ({"action": "store", "key": "k", "value": {}}, "write"),
+        ({"action": "store", "key": "k", "value": {}, "expected_version": 0}, "conditional"),
+        ({"action": "retrieve", "key": "k"}, "read"),
+        ({"action": "delete", "key": "k"}, "conditional"),
+        ("not json {", "read"),
+    ],
+)
+def test_what_the_front_may_send_again(body: Any, kind: str) -> None:
+    # Given a request whose replica died holding it; Then only what a repeat cannot harm is sent again
+    from mfh_api.zmq_front import repeat_kind
+
+    raw = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+    assert repeat_kind([raw]).value == kind

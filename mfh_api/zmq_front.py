@@ -13,8 +13,9 @@ per-peer limits count, and ``tag`` matches the answer to the request.
 Liveness: each replica gets a ``ping`` every ``front.heartbeat_ms``; one that answered nothing for
 ``front.dead_after_ms``, whose connection dropped (a killed process closes it at once), or whose
 ping says it is shutting down leaves the rotation, and comes back when it answers a ping again.
-The requests it held are sent to a live replica when a repeat is harmless (reads, unconditional
-puts: :func:`repeat_kind`), else answered DEADLINE_EXCEEDED ("it may have run"). With no live
+The requests it held are sent to a live replica when a repeat is harmless (reads; unconditional
+puts too when its connection is gone, so it can run nothing more: :func:`repeat_kind`), else answered
+DEADLINE_EXCEEDED ("it may have run"). With no live
 replica a request is answered UNAVAILABLE at once. An agent is sent to one replica while the
 rotation stays the same (a hash of its identity), so it reads its own writes from the process
 that took them.
@@ -497,23 +498,31 @@ class ZmqFront:
         if r.connected and time.monotonic() - r.last_heard <= self.dead_after_s:
             return  # shutting down, not dead: it answers what it holds
         # Whatever it held gets an answer: from another replica when a repeat is harmless, else from us.
+        # A replica whose connection is gone runs nothing more of what we sent it; a silent one (hung,
+        # stopped) may run a write when it wakes, after the repeat and any later write: only reads go again.
+        gone = not r.connected
         for tag, held in list(r.held.items()):
             r.held.pop(tag, None)
             kind = repeat_kind(held.body)
-            if kind is not CallKind.CONDITIONAL and held.resends < self.max_resends:
+            again = kind is CallKind.READ or (kind is CallKind.WRITE and gone)
+            if again and held.resends < self.max_resends:
                 held.resends += 1
                 if await self._forward(held, exclude=r):
                     FRONT_REQUESTS.labels(outcome="resent").inc()
                     continue
             FRONT_REQUESTS.labels(outcome="lost").inc()
-            if kind is CallKind.CONDITIONAL:
+            if kind is CallKind.READ:
+                await self._answer(held, "UNAVAILABLE", "the api replica serving it went away; retry")
+            elif kind is CallKind.WRITE and gone:
+                await self._answer(
+                    held, "UNAVAILABLE", "the api replica serving it went away; retry (a repeat is safe)"
+                )
+            else:
                 await self._answer(
                     held,
                     "DEADLINE_EXCEEDED",
                     "the api replica serving it went away; it may have been applied: read before retrying",
                 )
-            else:
-                await self._answer(held, "UNAVAILABLE", "the api replica serving it went away; retry")
 
     async def _expire(self) -> None:
         """Answer requests held past any deadline (a replica that is live but dropped the answer)."""

@@ -201,6 +201,61 @@ def test_failover_drill_v0_agent_sees_no_error_when_its_replica_is_killed(hub: H
     assert "note 1" not in hub.front.log("front")
 
 
+def test_a_hung_replica_is_dropped_by_its_silence_and_its_reads_go_elsewhere(hub: Hub) -> None:
+    # Given two replicas behind the front and an agent reading through it
+    hub.start_api(0)
+    hub.start_api(1)
+    hub.start_front()
+    wait_until(lambda: hub.live() == 2, 10, message="both replicas live")
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    agent = V0Agent(ctx, hub.door, b"reader")
+    for i in range(10):
+        assert agent.ask(action="store", key=f"h{i}", value={"content": "x"})["status"] == "success"
+    errors: list[dict[str, Any]] = []
+    reads = [0]
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.is_set():
+            reply = agent.ask(action="retrieve", key=f"h{reads[0] % 10}")
+            if reply["status"] != "success":
+                errors.append(reply)
+            reads[0] += 1
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    victim = _replica_of(hub)
+    proc = hub.api_procs[victim]
+    try:
+        wait_until(lambda: reads[0] >= 50, 60, message="reads before the stop")
+        # When the replica serving it hangs (SIGSTOP: its connection stays up, it answers nothing)
+        stopped = time.monotonic()
+        proc.send_signal(signal.SIGSTOP)
+        # Then its silence takes it out of the rotation after front.dead_after_ms (1 s) and a beat
+        wait_until(
+            lambda: hub.metric("mfh_front_replica_up", replica=hub.endpoints[victim]) == 0,
+            5,
+            interval=0.005,
+            message="the silent replica out of rotation",
+        )
+        silent_for = time.monotonic() - stopped
+        assert silent_for < 1.6, f"dropped after {silent_for:.3f} s"
+        at_drop = reads[0]
+        wait_until(lambda: reads[0] >= at_drop + 50, 60, message="reads after the drop")
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        stop.set()
+        worker.join(timeout=60)
+    # and the agent saw no error: the read it held went to the other replica
+    assert errors == [], errors[:3]
+    assert hub.metric("mfh_front_requests_total", outcome="resent") >= 1
+    # and once it answers again it is back in rotation (its answer to the re-sent read is dropped)
+    wait_until(lambda: hub.live() == 2, 15, message="the woken replica back in rotation")
+    print(f"hung replica dropped after {silent_for * 1000:.0f} ms")
+    agent.sock.close()
+    ctx.term()
+
+
 def test_requests_spread_over_the_replicas(hub: Hub) -> None:
     # Given two replicas behind the front
     hub.start_api(0)

@@ -84,20 +84,26 @@ def _host(tmp_path: Path, name: str, redis_url: str, shared: dict[str, Any], ser
     )
 
 
-@pytest.fixture
-def hub(tmp_path: Path, redis_url: str) -> Iterator[Hub]:
+def build_hub(tmp_path: Path, redis_url: str, server: dict[str, Any] | None = None) -> Hub:
     """Two api replicas of one host (same Redis, SQLite file and queue) and a front config, nothing started."""
     shared = {
         "storage": {"redis_prefix": f"t{uuid.uuid4().hex[:10]}"},
         "write_behind": {"queue_name": f"t_{uuid.uuid4().hex[:8]}"},
     }
+    extra = server or {}
     replicas = [
-        _host(tmp_path, n, redis_url, shared, {"zmq_port": free_port(), "grpc_port": free_port()}) for n in "ab"
+        _host(tmp_path, n, redis_url, shared, {"zmq_port": free_port(), "grpc_port": free_port(), **extra})
+        for n in "ab"
     ]
-    front = _host(tmp_path, "front", redis_url, shared, {"zmq_port": free_port(), "max_message_bytes": 65536})
-    h = Hub(replicas=replicas, front=front)
+    front = _host(tmp_path, "front", redis_url, shared, {"zmq_port": free_port(), "max_message_bytes": 65536, **extra})
+    return Hub(replicas=replicas, front=front)
+
+
+@pytest.fixture
+def hub(tmp_path: Path, redis_url: str) -> Iterator[Hub]:
+    h = build_hub(tmp_path, redis_url)
     yield h
-    for t in [front, *replicas]:
+    for t in [h.front, *h.replicas]:
         t.stop_all()
 
 
@@ -254,6 +260,46 @@ def test_a_hung_replica_is_dropped_by_its_silence_and_its_reads_go_elsewhere(hub
     print(f"hung replica dropped after {silent_for * 1000:.0f} ms")
     agent.sock.close()
     ctx.term()
+
+
+def test_the_front_honours_curve_like_the_api(tmp_path: Path, redis_url: str) -> None:
+    # Given replicas and a front configured with the host's CURVE key pair
+    import zmq.auth
+
+    keys = tmp_path / "curve"
+    keys.mkdir()
+    public_file, secret_file = zmq.auth.create_certificates(str(keys), "server")
+    hub = build_hub(tmp_path, redis_url, {"zmq_curve_secret_file": secret_file})
+    try:
+        hub.start_api(0)
+        hub.start_front(hub.endpoints[:1])
+        wait_until(lambda: hub.live() == 1, 10, message=f"the replica live over CURVE\n{hub.front.log('front')}")
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        server_public, _ = zmq.auth.load_certificate(public_file)
+
+        def ping(server_key: bytes) -> dict[str, Any] | None:
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.RCVTIMEO, 1500)
+            s.curve_publickey, s.curve_secretkey = zmq.curve_keypair()
+            s.curve_serverkey = server_key
+            s.connect(hub.door)
+            s.send_multipart([b"", b'{"v":1,"id":1,"action":"ping"}'])
+            try:
+                return dict(json.loads(s.recv_multipart()[-1]))
+            except zmq.Again:
+                return None
+            finally:
+                s.close()
+
+        # When a client knows the server's key, it is served through the front
+        assert (ping(server_public) or {}).get("data") == {"serving": True}
+        # When it does not, the handshake fails and nothing answers
+        assert ping(zmq.curve_keypair()[0]) is None
+        ctx.term()
+    finally:
+        for t in [hub.front, *hub.replicas]:
+            t.stop_all()
 
 
 def test_requests_spread_over_the_replicas(hub: Hub) -> None:

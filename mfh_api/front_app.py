@@ -68,7 +68,7 @@ async def run_front(
     check_front_bind(settings, insecure=insecure)
     endpoints = replicas or settings.front.replicas
     if not endpoints:
-        raise ConfigError("mfh front: no replica to send requests to (--replica, front.replicas, MFH_FRONT_REPLICAS)")
+        raise ConfigError("front: no replica to send requests to (--replica, front.replicas, MFH_FRONT_REPLICAS)")
     install_redaction(settings)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()

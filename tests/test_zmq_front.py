@@ -498,3 +498,17 @@ def test_what_the_front_may_send_again(body: Any, kind: str) -> None:
 
     raw = body.encode() if isinstance(body, str) else json.dumps(body).encode()
     assert repeat_kind([raw]).value == kind
+
+
+def test_behind_a_front_the_replica_counts_the_fronts_peers() -> None:
+    # Given the envelopes a replica sees: a direct REQ or DEALER peer, and the front's peers
+    from mfh_api.zmq_door import FRONT_ROUTING_PREFIX, peer_of
+
+    front = FRONT_ROUTING_PREFIX + b"0123"
+    # Then a direct peer is its connection, whatever extra frames it sends
+    assert peer_of([b"\x00abcd", b""]) == b"\x00abcd"
+    assert peer_of([b"\x00abcd"]) == b"\x00abcd"
+    assert peer_of([b"\x00abcd", b"x", b"y", b""]) == b"\x00abcd"
+    # and behind the front, each of the front's peers is one peer of its own (the tag is not counted)
+    assert peer_of([front, b"agent-1", b"tag-1", b""]) == peer_of([front, b"agent-1", b"tag-2", b""])
+    assert peer_of([front, b"agent-1", b"tag-1", b""]) != peer_of([front, b"agent-2", b"tag-1", b""])

@@ -24,6 +24,7 @@ __all__ = [
     "MAX_BATCH",
     "MAX_ID_CHARS",
     "RPC_NAMES",
+    "SHUTTING_DOWN",
     "BatchGetPayload",
     "BatchPutPayload",
     "DeletePayload",
@@ -31,6 +32,7 @@ __all__ = [
     "ListNamespacesPayload",
     "ListPayload",
     "Peek",
+    "PingPayload",
     "PutPayload",
     "SearchPayload",
     "V1Request",
@@ -57,6 +59,8 @@ __all__ = [
 
 log = logging.getLogger("mfh.api.zmq")
 
+#: The refusal of a request that reaches a draining server: nothing was done, any replica may take it.
+SHUTTING_DOWN: Final = "server is shutting down; retry on another replica (nothing was done)"
 #: A sanity bound on batch sizes; the service enforces its own, smaller limits with precise messages.
 MAX_BATCH: Final = 10_000
 #: The longest request id echoed back; a longer one (or one that is not valid Unicode) is refused.
@@ -178,6 +182,10 @@ class ListNamespacesPayload(_Strict):
     page_token: StrictStr = ""
 
 
+class PingPayload(_Strict):
+    """``ping``: answered by the process itself, no store asked (``mfh front`` heartbeats with it)."""
+
+
 ACTIONS: Final[dict[str, type[_Strict]]] = {
     "get": GetPayload,
     "batch_get": BatchGetPayload,
@@ -188,6 +196,7 @@ ACTIONS: Final[dict[str, type[_Strict]]] = {
     "watch": WatchPayload,
     "search": SearchPayload,
     "list_namespaces": ListNamespacesPayload,
+    "ping": PingPayload,
 }
 
 
@@ -202,6 +211,7 @@ RPC_NAMES: Final[dict[str, str]] = {
     "watch": "Watch",
     "search": "Search",
     "list_namespaces": "ListNamespaces",
+    "ping": "Ping",
 }
 
 

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
 import time
 from collections import deque
 from typing import Any, Final
@@ -33,15 +32,18 @@ from mfh_api.auth import ApiKeyCheck
 from mfh_api.limits import PeerSlots
 from mfh_api.search import MetadataCondition, SearchSpec
 from mfh_api.service import Durability, MemoryService, PutSpec
+from mfh_api.zmq_door import door_mode, open_router, peer_of, send_reply, split_envelope
 from mfh_api.zmq_protocol import (
     MAX_ID_CHARS,
     RPC_NAMES,
+    SHUTTING_DOWN,
     BatchGetPayload,
     BatchPutPayload,
     DeletePayload,
     GetPayload,
     ListNamespacesPayload,
     ListPayload,
+    PingPayload,
     PutPayload,
     SearchPayload,
     WatchPayload,
@@ -65,7 +67,6 @@ from mfh_api.zmq_protocol import (
 from mfh_client.codes import INTERNAL_MESSAGE, zmq_error
 from mfh_core.metrics import API_LATENCY, API_REQUESTS
 from mfh_models import (
-    ConfigError,
     DeadlineExceeded,
     InvalidArgument,
     MFHError,
@@ -160,6 +161,8 @@ async def dispatch(service: MemoryService, action: str, payload: dict[str, Any],
             prefix=m.prefix, max_depth=m.max_depth, page_size=m.page_size, page_token=m.page_token
         )
         return {"namespaces": names, "next_page_token": token}
+    if isinstance(m, PingPayload):
+        return {"serving": True}
     raise InvalidArgument(f"unknown action {action!r}")  # unreachable: parse_payload knows every action
 
 
@@ -175,14 +178,6 @@ def _requests(method: str, code: str) -> Any:
 @functools.cache
 def _latency(method: str) -> Any:
     return API_LATENCY.labels(transport="zmq", method=method)
-
-
-def _split(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:
-    """(envelope, body frames): REQ peers add an empty delimiter after the identity, DEALER peers may not."""
-    for i in range(1, len(frames)):
-        if frames[i] == b"":
-            return frames[: i + 1], frames[i + 1 :]
-    return frames[:1], frames[1:]
 
 
 class ZmqServer:
@@ -267,67 +262,24 @@ class ZmqServer:
     async def start(self) -> int:
         """Bind (port 0 picks a free port) and start serving; returns the bound port."""
         self._ctx = zmq.asyncio.Context()
-        sock = self._ctx.socket(zmq.ROUTER)
-        # libzmq drops a bigger message and disconnects its peer; the server keeps serving others.
-        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
-        # Per peer, libzmq holds at most this many messages each way (then TCP pushes back on a
-        # sender; replies to a peer that does not read are dropped): bounded memory per connection.
-        sock.setsockopt(zmq.RCVHWM, self.queue_messages)
-        sock.setsockopt(zmq.SNDHWM, self.queue_messages)
-        sock.setsockopt(zmq.LINGER, 200)
         try:
-            self._secure(sock)
-        except BaseException:
-            sock.close(linger=0)
-            self._stop_zap()
+            self._sock, self._zap, self.port = open_router(
+                self._ctx,
+                bind=self.bind,
+                port=self.requested_port,
+                max_message_bytes=self.max_message_bytes,
+                queue_messages=self.queue_messages,
+                curve_secret_file=self.curve_secret_file,
+                curve_clients_dir=self.curve_clients_dir,
+            )
+        except BaseException:  # an open socket would keep the context (and the process) from ever ending
             ctx, self._ctx = self._ctx, None
             ctx.term()
             raise
-        if ":" in self.bind:
-            sock.setsockopt(zmq.IPV6, 1)
-        host = f"[{self.bind}]" if ":" in self.bind else self.bind
-        try:
-            sock.bind(f"tcp://{host}:{self.requested_port or '*'}")
-        except zmq.ZMQError as e:  # an open socket would keep the context (and the process) from ever ending
-            sock.close(linger=0)
-            ctx, self._ctx = self._ctx, None
-            ctx.term()
-            raise OSError(f"cannot bind ZeroMQ to {host}:{self.requested_port}: {e}") from e
-        last = sock.getsockopt(zmq.LAST_ENDPOINT)
-        self.port = int(bytes(last).decode().rsplit(":", 1)[1]) if isinstance(last, bytes) else 0
-        self._sock = sock
         self._loop_task = asyncio.create_task(self._serve(), name="mfh-zmq-router")
-        log.info("ZeroMQ ROUTER listening on %s (%s)", self.endpoint, self._mode)
+        mode = door_mode(self.curve_secret_file, self.curve_clients_dir)
+        log.info("ZeroMQ ROUTER listening on %s (%s)", self.endpoint, mode)
         return self.port
-
-    @property
-    def _mode(self) -> str:
-        if self.curve_secret_file is None:
-            return "plain text"
-        return "CURVE, listed clients only" if self.curve_clients_dir else "CURVE"
-
-    def _secure(self, sock: zmq.asyncio.Socket) -> None:
-        """CURVE with a ZAP handler (docs/security.md): only peers that know the server's public key (and,
-        with ``curve_clients_dir``, hold a listed key) complete the handshake; others never reach us."""
-        if self.curve_secret_file is None:
-            return
-        try:
-            public, secret = zmq.auth.load_certificate(self.curve_secret_file)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"server.zmq_curve_secret_file: cannot read {self.curve_secret_file!r}: {e}") from None
-        if secret is None:
-            raise ConfigError(
-                f"server.zmq_curve_secret_file: {self.curve_secret_file!r} holds no secret key (a .key_secret file)"
-            )
-        if self.curve_clients_dir is not None and not os.path.isdir(self.curve_clients_dir):
-            raise ConfigError(f"server.zmq_curve_clients_dir: {self.curve_clients_dir!r} is not a directory")
-        assert self._ctx is not None
-        self._zap = AsyncioAuthenticator(self._ctx, log=logging.getLogger("mfh.api.zmq.zap"))
-        self._zap.start()
-        self._zap.configure_curve(domain="*", location=self.curve_clients_dir or zmq.auth.CURVE_ALLOW_ANY)
-        sock.curve_secretkey = secret
-        sock.curve_publickey = public
-        sock.curve_server = True
 
     def _stop_zap(self) -> None:
         if self._zap is not None:
@@ -379,8 +331,8 @@ class ZmqServer:
 
     async def _admit(self, frames: list[bytes]) -> None:
         """Start a task for the request, or answer it at once, unparsed, when it may not run."""
-        envelope, body = _split(frames)
-        peer = envelope[0]
+        envelope, body = split_envelope(frames)
+        peer = peer_of(envelope)
         if len(body) != 1:
             error = {"code": "INVALID_ARGUMENT", "message": "a request is exactly one JSON frame"}
             await self._send(envelope, peek_error(peek(body[-1] if body else b""), error))
@@ -464,13 +416,9 @@ class ZmqServer:
         if not task.cancelled() and task.exception() is not None:  # retrieved: no asyncio log with its repr
             log.error("ZeroMQ request task failed (%s)", type(task.exception()).__name__)
 
-    async def _send(self, envelope: list[bytes], reply: bytes) -> None:
-        if self._sock is None:
-            return
-        try:
-            await self._sock.send_multipart([*envelope, reply])
-        except zmq.ZMQError as e:  # the peer is gone: nothing to answer
-            log.debug("reply not sent: %s", e)
+    async def _send(self, envelope: list[bytes], reply: bytes, *, patient: bool = False) -> None:
+        if self._sock is not None:
+            await send_reply(self._sock, [*envelope, reply], patient=patient)
 
     async def _handle(
         self, envelope: list[bytes], body: bytes, received: float | None = None, probed: bool = False
@@ -480,7 +428,7 @@ class ZmqServer:
         except Exception as e:  # answer() does not raise; if it ever did, the request still gets its one reply
             log.error("ZeroMQ request failed outside its handler (%s)", type(e).__name__)
             reply = peek_error(peek(body), {"code": "INTERNAL", "message": INTERNAL_MESSAGE})
-        await self._send(envelope, reply)
+        await self._send(envelope, reply, patient=True)
 
     def _authenticate(self, obj: dict[str, Any]) -> None:
         given = obj.get("api_key")
@@ -532,7 +480,7 @@ class ZmqServer:
             req = parse_v1(obj)
             call.method, payload, timeout = req.action, req.payload, req.timeout_s
         if self._draining:
-            raise Unavailable("server is shutting down; retry on another replica (nothing was done)")
+            raise Unavailable(SHUTTING_DOWN)
         budget = min(timeout or self.deadline_seconds, 300.0)
         if received is not None:  # it waited its turn (max_running_per_peer): the deadline ran meanwhile
             budget -= time.monotonic() - received

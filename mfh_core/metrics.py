@@ -27,6 +27,12 @@ __all__ = [
     "DEAD_LETTERS",
     "DIRTY_ENTRIES",
     "DIRTY_OLDEST_AGE",
+    "FRONT_FAILOVERS",
+    "FRONT_HELD",
+    "FRONT_REPLICAS_LIVE",
+    "FRONT_REPLICA_UP",
+    "FRONT_REQUESTS",
+    "FRONT_SENT",
     "LAST_AUDIT",
     "LAST_AUDIT_OK",
     "LAST_SNAPSHOT",
@@ -62,6 +68,19 @@ LEGACY_V0_CALLS = Counter(
     "mfh_api_legacy_v0_calls_total",
     "ZeroMQ calls in the legacy v0 schema (zero means the last v0 agent is gone)",
     ["action"],
+)
+FRONT_REQUESTS = Counter(
+    "mfh_front_requests_total",
+    "Requests through mfh front by outcome: forwarded, resent (their replica died), shed, unavailable (no live "
+    "replica), lost (their replica died and they could not be sent again), late (a reply after a re-send)",
+    ["outcome"],
+)
+FRONT_SENT = Counter("mfh_front_sent_total", "Requests mfh front sent to each api replica (re-sends too)", ["replica"])
+FRONT_HELD = Gauge("mfh_front_requests_held", "Requests mfh front holds (sent to a replica, not answered yet)")
+FRONT_REPLICAS_LIVE = Gauge("mfh_front_replicas_live", "api replicas in mfh front's rotation")
+FRONT_REPLICA_UP = Gauge("mfh_front_replica_up", "1 while an api replica is in mfh front's rotation", ["replica"])
+FRONT_FAILOVERS = Counter(
+    "mfh_front_failovers_total", "Times mfh front dropped a replica from its rotation (dead, draining)", ["replica"]
 )
 CACHE_LOOKUPS = Counter("mfh_cache_lookups_total", "Hot store lookups by result (hit, miss)", ["result"])
 WRITE_BATCHES = Counter("mfh_write_batches_total", "persist_batch messages enqueued by the api")

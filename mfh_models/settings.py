@@ -29,6 +29,7 @@ from mfh_models.records import validate_origin
 __all__ = [
     "BulkheadSettings",
     "CircuitBreakerSettings",
+    "FrontSettings",
     "MetricsSettings",
     "NearCacheSettings",
     "RecoverySettings",
@@ -104,6 +105,36 @@ class ServerSettings(_Section):
     @property
     def curve(self) -> bool:
         return self.zmq_curve_secret_file is not None
+
+
+class FrontSettings(_Section):
+    """``mfh front``: the ZeroMQ ROUTER on ``server.zmq_port`` that spreads requests over api replicas."""
+
+    replicas: list[str] = Field(default_factory=list, description="ZeroMQ endpoints of the api replicas")
+    heartbeat_ms: int = Field(default=200, ge=10, le=10_000, description="a ping to each replica this often")
+    dead_after_ms: int = Field(default=1000, ge=50, le=60_000, description="no answer this long: out of rotation")
+    max_in_flight: int = Field(default=1024, ge=1, description="requests held by the front, all peers")
+    max_resends: int = Field(default=2, ge=0, le=10, description="re-sends of a request whose replica died")
+
+    @field_validator("replicas", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        # From the environment: "tcp://127.0.0.1:5715,tcp://127.0.0.1:5717" (commas or spaces).
+        if value is None:
+            return []
+        if isinstance(value, str):
+            return [part for part in re.split(r"[,\s]+", value) if part]
+        return value
+
+    @field_validator("replicas")
+    @classmethod
+    def _endpoints(cls, value: list[str]) -> list[str]:
+        for endpoint in value:
+            if not re.fullmatch(r"(tcp://[^\s/]+:[0-9]{1,5}|ipc://\S+)", endpoint):
+                raise ValueError(f"replica {endpoint[:200]!r} is not a ZeroMQ endpoint (tcp://host:port or ipc://path)")
+        if len(set(value)) != len(value):
+            raise ValueError("a replica is listed twice")
+        return value
 
 
 class StorageSettings(_Section):
@@ -302,6 +333,7 @@ class MetricsSettings(_Section):
     worker_port: int = Field(default=9714, ge=0, le=65535)
     replicator_port: int = Field(default=9715, ge=0, le=65535)
     scheduler_port: int = Field(default=9716, ge=0, le=65535)
+    front_port: int = Field(default=9718, ge=0, le=65535)
 
 
 class Settings(_Section):
@@ -312,6 +344,7 @@ class Settings(_Section):
     host_id: str = "main_pc"
     data_dir: str | None = Field(default=None, description="where relative data paths resolve (absolute)")
     server: ServerSettings = ServerSettings()
+    front: FrontSettings = FrontSettings()
     storage: StorageSettings = StorageSettings()
     write_behind: WriteBehindSettings = WriteBehindSettings()
     replication: ReplicationSettings = ReplicationSettings()

@@ -331,7 +331,8 @@ garbage_bodies = st.one_of(
     st.sampled_from([1000, 5000, 100_000]).map(
         lambda n: b'{"v": 1, "id": ' + b"[" * n + b"]" * n + b', "action": "get"}'
     ),
-    st.binary(max_size=50).map(lambda b: VALID_GET[:20] + b + VALID_GET[20:]),
+    # bytes inside the "action" key (at least one: nothing inserted would be the valid request itself)
+    st.binary(min_size=1, max_size=50).map(lambda b: VALID_GET[:20] + b + VALID_GET[20:]),
 )
 
 

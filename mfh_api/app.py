@@ -125,7 +125,7 @@ async def run_api(settings: Settings, *, insecure: bool = False, stop: asyncio.E
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     with contextlib.suppress(NotImplementedError, RuntimeError):
-        loop.add_signal_handler(signal.SIGHUP, keys.reload)
+        loop.add_signal_handler(signal.SIGHUP, keys.reload_soon)
     if keys.keys_file is not None:
         log.info("API keys from %s: %d keys (%s)", keys.keys_file, len(keys.names), ", ".join(keys.names))
     service = await build_service(settings)

@@ -133,6 +133,8 @@ class KeyRing:
         self._signature: tuple[int, int, int] | None = None
         self._table: dict[bytes, Grant] = {}
         self._scannable = True
+        self._reloading = asyncio.Lock()
+        self._tasks: set[asyncio.Task[bool]] = set()
         self._install(self._load())
 
     @classmethod
@@ -149,10 +151,12 @@ class KeyRing:
     def names(self) -> list[str]:
         return sorted(g.name for g in self._table.values())
 
-    def _load(self) -> list[KeyEntry]:
+    def _load(self) -> tuple[list[KeyEntry], tuple[int, int, int] | None]:
+        """The entries to install, and the file's signature as it was read; ConfigError if it does not load."""
         entries = [self._single] if self._single is not None else []
+        signature = None
         if self.keys_file is not None:
-            self._signature = _signature(self.keys_file)
+            signature = _signature(self.keys_file)
             entries.extend(load_keys_file(self.keys_file))
             seen: dict[bytes, str] = {}
             for e in entries:
@@ -162,9 +166,10 @@ class KeyRing:
                         "same key: give each its own"
                     )
                 seen[e.digest] = e.name
-        return entries
+        return entries, signature
 
-    def _install(self, entries: list[KeyEntry]) -> None:
+    def _install(self, loaded: tuple[list[KeyEntry], tuple[int, int, int] | None]) -> None:
+        entries, self._signature = loaded
         self._table = {e.digest: Grant(e.name, e.patterns, e.writable) for e in entries}
         # A plain key that JSON would escape cannot be found unparsed: then every body is parsed (as before).
         # Hashed keys are taken as issued (docs/security.md: letters, digits, '-', '_').
@@ -177,13 +182,39 @@ class KeyRing:
             log.warning("SIGHUP: no keys file to reload (server.api_keys_file, MFH_API_KEYS_FILE)")
             return False
         try:
-            entries = self._load()
+            loaded = self._load()
         except ConfigError as e:
-            log.error("keys file refused; the keys in force stay: %s", e.message)
-            return False
-        self._install(entries)
+            return self._refuse(e)
+        return self._accept(loaded)
+
+    async def reload_async(self) -> bool:
+        """:meth:`reload`, reading and parsing in a thread: a huge or hostile file does not hold the event loop
+        (both doors) while it is refused. Reloads take turns."""
+        async with self._reloading:
+            if self.keys_file is None:
+                return self.reload()
+            try:
+                loaded = await asyncio.to_thread(self._load)
+            except ConfigError as e:
+                return self._refuse(e)
+            return self._accept(loaded)
+
+    def _refuse(self, e: ConfigError) -> bool:
+        if self.keys_file is not None:
+            self._signature = _signature(self.keys_file)  # refused once, not again at every look
+        log.error("keys file refused; the keys in force stay: %s", e.message)
+        return False
+
+    def _accept(self, loaded: tuple[list[KeyEntry], tuple[int, int, int] | None]) -> bool:
+        self._install(loaded)
         log.info("keys reloaded from %s: %d keys (%s)", self.keys_file, len(self._table), ", ".join(self.names))
         return True
+
+    def reload_soon(self) -> None:
+        """The SIGHUP handler: a reload on the running loop (kept until it ends)."""
+        task = asyncio.get_running_loop().create_task(self.reload_async(), name="mfh-keys-reload")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def changed(self) -> bool:
         """Whether the keys file's mtime, size or inode differ from when it was last read."""
@@ -196,7 +227,7 @@ class KeyRing:
                 await asyncio.wait_for(stop.wait(), interval)
             except TimeoutError:
                 if self.changed():
-                    self.reload()
+                    await self.reload_async()
 
     def grant(self, presented: str | bytes | None) -> Grant | None:
         """The grant of ``presented`` (OPEN when no key is configured), None for a missing or unknown key."""

@@ -25,10 +25,12 @@ from mfh_models.records import MAX_NAMESPACE_LENGTH, format_validation_error
 
 __all__ = ["MAX_FILE_BYTES", "MAX_KEYS", "KeyEntry", "load_keys_file", "parse_keys"]
 
-MAX_FILE_BYTES: Final = 1024 * 1024
+MAX_FILE_BYTES: Final = 256 * 1024  # 1000 keys of 20 patterns fit
 MAX_KEYS: Final = 1000
 MAX_PATTERNS: Final = 100
 MIN_KEY_CHARS: Final = 16
+MAX_DEPTH: Final = 16
+_LOADER: Final = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _HASHED: Final = re.compile(r"sha256:([0-9a-f]{64})")
 _PLAIN_KEY: Final = re.compile(r"[A-Za-z0-9_.~+=:;@!#$%*?^|()\[\]{},-]+")
 #: Namespace characters, plus the two wildcards; a pattern is never longer than a name can be, plus slack.
@@ -94,8 +96,10 @@ class _File(BaseModel):
 
 def parse_keys(text: str, where: str) -> list[KeyEntry]:
     """The entries of a keys file's ``text``; ConfigError starting with ``where`` on anything wrong."""
+    if _flow_depth(text) > MAX_DEPTH:  # the YAML parser takes seconds to refuse thousands of brackets
+        raise ConfigError(f"{where}: nested too deeply")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_LOADER)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -137,6 +141,26 @@ def load_keys_file(path: str) -> list[KeyEntry]:
     except UnicodeDecodeError:
         raise ConfigError(f"{where}: not UTF-8 text") from None
     return parse_keys(text, where)
+
+
+def _flow_depth(text: str) -> int:
+    """The deepest nesting of ``[`` and ``{`` outside quotes (a file of ours needs 3)."""
+    depth = deepest = 0
+    quote = ""
+    for ch in text:
+        if quote:
+            if ch == quote:
+                quote = ""
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_DEPTH:
+                break
+        elif ch in "]}":
+            depth -= 1
+    return deepest
 
 
 def _sha256(key: str) -> bytes:

@@ -24,7 +24,7 @@ import os
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from fuzz_harness import API_KEY, KEYS, NS, OTHER_NS, SQL_KEYS
 from hypothesis import HealthCheck, settings
@@ -587,6 +587,35 @@ def api_key_variants() -> st.SearchStrategy[tuple[Any, bool]]:
     )
 
 
+_SEGMENTS: Final = ["a", "b", "ab", "a-b", "x1", "_"]
+_WILD_SEGMENTS: Final = [*_SEGMENTS, "*", "?", "a*", "*b", "x?", "a?b"]
+
+
+def namespace_patterns() -> st.SearchStrategy[str]:
+    """Namespace patterns of an API key's scope (docs/security.md): segments, globs within and across them."""
+    return st.one_of(
+        st.just("*"),
+        st.lists(st.sampled_from(_WILD_SEGMENTS), min_size=1, max_size=4).map(".".join),
+    )
+
+
+@st.composite
+def granted_namespaces(draw: st.DrawFn, patterns: list[str]) -> str:
+    """A namespace near one of ``patterns``: an instance of it (each ``*`` some text, dots too, each ``?`` one
+    character), often nudged off it (a character more or less, a segment more)."""
+    pattern = draw(st.sampled_from(patterns))
+    filler = st.text(alphabet="ab1.-", max_size=6)
+    name = "".join(draw(filler) if c == "*" else draw(st.sampled_from("ab1-")) if c == "?" else c for c in pattern)
+    nudge = draw(st.sampled_from(["", "", "", "drop", "char", "segment"]))
+    if nudge == "drop" and len(name) > 1:
+        name = name[:-1]
+    elif nudge == "char":
+        name += draw(st.sampled_from("ab1"))
+    elif nudge == "segment":
+        name += "." + draw(st.sampled_from(_SEGMENTS))
+    return name or "a"
+
+
 def keyset(specs: list[dict[str, Any]], key_of: Callable[[dict[str, Any]], tuple[Any, Any]]) -> bool:
     """True if two entries address the same (namespace, key)."""
     seen = set()
@@ -614,6 +643,7 @@ __all__ = [
     "encode_json",
     "forged_tokens",
     "fuzz_settings",
+    "granted_namespaces",
     "has_bad",
     "hostile_strings",
     "hostile_values",
@@ -625,6 +655,7 @@ __all__ = [
     "keyset",
     "list_namespaces_fields",
     "mutate",
+    "namespace_patterns",
     "payload_text",
     "raw_tokens",
     "search_request",

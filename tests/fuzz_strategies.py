@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from fuzz_harness import API_KEY, KEYS, NS, OTHER_NS, SQL_KEYS
+from fuzz_harness import API_KEY, ELSEWHERE_KEY, KEYS, NS, OTHER_NS, READ_ONLY_KEY, SQL_KEYS
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
@@ -568,14 +568,17 @@ def mutate(
     return Built(obj, must_fail, steps)
 
 
-def api_key_variants() -> st.SearchStrategy[tuple[Any, bool]]:
-    """(the api key to send or ``...`` for none, whether it is the right one)."""
+def api_key_variants(*, writes: bool = False, filtered: bool = False) -> st.SearchStrategy[tuple[Any, bool]]:
+    """(the api key to send or ``...`` for none, whether it is the right one for the call). The scoped keys of
+    the fuzz host are right for some calls only: the read-only key unless the call ``writes``; the key of
+    namespaces no generator makes only for a call that ``filtered`` to its scope (a prefix Search,
+    ListNamespaces), else PERMISSION_DENIED."""
     wrong = st.one_of(
         st.sampled_from(
             ["", "wrong", API_KEY[:-1], API_KEY + "x", API_KEY.upper(), " " + API_KEY, API_KEY + "\x00", "x" * 5000]
         ),
         LONE_SURROGATES,
-        st.text(max_size=30).filter(lambda s: s != API_KEY),
+        st.text(max_size=30).filter(lambda s: s not in (API_KEY, READ_ONLY_KEY, ELSEWHERE_KEY)),
     )
     return st.one_of(
         st.just((API_KEY, True)),
@@ -583,6 +586,8 @@ def api_key_variants() -> st.SearchStrategy[tuple[Any, bool]]:
         st.just((API_KEY, True)),
         st.just((API_KEY, True)),
         st.just((..., False)),
+        st.just((READ_ONLY_KEY, not writes)),
+        st.just((ELSEWHERE_KEY, filtered)),
         wrong.map(lambda k: (k, False)),
     )
 

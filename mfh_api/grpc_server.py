@@ -374,6 +374,7 @@ class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
     async def BatchPut(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         async def run(t: float) -> Any:
             grant = self._grant(context)
+            grant.require_writer()
             for p in request.puts:  # every one before any: a batch is refused whole
                 grant.require(p.record.namespace, write=True)
             specs = [_spec(p) for p in request.puts]

@@ -71,11 +71,16 @@ class Grant:
         if self.everything and self.writable:
             return
         validate_namespace(namespace)  # a malformed name is INVALID_ARGUMENT for every key
-        if write and not self.writable:
-            raise PermissionDenied(f"key {self.name!r} is read-only: it may not write", reason="read_only")
+        if write:
+            self.require_writer()
         if not self.can_read(namespace):
             what = "write" if write else "read"
             raise PermissionDenied(f"key {self.name!r} may not {what} namespace {namespace[:70]!r}")
+
+    def require_writer(self) -> None:
+        """PermissionDenied for a read-only key, whatever the call would write (an empty batch too)."""
+        if not self.writable:
+            raise PermissionDenied(f"key {self.name!r} is read-only: it may not write", reason="read_only")
 
     def subtree(self, prefix: str) -> Subtree:
         """How much of ``prefix`` and the names below it (``prefix.…``) this key may read: ``all`` (nothing to

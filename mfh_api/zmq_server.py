@@ -138,6 +138,7 @@ async def dispatch(
         res = await service.put(_spec(m), durability=Durability(m.durability), timeout=budget_s)
         return {"version": res.version, "event_id": res.event_id}
     if isinstance(m, BatchPutPayload):
+        grant.require_writer()
         for p in m.puts:  # every one before any: a batch is refused whole
             grant.require(p.namespace, write=True)
         results = await service.batch_put(

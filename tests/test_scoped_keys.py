@@ -148,6 +148,8 @@ def test_a_grant_reads_its_patterns_and_writes_only_in_read_write_mode() -> None
     with pytest.raises(PermissionDenied, match="read-only") as e:
         g.require("p.a", write=True)
     assert e.value.reason == "read_only"
+    with pytest.raises(PermissionDenied, match="read-only"):  # whatever it would write: an empty batch too
+        g.require_writer()
     with pytest.raises(PermissionDenied, match=r"may not read namespace 'p\.b'") as e:
         g.require("p.b")
     assert e.value.reason == "scope"

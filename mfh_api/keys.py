@@ -88,6 +88,8 @@ class Grant:
         ``none`` are sure; ``some`` may turn out to be none after filtering."""
         if self.everything:
             return "all"
+        if not prefix:  # every name: some of them are the key's
+            return "some"
         below = prefix + "."
         possible = False
         for p in self.patterns:

@@ -155,6 +155,7 @@ def test_a_grant_reads_its_patterns_and_writes_only_in_read_write_mode() -> None
     assert e.value.reason == "scope"
     assert g.subtree("p.a") == "some" and g.subtree("p.a.x") == "all" and g.subtree("p") == "some"
     assert g.subtree("q") == "none" and g.subtree("team") == "some"
+    assert Grant("s", ("shared",), True).subtree("") == "some"  # ListNamespaces without a prefix
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -164,6 +165,7 @@ def test_scope_checks_agree_with_the_patterns(patterns: list[str], data: st.Data
     import fnmatch
 
     g = Grant("fuzzed", tuple(patterns), True)
+    assert g.subtree("") != "none"  # every name is under the empty prefix, those of the key too
     names = data.draw(st.lists(granted_namespaces(patterns), min_size=1, max_size=8))
     for name in names:
         # Then a name is readable exactly when a pattern matches it as a glob

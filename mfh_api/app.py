@@ -1,6 +1,7 @@
 """The api process: settings → service → gRPC + ZeroMQ servers + Prometheus endpoint, until a signal.
 
 ``python -m mfh_api.app [--host main_pc] [--insecure]`` runs it (``mfh api`` does the same).
+SIGHUP (or a change of the keys file) reloads the scoped API keys (docs/security.md).
 Shutdown on SIGTERM/SIGINT: report NOT_SERVING, answer new calls UNAVAILABLE ("shutting down",
 so clients fail over; never CANCELLED), let running ones finish, flush the write batcher into the
 queue, close the stores.
@@ -23,6 +24,7 @@ from prometheus_client import start_http_server
 
 from mfh_api.auth import check_bind_is_safe
 from mfh_api.grpc_server import GrpcServer
+from mfh_api.keys import KeyRing
 from mfh_api.service import MemoryService, build_service
 from mfh_core.gc_policy import CollectorPolicy
 from mfh_core.heartbeat import Heartbeat
@@ -50,13 +52,13 @@ def configure_logging(level: int = logging.INFO, settings: Settings | None = Non
     install_redaction(settings)
 
 
-def _zmq_server(service: MemoryService, settings: Settings) -> _Server | None:
+def _zmq_server(service: MemoryService, settings: Settings, keys: KeyRing) -> _Server | None:
     try:
         from mfh_api.zmq_server import ZmqServer  # issue 3b
     except ImportError as e:
         log.warning("ZeroMQ server not available (%s); serving gRPC only", e)
         return None
-    server: _Server = ZmqServer.from_settings(service, settings)
+    server: _Server = ZmqServer.from_settings(service, settings, keys=keys)
     return server
 
 
@@ -113,6 +115,7 @@ def _start_metrics(settings: Settings) -> Any:
 async def run_api(settings: Settings, *, insecure: bool = False, stop: asyncio.Event | None = None) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop`` is set); ConfigError before binding if the bind is unsafe."""
     check_bind_is_safe(settings, insecure=insecure)
+    keys = KeyRing.from_settings(settings)  # a keys file that does not load ends the api here (exit 2)
     check_ports_free(settings)
     install_redaction(settings)
     stop = stop or asyncio.Event()
@@ -121,6 +124,10 @@ async def run_api(settings: Settings, *, insecure: bool = False, stop: asyncio.E
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGHUP, keys.reload_soon)
+    if keys.keys_file is not None:
+        log.info("API keys from %s: %d keys (%s)", keys.keys_file, len(keys.names), ", ".join(keys.names))
     service = await build_service(settings)
     await check_persistence(service.hot.redis, url=settings.storage.redis_url, process="api")
     beat_stop = asyncio.Event()
@@ -133,8 +140,9 @@ async def run_api(settings: Settings, *, insecure: bool = False, stop: asyncio.E
         metrics_port=settings.server.metrics_port,
     )
     beating = asyncio.create_task(heartbeat.run(beat_stop), name="mfh-heartbeat")
-    grpc_server = GrpcServer(service, settings)
-    zmq = _zmq_server(service, settings)
+    grpc_server = GrpcServer(service, settings, keys=keys)
+    zmq = _zmq_server(service, settings, keys)
+    watching = asyncio.create_task(keys.watch_file(beat_stop), name="mfh-keys") if keys.keys_file else None
     httpd = None
     s = settings.server
     collector = CollectorPolicy(full_interval_s=s.gc_full_interval_seconds, rss_growth_mb=s.gc_rss_growth_mb)
@@ -168,6 +176,8 @@ async def run_api(settings: Settings, *, insecure: bool = False, stop: asyncio.E
         await asyncio.gather(*stops)
         beat_stop.set()
         await beating
+        if watching is not None:
+            await watching
         if collecting is not None:
             await collecting
         collector.uninstall()

@@ -26,8 +26,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from grpc_reflection.v1alpha._async import ReflectionServicer
 
-from mfh_api.auth import ApiKeyCheck, read_file
+from mfh_api.auth import read_file
 from mfh_api.grpc_guard import Guard, GuardedRegistrar
+from mfh_api.keys import OPEN, Grant, KeyRing, count_refusal
 from mfh_api.limits import PeerSlots
 from mfh_api.search import SearchSpec, parse_metadata_filter
 from mfh_api.service import Durability, MemoryService, PutSpec
@@ -45,8 +46,10 @@ from mfh_models import (
     MemoryEvent,
     MFHError,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     Settings,
+    Unauthenticated,
     Unavailable,
 )
 
@@ -115,6 +118,15 @@ def _search_spec(r: Any) -> SearchSpec:
         embedding=list(r.embedding),
         top_k=r.top_k,
     )
+
+
+def _visible(grant: Grant, r: Any) -> Callable[[str], bool] | None:
+    """A Search's namespace filter for ``grant`` (None: all in its scope are visible); PermissionDenied."""
+    if r.namespace or not r.namespace_prefix:  # one namespace (or neither: the service says which to set)
+        if r.namespace:
+            grant.require(r.namespace)
+        return None
+    return grant.require_subtree(r.namespace_prefix)
 
 
 def _durability(value: int, field: str = "durability") -> Durability:
@@ -188,11 +200,16 @@ def _get_response(rec: Any) -> bytes:
     return bytes(pb.GetResponse(record=to_pb_record(rec)).SerializeToString())
 
 
-class _Gate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """The API key, checked in constant time before any handler runs (health probes are exempt)."""
+def _presented(metadata: Any) -> str | None:
+    return next((v for k, v in metadata or () if k == API_KEY_METADATA), None)
 
-    def __init__(self, auth: ApiKeyCheck) -> None:
-        self.auth = auth
+
+class _Gate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """The API key, looked up by its hash before any handler runs (health probes are exempt); what the key
+    may touch is checked by each handler, which knows the namespaces (PERMISSION_DENIED)."""
+
+    def __init__(self, keys: KeyRing) -> None:
+        self.keys = keys
 
     async def intercept_service(
         self,
@@ -203,10 +220,11 @@ class _Gate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None:
             return handler
         method = details.method
-        if self.auth.required and not method.startswith(_AUTH_EXEMPT):
-            presented = next((v for k, v in details.invocation_metadata or () if k == API_KEY_METADATA), None)
-            if not self.auth.ok(presented):
-                message = "wrong API key" if presented else f"missing API key (send metadata {API_KEY_METADATA!r})"
+        if self.keys.required and not method.startswith(_AUTH_EXEMPT):
+            try:
+                self.keys.authenticate(_presented(details.invocation_metadata), "grpc")
+            except Unauthenticated as e:
+                message = e.message
                 name = method.rsplit("/", 1)[-1]
 
                 async def deny(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
@@ -220,9 +238,17 @@ class _Gate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
     """Translates protobuf to service calls; every call goes through :meth:`_call`."""
 
-    def __init__(self, service: MemoryService, settings: Settings, *, streams: PeerSlots | None = None) -> None:
+    def __init__(
+        self,
+        service: MemoryService,
+        settings: Settings,
+        *,
+        streams: PeerSlots | None = None,
+        keys: KeyRing | None = None,
+    ) -> None:
         s = settings.server
         self.service = service
+        self.keys = keys if keys is not None else KeyRing.from_settings(settings)
         self.deadline = s.deadline_seconds
         self.max_unary = s.max_concurrent_rpcs
         self.unary_in_flight = 0  # unary calls running now (capped; the shutdown waits for them)
@@ -257,6 +283,12 @@ class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
                 break
             await asyncio.sleep(min(self.drain_quiet_s - quiet_for, quiet_until - now))
 
+    def _grant(self, context: grpc.aio.ServicerContext[Any, Any]) -> Grant:
+        """What the call's key may do (the gate let it in; a key removed since then is refused now)."""
+        if not self.keys.required:
+            return OPEN
+        return self.keys.authenticate(_presented(context.invocation_metadata()), "grpc")
+
     async def _call(
         self, name: str, request: Any, context: grpc.aio.ServicerContext[Any, Any], fn: Callable[[float], Awaitable[R]]
     ) -> R:
@@ -281,6 +313,8 @@ class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
             except TimeoutError:
                 raise DeadlineExceeded(f"{name} did not finish within {budget:.3g}s") from None
         except MFHError as e:
+            if isinstance(e, PermissionDenied):
+                count_refusal("grpc", e.reason)
             status = grpc_status(e)
         except asyncio.CancelledError:  # the client went away or its deadline passed
             API_REQUESTS.labels("grpc", name, "CANCELLED").inc()
@@ -300,6 +334,9 @@ class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
 
     async def Get(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         probed = type(request) is _GET_REQUEST and not self.draining
+        if probed and self.keys.required:  # the near cache answers only what the key may read
+            grant = self.keys.grant(_presented(context.invocation_metadata()))
+            probed = grant is not None and grant.can_read(request.namespace)
         if probed:
             # A near-cache hit: no I/O, no slot to hold, the answer already encoded.
             start = time.perf_counter()
@@ -313,12 +350,14 @@ class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
                 return hit
 
         async def run(_t: float) -> Any:
+            self._grant(context).require(request.namespace)
             return await self.service.get_answer(request.namespace, request.key, "grpc", _get_response, probed=probed)
 
         return await self._ok("Get", request, context, run)
 
     async def BatchGet(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         async def run(_t: float) -> Any:
+            self._grant(context).require(request.namespace)
             found, missing = await self.service.batch_get(request.namespace, list(request.keys))
             return pb.BatchGetResponse(records=[to_pb_record(r) for r in found], missing=missing)
 
@@ -326,6 +365,7 @@ class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
 
     async def Put(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         async def run(t: float) -> Any:
+            self._grant(context).require(request.record.namespace, write=True)
             res = await self.service.put(_spec(request), durability=_durability(request.durability), timeout=t)
             return pb.PutResponse(version=res.version, event_id=res.event_id)
 
@@ -333,6 +373,10 @@ class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
 
     async def BatchPut(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         async def run(t: float) -> Any:
+            grant = self._grant(context)
+            grant.require_writer()
+            for p in request.puts:  # every one before any: a batch is refused whole
+                grant.require(p.record.namespace, write=True)
             specs = [_spec(p) for p in request.puts]
             for i, p in enumerate(request.puts):  # ignored inside a batch, but still a Durability
                 _durability(p.durability, f"puts[{i}].durability")
@@ -345,6 +389,7 @@ class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
 
     async def Delete(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         async def run(t: float) -> Any:
+            self._grant(context).require(request.namespace, write=True)
             expected = request.expected_version if request.HasField("expected_version") else None
             res = await self.service.delete(
                 request.namespace,
@@ -359,6 +404,7 @@ class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
 
     async def List(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         async def run(_t: float) -> Any:
+            self._grant(context).require(request.namespace)
             records, token = await self.service.list(
                 request.namespace,
                 kind=request.kind or None,
@@ -373,7 +419,7 @@ class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
 
     async def Search(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         async def run(_t: float) -> Any:
-            hits = await self.service.search(_search_spec(request))
+            hits = await self.service.search(_search_spec(request), visible=_visible(self._grant(context), request))
             return pb.SearchResponse(hits=[pb.SearchHit(record=to_pb_record(r), score=s) for r, s in hits])
 
         return await self._ok("Search", request, context, run)
@@ -381,6 +427,7 @@ class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
     async def ListNamespaces(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         async def run(_t: float) -> Any:
             names, token = await self.service.list_namespaces(
+                visible=self._grant(context).require_subtree(request.prefix),
                 prefix=request.prefix,
                 max_depth=request.max_depth,
                 page_size=request.page_size,
@@ -408,6 +455,7 @@ class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
                 raise Unavailable(_WATCH_SHUTTING_DOWN)
             if isinstance(request, _Malformed):
                 raise InvalidArgument(f"malformed WatchRequest: {request.error}")
+            self._grant(context).require(request.namespace)
             with self.streams.hold(context.peer()):
                 after = request.after_sequence if request.HasField("after_sequence") else None
                 events = self.service.watch(
@@ -416,6 +464,8 @@ class MemoryFusionServicer(pb_grpc.MemoryFusionServicer):  # type: ignore[misc]
                 async for seq, ev in self._bounded(events):
                     yield _watch_event(seq, ev)
         except MFHError as e:
+            if isinstance(e, PermissionDenied):
+                count_refusal("grpc", e.reason)
             status = grpc_status(e)
         except Exception:
             log.exception("Watch failed")
@@ -542,9 +592,10 @@ def _security_mode(settings: Settings) -> str:
 class GrpcServer:
     """The api's gRPC listener; ``port`` is the bound port (settings may say 0 for an ephemeral one)."""
 
-    def __init__(self, service: MemoryService, settings: Settings) -> None:
+    def __init__(self, service: MemoryService, settings: Settings, *, keys: KeyRing | None = None) -> None:
         self.service = service
         self.settings = settings
+        self.keys = keys if keys is not None else KeyRing.from_settings(settings)
         self.streams = _stream_slots(settings)
         self.health = _Health(self.streams)
         self._server: grpc.aio.Server | None = None
@@ -565,7 +616,7 @@ class GrpcServer:
             # its clients. Replicas of one host get their own ports (mfh_api.app.check_ports_free).
             ("grpc.so_reuseport", 0),
         ]
-        auth = ApiKeyCheck.from_settings(self.settings)
+        auth = self.keys
         # An interceptor costs every call a few coroutine hops: the key check is one only when there is a
         # key to check. The guard covers every handler (health and reflection too: no UNKNOWN, no INTERNAL
         # to input); it wraps them as they are registered, or innermost when interceptors run anyway.
@@ -576,7 +627,7 @@ class GrpcServer:
             # A backstop only (it counts streams too: PITFALLS); the caps that matter are our own.
             maximum_concurrent_rpcs=s.max_concurrent_rpcs + s.max_streams + _SPARE_RPCS,
         )
-        self.servicer = MemoryFusionServicer(self.service, self.settings, streams=self.streams)
+        self.servicer = MemoryFusionServicer(self.service, self.settings, streams=self.streams, keys=self.keys)
         handlers = _method_handlers(self.servicer)
         target: Any = server if interceptors else GuardedRegistrar(server)
         target.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import json
 import logging
 import time
@@ -797,21 +798,29 @@ class MemoryService:
 
     # -- search and namespaces --------------------------------------------------------------------
 
-    async def search(self, spec: SearchSpec) -> _Scored:
+    async def search(self, spec: SearchSpec, *, visible: Callable[[str], bool] | None = None) -> _Scored:
         """Records in scope that pass the filters, best first: by cosine similarity with ``spec.embedding``,
         else by full-text rank, else newest first. Reads the SQL index (PERSISTED state), overlaid with newer
-        hot entries: a record deleted or expired since it was indexed is left out."""
+        hot entries: a record deleted or expired since it was indexed is left out. ``visible``: only
+        namespaces it accepts (an API key's scope), ranked among themselves (the best ``top_k`` of those)."""
         now = self.clock()
         query, embedding, top_k = validate_search(spec, now)
         async with self.bulkhead.slot():
             if embedding:
-                hits = await self._vector_hits(query, embedding, top_k)
-            else:
+                hits = await self._vector_hits(query, embedding, top_k, visible)
+            elif visible is None:
                 hits = await self._sql(lambda: self.sql.search_keys(query))
+            else:  # every match, then the visible ones: the top_k of the key's scope, not of the whole subtree
+                every = dataclasses.replace(query, limit=None)
+                hits = [h for h in await self._sql(lambda: self.sql.search_keys(every)) if visible(h[0])][:top_k]
             return await self._hit_records(hits, now)
 
-    async def _vector_hits(self, query: SearchQuery, embedding: Sequence[float], top_k: int) -> _Hits:
+    async def _vector_hits(
+        self, query: SearchQuery, embedding: Sequence[float], top_k: int, visible: Callable[[str], bool] | None
+    ) -> _Hits:
         spaces = await self._sql(lambda: self.sql.search_namespaces(query.namespace, prefix=query.prefix))
+        if visible is not None:
+            spaces = [s for s in spaces if visible(s[0])]
         dims = sorted({d for _, _, d in spaces if d is not None})
         if dims and len(embedding) not in dims:
             where = f"namespace {query.namespace}" if not query.prefix else f"namespaces under {query.namespace}"
@@ -846,10 +855,17 @@ class MemoryService:
         return out
 
     async def list_namespaces(
-        self, *, prefix: str = "", max_depth: int = 0, page_size: int = 0, page_token: str = ""
+        self,
+        *,
+        prefix: str = "",
+        max_depth: int = 0,
+        page_size: int = 0,
+        page_token: str = "",
+        visible: Callable[[str], bool] | None = None,
     ) -> tuple[_Names, str]:
         """Names holding live (persisted, unexpired) records at or below ``prefix``, ascending; with
-        ``max_depth``, cut to that many segments and deduplicated."""
+        ``max_depth``, cut to that many segments and deduplicated. ``visible``: only names it accepts (an
+        API key's scope), before they are cut."""
         if prefix:
             validate_namespace(prefix)
         if isinstance(max_depth, bool) or not isinstance(max_depth, int) or not 0 <= max_depth <= 64:
@@ -862,6 +878,8 @@ class MemoryService:
         now = self.clock()
         async with self.bulkhead.slot():
             names = await self._sql(lambda: self.sql.live_namespaces(prefix, now))
+        if visible is not None:
+            names = [n for n in names if visible(n)]
         if max_depth:
             names = sorted({truncate_namespace(n, max_depth) for n in names})
         page = [n for n in names if n > after][: size + 1]

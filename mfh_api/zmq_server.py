@@ -28,7 +28,7 @@ import zmq.auth
 from zmq.auth.asyncio import AsyncioAuthenticator
 
 from mfh_api import legacy_v0
-from mfh_api.auth import ApiKeyCheck
+from mfh_api.keys import OPEN, Door, Grant, KeyRing, count_refusal
 from mfh_api.limits import PeerSlots
 from mfh_api.search import MetadataCondition, SearchSpec
 from mfh_api.service import Durability, MemoryService, PutSpec
@@ -71,6 +71,7 @@ from mfh_models import (
     InvalidArgument,
     MFHError,
     NotFound,
+    PermissionDenied,
     Settings,
     Unauthenticated,
     Unavailable,
@@ -111,23 +112,42 @@ def _search_spec(m: SearchPayload) -> SearchSpec:
     )
 
 
-async def dispatch(service: MemoryService, action: str, payload: dict[str, Any], budget_s: float) -> Any:
-    """Run one v1 action on the service and return its ``data``; raises MFHError on failure."""
+def _visible(grant: Grant, m: SearchPayload) -> Any:
+    """A search's namespace filter for ``grant`` (None: all in its scope are visible); PermissionDenied."""
+    if m.namespace or not m.namespace_prefix:  # one namespace (or neither: the service says which to set)
+        if m.namespace:
+            grant.require(m.namespace)
+        return None
+    return grant.require_subtree(m.namespace_prefix)
+
+
+async def dispatch(
+    service: MemoryService, action: str, payload: dict[str, Any], budget_s: float, grant: Grant = OPEN
+) -> Any:
+    """Run one v1 action on the service and return its ``data``; raises MFHError on failure (PermissionDenied,
+    before anything runs, when ``grant`` does not cover a namespace the action touches)."""
     m = parse_payload(action, payload)
     if isinstance(m, GetPayload):
+        grant.require(m.namespace)
         return {"record": record_to_wire(await service.get(m.namespace, m.key))}
     if isinstance(m, BatchGetPayload):
+        grant.require(m.namespace)
         records, missing = await service.batch_get(m.namespace, m.keys)
         return {"records": [record_to_wire(r) for r in records], "missing": missing}
     if isinstance(m, PutPayload):
+        grant.require(m.namespace, write=True)
         res = await service.put(_spec(m), durability=Durability(m.durability), timeout=budget_s)
         return {"version": res.version, "event_id": res.event_id}
     if isinstance(m, BatchPutPayload):
+        grant.require_writer()
+        for p in m.puts:  # every one before any: a batch is refused whole
+            grant.require(p.namespace, write=True)
         results = await service.batch_put(
             [_spec(p) for p in m.puts], durability=Durability(m.durability), timeout=budget_s
         )
         return {"results": [{"version": r.version, "event_id": r.event_id} for r in results]}
     if isinstance(m, DeletePayload):
+        grant.require(m.namespace, write=True)
         res = await service.delete(
             m.namespace,
             m.key,
@@ -137,6 +157,7 @@ async def dispatch(service: MemoryService, action: str, payload: dict[str, Any],
         )
         return {"version": res.version, "event_id": res.event_id}
     if isinstance(m, ListPayload):
+        grant.require(m.namespace)
         records, token = await service.list(
             m.namespace,
             kind=m.kind,
@@ -147,6 +168,7 @@ async def dispatch(service: MemoryService, action: str, payload: dict[str, Any],
         )
         return {"records": [record_to_wire(r) for r in records], "next_page_token": token}
     if isinstance(m, WatchPayload):
+        grant.require(m.namespace)
         # Answer before the request's deadline, with what came: the client polls again after next_sequence.
         wait = max(0.0, min(m.wait_ms / 1000, budget_s - _WATCH_MARGIN_S))
         events, position = await service.watch_poll(
@@ -154,11 +176,15 @@ async def dispatch(service: MemoryService, action: str, payload: dict[str, Any],
         )
         return {"events": [watch_event_to_json(seq, e) for seq, e in events], "next_sequence": position}
     if isinstance(m, SearchPayload):
-        hits = await service.search(_search_spec(m))
+        hits = await service.search(_search_spec(m), visible=_visible(grant, m))
         return {"hits": [{"record": record_to_json(r), "score": s} for r, s in hits]}
     if isinstance(m, ListNamespacesPayload):
         names, token = await service.list_namespaces(
-            prefix=m.prefix, max_depth=m.max_depth, page_size=m.page_size, page_token=m.page_token
+            visible=grant.require_subtree(m.prefix),
+            prefix=m.prefix,
+            max_depth=m.max_depth,
+            page_size=m.page_size,
+            page_token=m.page_token,
         )
         return {"namespaces": names, "next_page_token": token}
     if isinstance(m, PingPayload):
@@ -190,6 +216,7 @@ class ZmqServer:
         bind: str = "127.0.0.1",
         port: int = 5713,
         api_key: str | None = None,
+        keys: KeyRing | None = None,
         max_message_bytes: int = 1024 * 1024,
         deadline_seconds: float = 5.0,
         max_in_flight: int = 256,
@@ -206,7 +233,7 @@ class ZmqServer:
         self._zap: AsyncioAuthenticator | None = None
         self.bind = bind
         self.requested_port = port
-        self._api_key = ApiKeyCheck(api_key)
+        self._keys = keys if keys is not None else KeyRing(api_key=api_key)
         self.max_message_bytes = max_message_bytes
         self.deadline_seconds = deadline_seconds
         self._slots = PeerSlots("requests in flight", max_total=max_in_flight, max_per_peer=max_in_flight_per_peer)
@@ -234,14 +261,14 @@ class ZmqServer:
         self._slots.max_total = value
 
     @classmethod
-    def from_settings(cls, service: MemoryService, settings: Settings) -> ZmqServer:
-        """The server of the ``server`` settings section (bind, port, key, limits)."""
+    def from_settings(cls, service: MemoryService, settings: Settings, *, keys: KeyRing | None = None) -> ZmqServer:
+        """The server of the ``server`` settings section (bind, port, keys, limits)."""
         s = settings.server
         return cls(
             service,
             bind=s.bind,
             port=s.zmq_port,
-            api_key=s.api_key.get_secret_value() if s.api_key else None,
+            keys=keys if keys is not None else KeyRing.from_settings(settings),
             max_message_bytes=s.max_message_bytes,
             deadline_seconds=s.deadline_seconds,
             max_in_flight=s.max_concurrent_rpcs,
@@ -346,11 +373,12 @@ class ZmqServer:
             API_REQUESTS.labels(transport="zmq", method="shed", code="RESOURCE_EXHAUSTED").inc()
             await self._send(envelope, peek_error(peek(raw), {"code": "RESOURCE_EXHAUSTED", "message": refusal}))
             return
-        denied = self._api_key.scan_json(raw)  # a body that cannot hold the key is never parsed
+        denied = self._keys.scan_json(raw)  # a body that cannot hold a key is never parsed
         if denied is not None:
             seen = peek(raw)
             if seen.legacy:
                 legacy_v0.count_call({"action": seen.action})  # refused calls too, as in _run
+            count_refusal("v0" if seen.legacy else "zmq", "missing" if denied.startswith("missing") else "wrong")
             API_REQUESTS.labels(transport="zmq", method="invalid", code="UNAUTHENTICATED").inc()
             await self._send(envelope, peek_error(seen, {"code": "UNAUTHENTICATED", "message": denied}))
             return
@@ -389,8 +417,10 @@ class ZmqServer:
         if plain is None:
             return None, False
         rid, namespace, key, api_key, _timeout = plain
-        if self._api_key.required and not self._api_key.ok(api_key):
-            return None, False
+        if self._keys.required:  # the near cache answers only what the key may read
+            grant = self._keys.grant(api_key)
+            if grant is None or not grant.can_read(namespace):
+                return None, False
         try:
             data = self.service.cached_answer(namespace, key, "zmq", get_data)
         except NotFound:  # a cached absence: the full path answers it, from the cache again
@@ -430,10 +460,15 @@ class ZmqServer:
             reply = peek_error(peek(body), {"code": "INTERNAL", "message": INTERNAL_MESSAGE})
         await self._send(envelope, reply, patient=True)
 
-    def _authenticate(self, obj: dict[str, Any]) -> None:
+    def _authenticate(self, obj: dict[str, Any], door: Door) -> Grant:
+        """The request's grant; Unauthenticated (counted) for a missing or unknown key."""
+        if not self._keys.required:
+            return OPEN
         given = obj.get("api_key")
-        if not self._api_key.ok(given if isinstance(given, str) else None):  # hmac.compare_digest inside
-            raise Unauthenticated("missing api_key" if given in (None, "") else "wrong api_key")
+        if given is not None and not isinstance(given, str):
+            count_refusal(door, "wrong")
+            raise Unauthenticated("wrong api_key")
+        return self._keys.authenticate(given, door)
 
     async def answer(self, body: bytes, received: float | None = None, *, probed: bool = False) -> bytes:
         """The whole request → reply path for one message, transport aside; never raises. ``received``: when
@@ -451,7 +486,9 @@ class ZmqServer:
                 # Both never raise: an unencodable reply becomes an INTERNAL error reply.
                 out = encode_records(reply) if call.method in _RECORD_ACTIONS else encode(reply)
         except Exception as e:
-            if not isinstance(e, MFHError):
+            if isinstance(e, PermissionDenied):
+                count_refusal("v0" if call.legacy else "zmq", e.reason)
+            elif not isinstance(e, MFHError):
                 log.exception("ZeroMQ %s request failed", call.method)
             error = zmq_error(e)
             code = error["code"]
@@ -468,7 +505,8 @@ class ZmqServer:
         call.rid = request_id(obj, field)
         if call.legacy:
             legacy_v0.count_call(obj)  # refused calls too: they still show a legacy agent is out there
-        self._authenticate(obj)  # before anything else looks at the request: no handler runs unauthenticated
+        # Before anything else looks at the request: no handler runs unauthenticated.
+        grant = self._authenticate(obj, "v0" if call.legacy else "zmq")
         if obj.get(field) is not None and call.rid is None:
             raise InvalidArgument(
                 f"{field} must be a string of at most {MAX_ID_CHARS} characters (valid Unicode) or a 64-bit integer"
@@ -491,8 +529,9 @@ class ZmqServer:
                 if call.v0 is None and call.method == "get":
                     m = parse_payload("get", payload)
                     assert isinstance(m, GetPayload)
+                    grant.require(m.namespace)
                     return await self.service.get_answer(m.namespace, m.key, "zmq", get_data, probed=probed)
-                return await dispatch(self.service, call.method, payload, budget)
+                return await dispatch(self.service, call.method, payload, budget, grant)
         except TimeoutError:
             raise DeadlineExceeded(f"no answer within {budget:g} s") from None
 

@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 __all__ = [
     "API_LATENCY",
     "API_REQUESTS",
+    "AUTH_FAILURES",
     "BREAKER_STATE",
     "CACHE_LOOKUPS",
     "CROSS_AUDIT_DIFFERENCES",
@@ -63,6 +64,11 @@ API_REQUESTS = Counter(
 )
 API_LATENCY = Histogram(
     "mfh_api_request_seconds", "Server-side request latency", ["transport", "method"], buckets=_FAST
+)
+AUTH_FAILURES = Counter(
+    "mfh_api_auth_failures_total",
+    "Requests refused for their API key, by door (grpc, zmq, v0) and reason (missing, wrong, scope, read_only)",
+    ["door", "reason"],
 )
 LEGACY_V0_CALLS = Counter(
     "mfh_api_legacy_v0_calls_total",

@@ -8,6 +8,7 @@
     ├── StoreNotCurrent           FAILED_PRECONDITION: the SQL schema needs ``mfh db upgrade`` (start-up)
     ├── OutOfRange                OUT_OF_RANGE: a Watch position whose events were pruned, or beyond the log
     ├── Unauthenticated           UNAUTHENTICATED: missing or wrong API key
+    ├── PermissionDenied          PERMISSION_DENIED: the key is valid but its scope does not cover the call
     ├── ResourceExhausted         RESOURCE_EXHAUSTED: backlog or concurrency limit reached
     └── Unavailable               UNAVAILABLE: a store is down; safe to retry
         ├── DeadlineExceeded      DEADLINE_EXCEEDED: the answer did not come in time
@@ -27,6 +28,7 @@ __all__ = [
     "MFHError",
     "NotFound",
     "OutOfRange",
+    "PermissionDenied",
     "ResourceExhausted",
     "StoreDamaged",
     "StoreNotCurrent",
@@ -84,6 +86,17 @@ class OutOfRange(MFHError):
 
 class Unauthenticated(MFHError):
     code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(MFHError):
+    """A valid key whose scope does not cover the namespace, or a read-only key asked to write; nothing ran.
+    ``reason`` is ``"scope"`` or ``"read_only"`` (the auth-failure counter's label)."""
+
+    code = "PERMISSION_DENIED"
+
+    def __init__(self, message: str, *, reason: str = "scope") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class ResourceExhausted(MFHError):

@@ -60,6 +60,8 @@ class ServerSettings(_Section):
     deadline_seconds: float = Field(default=5.0, gt=0, le=300)
     max_concurrent_rpcs: int = Field(default=256, ge=1, description="unary calls (gRPC) or requests (ZeroMQ) at once")
     api_key: SecretStr | None = None
+    # Scoped API keys (docs/security.md, "Scoped keys"): absolute path of a YAML/JSON keys file; reloaded on SIGHUP.
+    api_keys_file: str | None = Field(default=None, description="scoped API keys (name, namespaces, mode)")
     # Fairness and memory bounds (docs/operations.md, "Hostile or greedy peers").
     max_in_flight_per_peer: int = Field(default=16, ge=1, description="ZeroMQ requests of one connection at once")
     max_running_per_peer: int = Field(default=4, ge=1, description="of those, running; the others wait their turn")
@@ -97,6 +99,13 @@ class ServerSettings(_Section):
         if self.zmq_curve_clients_dir is not None and self.zmq_curve_secret_file is None:
             raise ValueError("zmq_curve_clients_dir needs zmq_curve_secret_file (the server's CURVE key pair)")
         return self
+
+    @field_validator("api_keys_file")
+    @classmethod
+    def _keys_file_is_absolute(cls, path: str | None) -> str | None:
+        if path is not None and not os.path.isabs(path):
+            raise ValueError(f"api_keys_file must be an absolute path (got {path[:200]!r})")
+        return path
 
     @property
     def tls(self) -> bool:

@@ -35,6 +35,16 @@ from mfh_models.versions import pack
 T = TypeVar("T")
 
 API_KEY = "fuzz-Key_0123456789"
+#: Scoped keys of the fuzz host's keys file (docs/security.md, "Scoped keys"): every namespace but read-only,
+#: and read-write but only namespaces no generator makes (a prefix Search or ListNamespaces finds nothing).
+READ_ONLY_KEY = "fuzz-Reader_0123456789"
+ELSEWHERE_KEY = "fuzz-Elsewhere_0123456789"
+KEYS_FILE = {
+    "keys": [
+        {"name": "fuzz-reader", "key": READ_ONLY_KEY, "namespaces": ["*"], "mode": "read"},
+        {"name": "fuzz-elsewhere", "key": ELSEWHERE_KEY, "namespaces": ["zz-none", "zz-none.*"], "mode": "read-write"},
+    ]
+}
 NS = "fz"
 OTHER_NS = "fz2"
 #: Keys the generated requests aim at, so that the keyspace stays small and snapshots cheap.
@@ -231,12 +241,16 @@ def fuzz_host_fixture(tmp_path_factory: pytest.TempPathFactory, _redis_dbs: tupl
         client.flushdb()
     finally:
         client.close()
+    where = tmp_path_factory.mktemp("fuzz")
+    keys_file = where / "keys.json"
+    keys_file.write_text(json.dumps(KEYS_FILE))
     return make_host(
-        tmp_path_factory.mktemp("fuzz"),
+        where,
         redis_url=url,
         overrides={
             "server": {
                 "api_key": API_KEY,
+                "api_keys_file": str(keys_file),
                 "max_message_bytes": MAX_MESSAGE_BYTES,
                 "deadline_seconds": 2.0,
             },
@@ -266,6 +280,7 @@ DOCUMENTED_ERRORS = frozenset(
         "FAILED_PRECONDITION",
         "OUT_OF_RANGE",
         "UNAUTHENTICATED",
+        "PERMISSION_DENIED",
         "RESOURCE_EXHAUSTED",
         "UNAVAILABLE",
     }

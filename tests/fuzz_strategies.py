@@ -24,9 +24,9 @@ import os
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
-from fuzz_harness import API_KEY, KEYS, NS, OTHER_NS, SQL_KEYS
+from fuzz_harness import API_KEY, ELSEWHERE_KEY, KEYS, NS, OTHER_NS, READ_ONLY_KEY, SQL_KEYS
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
@@ -568,14 +568,17 @@ def mutate(
     return Built(obj, must_fail, steps)
 
 
-def api_key_variants() -> st.SearchStrategy[tuple[Any, bool]]:
-    """(the api key to send or ``...`` for none, whether it is the right one)."""
+def api_key_variants(*, writes: bool = False, filtered: bool = False) -> st.SearchStrategy[tuple[Any, bool]]:
+    """(the api key to send or ``...`` for none, whether it is the right one for the call). The scoped keys of
+    the fuzz host are right for some calls only: the read-only key unless the call ``writes``; the key of
+    namespaces no generator makes only for a call that ``filtered`` to its scope (a prefix Search,
+    ListNamespaces), else PERMISSION_DENIED."""
     wrong = st.one_of(
         st.sampled_from(
             ["", "wrong", API_KEY[:-1], API_KEY + "x", API_KEY.upper(), " " + API_KEY, API_KEY + "\x00", "x" * 5000]
         ),
         LONE_SURROGATES,
-        st.text(max_size=30).filter(lambda s: s != API_KEY),
+        st.text(max_size=30).filter(lambda s: s not in (API_KEY, READ_ONLY_KEY, ELSEWHERE_KEY)),
     )
     return st.one_of(
         st.just((API_KEY, True)),
@@ -583,8 +586,39 @@ def api_key_variants() -> st.SearchStrategy[tuple[Any, bool]]:
         st.just((API_KEY, True)),
         st.just((API_KEY, True)),
         st.just((..., False)),
+        st.just((READ_ONLY_KEY, not writes)),
+        st.just((ELSEWHERE_KEY, filtered)),
         wrong.map(lambda k: (k, False)),
     )
+
+
+_SEGMENTS: Final = ["a", "b", "ab", "a-b", "x1", "_"]
+_WILD_SEGMENTS: Final = [*_SEGMENTS, "*", "?", "a*", "*b", "x?", "a?b"]
+
+
+def namespace_patterns() -> st.SearchStrategy[str]:
+    """Namespace patterns of an API key's scope (docs/security.md): segments, globs within and across them."""
+    return st.one_of(
+        st.just("*"),
+        st.lists(st.sampled_from(_WILD_SEGMENTS), min_size=1, max_size=4).map(".".join),
+    )
+
+
+@st.composite
+def granted_namespaces(draw: st.DrawFn, patterns: list[str]) -> str:
+    """A namespace near one of ``patterns``: an instance of it (each ``*`` some text, dots too, each ``?`` one
+    character), often nudged off it (a character more or less, a segment more)."""
+    pattern = draw(st.sampled_from(patterns))
+    filler = st.text(alphabet="ab1.-", max_size=6)
+    name = "".join(draw(filler) if c == "*" else draw(st.sampled_from("ab1-")) if c == "?" else c for c in pattern)
+    nudge = draw(st.sampled_from(["", "", "", "drop", "char", "segment"]))
+    if nudge == "drop" and len(name) > 1:
+        name = name[:-1]
+    elif nudge == "char":
+        name += draw(st.sampled_from("ab1"))
+    elif nudge == "segment":
+        name += "." + draw(st.sampled_from(_SEGMENTS))
+    return name or "a"
 
 
 def keyset(specs: list[dict[str, Any]], key_of: Callable[[dict[str, Any]], tuple[Any, Any]]) -> bool:
@@ -614,6 +648,7 @@ __all__ = [
     "encode_json",
     "forged_tokens",
     "fuzz_settings",
+    "granted_namespaces",
     "has_bad",
     "hostile_strings",
     "hostile_values",
@@ -625,6 +660,7 @@ __all__ = [
     "keyset",
     "list_namespaces_fields",
     "mutate",
+    "namespace_patterns",
     "payload_text",
     "raw_tokens",
     "search_request",

@@ -137,7 +137,7 @@ def v0_request(draw: st.DrawFn, action: str) -> tuple[list[bytes], bool, list[st
     for name in draw(st.lists(st.sampled_from([*(f for f in ALL_FIELDS if f not in spec), "agent", "v0"]), max_size=2)):
         obj[name] = draw(hostile_values)
         built.steps.append(f"unused {name!r}")
-    api_key, key_ok = draw(api_key_variants())
+    api_key, key_ok = draw(api_key_variants(writes=action in ("put", "store", "delete")))
     if api_key is not ...:
         obj["api_key"] = api_key
     must_fail = built.must_fail or not key_ok or has_bad(obj)

@@ -26,6 +26,7 @@ from mfh_models import (
     InvalidArgument,
     MFHError,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     StoreDamaged,
     Unauthenticated,
@@ -87,7 +88,7 @@ SERVER_LIBRARIES: Final = frozenset(
 #: 3    not found
 #: 4    version conflict
 #: 5    unavailable or exhausted: worth retrying
-#: 6    unauthenticated
+#: 6    unauthenticated, or the key may not do that (PERMISSION_DENIED)
 #: 7    the SQL store's file is corrupt or missing: no retry mends it; restore it
 #: 8    ``mfh audit --peers``: equal among the hosts that answered, but some host did not answer
 #: ==== =====================================================================
@@ -99,6 +100,7 @@ EXIT_CODES: Final[tuple[tuple[type[MFHError], int], ...]] = (
     (Unavailable, 5),  # includes DeadlineExceeded: worth retrying
     (ResourceExhausted, 5),
     (Unauthenticated, 6),
+    (PermissionDenied, 6),  # the key is valid, but not for that namespace or not for writing
 )
 
 
@@ -164,6 +166,8 @@ def error_line(e: MFHError) -> str:
     line = f"{e.code}: {e.message}"
     if isinstance(e, Unauthenticated):
         line += " (pass --api-key or set MFH_API_KEY)"
+    elif isinstance(e, PermissionDenied):
+        line += " (the key is valid; ask for a key whose scope covers it)"
     return line
 
 

@@ -861,6 +861,14 @@ class SqlStore:
                     out[row.key] = _record(row)
         return out
 
+    def newest_items(self, limit: int) -> list[Record]:
+        """The ``limit`` item rows with the highest versions (tombstones too): what a joined host warms
+        its hot store with (the first of them moves its clock past everything it restored)."""
+        t = items_table
+        stmt = sa.select(t).order_by(t.c.version.desc(), t.c.origin.desc()).limit(max(limit, 0))
+        with self._guard(), self._read.connect() as conn:
+            return [_record(row) for row in conn.execute(stmt)]
+
     def list_page(
         self,
         namespace: str,

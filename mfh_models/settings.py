@@ -148,6 +148,9 @@ class ReplicationSettings(_Section):
     publish_timeout_seconds: float = Field(default=2.0, gt=0)
     #: Core NATS subjects of the cross-host audit (``mfh audit --peers``): ``<prefix>.<event_topic>``.
     audit_subject_prefix: str = Field(default="mfh.audit", pattern=r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
+    #: Upload each snapshot to the cluster's Object Store bucket ``<event_topic>_snapshots`` (``mfh join``).
+    share_snapshots: bool = True
+    shared_snapshots_keep: int = Field(default=2, ge=1, description="shared snapshots kept per host")
 
     @model_validator(mode="after")
     def _audit_outside_stream(self) -> ReplicationSettings:

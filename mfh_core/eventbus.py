@@ -430,14 +430,20 @@ class EventBus:
     async def durable_position(self, durable: str) -> tuple[int, int] | None:
         """A durable consumer's (ack floor stream sequence, pull requests waiting), or None when it does not exist.
 
-        Every message at or below the ack floor was acked; requests waiting mean a process is pulling from it."""
+        Every message at or below the floor was acked (or lay before the consumer's start). With nothing
+        awaiting an ack the floor is the last delivered sequence: a consumer a join started past its catch-up
+        has acked nothing yet, and its floor is still where it starts. Requests waiting mean a process is
+        pulling from it."""
         try:
             ci = await self.conn.jetstream().consumer_info(self.stream, durable)
         except nats.js.errors.NotFoundError:
             return None
         except (*NATS_ERRORS, ValueError) as e:
             raise translate_error(e, f"consumer info {durable}") from e
-        return (ci.ack_floor.stream_seq if ci.ack_floor else 0) or 0, ci.num_waiting or 0
+        floor = (ci.ack_floor.stream_seq if ci.ack_floor else 0) or 0
+        if not ci.num_ack_pending and ci.delivered is not None:
+            floor = max(floor, ci.delivered.stream_seq or 0)
+        return floor, ci.num_waiting or 0
 
     async def reset_durable(self, durable: str, *, start_seq: int) -> None:
         """(Re)create a durable consumer so that it delivers from stream sequence ``start_seq`` on (a joined

@@ -202,8 +202,7 @@ async def _catch_up(
 
 async def _warm(hot: HotStore, target: SqlStore, limit: int) -> int:
     rows = await asyncio.to_thread(target.newest_items, limit)
-    for i in range(0, len(rows), 256):
-        await asyncio.gather(*(hot.apply(r, from_sql=True) for r in rows[i : i + 256]))
+    await hot.fill_many(rows)
     return len(rows)
 
 

@@ -168,6 +168,7 @@ async def test_join_restores_a_peers_snapshot_and_applies_only_the_stream_after_
         # ...its replicator will carry on after the last event it applied
         ci = await c.bus.conn.jetstream().consumer_info(c.peer.replication.event_topic, consumer_name("pc3"))
         assert ci.config.opt_start_seq == result.stream_upto + 1
+        assert await c.bus.durable_position(consumer_name("pc3")) == (result.stream_upto, 0)  # its next snapshot's
         # ...and its Redis holds the newest rows, its clock past every restored version
         assert result.warmed == 50
         newest = target.newest_items(1)[0]

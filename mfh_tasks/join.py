@@ -37,6 +37,7 @@ from redis.exceptions import RedisError
 
 from mfh_core import ApplyResult, HotStore, SqlStore
 from mfh_core.eventbus import EventBus
+from mfh_core.jetstream import PULL_EXPIRES_S
 from mfh_core.nats_connection import NatsConnection
 from mfh_core.snapshot_bucket import SharedSnapshot, SnapshotBucket, bucket_name
 from mfh_models import InvalidArgument, MemoryEvent, MFHError, NotFound, Settings, Unavailable
@@ -200,6 +201,20 @@ async def _catch_up(
     return done
 
 
+async def _puller(bus: EventBus, durable: str, *, wait_s: float) -> bool:
+    """Whether a process still pulls from ``durable`` after ``wait_s``: a host that just died leaves its
+    pull requests until they expire (``PULL_EXPIRES_S``), a running replicator renews them."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    while True:
+        pos = await bus.durable_position(durable)
+        if pos is None or pos[1] == 0:
+            return False
+        if loop.time() >= deadline:
+            return True
+        await asyncio.sleep(0.5)
+
+
 async def _warm(hot: HotStore, target: SqlStore, limit: int) -> int:
     rows = await asyncio.to_thread(target.newest_items, limit)
     await hot.fill_many(rows)
@@ -217,6 +232,7 @@ async def join_cluster(
     warm: int = 10_000,
     batch: int = 5000,
     progress: JoinProgress | None = None,
+    puller_wait_s: float = PULL_EXPIRES_S + 2,
 ) -> JoinResult:
     """Rebuild ``target`` (empty) from a peer's shared snapshot and the stream after it; see the module docstring."""
     t0 = time.perf_counter()
@@ -226,8 +242,7 @@ async def join_cluster(
             f"join restores a peer's snapshot, not {host}'s own: it may hold writes {host} never published"
         )
     durable = consumer_name(host)
-    pos = await bus.durable_position(durable)
-    if pos is not None and pos[1] > 0:
+    if await _puller(bus, durable, wait_s=puller_wait_s):
         raise InvalidArgument(
             f"a replicator is pulling from {durable}: stop {host}'s processes before it joins (mfh join rebuilds "
             "the store they use)"

@@ -365,7 +365,7 @@ async def test_join_refuses_while_the_hosts_replicator_is_pulling(cluster: Clust
             lambda: _waiting(c.bus, "pc3"), timeout=10, message="the consumer has a pull request waiting"
         )
         with pytest.raises(InvalidArgument, match="stop pc3's processes"):
-            await join_cluster(c.joiner, target, c.bus, workdir=c.tmp / "join")
+            await join_cluster(c.joiner, target, c.bus, workdir=c.tmp / "join", puller_wait_s=1.0)
         with pytest.raises(InvalidArgument, match="not pc3's own"):
             await join_cluster(c.joiner, target, c.bus, workdir=c.tmp / "join", from_host="pc3")
         assert target.counts()["items"] == 0

@@ -144,14 +144,15 @@ async def run(args: argparse.Namespace, tmp: Path, nats_url: str) -> dict[str, A
             target.close()
         live = sql.checksum()
         figures.update(
-            fetch_s=result.fetch_s, restore_s=result.restore_s, catch_up_s=result.catch_up_s,
+            fetch_s=result.fetch_s, restore_s=result.restore_s, catch_up_s=result.catch_up_s, index_s=result.index_s,
             catch_up_events=result.events, warm_s=result.warm_s, warmed=result.warmed, join_s=result.seconds,
             join_ok=result.checksum == live and result.source == "snapshot",
         )  # fmt: skip
         print(
             f"join: {result.items} rows from {result.snapshot} + {result.events} events in {result.seconds:.2f} s "
             f"(fetch {result.fetch_s:.2f}, restore {result.restore_s:.2f}, catch-up {result.catch_up_s:.2f}, "
-            f"warm {result.warm_s:.2f}); checksum {'equals' if figures['join_ok'] else 'DIFFERS FROM'} the peer's"
+            f"index {result.index_s:.2f}, warm {result.warm_s:.2f}); checksum "
+            f"{'equals' if figures['join_ok'] else 'DIFFERS FROM'} the peer's"
         )
         if not args.no_baseline:
             base = open_target(f"sqlite:///{tmp}/replayed.db")

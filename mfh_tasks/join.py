@@ -10,7 +10,8 @@ Joining (``mfh join``, with the host's processes stopped and its SQL store empty
    writes the host acknowledged and never published, which no other host has);
 2. fetch it, and check it before anything is written: the Object Store's digest, the file's sha256,
    its rows against its header's checksum, the header against the object's headers;
-3. load its rows into the empty store (every column, as ``mfh restore`` does);
+3. load its rows into the empty store (every column, as ``mfh restore`` does; the search index is
+   built once, after the catch-up);
 4. apply every event on the stream from the snapshot's ``stream_seq`` to the stream's last sequence
    (events it already holds change nothing, docs/architecture.md invariant 2);
 5. point the host's durable consumer (``replicator-<host>``) just past that last sequence, so its
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -120,6 +122,7 @@ class JoinResult:
     fetch_s: float = 0.0
     restore_s: float = 0.0
     catch_up_s: float = 0.0
+    index_s: float = 0.0  # the search index of the restored rows, built once after the catch-up
     warm_s: float = 0.0
     seconds: float = 0.0
     skipped: dict[str, str] = field(default_factory=dict)  # snapshots refused, and why
@@ -274,7 +277,7 @@ async def join_cluster(
         t1 = time.perf_counter()
         try:
             for rows in iter_snapshot_rows(path):
-                await asyncio.to_thread(target.import_item_rows, rows)
+                await asyncio.to_thread(functools.partial(target.import_item_rows, rows, index=False))
                 items += len(rows)
                 if progress is not None:
                     progress("restore", items, head.items)
@@ -287,6 +290,10 @@ async def join_cluster(
     events = await _catch_up(bus, target, start, upto, batch=batch, progress=progress)
     await bus.reset_durable(durable, start_seq=upto + 1)
     catch_up_s = time.perf_counter() - t2
+    t_index = time.perf_counter()
+    if items:
+        await asyncio.to_thread(target.index_items, batch=batch)  # the snapshot's rows, indexed once
+    index_s = time.perf_counter() - t_index
     t3 = time.perf_counter()
     warmed = 0
     if hot is not None and warm > 0:
@@ -309,6 +316,7 @@ async def join_cluster(
         fetch_s=round(fetch_s, 3),
         restore_s=round(restore_s, 3),
         catch_up_s=round(catch_up_s, 3),
+        index_s=round(index_s, 3),
         warm_s=round(warm_s, 3),
         seconds=round(time.perf_counter() - t0, 3),
         skipped=skipped,

@@ -94,7 +94,8 @@ def _join(args: argparse.Namespace) -> int:
         print(
             f"joined from {what}, then {result.events} events of the stream (seq {result.stream_from}.."
             f"{result.stream_upto}) into {display_url(into)} in {result.seconds:.2f} s (fetch {result.fetch_s:.2f} s, "
-            f"restore {result.restore_s:.2f} s, catch-up {result.catch_up_s:.2f} s, warm {result.warm_s:.2f} s)",
+            f"restore {result.restore_s:.2f} s, catch-up {result.catch_up_s:.2f} s, "
+            f"search index {result.index_s:.2f} s, warm {result.warm_s:.2f} s)",
             file=sys.stderr,
         )
         for name, why in result.skipped.items():

@@ -119,7 +119,8 @@ class JoinResult:
     stream_upto: int
     checksum: str
     warmed: int
-    fetch_s: float = 0.0
+    prepare_s: float = 0.0  # waiting out a dead replicator's pull requests, reading the stream's bounds
+    fetch_s: float = 0.0  # listing, fetching and checking the snapshot
     restore_s: float = 0.0
     catch_up_s: float = 0.0
     index_s: float = 0.0  # the search index of the restored rows, built once after the catch-up
@@ -257,9 +258,12 @@ async def join_cluster(
     await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True)
     bucket = bucket_for(settings, bus.conn)
     skipped: dict[str, str] = {}
+    t_pick = time.perf_counter()
+    prepare_s = t_pick - t0  # the check for a running replicator, the stream's bounds
     picked = await _pick(bucket, host, from_host, first_seq, last_seq, workdir, skipped)
+    fetch_s = time.perf_counter() - t_pick
     items = 0
-    fetch_s = restore_s = 0.0
+    restore_s = 0.0
     snap: SharedSnapshot | None = None
     if picked is None:
         if first_seq > 1:
@@ -272,7 +276,7 @@ async def join_cluster(
         log.warning("join: no usable snapshot of a peer; the stream starts at seq 1: replaying it whole")
         start = 1
     else:
-        snap, head, path, fetch_s = picked
+        snap, head, path, _ = picked
         assert head.stream_seq is not None
         t1 = time.perf_counter()
         try:
@@ -313,6 +317,7 @@ async def join_cluster(
         stream_upto=upto,
         checksum=checksum,
         warmed=warmed,
+        prepare_s=round(prepare_s, 3),
         fetch_s=round(fetch_s, 3),
         restore_s=round(restore_s, 3),
         catch_up_s=round(catch_up_s, 3),

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +50,16 @@ def _join(args: argparse.Namespace) -> int:
             bars[stage] = ProgressBar(stage, unit="rows" if stage == "restore" else "events")
         bars[stage](done, total)
 
+    timing: dict[str, float] = {}
+
     async def run() -> JoinResult:
+        t0 = time.perf_counter()
         target = open_target(into)
         bus = EventBus.from_settings(settings.replication, name=f"mfh-join-{settings.host_id}")
         hot = build_hot_store(settings) if into == settings.storage.database_url and args.warm else None
         try:
             await bus.connect()
+            timing["setup_s"] = round(time.perf_counter() - t0, 3)  # the empty store's schema, NATS
             result = await join_cluster(
                 settings,
                 target,
@@ -66,18 +71,22 @@ def _join(args: argparse.Namespace) -> int:
                 batch=args.batch,
                 progress=progress,
             )
+            t_base = time.perf_counter()
             if into == settings.storage.database_url:
                 # The store's own log starts here: the next (incremental) audit starts from this snapshot.
                 base = await asyncio.to_thread(write_snapshot, target, snapdir, host=settings.host_id)
                 mark_verified(base, host=settings.host_id)
+            timing["base_snapshot_s"] = round(time.perf_counter() - t_base, 3)
             return result
         finally:
+            t1 = time.perf_counter()
             if bars:
                 list(bars.values())[-1].close()
             await bus.close()
             if hot is not None:
                 await hot.close()
             target.close()
+            timing["close_s"] = round(time.perf_counter() - t1, 3)
 
     try:
         if args.from_peer is not None:
@@ -88,7 +97,7 @@ def _join(args: argparse.Namespace) -> int:
     except MFHError as e:
         return fail(f"join: {e}", exit_code(e))
     if args.json:
-        print(json.dumps({**result.as_dict(), "into": display_url(into)}))
+        print(json.dumps({**result.as_dict(), **timing, "into": display_url(into)}))
     else:
         what = f"{result.items} rows of {result.snapshot}" if result.snapshot else "no snapshot (the whole stream)"
         print(

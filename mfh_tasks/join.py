@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -155,6 +156,10 @@ async def _pick(
             skipped[snap.name] = f"it claims stream seq {snap.stream_seq}, past the stream's last ({last_seq})"
             continue
         path = workdir / snap.name.split("/", 1)[1]
+        free = (await asyncio.to_thread(shutil.disk_usage, workdir)).free
+        if snap.size * 2 > free:  # the file, then the rows in the store
+            skipped[snap.name] = f"{snap.size} bytes, and {free} free in {workdir}"
+            continue
         t0 = time.perf_counter()
         try:
             await bucket.fetch(snap, path)
@@ -237,8 +242,12 @@ async def join_cluster(
     batch: int = 5000,
     progress: JoinProgress | None = None,
     puller_wait_s: float = PULL_EXPIRES_S + 2,
+    own_store: bool = True,
 ) -> JoinResult:
-    """Rebuild ``target`` (empty) from a peer's shared snapshot and the stream after it; see the module docstring."""
+    """Rebuild ``target`` (empty) from a peer's shared snapshot and the stream after it; see the module docstring.
+
+    ``own_store``: ``target`` is the host's own store, so its durable consumer is moved past the catch-up
+    (and the host's replicator must not be running); otherwise (a scratch copy) the consumer is left alone."""
     t0 = time.perf_counter()
     host = settings.host_id
     if from_host == host:
@@ -246,7 +255,7 @@ async def join_cluster(
             f"join restores a peer's snapshot, not {host}'s own: it may hold writes {host} never published"
         )
     durable = consumer_name(host)
-    if await _puller(bus, durable, wait_s=puller_wait_s):
+    if own_store and await _puller(bus, durable, wait_s=puller_wait_s):
         raise InvalidArgument(
             f"a replicator is pulling from {durable}: stop {host}'s processes before it joins (mfh join rebuilds "
             "the store they use)"
@@ -292,7 +301,8 @@ async def join_cluster(
     t2 = time.perf_counter()
     upto = int((await bus.stream_info())["last_seq"])
     events = await _catch_up(bus, target, start, upto, batch=batch, progress=progress)
-    await bus.reset_durable(durable, start_seq=upto + 1)
+    if own_store:
+        await bus.reset_durable(durable, start_seq=upto + 1)
     catch_up_s = time.perf_counter() - t2
     t_index = time.perf_counter()
     if items:

@@ -366,6 +366,16 @@ async def test_join_refuses_while_the_hosts_replicator_is_pulling(cluster: Clust
         )
         with pytest.raises(InvalidArgument, match="stop pc3's processes"):
             await join_cluster(c.joiner, target, c.bus, workdir=c.tmp / "join", puller_wait_s=1.0)
+        # ...but a scratch copy may be built meanwhile, and leaves the consumer where it is
+        scratch = SqlStore(f"sqlite:///{c.tmp}/scratch.db")
+        scratch.create_schema()
+        try:
+            before = await c.bus.durable_position(consumer_name("pc3"))
+            await join_cluster(c.joiner, scratch, c.bus, workdir=c.tmp / "join", own_store=False)
+            after = await c.bus.durable_position(consumer_name("pc3"))
+            assert before is not None and after is not None and after[0] == before[0]
+        finally:
+            scratch.close()
         with pytest.raises(InvalidArgument, match="not pc3's own"):
             await join_cluster(c.joiner, target, c.bus, workdir=c.tmp / "join", from_host="pc3")
         assert target.counts()["items"] == 0

@@ -70,6 +70,7 @@ def _join(args: argparse.Namespace) -> int:
                 warm=args.warm,
                 batch=args.batch,
                 progress=progress,
+                own_store=into == settings.storage.database_url,
             )
             t_base = time.perf_counter()
             if into == settings.storage.database_url:
@@ -122,7 +123,11 @@ def register(subparsers: Any) -> None:
         description=__doc__.split("\n\n", 1)[1].split("\n\n", 1)[0] if __doc__ else None,
     )
     join.add_argument("--from-peer", metavar="HOST", help="the peer whose snapshot to restore (default: the newest)")
-    join.add_argument("--into", metavar="DATABASE_URL", help="an empty database (default: this host's own store)")
+    join.add_argument(
+        "--into",
+        metavar="DATABASE_URL",
+        help="an empty database (default: this host's own store; another one leaves the host's consumer alone)",
+    )
     join.add_argument(
         "--warm", type=non_negative_int, default=10_000, help="rows put in this host's Redis (default: 10000)"
     )

@@ -366,11 +366,16 @@ class EventBus:
         self._subs.add(sub)
         return sub
 
-    async def iter_stream(self, *, start_seq: int = 1, batch: int = 500) -> AsyncIterator[MemoryEvent]:
-        """Events from ``start_seq`` to the last sequence at call time, in order, via an ephemeral no-ack consumer
-        (recreated from the next sequence if a delivery goes missing); malformed messages are logged and skipped."""
+    async def iter_stream(
+        self, *, start_seq: int = 1, upto_seq: int | None = None, batch: int = 500
+    ) -> AsyncIterator[MemoryEvent]:
+        """Events from ``start_seq`` to the last sequence at call time (or ``upto_seq``, if lower), in order, via an
+        ephemeral no-ack consumer (recreated from the next sequence if a delivery goes missing); malformed
+        messages are logged and skipped."""
         state = (await self._stream_info()).state
         last, next_seq = state.last_seq, max(start_seq, state.first_seq, 1)
+        if upto_seq is not None:
+            last = min(last, upto_seq)
         if state.messages == 0 or next_seq > last:
             return
         feed: PullFeed | None = None
@@ -425,6 +430,39 @@ class EventBus:
                 await feed.stop()
             if consumer:
                 await self.conn.delete_consumer(self.stream, consumer)
+
+    async def durable_position(self, durable: str) -> tuple[int, int] | None:
+        """A durable consumer's (ack floor stream sequence, pull requests waiting), or None when it does not exist.
+
+        Every message at or below the floor was acked (or lay before the consumer's start). With nothing
+        awaiting an ack the floor is the last delivered sequence: a consumer a join started past its catch-up
+        has acked nothing yet, and its floor is still where it starts. Requests waiting mean a process is
+        pulling from it."""
+        try:
+            ci = await self.conn.jetstream().consumer_info(self.stream, durable)
+        except nats.js.errors.NotFoundError:
+            return None
+        except (*NATS_ERRORS, ValueError) as e:
+            raise translate_error(e, f"consumer info {durable}") from e
+        floor = (ci.ack_floor.stream_seq if ci.ack_floor else 0) or 0
+        if not ci.num_ack_pending and ci.delivered is not None:
+            floor = max(floor, ci.delivered.stream_seq or 0)
+        return floor, ci.num_waiting or 0
+
+    async def reset_durable(self, durable: str, *, start_seq: int) -> None:
+        """(Re)create a durable consumer so that it delivers from stream sequence ``start_seq`` on (a joined
+        host's replicator carries on after its catch-up); :meth:`subscribe_durable` later keeps that start."""
+        await self.conn.delete_consumer(self.stream, durable)
+        await self.conn.add_consumer(
+            self.stream,
+            ConsumerConfig(
+                name=durable,
+                durable_name=durable,
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=max(start_seq, 1),
+                ack_policy=AckPolicy.EXPLICIT,
+            ),
+        )
 
     async def _ephemeral(self, start_seq: int) -> str:
         name = f"mfh-read-{secrets.token_hex(6)}"

@@ -297,6 +297,25 @@ class HotStore:
 
         ``from_sql``: a read-repair fill (clean, with TTL); otherwise a remote event (dirty until persisted).
         """
+        keys, args = self._apply_args(record, from_sql=from_sql)
+        return bool(await self._call(self._apply, keys, args))
+
+    async def fill_many(self, records: Sequence[Record], *, chunk: int = 500) -> int:
+        """:meth:`apply` with ``from_sql`` for many rows, ``chunk`` per round trip (a joined host warming
+        its Redis); returns how many were newer than what the entries held."""
+        won = 0
+        try:
+            for i in range(0, len(records), chunk):
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for r in records[i : i + chunk]:
+                        keys, args = self._apply_args(r, from_sql=True)
+                        await self._apply(keys=keys, args=args, client=pipe)
+                    won += sum(1 for x in await pipe.execute() if x)
+        except (RedisConnectionError, RedisTimeoutError) as e:
+            raise Unavailable(f"redis unavailable: {e}") from e
+        return won
+
+    def _apply_args(self, record: Record, *, from_sql: bool) -> tuple[list[str], list[Any]]:
         vm, vc = unpack(record.version)
         args = [
             vm,
@@ -309,8 +328,7 @@ class HotStore:
             "fill" if from_sql else "remote",
             self.ttl,
         ]
-        item = self.item_key(record.namespace, record.key)
-        return bool(await self._call(self._apply, [item, self.hlc_key, self.dirty_key], args))
+        return [self.item_key(record.namespace, record.key), self.hlc_key, self.dirty_key], args
 
     async def evict_clean(self, namespace: str, key: str, version: int, origin: str) -> bool:
         """Drop the entry if it is clean and holds exactly ``(version, origin)``: reads refill it from SQL."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -56,8 +57,20 @@ class DurableSubscription:
         self.terminated = 0
 
     async def start(self) -> None:
-        """Create (or update) the durable consumer and start feeding the handler."""
-        await self._conn.add_consumer(self.stream, self._config)
+        """Create (or update) the durable consumer and start feeding the handler.
+
+        An existing consumer keeps where it starts (its deliver policy and start sequence cannot be updated:
+        ``EventBus.reset_durable`` set them for a joined host); the rest of the config is ours."""
+        config = self._config
+        with contextlib.suppress(Unavailable):
+            existing = (await self._conn.consumer_info(self.stream, self.durable)).config
+            config = dataclasses.replace(
+                config,
+                deliver_policy=existing.deliver_policy,
+                opt_start_seq=existing.opt_start_seq,
+                opt_start_time=existing.opt_start_time,
+            )
+        await self._conn.add_consumer(self.stream, config)
         await self._feed.start()
         self._task = asyncio.create_task(self._run(), name=f"mfh-eventbus-{self.durable}")
 

@@ -198,6 +198,9 @@ class ReplicationSettings(_Section):
     nats_user: str | None = None
     nats_password: SecretStr | None = None
     nats_token: SecretStr | None = None
+    #: Upload each snapshot to the cluster's Object Store bucket ``<event_topic>_snapshots`` (``mfh join``).
+    share_snapshots: bool = True
+    shared_snapshots_keep: int = Field(default=2, ge=1, description="shared snapshots kept per host")
 
     @model_validator(mode="after")
     def _audit_outside_stream(self) -> ReplicationSettings:

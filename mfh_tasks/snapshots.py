@@ -5,11 +5,17 @@ row with every column (``namespace, key, kind, payload, version, origin, deleted
 schema_version``), tombstones included, in key order. The header (format 2)::
 
     {"checksum", "items", "taken_at", "host",          # as in format 1
-     "format": 2, "watermark": <events seq>, "watermark_event_id": <id or null>, "events": <count>}
+     "format": 2, "watermark": <events seq>, "watermark_event_id": <id or null>, "events": <count>,
+     "stream_seq": <first stream sequence the snapshot may lack, or null>}
 
 ``watermark`` is the highest events-table ``seq`` in the view; the view is fenced
 (:meth:`mfh_core.SqlStore.snapshot`), so the events the snapshot lacks are exactly those with a
-higher seq in the same store. Format-1 files (no ``kind``, no watermark) are listed but not restorable.
+higher seq in the same store. ``stream_seq`` (when the host replicates) is the first JetStream
+sequence whose event the snapshot may lack: one past its replicator's ack floor, read before the view
+was opened, so every event on the stream below it is in the snapshot (own events are committed before
+they are published; remote ones are applied before they are acked). A host joining from this snapshot
+catches up from the stream at ``stream_seq`` (mfh_tasks.join). Format-1 files (no ``kind``, no
+watermark) are listed but not restorable.
 
 Beside each one, ``snapshot-<host>-<stamp>.lines.gz`` holds its rows' checksum lines (what
 :func:`mfh_models.items_checksum` hashes), in order: the incremental audit merges the rows the
@@ -48,6 +54,7 @@ __all__ = [
     "read_header",
     "snapshots_of",
     "verified_snapshot",
+    "verify_snapshot_file",
     "write_snapshot",
 ]
 
@@ -68,6 +75,7 @@ class SnapshotHeader:
     watermark: int | None
     watermark_event_id: str | None
     events: int | None
+    stream_seq: int | None = None
 
     @property
     def restorable(self) -> bool:
@@ -84,6 +92,7 @@ class SnapshotHeader:
             "watermark": self.watermark,
             "watermark_event_id": self.watermark_event_id,
             "events": self.events,
+            "stream_seq": self.stream_seq,
             "bytes": self.path.stat().st_size if self.path.exists() else None,
         }
 
@@ -98,8 +107,10 @@ def _stamp(now: float) -> str:
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{int(now * 1000) % 1000:03d}Z"
 
 
-def write_snapshot(sql: SqlStore, directory: Path, *, host: str) -> SnapshotHeader:
-    """Write every item row of one fenced read view, headed by its checksum and watermark."""
+def write_snapshot(sql: SqlStore, directory: Path, *, host: str, stream_seq: int | None = None) -> SnapshotHeader:
+    """Write every item row of one fenced read view, headed by its checksum and watermark.
+
+    ``stream_seq``: read by the caller before this opens its view (see the module docstring)."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"snapshot-{host}-{_stamp(time.time())}.jsonl.gz"
     tmp = final.with_suffix(".tmp")
@@ -119,6 +130,7 @@ def write_snapshot(sql: SqlStore, directory: Path, *, host: str) -> SnapshotHead
         "watermark": watermark,
         "watermark_event_id": watermark_id,
         "events": events,
+        "stream_seq": stream_seq,
     }
     sidecar = lines_path(final)
     sidecar_tmp = sidecar.with_suffix(".tmp")
@@ -204,6 +216,7 @@ def _header(path: Path, head: dict[str, Any]) -> SnapshotHeader:
             watermark=None if head.get("watermark") is None else int(head["watermark"]),
             watermark_event_id=head.get("watermark_event_id"),
             events=None if head.get("events") is None else int(head["events"]),
+            stream_seq=None if head.get("stream_seq") is None else int(head["stream_seq"]),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise InvalidArgument(f"{path} is not a snapshot file: its header lacks {e}") from None
@@ -257,6 +270,31 @@ def iter_snapshot_rows(path: Path, *, batch: int = _BATCH) -> Iterator[list[tupl
         raise InvalidArgument(f"{path.name} is damaged: {type(e).__name__}: {e}") from None
     if out:
         yield out
+
+
+def verify_snapshot_file(path: Path) -> SnapshotHeader:
+    """Check a restorable snapshot file against its own header without loading it anywhere: every row
+    readable, no key twice, no tab or newline in a name, the row count and the checksum the header's.
+    Raises InvalidArgument naming what is wrong (a damaged or forged file); returns the header."""
+    head = _require_restorable(path)
+    lines: list[str] = []
+    seen: set[tuple[str, str]] = set()
+    for rows in iter_snapshot_rows(path):
+        for ns, key, _kind, payload, version, origin, deleted, _u, _s in rows:
+            if any(c in ns or c in key for c in "\t\n") or (ns, key) in seen:
+                raise InvalidArgument(f"{path.name} is damaged: a bad or repeated key in namespace {ns[:40]!r}")
+            seen.add((ns, key))
+            lines.append(checksum_line(ChecksumRow(ns, key, version, origin, deleted, payload)))
+    if len(lines) != head.items:
+        raise InvalidArgument(f"{path.name}: {len(lines)} rows, but its header says {head.items}: the file is damaged")
+    lines.sort(key=checksum_order)
+    got = lines_checksum(lines)
+    if got != head.checksum:
+        raise InvalidArgument(
+            f"{path.name}: its rows give checksum {got[:16]}..., its header says {head.checksum[:16]}...: "
+            "the file is damaged"
+        )
+    return head
 
 
 def _require_restorable(path: Path) -> SnapshotHeader:

@@ -22,7 +22,8 @@ from mfh_core import SqlStore
 from mfh_core.jsonlog import configure_json_logging
 from mfh_core.redaction import install_redaction, redact_text
 from mfh_models import ConfigError, MFHError, Settings, StoreDamaged, load_settings
-from schedules.jobs import audit, prune_events, snapshot
+from mfh_tasks.join import SnapshotSharer
+from schedules.jobs import audit, prune_events, snapshot_and_share
 from schedules.runner import run_scheduler
 
 #: ``mfh``'s exit codes (mfh_api.commands.EXIT_CODES, which this package may not import).
@@ -70,14 +71,29 @@ def _one_shot(job: str, settings: Settings, *, as_json: bool, full: bool) -> int
             n = prune_events(sql, directory, host=settings.host_id, archive=sch.archive_pruned_events)
             print(json.dumps({"pruned": n}) if as_json else f"pruned {n} events")
             return 0
-        path = snapshot(sql, directory, host=settings.host_id, keep=sch.snapshot_keep)
+        r = settings.replication
+        path, shared = asyncio.run(_snapshot(sql, directory, settings))
         with gzip.open(path, "rt", encoding="utf-8") as f:
             header: dict[str, Any] = json.loads(f.readline())
-        doc = {"path": str(path), **header}
-        print(json.dumps(doc, sort_keys=True) if as_json else f"{path}  {header['items']} items  {header['checksum']}")
+        doc = {"path": str(path), **header, "shared": shared}
+        where = f"  shared as {shared}" if shared else ("  (not shared)" if r.enabled and r.share_snapshots else "")
+        text = f"{path}  {header['items']} items  {header['checksum']}{where}"
+        print(json.dumps(doc, sort_keys=True) if as_json else text)
         return 0
     finally:
         sql.close()
+
+
+async def _snapshot(sql: SqlStore, directory: Path, settings: Settings) -> tuple[Path, str | None]:
+    r = settings.replication
+    sharer = SnapshotSharer(settings, keep=r.shared_snapshots_keep) if r.enabled and r.share_snapshots else None
+    try:
+        return await snapshot_and_share(
+            sql, directory, host=settings.host_id, keep=settings.scheduler.snapshot_keep, sharer=sharer
+        )
+    finally:
+        if sharer is not None:
+            await sharer.close()
 
 
 def main(argv: list[str] | None = None) -> int:

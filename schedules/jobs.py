@@ -24,6 +24,7 @@ from mfh_core.metrics import DIRTY_ENTRIES, RECONCILE_REENQUEUED
 from mfh_core.sqlstore import Snapshot
 from mfh_models import MemoryEvent, MFHError, NotFound, Op, Settings, VersionConflict
 from mfh_tasks.enqueue import Send
+from mfh_tasks.join import SnapshotSharer
 from mfh_tasks.peer_audit import PeerAudit, run_peer_audit
 from mfh_tasks.recovery import requeue_dirty
 from mfh_tasks.restore import load_snapshot
@@ -49,6 +50,7 @@ __all__ = [
     "prune_events",
     "reconcile",
     "snapshot",
+    "snapshot_and_share",
     "snapshots_of",
 ]
 
@@ -96,10 +98,11 @@ async def expire(hot: HotStore, sql: SqlStore, send: Send, *, now_ms: int, batch
     return len(events)
 
 
-def snapshot(sql: SqlStore, directory: Path, *, host: str, keep: int = 24) -> Path:
+def snapshot(sql: SqlStore, directory: Path, *, host: str, keep: int = 24, stream_seq: int | None = None) -> Path:
     """Write every item row (tombstones too) with the event watermark it covers (mfh_tasks.snapshots);
-    keep this host's newest ``keep``, and always the one the last audit verified."""
-    head = write_snapshot(sql, directory, host=host)
+    keep this host's newest ``keep``, and always the one the last audit verified. ``stream_seq``: read
+    before the call (:meth:`mfh_tasks.join.SnapshotSharer.stream_seq`)."""
+    head = write_snapshot(sql, directory, host=host, stream_seq=stream_seq)
     verified = verified_snapshot(directory, host)
     for old in snapshots_of(directory, host)[:-keep]:
         if verified is None or old != verified.path:
@@ -107,6 +110,18 @@ def snapshot(sql: SqlStore, directory: Path, *, host: str, keep: int = 24) -> Pa
             lines_path(old).unlink(missing_ok=True)
     log.info("snapshot %s written: %d items, watermark %s", head.path, head.items, head.watermark)
     return head.path
+
+
+async def snapshot_and_share(
+    sql: SqlStore, directory: Path, *, host: str, keep: int, sharer: SnapshotSharer | None
+) -> tuple[Path, str | None]:
+    """:func:`snapshot`, then its upload to the cluster's bucket when ``sharer`` (mfh_tasks.join) is given and
+    the stream position could be read first. Returns the file and the object name (None: not shared)."""
+    stream_seq = await sharer.stream_seq() if sharer is not None else None
+    path = await asyncio.to_thread(snapshot, sql, directory, host=host, keep=keep, stream_seq=stream_seq)
+    if sharer is None or stream_seq is None:
+        return path, None
+    return path, await sharer.share(read_header(path))
 
 
 @dataclass(frozen=True, slots=True)

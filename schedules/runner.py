@@ -26,9 +26,10 @@ from mfh_core.redis_health import check_persistence
 from mfh_models import Settings
 from mfh_tasks import BatchQueue, build_hot_store
 from mfh_tasks.backlog import export_backlog, sample_backlog
+from mfh_tasks.join import SnapshotSharer
 from mfh_tasks.last_runs import export_last_runs
 from mfh_tasks.runtime import wait_for_sound_sql_store
-from schedules.jobs import audit, audit_peers, expire, prune_events, reconcile, snapshot
+from schedules.jobs import audit, audit_peers, expire, prune_events, reconcile, snapshot_and_share
 from schedules.lease import Lease
 
 __all__ = ["run_scheduler"]
@@ -105,9 +106,12 @@ async def run_scheduler(settings: Settings, *, stop: asyncio.Event | None = None
     async def expire_records() -> None:
         await expire(hot, sql, queue.send_now, now_ms=time.time_ns() // 1_000_000, batch=settings.expiry.sweep_batch)
 
+    r = settings.replication
+    sharer = SnapshotSharer(settings, keep=r.shared_snapshots_keep) if r.enabled and r.share_snapshots else None
+
     async def take_snapshot() -> None:
         try:
-            await asyncio.to_thread(snapshot, sql, report_dir, host=settings.host_id, keep=sch.snapshot_keep)
+            await snapshot_and_share(sql, report_dir, host=settings.host_id, keep=sch.snapshot_keep, sharer=sharer)
             if sch.prune_events:
                 await asyncio.to_thread(
                     prune_events, sql, report_dir, host=settings.host_id, archive=sch.archive_pruned_events
@@ -196,6 +200,8 @@ async def run_scheduler(settings: Settings, *, stop: asyncio.Event | None = None
         await beating
         await sampling
         await lease.release()
+        if sharer is not None:
+            await sharer.close()
         await hot.close()
         sql.close()
         await queue.close()

@@ -9,6 +9,7 @@ point is the faults, not throughput. Figures go to the "cluster figures" section
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import time
@@ -287,42 +288,172 @@ def after_skewed_write(cluster: Any) -> float:
     return (v_c >> 16) / 1000 - t_before  # how far ahead of the real clock pc3 stamped its version
 
 
-def test_a_host_whose_disk_is_lost_rejoins_from_the_stream(cluster: Any) -> None:
-    # Given main_pc and pc2 under load, and pc3 whose own writes have all replicated
+def test_a_host_whose_disk_is_lost_joins_from_a_peers_snapshot(cluster: Any) -> None:
+    # Given pc3 whose own writes have all replicated, and a snapshot pc2 shared (its scheduler's job, run now)
     before = start_writers(cluster, ["pc3"], "disk-pre", rate=20.0, count=100)
     wait_procs(before, timeout=60)
     pre = acked(before)
     wait_converged(cluster, pre, time.monotonic())
+    shared = share_snapshot(cluster, "pc2")
+    # ...and the stream's events before it gone (as max_age or `mfh snapshot prune` would drop them)
+    purged_below = purge_stream_below(cluster, shared["stream_seq"])
     writers = start_writers(cluster, ["main_pc", "pc2"], "disk", rate=20.0, count=700)
     time.sleep(3)
-    # When pc3's disk is lost (processes and Redis killed, AOF, SQLite and snapshots gone)
+    # When pc3's disk is lost (processes and Redis killed, AOF, SQLite and snapshots gone)...
     cluster.wipe_disk("pc3")
     time.sleep(3)
-    # ...and pc3 is rebuilt empty: the stream replayed into a new SQLite file, then its processes started
+    # ...and pc3, rebuilt empty, joins while main_pc and pc2 keep writing: pc2's snapshot, then the stream
     t0 = time.monotonic()
-    res = cluster.mfh("pc3", "replay", "--from-stream", "--into", cluster.hosts["pc3"].database_url, "--quiet")
-    assert res.returncode == 0, res.stderr
-    replay_s = time.monotonic() - t0
-    cluster.start_redis("pc3")
+    joined = join(cluster, "pc3")
+    join_cmd_s = time.monotonic() - t0
     cluster.start_mfh("pc3")
     cluster.wait_api("pc3")
     started = time.monotonic()
     wait_procs(writers, timeout=90)
     writes = pre + acked(writers)
-    # Then pc3 catches up from the stream while the others kept writing, and every host agrees
+    # Then every host agrees and holds every acknowledged write
     join_s = wait_converged(cluster, writes, t0)
     record(
-        "disk_lost_rejoin",
-        replayed_events=_replayed(res.stderr),
-        replay_s=replay_s,
+        "disk_lost_join",
+        peer=joined["peer"],
+        snapshot_items=joined["items"],
+        stream_purged_below=purged_below,
+        prepare_s=joined["prepare_s"],
+        fetch_s=joined["fetch_s"],
+        restore_s=joined["restore_s"],
+        catch_up_s=joined["catch_up_s"],
+        catch_up_events=joined["events"],
+        index_s=joined["index_s"],
+        warm_s=joined["warm_s"],
+        join_total_s=joined["seconds"],
+        cmd_setup_s=joined["setup_s"],
+        cmd_close_s=joined["close_s"] + joined["base_snapshot_s"],
+        join_process_s=joined["process_s"],
+        join_cmd_s=join_cmd_s,
         join_s=join_s,
         caught_up_after_start_s=time.monotonic() - started,
         acked=len(writes),
         lost=lost(cluster, writes),
     )
+    assert (joined["source"], joined["peer"]) == ("snapshot", "pc2")
+    assert joined["stream_from"] == shared["stream_seq"] >= purged_below
     assert lost(cluster, writes) == 0
 
 
-def _replayed(stderr: str) -> int:
-    words = stderr.split()
-    return int(words[words.index("replayed") + 1]) if "replayed" in words else -1
+#: Records of the large join (100,000 for the issue's figure; CI runs fewer: the whole suite has ~10 min).
+JOIN_RECORDS = int(os.environ.get("MFH_CLUSTER_JOIN_RECORDS", "10000"))
+
+
+def test_a_host_holding_many_records_joins_from_a_peers_snapshot(cluster: Any) -> None:
+    # Given JOIN_RECORDS records on every host, older than anything the stream holds (bulk-loaded into
+    # each SQLite, as a history whose events aged out), and a snapshot pc2 shared of them
+    t = time.monotonic()
+    for h in HOSTS:
+        seed_sql(cluster, h, JOIN_RECORDS)
+    seed_s = time.monotonic() - t
+    assert len(set(cluster.checksums().values())) == 1
+    shared = share_snapshot(cluster, "pc2")
+    assert shared["items"] >= JOIN_RECORDS
+    writers = start_writers(cluster, ["main_pc", "pc2"], "big", rate=20.0, count=400)
+    time.sleep(2)
+    # When pc3's disk is lost and pc3 joins while the others write
+    cluster.wipe_disk("pc3")
+    t0 = time.monotonic()
+    joined = join(cluster, "pc3")
+    join_cmd_s = time.monotonic() - t0
+    cluster.start_mfh("pc3")
+    cluster.wait_api("pc3")
+    wait_procs(writers, timeout=90)
+    writes = acked(writers)
+    # Then it holds the records and every acknowledged write, like the others
+    join_s = wait_converged(cluster, writes, t0)
+    record(
+        f"join_{JOIN_RECORDS}_records",
+        seed_s=seed_s,
+        snapshot_items=joined["items"],
+        prepare_s=joined["prepare_s"],
+        fetch_s=joined["fetch_s"],
+        restore_s=joined["restore_s"],
+        catch_up_s=joined["catch_up_s"],
+        catch_up_events=joined["events"],
+        index_s=joined["index_s"],
+        warm_s=joined["warm_s"],
+        join_total_s=joined["seconds"],
+        cmd_setup_s=joined["setup_s"],
+        cmd_close_s=joined["close_s"] + joined["base_snapshot_s"],
+        join_process_s=joined["process_s"],
+        join_cmd_s=join_cmd_s,
+        join_s=join_s,
+        acked=len(writes),
+        lost=lost(cluster, writes),
+    )
+    assert joined["source"] == "snapshot" and joined["items"] >= JOIN_RECORDS
+    assert lost(cluster, writes) == 0
+
+
+def share_snapshot(cluster: Any, host: str) -> dict[str, Any]:
+    """``mfh snapshot`` on ``host`` (what its scheduler runs every snapshot_interval_seconds): written and shared."""
+    res = cluster.mfh(host, "snapshot", "--json")
+    assert res.returncode == 0, res.stderr
+    doc: dict[str, Any] = json.loads(res.stdout)
+    assert doc["shared"], f"{host}'s snapshot was not shared: {res.stderr}"
+    return doc
+
+
+def join(cluster: Any, host: str) -> dict[str, Any]:
+    """Start the host's (empty) Redis, run ``mfh join`` inside its namespace; its figures."""
+    cluster.start_redis(host)
+    t0 = time.monotonic()
+    res = cluster.mfh(host, "join", "--json", "--quiet", timeout=600)
+    assert res.returncode == 0, res.stderr
+    doc: dict[str, Any] = json.loads(res.stdout)
+    doc["process_s"] = time.monotonic() - t0  # the command as a whole: python's start and imports too
+    return doc
+
+
+def purge_stream_below(cluster: Any, seq: int) -> int:
+    """Drop the stream's messages below ``seq`` and below every host's replicator ack floor; returns the cut."""
+    import asyncio
+
+    import nats
+
+    async def purge() -> int:
+        nc = await nats.connect(f"nats://{cluster.addr('main_pc')}:4222")
+        try:
+            js = nc.jetstream()
+            floors = [(await js.consumer_info("memory_events", f"replicator-{h}")).ack_floor.stream_seq for h in HOSTS]
+            cut = min(seq, min(floors) + 1)
+            await js.purge_stream("memory_events", seq=cut)
+            return cut
+        finally:
+            await nc.close()
+
+    return asyncio.run(purge())
+
+
+def seed_sql(cluster: Any, host: str, n: int, batch: int = 5000) -> None:
+    """``n`` records written straight into the host's SQLite (the same on every host), as already published."""
+    from mfh_models import Kind, MemoryEvent, Op, canonical_json, event_id_for, pack
+
+    store = SqlStore(cluster.hosts[host].database_url)
+    try:
+        t0 = 1_700_000_000_000
+        for start in range(0, n, batch):
+            events = [
+                MemoryEvent.model_construct(
+                    event_id=event_id_for("seed", pack(t0 + i, 0)),
+                    op=Op.PUT,
+                    namespace=f"seed{i % 8}",
+                    key=f"r{i}",
+                    kind=Kind.MEMORY_ITEM,
+                    payload=canonical_json({"content": f"record {i} " + "x" * 200}),
+                    version=pack(t0 + i, 0),
+                    origin="seed",
+                    created_at=t0 + i,
+                    schema_version=1,
+                )
+                for i in range(start, min(start + batch, n))
+            ]
+            store.apply_batch(events, published=True)
+    finally:
+        store.close()

@@ -22,6 +22,8 @@ import contextlib
 import os
 import secrets
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -204,3 +206,31 @@ def fresh_nats(tmp_path: Path) -> Iterator[NatsServer]:
         yield server
     finally:
         server.kill()
+
+
+# -- certificates, as docs/security.md tells an operator to make them ------------------------------
+
+
+def make_certs(where: Path) -> Path:
+    """The script as the docs tell an operator to run it (from another directory)."""
+    done = subprocess.run(
+        ["bash", str(Path(__file__).resolve().parent.parent / "scripts" / "make_certs.sh"), str(where), "hub.example"],
+        cwd="/",
+        env=dict(os.environ, MFH_PYTHON=sys.executable),  # the python that has the test's packages
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return where
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture(scope="module")
+def other_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second, unrelated CA and CURVE keys: what an attacker or a misconfigured client holds."""
+    return make_certs(tmp_path_factory.mktemp("other"))

@@ -4,7 +4,6 @@ scripts/make_certs.sh makes, as an operator would; nothing readable on the wire;
 from __future__ import annotations
 
 import secrets
-import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,30 +23,6 @@ from mfh_client.security import CurveConfig, TlsConfig
 from mfh_models import ConfigError, DeadlineExceeded, InvalidArgument, MFHError, Unavailable, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def make_certs(where: Path) -> Path:
-    """The script as the docs tell an operator to run it (from another directory)."""
-    done = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "make_certs.sh"), str(where), "hub.example"],
-        cwd="/",
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    return where
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_certs(tmp_path_factory.mktemp("certs"))
-
-
-@pytest.fixture(scope="module")
-def other_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A second, unrelated CA and CURVE keys: what an attacker or a misconfigured client holds."""
-    return make_certs(tmp_path_factory.mktemp("other"))
 
 
 def tls_server(certs: Path, *, client_ca: bool = False) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 import zmq
@@ -23,9 +24,32 @@ __all__ = [
     "load_curve_keys",
     "open_router",
     "peer_of",
+    "receive_loop",
     "send_reply",
     "split_envelope",
 ]
+
+
+async def receive_loop(
+    sock: zmq.asyncio.Socket, admit: Callable[[list[bytes]], Awaitable[None]], *, what: str, log: logging.Logger
+) -> None:
+    """Receive messages and ``admit`` each, until the socket is closed; a message that ``admit`` fails on
+    is logged by its error's type only (nothing a peer sent reaches the log) and never stops the loop."""
+    while True:
+        try:
+            frames = await sock.recv_multipart()
+        except zmq.ZMQError as e:
+            if e.errno in (zmq.ETERM, zmq.ENOTSOCK):
+                return
+            log.warning("%s: receive failed: %s", what, e)
+            continue
+        try:
+            await admit(frames)
+        except Exception as e:
+            log.error("%s: message not handled (%s)", what, type(e).__name__)
+        # PITFALLS: awaiting a completed pyzmq future does not yield, so a flooding peer would
+        # hold the event loop (other peers, gRPC, timers) for as long as its messages keep coming.
+        await asyncio.sleep(0)
 
 
 def split_envelope(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:

@@ -44,7 +44,15 @@ from zmq.auth.asyncio import AsyncioAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
 from mfh_api.limits import PeerSlots
-from mfh_api.zmq_door import FRONT_ROUTING_PREFIX, door_mode, load_curve_keys, open_router, send_reply, split_envelope
+from mfh_api.zmq_door import (
+    FRONT_ROUTING_PREFIX,
+    door_mode,
+    load_curve_keys,
+    open_router,
+    receive_loop,
+    send_reply,
+    split_envelope,
+)
 from mfh_api.zmq_protocol import SHUTTING_DOWN, peek, peek_error
 from mfh_client.retry import CallKind
 from mfh_core.metrics import (
@@ -322,19 +330,7 @@ class ZmqFront:
 
     async def _serve(self) -> None:
         assert self._sock is not None
-        while True:
-            try:
-                frames = await self._sock.recv_multipart()
-            except zmq.ZMQError as e:
-                if e.errno in (zmq.ETERM, zmq.ENOTSOCK):
-                    return
-                log.warning("ZeroMQ receive failed: %s", e)
-                continue
-            try:
-                await self._admit(frames)
-            except Exception as e:  # one message never stops the loop; nothing of it in the log
-                log.error("front: message not handled (%s)", type(e).__name__)
-            await asyncio.sleep(0)  # PITFALLS: a completed pyzmq future does not yield
+        await receive_loop(self._sock, self._admit, what="front", log=log)
 
     async def _admit(self, frames: list[bytes]) -> None:
         envelope, body = split_envelope(frames)

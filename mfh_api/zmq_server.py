@@ -32,7 +32,7 @@ from mfh_api.keys import OPEN, Door, Grant, KeyRing, count_refusal
 from mfh_api.limits import PeerSlots
 from mfh_api.search import MetadataCondition, SearchSpec
 from mfh_api.service import Durability, MemoryService, PutSpec
-from mfh_api.zmq_door import door_mode, open_router, peer_of, send_reply, split_envelope
+from mfh_api.zmq_door import door_mode, open_router, peer_of, receive_loop, send_reply, split_envelope
 from mfh_api.zmq_protocol import (
     MAX_ID_CHARS,
     RPC_NAMES,
@@ -340,21 +340,7 @@ class ZmqServer:
 
     async def _serve(self) -> None:
         assert self._sock is not None
-        while True:
-            try:
-                frames = await self._sock.recv_multipart()
-            except zmq.ZMQError as e:
-                if e.errno in (zmq.ETERM, zmq.ENOTSOCK):
-                    return
-                log.warning("ZeroMQ receive failed: %s", e)
-                continue
-            try:
-                await self._admit(frames)
-            except Exception as e:  # never let one message stop the loop; no message content in the log
-                log.error("ZeroMQ message not handled (%s)", type(e).__name__)
-            # PITFALLS: awaiting a completed pyzmq future does not yield, so a flooding peer would
-            # hold the event loop (other peers, gRPC, timers) for as long as its messages keep coming.
-            await asyncio.sleep(0)
+        await receive_loop(self._sock, self._admit, what="ZeroMQ", log=log)
 
     async def _admit(self, frames: list[bytes]) -> None:
         """Start a task for the request, or answer it at once, unparsed, when it may not run."""

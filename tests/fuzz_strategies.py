@@ -420,8 +420,8 @@ def invalid_condition(draw: st.DrawFn) -> dict[str, Any]:
 def search_fields(*, json_door: bool) -> dict[str, FieldSpec]:
     """The fields of a Search beside its scope (``json_door``: ZeroMQ, where any JSON type can arrive)."""
 
-    def wrong(t: str) -> st.SearchStrategy[Any]:
-        return wrong_type(t) if json_door else st.nothing()
+    def wrong(t: str, *, optional: bool = False) -> st.SearchStrategy[Any]:
+        return wrong_type(t, optional=optional) if json_door else st.nothing()
 
     return {
         "query": FieldSpec(
@@ -442,11 +442,12 @@ def search_fields(*, json_door: bool) -> dict[str, FieldSpec]:
             st.lists(valid_condition(), max_size=2).flatmap(lambda ok: invalid_condition().map(lambda b: [*ok, b]))
             | st.lists(valid_condition(), min_size=17, max_size=17),
         ),
+        # optional on the JSON door (null: no bound), so null is not a wrong type there
         "updated_after_ms": FieldSpec(
-            st.integers(0, 2**53 - 1), st.sampled_from([-1, 2**53, 2**63 - 1, -(2**63)]) | wrong("int")
+            st.integers(0, 2**53 - 1), st.sampled_from([-1, 2**53, 2**63 - 1, -(2**63)]) | wrong("int", optional=True)
         ),
         "updated_before_ms": FieldSpec(
-            st.integers(0, 2**53 - 1), st.sampled_from([-1, 2**53, 2**63 - 1]) | wrong("int")
+            st.integers(0, 2**53 - 1), st.sampled_from([-1, 2**53, 2**63 - 1]) | wrong("int", optional=True)
         ),
         # The fuzz namespaces hold no embeddings, so no dimension is fixed yet: any length up to 4096 is fine.
         "embedding": FieldSpec(

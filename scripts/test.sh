@@ -55,7 +55,7 @@ rc=0
 # tests/test_outages.py), and the fairness tests that time a caller beside a flood
 # (tests/test_fairness.py), run afterwards on their own, so no other test's load skews their
 # clocks; they run even when the first phase failed (the exit code is then the first one's).
-workers="${MFH_TEST_WORKERS:-4}"
+workers="${MFH_TEST_WORKERS:-3}"
 parallel=()
 if [[ "$workers" != 0 ]]; then parallel=(-n "$workers" --dist loadfile); fi
 timed=(tests/faults tests/cluster tests/test_outages.py tests/test_fairness.py)

@@ -435,9 +435,11 @@ def test_hostile_input_through_the_front_gets_answers_and_never_a_hang(hub: Hub)
 
 
 def _one_shed(p: zmq.Socket[bytes]) -> bytes:
-    """Send 30 at once from one peer; return the first shed answer (the per-peer cap is 16)."""
+    """Send 30 at once from one peer; return the answer to the last (the per-peer cap is 16). Each is a
+    watch that waits 3 s: long enough that on a starved box the first 16 still run when the last arrives
+    (with 300 ms, the first ones had answered and the last one ran)."""
     for i in range(30):
-        body = {"v": 1, "id": 99 if i == 29 else i, "action": "watch", "payload": {"namespace": "x", "wait_ms": 300}}
+        body = {"v": 1, "id": 99 if i == 29 else i, "action": "watch", "payload": {"namespace": "x", "wait_ms": 3000}}
         p.send_multipart([b"", json.dumps(body).encode()])
     shed = b""
     for _ in range(30):

@@ -53,12 +53,13 @@ rc=0
 # worker claims its own pair of Redis test databases (tests/conftest.py: five pairs). The suites that
 # kill, cut off or restart services and time the recovery (tests/faults, tests/cluster,
 # tests/test_outages.py), and the fairness tests that time a caller beside a flood
-# (tests/test_fairness.py), run afterwards on their own, so no other test's load skews their
-# clocks; they run even when the first phase failed (the exit code is then the first one's).
+# (tests/test_fairness.py) and the front's failover drill, which times how fast a killed replica is
+# dropped and sends 800 requests at once through one replica (tests/test_zmq_front.py), run
+# afterwards on their own, so no other test's load skews their clocks; they run even when the first phase failed (the exit code is then the first one's).
 workers="${MFH_TEST_WORKERS:-3}"
 parallel=()
 if [[ "$workers" != 0 ]]; then parallel=(-n "$workers" --dist loadfile); fi
-timed=(tests/faults tests/cluster tests/test_outages.py tests/test_fairness.py)
+timed=(tests/faults tests/cluster tests/test_outages.py tests/test_fairness.py tests/test_zmq_front.py)
 run_pytest() {
     timeout --signal=TERM --kill-after=60 "${MFH_TEST_TIMEOUT:-45m}" "$BIN/pytest" -q --durations=10 "$@"
 }

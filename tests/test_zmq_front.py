@@ -107,6 +107,18 @@ def hub(tmp_path: Path, redis_url: str) -> Iterator[Hub]:
         t.stop_all()
 
 
+@pytest.fixture
+def ctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
+    """A ZeroMQ context destroyed (every socket closed, linger 0) even when the test fails: a context left
+    to the garbage collector with a socket open blocks in term(), in whatever test is running then."""
+    c: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    yield c
+    c.destroy(linger=0)
+
+
+Ctx = zmq.Context[zmq.Socket[bytes]]
+
+
 class V0Agent:
     """A legacy agent: one REQ socket on the host's one address, flat v0 JSON, no retries of its own."""
 
@@ -129,13 +141,12 @@ def _replica_of(hub: Hub) -> int:
     return max(range(len(sent)), key=lambda i: sent[i])
 
 
-def test_failover_drill_v0_agent_sees_no_error_when_its_replica_is_killed(hub: Hub) -> None:
+def test_failover_drill_v0_agent_sees_no_error_when_its_replica_is_killed(hub: Hub, ctx: Ctx) -> None:
     # Given two api replicas behind the front, both in its rotation
     hub.start_api(0)
     hub.start_api(1)
     hub.start_front()
     wait_until(lambda: hub.live() == 2, 10, message=f"both replicas live\n{hub.front.log('front')}")
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     agent = V0Agent(ctx, hub.door, b"legacy-agent-1")
     acked: dict[str, int] = {}
     errors: list[dict[str, Any]] = []
@@ -200,20 +211,18 @@ def test_failover_drill_v0_agent_sees_no_error_when_its_replica_is_killed(hub: H
     hub.start_api(victim)
     wait_until(lambda: hub.live() == 2, 15, message="the restarted replica back in rotation")
     agent.sock.close()
-    ctx.term()
     # and the front stops cleanly on SIGTERM, with nothing of the payloads in its log
     hub.front_proc.send_signal(signal.SIGTERM)
     assert hub.front_proc.wait(timeout=20) == 0, hub.front.log("front")
     assert "note 1" not in hub.front.log("front")
 
 
-def test_a_hung_replica_is_dropped_by_its_silence_and_its_reads_go_elsewhere(hub: Hub) -> None:
+def test_a_hung_replica_is_dropped_by_its_silence_and_its_reads_go_elsewhere(hub: Hub, ctx: Ctx) -> None:
     # Given two replicas behind the front and an agent reading through it
     hub.start_api(0)
     hub.start_api(1)
     hub.start_front()
     wait_until(lambda: hub.live() == 2, 10, message="both replicas live")
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     agent = V0Agent(ctx, hub.door, b"reader")
     for i in range(10):
         assert agent.ask(action="store", key=f"h{i}", value={"content": "x"})["status"] == "success"
@@ -259,10 +268,9 @@ def test_a_hung_replica_is_dropped_by_its_silence_and_its_reads_go_elsewhere(hub
     wait_until(lambda: hub.live() == 2, 15, message="the woken replica back in rotation")
     print(f"hung replica dropped after {silent_for * 1000:.0f} ms")
     agent.sock.close()
-    ctx.term()
 
 
-def test_the_front_honours_curve_like_the_api(tmp_path: Path, redis_url: str) -> None:
+def test_the_front_honours_curve_like_the_api(tmp_path: Path, redis_url: str, ctx: Ctx) -> None:
     # Given replicas and a front configured with the host's CURVE key pair
     import zmq.auth
 
@@ -274,7 +282,6 @@ def test_the_front_honours_curve_like_the_api(tmp_path: Path, redis_url: str) ->
         hub.start_api(0)
         hub.start_front(hub.endpoints[:1])
         wait_until(lambda: hub.live() == 1, 10, message=f"the replica live over CURVE\n{hub.front.log('front')}")
-        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         server_public, _ = zmq.auth.load_certificate(public_file)
 
         def ping(server_key: bytes) -> dict[str, Any] | None:
@@ -296,19 +303,17 @@ def test_the_front_honours_curve_like_the_api(tmp_path: Path, redis_url: str) ->
         assert (ping(server_public) or {}).get("data") == {"serving": True}
         # When it does not, the handshake fails and nothing answers
         assert ping(zmq.curve_keypair()[0]) is None
-        ctx.term()
     finally:
         for t in [hub.front, *hub.replicas]:
             t.stop_all()
 
 
-def test_requests_spread_over_the_replicas(hub: Hub) -> None:
+def test_requests_spread_over_the_replicas(hub: Hub, ctx: Ctx) -> None:
     # Given two replicas behind the front
     hub.start_api(0)
     hub.start_api(1)
     hub.start_front()
     wait_until(lambda: hub.live() == 2, 10, message="both replicas live")
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     # When 16 agents (distinct identities) each write and read
     agents = [V0Agent(ctx, hub.door, f"agent-{n}".encode()) for n in range(16)]
     for n, a in enumerate(agents):
@@ -320,16 +325,14 @@ def test_requests_spread_over_the_replicas(hub: Hub) -> None:
     assert sum(sent) >= 32
     for a in agents:
         a.sock.close()
-    ctx.term()
 
 
-def test_a_replica_stopped_with_sigterm_costs_the_agents_no_error(hub: Hub) -> None:
+def test_a_replica_stopped_with_sigterm_costs_the_agents_no_error(hub: Hub, ctx: Ctx) -> None:
     # Given two replicas behind the front and 8 agents calling through it
     hub.start_api(0)
     hub.start_api(1)
     hub.start_front()
     wait_until(lambda: hub.live() == 2, 10, message="both replicas live")
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     errors: list[dict[str, Any]] = []
     calls = [0]
     stop = threading.Event()
@@ -362,7 +365,6 @@ def test_a_replica_stopped_with_sigterm_costs_the_agents_no_error(hub: Hub) -> N
         stop.set()
         for t in threads:
             t.join(timeout=30)
-    ctx.term()
     # Then no agent saw an error: what it refused was sent to the other replica
     assert errors == [], errors[:3]
     assert hub.metric("mfh_front_replica_up", replica=hub.endpoints[0]) == 0
@@ -376,12 +378,11 @@ def _dealer(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> zmq.Socket[by
     return s
 
 
-def test_hostile_input_through_the_front_gets_answers_and_never_a_hang(hub: Hub) -> None:
+def test_hostile_input_through_the_front_gets_answers_and_never_a_hang(hub: Hub, ctx: Ctx) -> None:
     # Given one replica behind the front
     hub.start_api(0)
     hub.start_front(hub.endpoints[:1])
     wait_until(lambda: hub.live() == 1, 10, message="the replica live")
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     d = _dealer(ctx, hub.door)
 
     def answer(*frames: bytes) -> dict[str, Any]:
@@ -431,7 +432,6 @@ def test_hostile_input_through_the_front_gets_answers_and_never_a_hang(hub: Hub)
     assert SECRET not in hub.front.log("front")
     for s in [d, huge, *peers]:
         s.close()
-    ctx.term()
 
 
 def _one_shed(p: zmq.Socket[bytes]) -> bytes:
@@ -449,10 +449,9 @@ def _one_shed(p: zmq.Socket[bytes]) -> bytes:
     return shed
 
 
-def test_no_live_replica_is_answered_unavailable_at_once(hub: Hub) -> None:
+def test_no_live_replica_is_answered_unavailable_at_once(hub: Hub, ctx: Ctx) -> None:
     # Given a front whose only replica does not run
     hub.start_front([f"tcp://127.0.0.1:{free_port()}"])
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     agent = V0Agent(ctx, hub.door, b"lonely")
     d = _dealer(ctx, hub.door)
     # When a v0 agent and a v1 client ask
@@ -468,7 +467,6 @@ def test_no_live_replica_is_answered_unavailable_at_once(hub: Hub) -> None:
     assert hub.metric("mfh_front_replicas_live") == 0
     agent.sock.close()
     d.close()
-    ctx.term()
 
 
 @pytest.mark.parametrize(

@@ -262,4 +262,9 @@ def describe_connect_error(e: BaseException, security: NatsSecurity) -> str:
             f"the NATS server refused {given} (Authorization Violation): "
             "check replication.nats_user/nats_password or nats_token (MFH_NATS_USER, MFH_NATS_PASSWORD, MFH_NATS_TOKEN)"
         )
-    return f"{type(e).__name__}: {e}"
+    detail = str(e).strip()
+    if detail:
+        return f"{type(e).__name__}: {detail}"
+    if isinstance(e, TimeoutError):  # nats-py's connect timeout carries no message
+        return "TimeoutError: no answer within the connect timeout (is a nats-server listening there?)"
+    return type(e).__name__

@@ -373,3 +373,29 @@ def test_worker_and_replicator_run_over_tls_and_no_output_shows_the_password(
     for name in names:
         text = full_log(host, name)
         assert PASSWORD not in text, f"the password in the {name} log:\n{text[-3000:]}"
+
+
+async def test_a_server_that_never_answers_is_reported_with_a_reason() -> None:
+    # Given a port that accepts connections and never says a word (no INFO line)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    url = f"nats://127.0.0.1:{silent.getsockname()[1]}"
+    try:
+        bus = EventBus(
+            nats_url=url,
+            stream="ev_silent",
+            subject_prefix="mfh.silent",
+            duplicate_window_s=60,
+            max_age_s=3600,
+            name="test-silent",
+        )
+        # When the bus connects, the error says why in words, not "TimeoutError: " and nothing
+        with pytest.raises(Unavailable) as failed:
+            await bus.connect(wait_s=3)
+        message = failed.value.message
+        assert message.startswith(f"cannot connect to NATS at {url}: "), message
+        reason = message.removeprefix(f"cannot connect to NATS at {url}: ")
+        assert reason.strip() and not reason.rstrip().endswith(":"), message
+    finally:
+        silent.close()

@@ -93,7 +93,7 @@ class Pki:
         return self.root / "keys.yaml"
 
     @property
-    def secrets(self) -> dict[str, str]:
+    def all_secrets(self) -> dict[str, str]:
         """Every secret that must never cross the bridge in clear text, by name."""
         return {
             "writer api key": self.writer_key,
@@ -282,7 +282,8 @@ class Cluster:
         for p in [*self.redis.values(), *self.nats.values()]:
             _kill(p)
         if self.sniffer is not None:
-            self.stop_capture()
+            with contextlib.suppress(RuntimeError, ValueError):
+                self.stop_capture()
         self.net.down()
 
     # -- the capture on the bridge -----------------------------------------------------------
@@ -297,7 +298,9 @@ class Cluster:
         )
         assert self.sniffer.stdout is not None
         if self.sniffer.stdout.readline().strip() != "ready":
-            raise RuntimeError(f"the capture on {self.net.bridge} did not start: {(self.workdir / 'sniff.log').read_text()}")
+            raise RuntimeError(
+                f"the capture on {self.net.bridge} did not start: {(self.workdir / 'sniff.log').read_text()}"
+            )
 
     def stop_capture(self) -> dict[str, int]:
         """Stop the capture (what it saw stays in ``capture_path``): its frames, bytes and drops."""
@@ -305,7 +308,11 @@ class Cluster:
         if p is None:
             raise RuntimeError("no capture is running")
         p.terminate()
-        out, _ = p.communicate(timeout=30)
+        try:
+            out, _ = p.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            _kill(p)
+            raise RuntimeError("the capture did not stop within 30 s") from None
         line = out.strip().splitlines()[-1] if out.strip() else "{}"
         stats: dict[str, int] = json.loads(line)
         return stats
@@ -505,7 +512,7 @@ class Cluster:
         self.hosts[host].data_dir.mkdir(parents=True)
 
 
-_PING = "import redis, sys; print('PONG' if redis.Redis(port=%d).ping() else '')"
+_PING = "import redis; print('PONG' if redis.Redis(port=%d).ping() else '')"
 
 
 def _kill(p: subprocess.Popen[Any]) -> None:
@@ -541,7 +548,9 @@ def main(argv: list[str]) -> int:
                 where = "loopback only" if secure else c.redis_url(h)
                 print(f"{h}: ns {c.net.ns(h)}  grpc {c.grpc(h)}  redis {where}  logs {c.hosts[h].dir}")
             if c.pki is not None:
-                print(f"certificates and keys in {c.pki.root} (writer key {c.pki.writer_key}, keys file {c.pki.keys_file})")
+                print(
+                    f"certificates and keys in {c.pki.root}; keys file {c.pki.keys_file}, writer key {c.pki.writer_key}"
+                )
             else:
                 print("pc3's link goes through the netem stand-in (tests/cluster/netem.py).")
             print("Ctrl-C tears it all down.")

@@ -199,6 +199,7 @@ class Cluster:
         self.pki = Pki(workdir / "pki") if secure else None
         self.capture_path = workdir / "bridge.cap" if capture else None
         self.sniffer: subprocess.Popen[str] | None = None
+        self.timings: dict[str, float] = {}  # seconds per stage of up()
 
     # -- addresses ---------------------------------------------------------------------------
 
@@ -234,11 +235,20 @@ class Cluster:
         self.down()
 
     def up(self) -> None:
+        t = time.monotonic()
+
+        def lap(stage: str) -> None:
+            nonlocal t
+            self.timings[stage] = round(time.monotonic() - t, 2)
+            t = time.monotonic()
+
         self.net.up(impaired=self.impaired)
         if self.capture_path is not None:
             self.start_capture(self.capture_path)
+        lap("net_s")
         if self.pki is not None:
             self.pki.issue({h: self.addr(h) for h in HOSTS})
+            lap("certs_s")
         for h in HOSTS:
             self.hosts[h].data_dir.mkdir(parents=True, exist_ok=True)
             self.start_nats(h)
@@ -246,11 +256,14 @@ class Cluster:
             self.start_redis(h)
             self.write_config(h)
         self.wait_nats_cluster()
+        lap("nats_redis_s")
         for h in HOSTS:
             self.start_mfh(h)
         for h in HOSTS:
             self.wait_api(h)
+        lap("apis_s")
         self.wait_replicating()
+        lap("replicating_s")
 
     def wait_replicating(self, timeout: float = 60.0) -> None:
         """A write on each host is readable on every host (the replicators' consumers are in place)."""

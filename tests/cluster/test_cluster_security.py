@@ -376,7 +376,7 @@ async def wrong_clients(bed: Any, other: Path, tag: str) -> dict[str, str]:
 
 
 async def wrong_nats_clients(bed: Any, other: Path) -> dict[str, str]:
-    """NATS from the bridge side without TLS, without the password, or trusting another CA."""
+    """NATS clients on the bridge side (TLS) without the password, with a wrong one, or trusting another CA."""
     pki = bed.pki
     url, ca = f"tls://{bed.addr('pc3')}:{NATS}", str(pki.dir("pc3") / "ca.pem")
     cases = {

@@ -97,12 +97,15 @@ def _strings(value: Any, depth: int = 0) -> Iterator[str]:
 
 def _text(kind: str, obj: dict[str, Any]) -> str:
     if kind == "memory_item":
-        parts = [obj.get("content"), *(obj.get("tags") or [])]
+        content, tags = obj.get("content"), obj.get("tags")
+        if type(content) is str and not tags:  # most memories: the content alone, no join
+            return content[:_MAX_BODY_CHARS]
+        parts = [content, *(tags or [])]
     elif kind == "knowledge_record":
         parts = [obj.get("subject"), obj.get("predicate"), obj.get("object"), obj.get("content")]
     else:
         parts = list(_strings(obj.get("data") or {}))
-    return " ".join(p for p in parts if isinstance(p, str))[:_MAX_BODY_CHARS]
+    return " ".join([p for p in parts if isinstance(p, str)])[:_MAX_BODY_CHARS]
 
 
 def _loads(text: str) -> Any:

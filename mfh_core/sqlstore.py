@@ -431,6 +431,12 @@ def _index_items_sqlite(cur: Any, by_ns: dict[str, list[tuple[Any, ...]]]) -> No
     upserted by one ``INSERT ... SELECT`` ordered by the rowid they already have: the triggers' FTS
     writes ascend, and FTS5 flushes once per batch. New docs come last (rowids above the highest) and
     get their FTS rows from one ``INSERT ... SELECT`` after it.
+
+    When no doc exists yet anywhere in the batch's key range (one probe of the primary key; exact, as
+    this transaction is the only writer), every doc is new: the upsert skips the join and the sort
+    (about 1.5 us of 13.5 per doc when ``index_items`` builds an index from nothing, after a replay or a
+    restore). Staging still pays: ``executemany`` straight into ``search_docs`` measured slower (15 us
+    a doc) than staging plus one ``INSERT ... SELECT``.
     """
     ns_sql = _NS_UPSERT.format(p="?")
     cur.execute("SELECT COALESCE(MAX(rowid), 0) FROM search_docs")
@@ -442,18 +448,28 @@ def _index_items_sqlite(cur: Any, by_ns: dict[str, list[tuple[Any, ...]]]) -> No
         cur.execute(ns_sql, (ns, dim))
         generation = int(cur.fetchone()[0])
         rows.extend((*d[:12], generation) for d in docs)
+    if not rows:
+        return
+    lo = min((r[0], r[1]) for r in rows)
+    hi = max((r[0], r[1]) for r in rows)
+    cur.execute(
+        "SELECT 1 FROM search_docs WHERE (namespace, key) >= (?, ?) AND (namespace, key) <= (?, ?) LIMIT 1", (*lo, *hi)
+    )
+    fresh = cur.fetchone() is None
     cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS {_DOCS_IN} ({DOC_COLS})")
     cur.execute(f"DELETE FROM temp.{_DOCS_IN}")
     cur.executemany(f"INSERT INTO temp.{_DOCS_IN} ({DOC_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
     # WHERE true: an INSERT ... SELECT with a join needs it before ON CONFLICT (the parsing ambiguity
     # SQLite's upsert documentation describes).
     cur.execute(
-        f"INSERT INTO search_docs ({DOC_COLS}) SELECT {_DOCS_IN_COLS} FROM temp.{_DOCS_IN} n "
+        f"INSERT INTO search_docs ({DOC_COLS}) SELECT {_DOCS_IN_COLS} FROM temp.{_DOCS_IN} n WHERE true {_DOC_UPDATE}"
+        if fresh
+        else f"INSERT INTO search_docs ({DOC_COLS}) SELECT {_DOCS_IN_COLS} FROM temp.{_DOCS_IN} n "
         "LEFT JOIN search_docs d ON d.namespace = n.namespace AND d.key = n.key "
         f"WHERE true ORDER BY d.rowid IS NULL, d.rowid {_DOC_UPDATE}"
     )
     cur.execute(f"DELETE FROM temp.{_DOCS_IN}")
-    if rows and cur.execute("SELECT MAX(rowid) FROM search_docs").fetchone()[0] > top:
+    if cur.execute("SELECT MAX(rowid) FROM search_docs").fetchone()[0] > top:
         cur.execute("INSERT INTO search_fts(rowid, body) SELECT rowid, body FROM search_docs WHERE rowid > ?", (top,))
 
 

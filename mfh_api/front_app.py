@@ -1,6 +1,8 @@
 """The ``mfh front`` process: settings → :class:`ZmqFront` + Prometheus endpoint, until a signal.
 
-It needs no store: replicas come and go behind it (docs/operations.md, "Several api replicas").
+It needs no store: replicas come and go behind it (docs/operations.md, "Several api replicas"). It keeps a
+heartbeat in the host's Redis (role ``front``, with its replicas, live or not: what ``mfh status`` shows), best
+effort: with Redis down it serves as before.
 On SIGTERM/SIGINT new requests are answered UNAVAILABLE, held ones get their answers (a few
 seconds at most), then the sockets close.
 """
@@ -19,6 +21,7 @@ from prometheus_client import start_http_server
 
 from mfh_api.auth import is_loopback
 from mfh_api.zmq_front import ZmqFront
+from mfh_core.heartbeat import Heartbeat
 from mfh_core.jsonlog import configure_json_logging
 from mfh_core.redaction import install_loop_exception_handler, install_redaction
 from mfh_models import ConfigError, Settings
@@ -79,8 +82,21 @@ async def run_front(
     front = ZmqFront.from_settings(settings, endpoints)
     await front.start()
     httpd = None
+    beating: asyncio.Task[None] | None = None
+    beats = asyncio.Event()  # set: the heartbeat deletes its key and ends
     try:
         httpd = _start_metrics(settings)
+        heartbeat = Heartbeat(
+            redis_url=settings.storage.redis_url,
+            prefix=settings.storage.redis_prefix,
+            role="front",
+            host_id=settings.host_id,
+            data_dir=settings.data_dir or "",
+            metrics_port=httpd.server_port if httpd is not None else 0,
+            extra=lambda: {"zmq_port": front.port, "replicas": front.replica_states()},
+        )
+        front.on_change = heartbeat.nudge
+        beating = asyncio.create_task(heartbeat.run(beats), name="mfh-heartbeat")
         log.info(
             "front ready",
             extra={
@@ -93,7 +109,10 @@ async def run_front(
         log.info("shutting down")
     finally:
         started = time.monotonic()
+        beats.set()
         await front.close(grace=min(settings.server.deadline_seconds + 1.0, 10.0))
+        if beating is not None:
+            await beating
         if httpd is not None:
             httpd.shutdown()
         log.info("stopped in %.2fs", time.monotonic() - started)

@@ -4,8 +4,11 @@ the envelope of a request, and who a request counts against (its peer)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Final
 
@@ -14,18 +17,19 @@ import zmq.asyncio
 import zmq.auth
 from zmq.auth.asyncio import AsyncioAuthenticator
 
+from mfh_core.metrics import ZMQ_REPLIES_DELAYED, ZMQ_REPLIES_DROPPED
 from mfh_models import ConfigError
 
 log = logging.getLogger("mfh.api.zmq")
 
 __all__ = [
     "FRONT_ROUTING_PREFIX",
+    "ReplyOutbox",
     "door_mode",
     "load_curve_keys",
     "open_router",
     "peer_of",
     "receive_loop",
-    "send_reply",
     "split_envelope",
 ]
 
@@ -88,7 +92,7 @@ def open_router(
     sock.setsockopt(zmq.RCVHWM, queue_messages)
     sock.setsockopt(zmq.SNDHWM, queue_messages)
     sock.setsockopt(zmq.LINGER, 200)
-    # A reply that does not fit is refused (EAGAIN), not dropped in silence: send_reply tries again.
+    # A reply that does not fit is refused (EAGAIN), not dropped in silence: it waits in a ReplyOutbox.
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     zap: AsyncioAuthenticator | None = None
     try:
@@ -155,33 +159,157 @@ def peer_of(envelope: list[bytes]) -> bytes:
     return envelope[0]
 
 
-#: Pauses before the tries of a patient :func:`send_reply` after the first (seconds).
-_PATIENCE: Final = (0.0, 0.001, 0.005, 0.02)
+#: How long a reply waits in a :class:`ReplyOutbox` for its peer's pipe before it is dropped (seconds).
+OUTBOX_PATIENCE_S: Final = 10.0
+#: Replies waiting for one peer (a front's connection: :data:`OUTBOX_PER_FRONT`), and their bytes in all.
+OUTBOX_PER_PEER: Final = 64
+OUTBOX_PER_FRONT: Final = 4096
+OUTBOX_BYTES: Final = 64 * 1024 * 1024
+#: The flusher's pause between tries while every waiting peer's pipe is full: from the first to the last.
+_FLUSH_PAUSES: Final = (0.0005, 0.001, 0.002, 0.005, 0.01)
 
 
-async def send_reply(sock: zmq.asyncio.Socket, frames: list[bytes], *, patient: bool = True) -> bool:
-    """Send one reply on a ROUTER; False when it was not sent (the peer is gone, or does not read).
+class ReplyOutbox:
+    """The replies of one ROUTER socket that could not be sent at once; sent, in order per peer, as its pipe frees.
 
-    libzmq counts a pipe full until the socket's own thread hears that its I/O thread sent what was
-    queued, and it listens for that at most once a millisecond: a burst of replies to one peer (a front
-    sends one replica the requests of all its peers) found the pipe "full" after ``queue_messages``
-    replies and lost the rest. So a refused reply is tried again after the socket caught up
-    (``EVENTS`` makes it listen); a patient one (a request's own task) also after short pauses, so
-    a peer that does not read costs its own task about 25 ms, never the receive loop."""
-    for pause in _PATIENCE if patient else _PATIENCE[:1]:
-        try:
-            await sock.send_multipart(frames, flags=zmq.NOBLOCK)
-            return True
-        except zmq.Again:
-            if pause:
-                await asyncio.sleep(pause)
-            sock.getsockopt(zmq.EVENTS)
-        except zmq.ZMQError as e:  # EHOSTUNREACH: the peer is gone; nothing to answer
-            log.debug("reply not sent: %s", e)
+    With ``ROUTER_MANDATORY`` libzmq refuses (EAGAIN) a reply to a peer whose pipe holds ``SNDHWM``
+    messages: full for real (a peer that does not read, TCP pushing back) or only in the socket's books,
+    which count a pipe full until the socket's own thread hears from its I/O thread what was sent (at
+    most once a millisecond, and only when both threads get the CPU). A burst of replies to one peer
+    (a front carries the requests of all its peers over one connection) met that on a loaded machine,
+    and a reply given up on after a few tries left its request unanswered: the front held it for
+    minutes. So a refused reply waits here, behind that peer's earlier ones, and one task sends them
+    as soon as the pipe takes them, until the peer is gone (EHOSTUNREACH), or a reply has waited
+    ``patience_s``. Bounded: ``per_peer`` replies per peer (``per_front`` for a front's connection, whose
+    requests the front bounds itself) and ``max_bytes`` in all; beyond them a reply is dropped, counted in
+    ``mfh_zmq_replies_dropped_total``, as before. Never blocks the caller.
+    """
+
+    def __init__(
+        self,
+        sock: zmq.asyncio.Socket,
+        *,
+        door: str,
+        patience_s: float = OUTBOX_PATIENCE_S,
+        per_peer: int = OUTBOX_PER_PEER,
+        per_front: int = OUTBOX_PER_FRONT,
+        max_bytes: int = OUTBOX_BYTES,
+    ) -> None:
+        self._sock = sock
+        self.door = door
+        self.patience_s = patience_s
+        self.per_peer = per_peer
+        self.per_front = per_front
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._queues: dict[bytes, deque[tuple[float, list[bytes], int]]] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def waiting(self) -> int:
+        """Replies waiting for their peer's pipe."""
+        return sum(len(q) for q in self._queues.values())
+
+    async def send(self, frames: list[bytes]) -> bool:
+        """Send ``frames`` (routing id first) now, or keep them to send as soon as the pipe takes them;
+        False when the reply is dropped (the peer is gone, or the bounds are reached)."""
+        peer = frames[0]
+        if peer not in self._queues:  # nothing of this peer waits: try now (twice: the books may be behind)
+            for attempt in range(2):
+                try:
+                    await self._sock.send_multipart(frames, flags=zmq.NOBLOCK)
+                    return True
+                except zmq.Again:
+                    if attempt == 0:
+                        self._catch_up()
+                except zmq.ZMQError as e:  # EHOSTUNREACH: the peer is gone; nothing to answer
+                    log.debug("reply not sent: %s", e)
+                    ZMQ_REPLIES_DROPPED.labels(door=self.door, reason="gone").inc()
+                    return False
+        return self._keep(peer, frames)
+
+    def _catch_up(self) -> None:
+        """Let the socket hear from its I/O thread what was sent (``EVENTS``). Through the asyncio socket's own
+        ``get``: it then wakes a receive that this reading of ``EVENTS`` would otherwise leave waiting
+        (``getsockopt`` is libzmq's, and reading the events consumes the edge the receive waits for)."""
+        self._sock.get(zmq.EVENTS)
+
+    def _keep(self, peer: bytes, frames: list[bytes]) -> bool:
+        size = sum(len(f) for f in frames)
+        queue = self._queues.get(peer)
+        cap = self.per_front if peer.startswith(FRONT_ROUTING_PREFIX) else self.per_peer
+        if self._closed or (queue is not None and len(queue) >= cap) or self.bytes + size > self.max_bytes:
+            ZMQ_REPLIES_DROPPED.labels(door=self.door, reason="full").inc()
             return False
-    try:
-        await sock.send_multipart(frames, flags=zmq.NOBLOCK)
+        if queue is None:
+            queue = self._queues[peer] = deque()
+        queue.append((time.monotonic(), frames, size))
+        self.bytes += size
+        ZMQ_REPLIES_DELAYED.labels(door=self.door).inc()
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._flush(), name=f"mfh-{self.door}-outbox")
+        self._wake.set()
         return True
-    except zmq.ZMQError as e:
-        log.debug("reply not sent: %s", e)
-        return False
+
+    async def _flush(self) -> None:
+        """Send what waits, peer by peer, pausing (a little longer each time, up to 10 ms) while no pipe takes
+        anything; sleep when nothing waits."""
+        pause = 0
+        while not self._closed:
+            if not self._queues:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            self._catch_up()
+            sent = self._flush_once(time.monotonic() - self.patience_s)
+            if sent:
+                pause = 0
+                await asyncio.sleep(0)
+            else:
+                await asyncio.sleep(_FLUSH_PAUSES[pause])
+                pause = min(pause + 1, len(_FLUSH_PAUSES) - 1)
+
+    def _flush_once(self, too_old: float) -> int:
+        sent = 0
+        for peer in list(self._queues):
+            queue = self._queues[peer]
+            while queue:
+                since, frames, size = queue[0]
+                if since < too_old:
+                    ZMQ_REPLIES_DROPPED.labels(door=self.door, reason="patience").inc()
+                else:
+                    done = self._sock.send_multipart(frames, flags=zmq.NOBLOCK)  # NOBLOCK: done at once
+                    e = done.exception() if isinstance(done, asyncio.Future) and done.done() else None
+                    if isinstance(e, zmq.Again):
+                        break
+                    if e is not None:  # the peer is gone (EHOSTUNREACH): so is everything it waits for
+                        log.debug("replies not sent: %s", e)
+                        ZMQ_REPLIES_DROPPED.labels(door=self.door, reason="gone").inc(len(queue))
+                        self.bytes -= sum(n for _, _, n in queue)
+                        queue.clear()
+                        break
+                    sent += 1
+                queue.popleft()
+                self.bytes -= size
+            if not queue:
+                del self._queues[peer]
+        return sent
+
+    async def drain(self, timeout_s: float) -> None:
+        """Give what waits up to ``timeout_s`` to go (a closing door), then stop; the rest is dropped."""
+        deadline = time.monotonic() + timeout_s
+        while self._queues and time.monotonic() < deadline:  # noqa: ASYNC110 - the flusher sends; we look
+            await asyncio.sleep(0.005)
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        left = self.waiting
+        if left:
+            ZMQ_REPLIES_DROPPED.labels(door=self.door, reason="closing").inc(left)
+        self._queues.clear()
+        self.bytes = 0

@@ -23,17 +23,25 @@ that took them.
 Bounds: ``front.max_in_flight`` requests held, ``server.max_in_flight_per_peer`` per peer and
 ``server.max_in_flight_bytes`` in all; beyond them a request is answered RESOURCE_EXHAUSTED as
 the api answers it, from a peek at its first bytes. No log line holds anything a peer sent.
+
+Exactly one answer each, promptly: a request no replica answered by its deadline (its ``timeout_ms``,
+else ``server.deadline_seconds``, when the replica itself answers DEADLINE_EXCEEDED) and
+:data:`ANSWER_MARGIN_S` is answered DEADLINE_EXCEEDED by the front (a later answer is dropped, "late");
+an answer an agent's pipe cannot take at once waits for it in a :class:`~mfh_api.zmq_door.ReplyOutbox`
+(as the replicas' answers to the front do on their side) instead of being dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import itertools
 import logging
 import secrets
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -46,11 +54,11 @@ from zmq.utils.monitor import parse_monitor_message
 from mfh_api.limits import PeerSlots
 from mfh_api.zmq_door import (
     FRONT_ROUTING_PREFIX,
+    ReplyOutbox,
     door_mode,
     load_curve_keys,
     open_router,
     receive_loop,
-    send_reply,
     split_envelope,
 )
 from mfh_api.zmq_protocol import SHUTTING_DOWN, peek, peek_error
@@ -71,8 +79,10 @@ log = logging.getLogger("mfh.front")
 
 #: The ``peer`` frame of the front's own pings (never a ROUTER identity: those are not this long).
 _HEARTBEAT_PEER: Final = b"mfh-front-heartbeat"
-#: A request no replica answered in this long is answered by the front (a watch waits 300 s at most).
-_HOLD_LIMIT_S: Final = 310.0
+#: A request no replica answered by its deadline (``timeout_ms``, else ``server.deadline_seconds``; a replica
+#: answers DEADLINE_EXCEEDED then) and this long after is answered by the front: its answer was lost.
+ANSWER_MARGIN_S: Final = 2.0
+_MAX_TIMEOUT_S: Final = 300.0  # the api's bound on timeout_ms
 _READS_V1: Final = frozenset({"get", "batch_get", "list", "watch", "search", "list_namespaces", "ping"})
 _READS_V0: Final = frozenset({"get", "retrieve", "batch_get", "list"})
 _WRITES_V0: Final = frozenset({"put", "store"})
@@ -84,6 +94,15 @@ def _refused_draining(reply: list[bytes]) -> bool:
     return (
         len(reply) == 1 and len(reply[0]) < 1024 and b'"status":"error"' in reply[0] and _REFUSED_DRAINING in reply[0]
     )
+
+
+def _error_code(reply: list[bytes]) -> str:
+    """The error code of a (v1) reply, for a log line: nothing else of it."""
+    with contextlib.suppress(orjson.JSONDecodeError, IndexError, KeyError, AttributeError, TypeError):
+        code = orjson.loads(reply[0])["error"]["code"]
+        if isinstance(code, str) and code.isupper() and len(code) < 40:
+            return code
+    return "an unreadable answer"
 
 
 def _unconditional(put: Any) -> bool:
@@ -133,6 +152,7 @@ class _Held:
     peer: bytes
     size: int
     received: float
+    deadline: float  # monotonic: answered by the front if no replica answered by then
     replica: _Replica | None = None
     resends: int = 0
 
@@ -145,6 +165,7 @@ class _Replica:
     connected: bool = False
     draining: bool = False
     live: bool = False
+    ping_refused: bool = False  # its last ping answer was an error, not "shutting down" or "busy" (logged once)
     last_heard: float = float("-inf")
     held: dict[bytes, _Held] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -168,6 +189,7 @@ class ZmqFront:
         heartbeat_s: float = 0.2,
         dead_after_s: float = 1.0,
         max_resends: int = 2,
+        deadline_s: float = 5.0,
         curve_secret_file: str | None = None,
         curve_clients_dir: str | None = None,
     ) -> None:
@@ -183,6 +205,7 @@ class ZmqFront:
         self.heartbeat_s = heartbeat_s
         self.dead_after_s = dead_after_s
         self.max_resends = max_resends
+        self.deadline_s = deadline_s
         self.curve_secret_file = curve_secret_file
         self.curve_clients_dir = curve_clients_dir
         self._slots = PeerSlots("requests in flight", max_total=max_in_flight, max_per_peer=max_in_flight_per_peer)
@@ -194,7 +217,14 @@ class ZmqFront:
         self.replicas: list[_Replica] = []
         self._live: list[_Replica] = []
         self._held: dict[bytes, _Held] = {}  # by tag, in arrival order
+        self._deadlines: list[tuple[float, bytes]] = []  # (deadline, tag), a heap; tags answered since stay
         self._tags = itertools.count(1)
+        self._outbox: ReplyOutbox | None = None
+        #: Replicas are judged by their silence since this (monotonic): a front that itself stalled (starved,
+        #: stopped) heard nothing meanwhile, through no fault of theirs.
+        self._listening_since = float("-inf")
+        #: Called when a replica enters or leaves the rotation (the heartbeat says so at once).
+        self.on_change: Callable[[], None] | None = None
         self._ctx: zmq.asyncio.Context | None = None
         self._sock: zmq.asyncio.Socket | None = None
         self._zap: AsyncioAuthenticator | None = None
@@ -219,6 +249,7 @@ class ZmqFront:
             heartbeat_s=f.heartbeat_ms / 1000,
             dead_after_s=f.dead_after_ms / 1000,
             max_resends=f.max_resends,
+            deadline_s=s.deadline_seconds,
             curve_secret_file=s.zmq_curve_secret_file,
             curve_clients_dir=s.zmq_curve_clients_dir,
         )
@@ -232,6 +263,16 @@ class ZmqFront:
     def held(self) -> int:
         """Requests sent to a replica and not answered yet."""
         return len(self._held)
+
+    def replica_states(self) -> list[dict[str, Any]]:
+        """Each replica as ``mfh status`` shows it: endpoint, live, why not, seconds since it was last heard."""
+        now = time.monotonic()
+        out = []
+        for r in self.replicas:
+            why = None if r.live else self._why(r)
+            heard = None if r.last_heard == float("-inf") else round(now - r.last_heard, 3)
+            out.append({"endpoint": r.endpoint, "live": r.live, "why": why, "heard_s_ago": heard, "held": len(r.held)})
+        return out
 
     async def start(self) -> int:
         """Bind the door, connect to every replica, start the heartbeat; returns the bound port."""
@@ -252,6 +293,7 @@ class ZmqFront:
         except BaseException:
             await self._close_sockets()
             raise
+        self._outbox = ReplyOutbox(self._sock, door="front")
         for r in self.replicas:
             FRONT_REPLICA_UP.labels(replica=r.endpoint).set(0)
             r.tasks = [
@@ -307,6 +349,9 @@ class ZmqFront:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._outbox is not None:  # answers still waiting for a slow agent's pipe
+            await self._outbox.drain(min(grace, 1.0))
+            self._outbox = None
         await self._close_sockets()
 
     async def _close_sockets(self) -> None:
@@ -351,7 +396,9 @@ class ZmqFront:
             await self._reply(envelope, [peek_error(peek(first), error)])
             return
         tag = next(self._tags).to_bytes(8, "big")
-        held = _Held(tag=tag, envelope=envelope, body=body, peer=peer, size=size, received=time.monotonic())
+        now = time.monotonic()
+        deadline = now + self._budget(body) + ANSWER_MARGIN_S
+        held = _Held(tag=tag, envelope=envelope, body=body, peer=peer, size=size, received=now, deadline=deadline)
         if not await self._forward(held):
             FRONT_REQUESTS.labels(outcome="unavailable").inc()
             error = {"code": "UNAVAILABLE", "message": "no api replica is live behind mfh front; retry shortly"}
@@ -379,6 +426,7 @@ class ZmqFront:
                 self._slots.try_acquire(held.peer)
                 self.bytes_in_flight += held.size
                 self._held[tag] = held
+                heapq.heappush(self._deadlines, (held.deadline, tag))
                 FRONT_HELD.set(len(self._held))
             held.replica = r
             r.held[tag] = held
@@ -386,9 +434,20 @@ class ZmqFront:
             return True
         return False
 
-    async def _reply(self, envelope: list[bytes], reply: list[bytes], *, patient: bool = False) -> None:
-        if self._sock is not None:
-            await send_reply(self._sock, [*envelope, *reply], patient=patient)
+    def _budget(self, body: list[bytes]) -> float:
+        """How long a replica may take over a request: its ``timeout_ms`` (the v1 envelope's; parsed only when the
+        body names it), else ``server.deadline_seconds``; at most 300 s, as the api bounds it."""
+        if len(body) == 1 and b'"timeout_ms"' in body[0]:
+            with contextlib.suppress(orjson.JSONDecodeError):
+                obj = orjson.loads(body[0])
+                t = obj.get("timeout_ms") if isinstance(obj, dict) else None
+                if type(t) is int and t > 0:
+                    return min(t / 1000, _MAX_TIMEOUT_S)
+        return min(self.deadline_s, _MAX_TIMEOUT_S)
+
+    async def _reply(self, envelope: list[bytes], reply: list[bytes]) -> None:
+        if self._outbox is not None:  # sent now, or as soon as the agent's pipe takes it (ReplyOutbox)
+            await self._outbox.send([*envelope, *reply])
 
     def _release(self, tag: bytes) -> _Held | None:
         held = self._held.pop(tag, None)
@@ -423,7 +482,14 @@ class ZmqFront:
                 continue  # not an answer to anything we sent
             peer, tag, reply = frames[0], frames[1], frames[3:]
             if peer == _HEARTBEAT_PEER:
-                r.draining = not (len(reply) == 1 and b'"status":"ok"' in reply[0])
+                # Only "shutting down" takes it out: a busy replica sheds the ping too (RESOURCE_EXHAUSTED),
+                # and under load that emptied the rotation while the replica answered everything it held.
+                ok = len(reply) == 1 and b'"status":"ok"' in reply[0]
+                r.draining = not ok and _refused_draining(reply)
+                refused = not ok and not r.draining and _error_code(reply) != "RESOURCE_EXHAUSTED"
+                if refused and not r.ping_refused:  # a wrong front.api_key, say: every request fails there too
+                    log.warning("replica %s refused the front's ping: %s", r.endpoint, _error_code(reply))
+                r.ping_refused = refused
                 self._update(r)
                 continue
             held = self._held.get(tag)
@@ -461,7 +527,15 @@ class ZmqFront:
                     await r.sock.send_multipart([_HEARTBEAT_PEER, b"hb", b"", self._ping], flags=zmq.NOBLOCK)
 
     async def _heartbeat(self) -> None:
+        last = time.monotonic()
         while True:
+            now = time.monotonic()
+            if now - last > self.heartbeat_s + self.dead_after_s / 2:
+                # We were not running (starved, stopped): what the replicas said meanwhile is still unread.
+                # Each gets a full dead_after_s from now to be heard, as if we had just started listening.
+                log.warning("mfh front did not run for %.2f s; replicas are judged from now", now - last)
+                self._listening_since = now
+            last = now
             for r in self.replicas:
                 with contextlib.suppress(zmq.ZMQError):
                     await r.sock.send_multipart([_HEARTBEAT_PEER, b"hb", b"", self._ping], flags=zmq.NOBLOCK)
@@ -471,7 +545,7 @@ class ZmqFront:
 
     def _update(self, r: _Replica) -> bool:
         """Put ``r`` in or out of the rotation; True when it just left it."""
-        fresh = time.monotonic() - r.last_heard <= self.dead_after_s
+        fresh = self._fresh(r)
         live = r.connected and fresh and not r.draining
         if live == r.live:
             return False
@@ -479,19 +553,29 @@ class ZmqFront:
         self._live = [x for x in self.replicas if x.live]
         FRONT_REPLICA_UP.labels(replica=r.endpoint).set(1 if live else 0)
         FRONT_REPLICAS_LIVE.set(len(self._live))
-        why = "shutting down" if r.draining else ("disconnected" if not r.connected else "no answer")
+        why = self._why(r)
         if live:
             log.info("replica %s is live (%d in rotation)", r.endpoint, len(self._live))
         else:
             FRONT_FAILOVERS.labels(replica=r.endpoint).inc()
             log.warning("replica %s left the rotation: %s (%d in rotation)", r.endpoint, why, len(self._live))
+        if self.on_change is not None:
+            self.on_change()
         return not live
+
+    @staticmethod
+    def _why(r: _Replica) -> str:
+        return "shutting down" if r.draining else ("disconnected" if not r.connected else "no answer")
+
+    def _fresh(self, r: _Replica) -> bool:
+        """Heard within ``dead_after_s``, counting only time the front was listening."""
+        return time.monotonic() - max(r.last_heard, self._listening_since) <= self.dead_after_s
 
     async def _update_and_fail_over(self, r: _Replica) -> None:
         self._update(r)
         if r.live or not r.held:
             return
-        if r.connected and time.monotonic() - r.last_heard <= self.dead_after_s:
+        if r.connected and self._fresh(r):
             return  # shutting down, not dead: it answers what it holds
         # Whatever it held gets an answer: from another replica when a repeat is harmless, else from us.
         # A replica whose connection is gone runs nothing more of what we sent it; a silent one (hung,
@@ -521,10 +605,18 @@ class ZmqFront:
                 )
 
     async def _expire(self) -> None:
-        """Answer requests held past any deadline (a replica that is live but dropped the answer)."""
-        cutoff = time.monotonic() - _HOLD_LIMIT_S
-        for held in list(self._held.values()):
-            if held.received > cutoff:
-                break
-            FRONT_REQUESTS.labels(outcome="lost").inc()
-            await self._answer(held, "DEADLINE_EXCEEDED", "no answer from the api replica; it may have run")
+        """Answer requests held past their deadline and :data:`ANSWER_MARGIN_S`: their replica is live but its
+        answer did not come (lost on the way, or the replica is stuck on it)."""
+        now = time.monotonic()
+        if now - self._listening_since < self.dead_after_s:
+            return  # we just ran again after a stall: the answers that came meanwhile are being read
+        if len(self._deadlines) > 2 * len(self._held) + 1024:  # mostly answered ones: keep those still held
+            self._deadlines = [(h.deadline, t) for t, h in self._held.items()]
+            heapq.heapify(self._deadlines)
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, tag = heapq.heappop(self._deadlines)
+            held = self._held.get(tag)
+            if held is None:
+                continue  # answered already
+            FRONT_REQUESTS.labels(outcome="expired").inc()
+            await self._answer(held, "DEADLINE_EXCEEDED", "no answer from the api replica in time; it may have run")

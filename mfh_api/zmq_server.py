@@ -32,7 +32,7 @@ from mfh_api.keys import OPEN, Door, Grant, KeyRing, count_refusal
 from mfh_api.limits import PeerSlots
 from mfh_api.search import MetadataCondition, SearchSpec
 from mfh_api.service import Durability, MemoryService, PutSpec
-from mfh_api.zmq_door import door_mode, open_router, peer_of, receive_loop, send_reply, split_envelope
+from mfh_api.zmq_door import ReplyOutbox, door_mode, open_router, peer_of, receive_loop, split_envelope
 from mfh_api.zmq_protocol import (
     MAX_ID_CHARS,
     RPC_NAMES,
@@ -247,6 +247,7 @@ class ZmqServer:
         self.port = 0
         self._ctx: zmq.asyncio.Context | None = None
         self._sock: zmq.asyncio.Socket | None = None
+        self._outbox: ReplyOutbox | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._draining = False
@@ -303,6 +304,7 @@ class ZmqServer:
             ctx, self._ctx = self._ctx, None
             ctx.term()
             raise
+        self._outbox = ReplyOutbox(self._sock, door="api")
         self._loop_task = asyncio.create_task(self._serve(), name="mfh-zmq-router")
         mode = door_mode(self.curve_secret_file, self.curve_clients_dir)
         log.info("ZeroMQ ROUTER listening on %s (%s)", self.endpoint, mode)
@@ -330,6 +332,9 @@ class ZmqServer:
             self._loop_task = None
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=grace)
+        if self._outbox is not None:  # replies still waiting for a slow reader's pipe
+            await self._outbox.drain(min(grace, 1.0))
+            self._outbox = None
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -432,9 +437,9 @@ class ZmqServer:
         if not task.cancelled() and task.exception() is not None:  # retrieved: no asyncio log with its repr
             log.error("ZeroMQ request task failed (%s)", type(task.exception()).__name__)
 
-    async def _send(self, envelope: list[bytes], reply: bytes, *, patient: bool = False) -> None:
-        if self._sock is not None:
-            await send_reply(self._sock, [*envelope, reply], patient=patient)
+    async def _send(self, envelope: list[bytes], reply: bytes) -> None:
+        if self._outbox is not None:  # sent now, or as soon as the peer's pipe takes it (ReplyOutbox)
+            await self._outbox.send([*envelope, reply])
 
     async def _handle(
         self, envelope: list[bytes], body: bytes, received: float | None = None, probed: bool = False
@@ -444,7 +449,7 @@ class ZmqServer:
         except Exception as e:  # answer() does not raise; if it ever did, the request still gets its one reply
             log.error("ZeroMQ request failed outside its handler (%s)", type(e).__name__)
             reply = peek_error(peek(body), {"code": "INTERNAL", "message": INTERNAL_MESSAGE})
-        await self._send(envelope, reply, patient=True)
+        await self._send(envelope, reply)
 
     def _authenticate(self, obj: dict[str, Any], door: Door) -> Grant:
         """The request's grant; Unauthenticated (counted) for a missing or unknown key."""

@@ -1,9 +1,10 @@
 """Process heartbeats: each MFH process says in Redis that it is up, so ``mfh status`` can list them.
 
-Every process (api replicas, each worker process, replicator, scheduler) keeps one key
+Every process (api replicas, each worker process, replicator, scheduler, ``mfh front``) keeps one key
 ``<prefix>:procs:<role>:<hostname>:<pid>`` holding its pid, version, start time and metrics
-port. It is refreshed every ``interval_s`` with a TTL of ``ttl_s``: a process that dies
-without cleaning up disappears within the TTL, one that stops cleanly deletes its key at once.
+port, and what the process adds of its own (``extra``: the front's replicas, live or not). It is
+refreshed every ``interval_s`` with a TTL of ``ttl_s``: a process that dies without cleaning up
+disappears within the TTL, one that stops cleanly deletes its key at once.
 The same start-up also sets ``mfh_processes{role,version}`` and ``mfh_process_start_timestamp_seconds``.
 """
 
@@ -16,8 +17,10 @@ import logging
 import os
 import socket
 import time
-from dataclasses import MISSING, asdict, dataclass, replace
+from collections.abc import Callable
+from dataclasses import MISSING, asdict, dataclass, field, replace
 from importlib import metadata
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -28,7 +31,7 @@ __all__ = ["Heartbeat", "ProcessRecord", "announced_data_dirs", "hub_version", "
 
 log = logging.getLogger("mfh.heartbeat")
 
-ROLES = ("api", "worker", "replicator", "scheduler")
+ROLES = ("api", "worker", "replicator", "scheduler", "front")
 
 
 def hub_version() -> str:
@@ -52,6 +55,7 @@ class ProcessRecord:
     metrics_port: int  # 0: none
     beat_at: float
     data_dir: str = ""  # where its relative data paths resolve (mfh_models.Settings.data_dir)
+    extra: dict[str, Any] = field(default_factory=dict)  # the role's own (mfh front: {"replicas": [...]})
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -59,8 +63,9 @@ class ProcessRecord:
     @classmethod
     def from_json(cls, raw: str | bytes) -> ProcessRecord:
         data = json.loads(raw)
-        required = {k: data[k] for k, f in cls.__dataclass_fields__.items() if f.default is MISSING}
-        return cls(**required, **{k: data[k] for k in ("data_dir",) if k in data})  # older processes lack it
+        fields = cls.__dataclass_fields__.items()
+        required = {k: data[k] for k, f in fields if f.default is MISSING and f.default_factory is MISSING}
+        return cls(**required, **{k: data[k] for k in ("data_dir", "extra") if k in data})  # older ones lack them
 
     def pid_gone(self) -> bool:
         """True when the record is of this machine and its pid no longer exists (a SIGKILLed process)."""
@@ -93,6 +98,7 @@ class Heartbeat:
         data_dir: str = "",
         interval_s: float = 5.0,
         ttl_s: float = 15.0,
+        extra: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.redis: aioredis.Redis = aioredis.Redis.from_url(
             redis_url, socket_timeout=2.0, socket_connect_timeout=2.0, max_connections=2
@@ -117,10 +123,17 @@ class Heartbeat:
         PROCESSES.labels(role=role, version=self.record.version).set(1)
         PROCESS_STARTED.labels(role=role).set(self.record.started_at)
         self._down = False
+        self._extra = extra
+        self._nudged: asyncio.Event | None = None
+
+    def nudge(self) -> None:
+        """Beat now rather than at the next interval (what ``extra`` says changed); a no-op before :meth:`run`."""
+        if self._nudged is not None:
+            self._nudged.set()
 
     async def beat(self) -> bool:
         """Write the key once; False (one log line per outage) while Redis is unavailable."""
-        record = replace(self.record, beat_at=time.time())
+        record = replace(self.record, beat_at=time.time(), extra=self._extra() if self._extra is not None else {})
         try:
             await self.redis.set(self.key, record.to_json(), px=self.ttl_ms)
         except (RedisError, OSError) as e:
@@ -135,12 +148,19 @@ class Heartbeat:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Beat every ``interval_s`` until ``stop`` is set; then delete the key and close."""
+        nudged = self._nudged = asyncio.Event()
         try:
             while not stop.is_set():
+                nudged.clear()
                 await self.beat()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.interval_s)
+                waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(nudged.wait())]
+                try:
+                    await asyncio.wait(waits, timeout=self.interval_s, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for w in waits:
+                        w.cancel()
         finally:
+            self._nudged = None
             await self.close()
 
     async def close(self) -> None:

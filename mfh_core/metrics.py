@@ -54,6 +54,8 @@ __all__ = [
     "REQUEUED_DIRTY",
     "UNPUBLISHED_EVENTS",
     "WRITE_BATCHES",
+    "ZMQ_REPLIES_DELAYED",
+    "ZMQ_REPLIES_DROPPED",
     "register_near_cache",
 ]
 
@@ -78,7 +80,8 @@ LEGACY_V0_CALLS = Counter(
 FRONT_REQUESTS = Counter(
     "mfh_front_requests_total",
     "Requests through mfh front by outcome: forwarded, resent (their replica died), shed, unavailable (no live "
-    "replica), lost (their replica died and they could not be sent again), late (a reply after a re-send)",
+    "replica), lost (their replica died and they could not be sent again), expired (no answer by their deadline), "
+    "late (a reply after a re-send or expiry)",
     ["outcome"],
 )
 FRONT_SENT = Counter("mfh_front_sent_total", "Requests mfh front sent to each api replica (re-sends too)", ["replica"])
@@ -87,6 +90,17 @@ FRONT_REPLICAS_LIVE = Gauge("mfh_front_replicas_live", "api replicas in mfh fron
 FRONT_REPLICA_UP = Gauge("mfh_front_replica_up", "1 while an api replica is in mfh front's rotation", ["replica"])
 FRONT_FAILOVERS = Counter(
     "mfh_front_failovers_total", "Times mfh front dropped a replica from its rotation (dead, draining)", ["replica"]
+)
+ZMQ_REPLIES_DELAYED = Counter(
+    "mfh_zmq_replies_delayed_total",
+    "ZeroMQ replies that waited for their peer's pipe (refused at once: the peer read slowly, or the box was busy)",
+    ["door"],
+)
+ZMQ_REPLIES_DROPPED = Counter(
+    "mfh_zmq_replies_dropped_total",
+    "ZeroMQ replies never sent, by reason: gone (the peer disconnected), full (too many waiting for it), "
+    "patience (it read nothing for 10 s), closing",
+    ["door", "reason"],
 )
 CACHE_LOOKUPS = Counter("mfh_cache_lookups_total", "Hot store lookups by result (hit, miss)", ["result"])
 WRITE_BATCHES = Counter("mfh_write_batches_total", "persist_batch messages enqueued by the api")

@@ -250,6 +250,15 @@ def _judge_processes(h: HostHealth, s: Settings, red: Any, yellow: Any) -> None:
         )
     if h.count("scheduler") == 0:
         yellow("scheduler", f"no scheduler is running{why('scheduler')}: no snapshots, audits or reconcile")
+    for front in (p for p in h.processes if p.role == "front"):
+        replicas = front.extra.get("replicas") or []
+        dead = [r for r in replicas if not r.get("live")]
+        port = front.extra.get("zmq_port", "?")
+        if replicas and len(dead) == len(replicas):
+            red("front", f"mfh front (ZeroMQ :{port}) has no live api replica: agents there get UNAVAILABLE")
+        elif dead:
+            names = ", ".join(f"{r.get('endpoint')} ({r.get('why') or 'no answer'})" for r in dead)
+            yellow("front", f"api replica(s) out of mfh front's rotation (ZeroMQ :{port}): {names}")
     versions = {p.version for p in h.processes}
     if len(versions) > 1:
         yellow("processes", f"processes run different versions: {', '.join(sorted(versions))}")

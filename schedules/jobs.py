@@ -1,5 +1,5 @@
 """The scheduler's jobs: reconcile lost batches, tombstone expired records, take snapshots, run the replay
-audit and, where scheduled, the cross-host audit.
+audit and, where scheduled, the cross-host audit (once per slot in the cluster: schedules.lease.SlotLease).
 
 Each job is a plain function of its collaborators, so tests and ``mfh`` commands run it directly.
 Files carry the host id (``snapshot-<host>-<stamp>.jsonl.gz``, ``audit-latest-<host>.json``,
@@ -17,7 +17,9 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import Final
 
 from mfh_core import Change, HotStore, SqlStore
 from mfh_core.metrics import DIRTY_ENTRIES, RECONCILE_REENQUEUED
@@ -39,6 +41,7 @@ from mfh_tasks.snapshots import (
     verified_snapshot,
     write_snapshot,
 )
+from schedules.lease import SlotLease
 
 __all__ = [
     "AuditResult",
@@ -55,6 +58,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("mfh.schedules")
+
+#: The slot leases' job name of the scheduled cross-host audit (keys ``peer_audit.<slot>``).
+PEER_AUDIT_JOB: Final = "peer_audit"
 
 
 async def reconcile(hot: HotStore, send: Send, *, stale_after_s: float, batch: int = 256) -> int:
@@ -307,10 +313,27 @@ def prune_events(sql: SqlStore, directory: Path, *, host: str, archive: bool = T
     return pruned
 
 
-async def audit_peers(settings: Settings) -> PeerAudit | None:
+async def audit_peers(
+    settings: Settings, *, slot: datetime | None = None, lease: SlotLease | None = None
+) -> PeerAudit | None:
     """The scheduled ``mfh audit --peers`` (``--repair`` with ``scheduler.peer_audit_repair``): one log line
     with the verdict, a warning when hosts differ or did not answer; None (and a warning, no traceback)
-    when NATS does not answer. The verdict is stored as the command stores it (``mfh status``, metrics)."""
+    when NATS does not answer. The verdict is stored as the command stores it (``mfh status``, metrics).
+
+    With ``slot`` (the scheduled minute: :func:`schedules.lease.scheduled_slot`), only the host that takes the
+    slot's lease (:class:`schedules.lease.SlotLease`) runs it; on the others it logs who does and returns None.
+    Every host of a cluster may so schedule it."""
+    if slot is not None:
+        lease = lease or SlotLease(settings.replication, host_id=settings.host_id)
+        try:
+            claim = await lease.claim(PEER_AUDIT_JOB, slot)
+        except MFHError as e:
+            log.warning("cross-host audit not run: %s", e, extra={"action": "audit_peers", "outcome": "unavailable"})
+            return None
+        if not claim.won:
+            log.info("cross-host audit of %s: run by %s", claim.key, claim.holder,
+                     extra={"action": "audit_peers", "outcome": "elsewhere"})  # fmt: skip
+            return None
     try:
         result = await run_peer_audit(settings, repair=settings.scheduler.peer_audit_repair)
     except MFHError as e:

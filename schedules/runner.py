@@ -11,6 +11,7 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -30,7 +31,7 @@ from mfh_tasks.join import SnapshotSharer
 from mfh_tasks.last_runs import export_last_runs
 from mfh_tasks.runtime import wait_for_sound_sql_store
 from schedules.jobs import audit, audit_peers, expire, prune_events, reconcile, snapshot_and_share
-from schedules.lease import Lease
+from schedules.lease import Lease, SlotLease, scheduled_slot
 
 __all__ = ["run_scheduler"]
 
@@ -161,9 +162,13 @@ async def run_scheduler(settings: Settings, *, stop: asyncio.Event | None = None
     if settings.expiry.sweep_interval_seconds > 0:
         jobs.append(("expire_records", expire_records, IntervalTrigger(seconds=settings.expiry.sweep_interval_seconds)))
     if sch.peer_audit_cron and settings.replication.enabled:
+        slots = SlotLease(settings.replication, host_id=settings.host_id)
+        peer_cron = sch.peer_audit_cron
 
         async def audit_across_hosts() -> None:
-            await audit_peers(settings)
+            # Any host may schedule it: the one that takes this slot's lease runs it (schedules.lease).
+            slot = scheduled_slot(peer_cron, datetime.now(UTC))
+            await audit_peers(settings, slot=slot, lease=slots)
 
         jobs.append(("audit_peers", audit_across_hosts, CronTrigger.from_crontab(sch.peer_audit_cron, timezone="UTC")))
     for name, job, trigger in jobs:

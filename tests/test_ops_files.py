@@ -101,8 +101,13 @@ def test_a_systemd_unit_for_each_procfile_line_passes_systemd_analyze(tmp_path: 
         assert f"ExecStart=/opt/mfh/.venv/bin/mfh {role} --host %i" in unit and "KillMode=mixed" in unit
     target = (UNITS / "mfh@.target").read_text()
     assert all(f"mfh-{role}@%i.service" in target for role in roles)
+    # and one for mfh front (Procfile.replicas), which an operator adds to the host's target by enabling it
+    front = (UNITS / "mfh-front@.service").read_text()
+    assert "ExecStart=/opt/mfh/.venv/bin/mfh front --host %i" in front and "KillMode=mixed" in front
+    assert "WantedBy=mfh@%i.target" in front and "PartOf=mfh@%i.target" in front
+    assert "mfh-front@" not in target  # optional: the api must move off 5713 first
     # When systemd-analyze verifies an instance of each, and the target
-    names = [f"mfh-{role}@main_pc.service" for role in roles] + ["mfh@main_pc.target"]
+    names = [f"mfh-{role}@main_pc.service" for role in [*roles, "front"]] + ["mfh@main_pc.target"]
     out = subprocess.run([tool, "verify", *names], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     # Then there is nothing to complain about
     assert out.returncode == 0, out.stdout + out.stderr

@@ -7,6 +7,7 @@ host whose replicator is down must be reported unreachable (exit 8).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import urllib.request
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from mfh_models import ConfigError
 from mfh_tasks import PersistPipeline, build_hot_store
 from mfh_tasks.replicator import Replicator
 from schedules.jobs import audit_peers
+from schedules.lease import SlotLease, scheduled_slot
 
 
 def side(tmp_path: Path, name: str, redis_url: str, nats_url: str, **overrides: Any) -> Side:
@@ -177,6 +180,91 @@ async def test_the_scheduled_audit_without_nats_logs_one_warning(
         and warnings[0].levelno == logging.WARNING
         and warnings[0].getMessage().startswith("cross-host audit not run: ")
     ), caplog.text
+    assert all(r.exc_info is None for r in caplog.records)
+
+
+async def test_two_hosts_scheduled_for_one_slot_run_the_audit_once(
+    pair: tuple[Side, Side, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b, _ = pair
+    # Given two converged hosts whose schedulers both have the cross-host audit at 03:45
+    for i in range(10):
+        await a.api.put(f"k{i}", "x")
+    await wait_converged((a, b), a.api.events, within_s=30)
+
+    def scheduled(s: Side) -> Any:
+        sch = s.host.settings.scheduler.model_copy(update={"peer_audit_cron": "45 3 * * *"})
+        return s.host.settings.model_copy(update={"scheduler": sch})
+
+    slot = datetime(2026, 12, 2, 3, 45, tzinfo=UTC)
+    # When both hosts' jobs fire for the same slot, at once
+    with caplog.at_level(logging.INFO, logger="mfh.schedules"):
+        results = await asyncio.gather(audit_peers(scheduled(a), slot=slot), audit_peers(scheduled(b), slot=slot))
+    # Then exactly one ran it (and found the hosts equal); the other said who did and stood by
+    ran = [r for r in results if r is not None]
+    assert len(ran) == 1 and ran[0].exit_code == 0, results
+    winner = ran[0].by
+    lines = [r.getMessage() for r in caplog.records if r.name == "mfh.schedules"]
+    assert sum("cross-host audit of peer_audit.20261202T0345Z: run by " + winner == m for m in lines) == 1, lines
+    assert sum(m.startswith(f"cross-host audit {ran[0].id}: 2 host(s)") for m in lines) == 1, lines
+    # and the same host's job again for that slot (a retry, a second scheduler) does not run it twice
+    again = [await audit_peers(scheduled(s), slot=slot) for s in (a, b)]
+    assert again == [None, None]
+    # and the next slot is run once again, by whichever host takes it
+    later = slot + timedelta(days=1)
+    results = await asyncio.gather(audit_peers(scheduled(b), slot=later), audit_peers(scheduled(a), slot=later))
+    assert sum(r is not None for r in results) == 1, results
+
+
+async def test_slot_leases_race_on_real_nats(tmp_path: Path, fresh_nats: NatsServer) -> None:
+    # Given three hosts' leases on one NATS (the bucket not there yet)
+    hosts = [make_host(tmp_path, name=n, redis_url="redis://127.0.0.1:1/0", nats_url=fresh_nats.url)
+             for n in ("main_pc", "pc2", "pc3")]  # fmt: skip
+    leases = [SlotLease(h.settings.replication, host_id=h.name) for h in hosts]
+    start = datetime(2026, 12, 2, 3, 0, tzinfo=UTC)
+    # When all three claim each of 10 slots at once
+    for n in range(10):
+        slot = start + timedelta(minutes=15 * n)
+        claims = await asyncio.gather(*(lease.claim("peer_audit", slot) for lease in leases))
+        # Then exactly one wins each, and every one names the same holder
+        assert sum(c.won for c in claims) == 1, claims
+        assert len({c.holder for c in claims}) == 1 and len({c.key for c in claims}) == 1, claims
+    # and the bucket is a KV bucket of its own, beside the events stream, keeping keys for days
+    import nats
+
+    nc = await nats.connect(fresh_nats.url)
+    try:
+        kv = await nc.jetstream().key_value("memory_events_leases")
+        status = await kv.status()
+        assert status.values == 10 and status.history == 1 and (status.ttl or 0) >= 86_400, status
+    finally:
+        await nc.close()
+
+
+def test_the_slot_is_the_crontabs_minute_on_the_hosts_own_clock() -> None:
+    # A job that fires on time, a little late, or much later (within the hour) belongs to the cron's minute
+    at = datetime(2026, 12, 2, 3, 45, tzinfo=UTC)
+    assert scheduled_slot("45 3 * * *", at + timedelta(seconds=0.3)) == at
+    assert scheduled_slot("45 3 * * *", at + timedelta(minutes=7, seconds=5)) == at
+    quarter = datetime(2026, 12, 2, 10, 30, tzinfo=UTC)
+    assert scheduled_slot("*/15 * * * *", quarter + timedelta(minutes=1, seconds=2)) == quarter
+    # and a host whose clock is 5 s ahead fires when its own clock says 03:45:00: the same slot
+    assert scheduled_slot("45 3 * * *", at) == at
+
+
+async def test_the_scheduled_slot_without_nats_logs_one_warning_and_skips(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    host = make_host(
+        tmp_path, name="pc2", redis_url="redis://127.0.0.1:1/0", nats_url=f"nats://127.0.0.1:{free_port()}"
+    )
+    slot = datetime(2026, 12, 2, 3, 45, tzinfo=UTC)
+    lease = SlotLease(host.settings.replication, host_id="pc2", connect_s=0.5)
+    with caplog.at_level(logging.INFO, logger="mfh.schedules"):
+        assert await audit_peers(host.settings, slot=slot, lease=lease) is None
+    lines = [r for r in caplog.records if r.name == "mfh.schedules"]
+    assert len(lines) == 1 and lines[0].levelno == logging.WARNING, caplog.text
+    assert lines[0].getMessage().startswith("cross-host audit not run: ") and "NATS" in lines[0].getMessage()
     assert all(r.exc_info is None for r in caplog.records)
 
 

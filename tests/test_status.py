@@ -350,3 +350,16 @@ def test_last_snapshot_and_audit_are_this_hosts(tmp_path: Path) -> None:
     snap, audit = last_snapshot(s), last_audit(s)
     assert snap is not None and Path(snap.path).name == "snapshot-pc2-20250101T000000000Z.jsonl.gz"
     assert audit is not None and audit.ok is False and audit.checked_at == 1735689600.0
+
+
+def test_a_heartbeat_record_reads_back_with_or_without_what_its_role_adds() -> None:
+    import json as _json
+
+    from mfh_core.heartbeat import ProcessRecord
+
+    # Given a front's record (its replicas in extra) and one written by an older process (no data_dir, no extra)
+    front = ProcessRecord("front", "main_pc", "h", 7, "1.0", 1.0, 9718, 2.0, "/d", {"replicas": [{"live": True}]})
+    older = {k: v for k, v in _json.loads(front.to_json()).items() if k not in ("data_dir", "extra")}
+    # Then both read back (mfh status lists every process, old and new)
+    assert ProcessRecord.from_json(front.to_json()) == front
+    assert ProcessRecord.from_json(_json.dumps(older)).extra == {}

@@ -7,6 +7,7 @@ tests/test_failover.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import signal
@@ -68,35 +69,62 @@ class Hub:
             return str(r.read().decode())
 
     def metric(self, name: str, **labels: str) -> float:
-        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-        pattern = re.escape(name + (f"{{{want}}}" if want else "")) + r" ([0-9.e+-]+)$"
-        m = re.search(pattern, self.metrics(), re.MULTILINE)
-        return float(m.group(1)) if m else 0.0
+        return _metric(self.metrics(), name, labels)
 
     def live(self) -> float:
         return self.metric("mfh_front_replicas_live")
 
+    def replica_metric(self, i: int, name: str, **labels: str) -> float:
+        port = self.replicas[i].settings.server.metrics_port
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+            return _metric(r.read().decode(), name, labels)
 
-def _host(tmp_path: Path, name: str, redis_url: str, shared: dict[str, Any], server: dict[str, Any]) -> TestHost:
-    overrides = {**shared, "server": server, "metrics": {"front_port": free_port()}}
+
+def _metric(text: str, name: str, labels: dict[str, str]) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    pattern = re.escape(name + (f"{{{want}}}" if want else "")) + r" ([0-9.e+-]+)$"
+    m = re.search(pattern, text, re.MULTILINE)
+    return float(m.group(1)) if m else 0.0
+
+
+def _host(
+    tmp_path: Path,
+    name: str,
+    redis_url: str,
+    shared: dict[str, Any],
+    server: dict[str, Any],
+    front: dict[str, Any] | None = None,
+) -> TestHost:
+    overrides = {**shared, "server": server, "metrics": {"front_port": free_port()}, "front": front or {}}
     return make_host(
         tmp_path / name, redis_url=redis_url, database_url=f"sqlite:///{tmp_path}/shared.db", overrides=overrides
     )
 
 
-def build_hub(tmp_path: Path, redis_url: str, server: dict[str, Any] | None = None) -> Hub:
-    """Two api replicas of one host (same Redis, SQLite file and queue) and a front config, nothing started."""
+def build_hub(
+    tmp_path: Path, redis_url: str, server: dict[str, Any] | None = None, front: dict[str, Any] | None = None
+) -> Hub:
+    """Two api replicas of one host (same Redis, SQLite file and queue, metrics on ports of their own) and a front
+    config (``front``: its settings), nothing started."""
     shared = {
         "storage": {"redis_prefix": f"t{uuid.uuid4().hex[:10]}"},
         "write_behind": {"queue_name": f"t_{uuid.uuid4().hex[:8]}"},
     }
     extra = server or {}
     replicas = [
-        _host(tmp_path, n, redis_url, shared, {"zmq_port": free_port(), "grpc_port": free_port(), **extra})
+        _host(
+            tmp_path,
+            n,
+            redis_url,
+            shared,
+            {"zmq_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port(), **extra},
+        )
         for n in "ab"
     ]
-    front = _host(tmp_path, "front", redis_url, shared, {"zmq_port": free_port(), "max_message_bytes": 65536, **extra})
-    return Hub(replicas=replicas, front=front)
+    door = _host(
+        tmp_path, "front", redis_url, shared, {"zmq_port": free_port(), "max_message_bytes": 65536, **extra}, front
+    )
+    return Hub(replicas=replicas, front=door)
 
 
 @pytest.fixture
@@ -434,12 +462,20 @@ def test_hostile_input_through_the_front_gets_answers_and_never_a_hang(hub: Hub,
         s.close()
 
 
+_WATCH_NOW = b'{"v":1,"id":"now","action":"watch","payload":{"namespace":"x"}}'
+
+
 def _one_shed(p: zmq.Socket[bytes]) -> bytes:
     """Send 30 at once from one peer; return the answer to the last (the per-peer cap is 16). Each is a
     watch that waits 3 s: long enough that on a starved box the first 16 still run when the last arrives
-    (with 300 ms, the first ones had answered and the last one ran)."""
+    (with 300 ms, the first ones had answered and the last one ran). A watch waits only after a position
+    (without one it answers at once with the position of now: under load the first ones were answered
+    before the last arrived, and it ran)."""
+    p.send_multipart([b"", _WATCH_NOW])
+    position = json.loads(p.recv_multipart()[-1])["data"]["next_sequence"]
     for i in range(30):
-        body = {"v": 1, "id": 99 if i == 29 else i, "action": "watch", "payload": {"namespace": "x", "wait_ms": 3000}}
+        watch = {"namespace": "x", "after_sequence": position, "wait_ms": 3000}
+        body = {"v": 1, "id": 99 if i == 29 else i, "action": "watch", "payload": watch}
         p.send_multipart([b"", json.dumps(body).encode()])
     shed = b""
     for _ in range(30):
@@ -467,6 +503,126 @@ def test_no_live_replica_is_answered_unavailable_at_once(hub: Hub, ctx: Ctx) -> 
     assert hub.metric("mfh_front_replicas_live") == 0
     agent.sock.close()
     d.close()
+
+
+def _ask(sock: zmq.Socket[bytes], body: dict[str, Any]) -> dict[str, Any]:
+    sock.send_multipart([b"", json.dumps(body).encode()])
+    out: dict[str, Any] = json.loads(sock.recv_multipart()[-1])
+    return out
+
+
+def test_answers_wait_for_a_front_that_stalls_instead_of_being_lost(hub: Hub, ctx: Ctx) -> None:
+    # Given one replica behind the front (and a worker: watches read the event log), and 128 agents each
+    # holding a watch of one namespace through it
+    hub.replicas[0].start_worker()
+    hub.start_api(0)
+    hub.start_front(hub.endpoints[:1])
+    wait_until(lambda: hub.live() == 1, 10, message="the replica live")
+    direct = _dealer(ctx, hub.endpoints[0])  # a client of the replica itself, not through the front
+    now = _ask(direct, {"v": 1, "id": 0, "action": "watch", "payload": {"namespace": "big"}})["data"]["next_sequence"]
+    agents = [_dealer(ctx, hub.door) for _ in range(128)]
+    watch = {"namespace": "big", "after_sequence": now, "wait_ms": 20_000}
+    for i, a in enumerate(agents):
+        a.send_multipart([b"", json.dumps({"v": 1, "id": i, "action": "watch", "timeout_ms": 30_000,
+                                           "payload": watch}).encode()])  # fmt: skip
+    wait_until(lambda: hub.metric("mfh_front_requests_held") == 128, 10, message="the watches at the replica")
+    # (a ping's answer through the front: the replica got every watch, sent before it on the same connection)
+    assert _ask(_dealer(ctx, hub.door), {"v": 1, "id": "p", "action": "ping"})["status"] == "ok"
+    # When the front stops reading (SIGSTOP: a starved or paused process) while the replica answers them all,
+    # 128 answers of 200 KB each: more than TCP and the pipe between them hold
+    hub.front_proc.send_signal(signal.SIGSTOP)
+    try:
+        put = {"namespace": "big", "key": "k", "kind": "memory_item", "payload": {"content": "x" * 200_000}}
+        assert _ask(direct, {"v": 1, "id": 1, "action": "put", "payload": put})["status"] == "ok"
+        wait_until(
+            lambda: hub.replica_metric(0, "mfh_api_requests_total", transport="zmq", method="Watch", code="OK") >= 129,
+            15,
+            message="the replica answered the watches",
+        )
+        time.sleep(0.5)  # before the fix, an answer the pipe refused was given up on after 26 ms
+    finally:
+        hub.front_proc.send_signal(signal.SIGCONT)
+    # Then, once it reads again, every agent gets its answer with the change
+    for i, a in enumerate(agents):
+        reply = json.loads(a.recv_multipart()[-1])
+        assert reply["id"] == i and reply["status"] == "ok", reply.get("error")
+        assert [e["record"]["key"] for e in reply["data"]["events"]] == ["k"]
+    # and the replica counted the answers that waited for the front's pipe
+    assert hub.replica_metric(0, "mfh_zmq_replies_delayed_total", door="api") > 0
+    assert hub.replica_metric(0, "mfh_zmq_replies_dropped_total", door="api", reason="full") == 0
+    for sock in [direct, *agents]:
+        sock.close()
+
+
+def test_a_request_whose_answer_never_comes_is_answered_at_its_deadline(
+    tmp_path: Path, redis_url: str, ctx: Ctx
+) -> None:
+    # Given a front whose replica stays in rotation while silent (dead_after_ms 60 s), requests due in 1 s
+    hub = build_hub(tmp_path, redis_url, {"deadline_seconds": 1}, front={"dead_after_ms": 60_000})
+    try:
+        hub.start_api(0)
+        hub.start_front(hub.endpoints[:1])
+        wait_until(lambda: hub.live() == 1, 10, message="the replica live")
+        agent = V0Agent(ctx, hub.door, b"patient")
+        d = _dealer(ctx, hub.door)
+        assert agent.ask(action="retrieve", key="k")["error_code"] == "NOT_FOUND"
+        # When the replica takes requests and answers none of them (SIGSTOP: its connection stays up)
+        hub.api_procs[0].send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            get = {"v": 1, "id": "t", "action": "get", "timeout_ms": 500, "payload": {"namespace": "n", "key": "k"}}
+            d.send_multipart([b"", json.dumps(get).encode()])
+            v0 = agent.ask(action="retrieve", key="k", request_id="r1")
+            v0_took = time.monotonic() - started
+            v1 = json.loads(d.recv_multipart()[-1])
+            # Then the front answers each DEADLINE_EXCEEDED soon after its deadline (not minutes later):
+            # the v0 one after server.deadline_seconds, the v1 one after its timeout_ms, 2 s of margin each
+            assert v0["error_code"] == "DEADLINE_EXCEEDED" and v0["request_id"] == "r1", v0
+            assert v1["error"]["code"] == "DEADLINE_EXCEEDED" and v1["id"] == "t", v1
+            assert 3.0 <= v0_took < 5.0, v0_took
+            assert hub.metric("mfh_front_requests_total", outcome="expired") == 2
+        finally:
+            hub.api_procs[0].send_signal(signal.SIGCONT)
+        # and the replica's own answers, once it runs again, are dropped as late
+        wait_until(lambda: hub.metric("mfh_front_requests_total", outcome="late") >= 2, 10, message="late answers")
+        agent.sock.close()
+        d.close()
+    finally:
+        for t in [hub.front, *hub.replicas]:
+            t.stop_all()
+
+
+def test_status_shows_the_front_and_its_replicas_live_or_dead(hub: Hub) -> None:
+    from mfh_api.commands.status import render
+    from mfh_tasks.health import gather
+
+    def fronts() -> list[dict[str, Any]]:
+        doc = asyncio.run(gather(hub.front.settings)).as_dict()
+        return [p for p in doc["processes"] if p["role"] == "front"]
+
+    # Given a front for two replicas, one of which runs
+    hub.start_api(0)
+    hub.start_front()
+    wait_until(lambda: hub.live() == 1, 10, message="one replica live")
+    # Then the host's status lists the front with the replicas as its heartbeat says: one live, one not
+    wait_until(lambda: [r["live"] for f in fronts() for r in f["extra"]["replicas"]] == [True, False], 10,
+               message="the front's heartbeat")  # fmt: skip
+    h = asyncio.run(gather(hub.front.settings))
+    text = render(h)
+    assert f"replica {hub.endpoints[0]}" in text and f"{hub.endpoints[1]}" in text, text
+    assert "1 of 2 replica(s) live" in text and "DEAD (disconnected)" in text, text
+    front = [r for r in h.reasons if r.component == "front"]
+    assert [r.level for r in front] == ["yellow"] and hub.endpoints[1] in front[0].message, h.reasons
+    # When the live one is killed, Then the front has none live: red
+    TestHost.kill(hub.api_procs[0])
+    wait_until(lambda: [r["live"] for f in fronts() for r in f["extra"]["replicas"]] == [False, False], 10,
+               message="the front's heartbeat after the kill")  # fmt: skip
+    h = asyncio.run(gather(hub.front.settings))
+    assert any(r.component == "front" and r.level == "red" for r in h.reasons), h.reasons
+    # and when the front stops, it leaves the list at once
+    hub.front_proc.send_signal(signal.SIGTERM)
+    assert hub.front_proc.wait(timeout=20) == 0
+    assert fronts() == []
 
 
 @pytest.mark.parametrize(

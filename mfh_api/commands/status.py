@@ -48,6 +48,18 @@ def _wrap(prefix: str, text: str) -> list[str]:
     return textwrap.wrap(text, WIDTH, initial_indent=prefix, subsequent_indent=" " * len(prefix)) or [prefix]
 
 
+def _front_lines(p: Any) -> list[str]:
+    """The replicas behind one ``mfh front``, as its heartbeat last said (every few seconds, and at each change)."""
+    out = []
+    replicas = p.extra.get("replicas") or []
+    live = sum(1 for r in replicas if r.get("live"))
+    out.append(_fit(f"    ZeroMQ :{p.extra.get('zmq_port', '?')}  {live} of {len(replicas)} replica(s) live"))
+    for r in replicas:
+        state = "live" if r.get("live") else f"DEAD ({r.get('why') or 'no answer'})"
+        out.append(_fit(f"    replica {r.get('endpoint')!s:<28} {state}"))
+    return out
+
+
 def render(h: Any) -> str:
     """The 80-column report of a :class:`mfh_tasks.health.HostHealth`."""
     now = h.checked_at
@@ -65,6 +77,8 @@ def render(h: Any) -> str:
             lines.append(
                 _fit(f"  {role:<11} up    pid {p.pid:<7} v{p.version:<8} up {_ago(now - p.started_at):<6}{port}")
             )
+            if role == "front":
+                lines.extend(_front_lines(p))
     lines.append("services")
     r = h.redis
     if r is not None:

@@ -38,6 +38,7 @@ import contextlib
 import heapq
 import itertools
 import logging
+import re
 import secrets
 import time
 import zlib
@@ -83,6 +84,10 @@ _HEARTBEAT_PEER: Final = b"mfh-front-heartbeat"
 #: answers DEADLINE_EXCEEDED then) and this long after is answered by the front: its answer was lost.
 ANSWER_MARGIN_S: Final = 2.0
 _MAX_TIMEOUT_S: Final = 300.0  # the api's bound on timeout_ms
+#: The envelope's last member, as our clients write it: ``..., "timeout_ms": 5000}`` at the body's end.
+_TAIL_TIMEOUT: Final = re.compile(rb',\s*"timeout_ms"\s*:\s*([0-9]{1,9})\s*\}\s*\Z')
+#: A body naming timeout_ms elsewhere is parsed for it only up to this size (the front's loop is shared).
+_PARSE_BUDGET_BYTES: Final = 4096
 _READS_V1: Final = frozenset({"get", "batch_get", "list", "watch", "search", "list_namespaces", "ping"})
 _READS_V0: Final = frozenset({"get", "retrieve", "batch_get", "list"})
 _WRITES_V0: Final = frozenset({"put", "store"})
@@ -435,14 +440,26 @@ class ZmqFront:
         return False
 
     def _budget(self, body: list[bytes]) -> float:
-        """How long a replica may take over a request: its ``timeout_ms`` (the v1 envelope's; parsed only when the
-        body names it), else ``server.deadline_seconds``; at most 300 s, as the api bounds it."""
-        if len(body) == 1 and b'"timeout_ms"' in body[0]:
+        """How long a replica may take over a request: its ``timeout_ms`` (the v1 envelope's), else
+        ``server.deadline_seconds``; at most 300 s, as the api bounds it.
+
+        The body is not parsed on this path: our clients write ``timeout_ms`` as the envelope's last
+        member, where a match anchored at the body's end can only be the top-level one. Only a small body
+        naming it elsewhere is parsed; a large one gets the default budget (the api still applies its own).
+        """
+        if len(body) != 1:
+            return min(self.deadline_s, _MAX_TIMEOUT_S)
+        data = body[0]
+        t: object = None
+        tail = _TAIL_TIMEOUT.search(data, max(0, len(data) - 48))
+        if tail is not None:
+            t = int(tail.group(1))
+        elif len(data) <= _PARSE_BUDGET_BYTES and b'"timeout_ms"' in data:
             with contextlib.suppress(orjson.JSONDecodeError):
-                obj = orjson.loads(body[0])
+                obj = orjson.loads(data)
                 t = obj.get("timeout_ms") if isinstance(obj, dict) else None
-                if type(t) is int and t > 0:
-                    return min(t / 1000, _MAX_TIMEOUT_S)
+        if type(t) is int and t > 0:
+            return min(t / 1000, _MAX_TIMEOUT_S)
         return min(self.deadline_s, _MAX_TIMEOUT_S)
 
     async def _reply(self, envelope: list[bytes], reply: list[bytes]) -> None:

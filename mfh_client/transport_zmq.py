@@ -113,7 +113,8 @@ class _Wire:
         body: dict[str, Any] = {"v": 1, "id": rid, "action": call.op, "payload": _payload(call)}
         if self.api_key:
             body["api_key"] = self.api_key
-        body["timeout_ms"] = max(1, int(timeout * 1000))  # the server gives up when the client does
+        # The server gives up when the client does. Last member: `mfh front` reads it from the tail, unparsed.
+        body["timeout_ms"] = max(1, int(timeout * 1000))
         return rid, json.dumps(body, separators=(",", ":")).encode("utf-8")
 
     @staticmethod

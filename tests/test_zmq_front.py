@@ -668,3 +668,25 @@ def test_behind_a_front_the_replica_counts_the_fronts_peers() -> None:
     # and behind the front, each of the front's peers is one peer of its own (the tag is not counted)
     assert peer_of([front, b"agent-1", b"tag-1", b""]) == peer_of([front, b"agent-1", b"tag-2", b""])
     assert peer_of([front, b"agent-1", b"tag-1", b""]) != peer_of([front, b"agent-2", b"tag-1", b""])
+
+
+def test_the_budget_is_read_from_the_envelopes_tail_without_parsing_a_large_body() -> None:
+    from mfh_api.zmq_front import ZmqFront
+
+    front = ZmqFront(["tcp://127.0.0.1:1"], deadline_s=5.0)
+    big = {"v": 1, "action": "put", "namespace": "n", "key": "k", "payload": {"e": [0.5] * 20_000}}
+    # the client's envelope: timeout_ms is its last member, so the tail holds it
+    assert front._budget([json.dumps({**big, "timeout_ms": 1500}).encode()]) == 1.5
+    assert front._budget([json.dumps({"action": "get", "timeout_ms": 250}, separators=(",", ":")).encode()]) == 0.25
+    # a small body naming it elsewhere is parsed; a nested one is not the envelope's
+    assert front._budget([b'{"timeout_ms": 700, "action": "get"}']) == 0.7
+    assert front._budget([b'{"action": "get", "x": {"timeout_ms": 700}}']) == 5.0
+    assert front._budget([b'{"action": "get", "x": {"b": 2, "timeout_ms": 700}}']) == 5.0
+    # a large body naming it elsewhere gets the default budget: the front's loop parses no large body
+    assert front._budget([json.dumps({"timeout_ms": 700, **big}).encode()]) == 5.0
+    # hostile values: never more than the api's bound, nothing negative or zero, not JSON at all
+    assert front._budget([b'{"action": "get", "timeout_ms": 999999999}']) == 300.0
+    assert front._budget([b'{"action": "get", "timeout_ms": 0}']) == 5.0
+    assert front._budget([b'{"action": "get", "timeout_ms": -5}']) == 5.0
+    assert front._budget([b'\xff{"timeout_ms": 70']) == 5.0
+    assert front._budget([b"a", b"b"]) == 5.0

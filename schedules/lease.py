@@ -130,6 +130,14 @@ class SlotLease:
                 return SlotClaim(key=key, won=True, holder=self.host_id, revision=revision)
             except nats.js.errors.KeyWrongLastSequenceError:
                 entry = await kv.get(key)
+            except TimeoutError:
+                # The create may have been applied and its answer lost (a leader change, a slow link): the
+                # key says who holds the slot, us included. Absent, nobody does: claim it once more.
+                try:
+                    entry = await kv.get(key)
+                except nats.js.errors.KeyNotFoundError:
+                    revision = await kv.create(key, value)
+                    return SlotClaim(key=key, won=True, holder=self.host_id, revision=revision)
             held = json.loads(entry.value or b"{}")
             won = held.get("token") == self.token  # our own claim, made again (a retried call)
             return SlotClaim(key=key, won=won, holder=str(held.get("host", "?")), revision=entry.revision or 0)

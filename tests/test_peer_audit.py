@@ -241,6 +241,36 @@ async def test_slot_leases_race_on_real_nats(tmp_path: Path, fresh_nats: NatsSer
         await nc.close()
 
 
+async def test_a_claim_whose_answer_is_lost_still_knows_it_won(tmp_path: Path, fresh_nats: NatsServer) -> None:
+    # Given a lease whose create reaches the server but whose answer is lost (a leader change, a slow link)
+    class LostAnswer:
+        def __init__(self, kv: Any) -> None:
+            self.kv = kv
+
+        async def create(self, key: str, value: bytes) -> int:
+            await self.kv.create(key, value)
+            raise TimeoutError
+
+        async def get(self, key: str) -> Any:
+            return await self.kv.get(key)
+
+    class Flaky(SlotLease):
+        async def _kv(self, conn: Any) -> Any:
+            return LostAnswer(await super()._kv(conn))
+
+    hosts = [make_host(tmp_path, name=n, redis_url="redis://127.0.0.1:1/0", nats_url=fresh_nats.url)
+             for n in ("main_pc", "pc2")]  # fmt: skip
+    flaky = Flaky(hosts[0].settings.replication, host_id="main_pc")
+    other = SlotLease(hosts[1].settings.replication, host_id="pc2")
+    slot = datetime(2026, 12, 2, 3, 45, tzinfo=UTC)
+    # When it claims a slot, then another host claims the same slot
+    mine = await flaky.claim("peer_audit", slot)
+    theirs = await other.claim("peer_audit", slot)
+    # Then it knows it holds the slot (else nobody would run it: the other host stands by)
+    assert mine.won and mine.holder == "main_pc", mine
+    assert not theirs.won and theirs.holder == "main_pc", theirs
+
+
 def test_the_slot_is_the_crontabs_minute_on_the_hosts_own_clock() -> None:
     # A job that fires on time, a little late, or much later (within the hour) belongs to the cron's minute
     at = datetime(2026, 12, 2, 3, 45, tzinfo=UTC)

@@ -26,6 +26,7 @@ from dramatiq.middleware import (
 )
 
 from mfh_models import Settings
+from mfh_tasks.actors import PERSIST_ACTOR
 from mfh_tasks.wakeup import WakeableConsumer, wake_channel
 
 __all__ = ["BrokerNeverSent", "HubBroker", "build_broker"]
@@ -69,9 +70,12 @@ _MAINTENANCE = "maintenance"  # a dispatch command the Lua script has no branch 
 
 
 class HubBroker(RedisBroker):
-    """A RedisBroker whose maintenance pass (requeue of dead workers' messages) can be run on demand,
-    and whose idle consumers are woken by each enqueue instead of polling with a growing back-off
-    (:mod:`mfh_tasks.wakeup`)."""
+    """A RedisBroker whose maintenance pass (requeue of dead workers' messages) can be run on demand, and
+    whose consumers are woken by each enqueue instead of polling with a growing back-off when idle and
+    merge a backlog of ``merge_actor`` messages into larger ones when busy (:mod:`mfh_tasks.wakeup`)."""
+
+    merge_actor: str | None = None
+    merge_max_events: int = 1024
 
     @property
     def consumer_class(self) -> Any:
@@ -80,7 +84,27 @@ class HubBroker(RedisBroker):
     def _consumer(self, broker: Any, queue_name: str, prefetch: int, timeout: int) -> Any:
         if queue_name in self.delay_queues:  # delayed messages (retries) wait for their eta anyway
             return super().consumer_class(broker, queue_name, prefetch, timeout)
-        return WakeableConsumer(broker, queue_name, prefetch, timeout, channel=self.wake_channel(queue_name))
+        return WakeableConsumer(
+            broker,
+            queue_name,
+            prefetch,
+            timeout,
+            channel=self.wake_channel(queue_name),
+            merge_actor=self.merge_actor,
+            merge_max_events=self.merge_max_events,
+            parts=self._merged_parts(queue_name),
+            solo=self._solo_parts(queue_name),
+        )
+
+    # What a consumer knows about the merged messages it handed out outlives it: Dramatiq makes a new
+    # consumer after a Redis error, and the worker threads settle their messages on that one.
+    @functools.cache  # noqa: B019 - one broker per process, a handful of queues
+    def _merged_parts(self, queue_name: str) -> dict[str, Any]:
+        return {}
+
+    @functools.cache  # noqa: B019 - one broker per process, a handful of queues
+    def _solo_parts(self, queue_name: str) -> set[str]:
+        return set()
 
     @functools.cache  # noqa: B019 - one broker per process, a handful of queues
     def wake_channel(self, queue_name: str) -> str:
@@ -119,10 +143,13 @@ def build_broker(settings: Settings) -> HubBroker:
         Retries(max_retries=wb.max_retries, min_backoff=wb.min_backoff_ms, max_backoff=wb.max_backoff_ms),
         AsyncIO(),
     ]
-    return HubBroker(  # type: ignore[no-untyped-call]
+    broker = HubBroker(  # type: ignore[no-untyped-call]
         client=_client(settings.storage.redis_url),
         middleware=middleware,
         heartbeat_timeout=wb.heartbeat_timeout_ms,
         maintenance_chance=wb.maintenance_chance,
         dead_message_ttl=wb.dead_message_ttl_ms,
     )
+    broker.merge_actor = PERSIST_ACTOR
+    broker.merge_max_events = 4 * wb.batch_max_size
+    return broker

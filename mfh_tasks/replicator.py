@@ -217,7 +217,7 @@ class Replicator:
 
         ``repairs``: ids of the cross-host audit's re-published events: old by nature, not counted as lag."""
         hot = self.pipeline.hot
-        won = list(await asyncio.gather(*(hot.apply(e.to_record(), from_sql=False) for e in events)))
+        won = await hot.apply_many([e.to_record() for e in events], from_sql=False)
         now_ms = time.time() * 1000
         for e, applied in zip(events, won, strict=True):
             if e.event_id in repairs:

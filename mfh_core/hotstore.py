@@ -19,7 +19,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from mfh_core.coalesce import Coalescer
@@ -314,11 +314,20 @@ class HotStore:
         won: list[bool] = []
         try:
             for i in range(0, len(records), chunk):
+                calls = [self._apply_args(r, from_sql=from_sql) for r in records[i : i + chunk]]
+                # EVALSHA itself, not the script object, which makes the pipeline ask SCRIPT EXISTS first:
+                # a second round trip per chunk. A script Redis lost (a restart) is loaded and run again,
+                # for those calls only (none of them ran).
                 async with self.redis.pipeline(transaction=False) as pipe:
-                    for r in records[i : i + chunk]:
-                        keys, args = self._apply_args(r, from_sql=from_sql)
-                        await self._apply(keys=keys, args=args, client=pipe)
-                    won.extend(bool(x) for x in await pipe.execute())
+                    for keys, args in calls:
+                        pipe.evalsha(self._apply.sha, len(keys), *keys, *args)
+                    results = await pipe.execute(raise_on_error=False)
+                for (keys, args), result in zip(calls, results, strict=True):
+                    if isinstance(result, NoScriptError):
+                        result = await self._apply(keys=keys, args=args)
+                    elif isinstance(result, BaseException):
+                        raise result
+                    won.append(bool(result))
         except (RedisConnectionError, RedisTimeoutError) as e:
             raise Unavailable(f"redis unavailable: {e}") from e
         return won

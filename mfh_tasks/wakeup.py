@@ -34,7 +34,7 @@ from typing import Any
 import redis
 from dramatiq.broker import MessageProxy
 from dramatiq.brokers.redis import _RedisConsumer
-from dramatiq.common import compute_backoff, current_millis
+from dramatiq.common import compute_backoff
 from dramatiq.errors import ConnectionClosed
 from dramatiq.message import Message
 
@@ -127,27 +127,9 @@ class WakeableConsumer(_RedisConsumer):
         super().requeue(every)  # type: ignore[no-untyped-call]
 
     def _dispatch_many(self, command: str, messages: list[Any]) -> None:
-        """Dramatiq's dispatch script once per message, pipelined: one round trip for a merged message's parts.
-
-        Its arguments as ``RedisBroker._dispatch`` passes them (the layout dispatch.lua documents)."""
-        b = self.broker
-        script = b.scripts["dispatch"]
+        """``command`` for each message in one round trip (the broker's :meth:`HubBroker.dispatch_many`)."""
         try:
-            with b.client.pipeline(transaction=False) as pipe:
-                for m in messages:
-                    args = [
-                        command,
-                        current_millis(),
-                        self.queue_name,
-                        b.broker_id,
-                        b.heartbeat_timeout,
-                        b.dead_message_ttl,
-                        0,  # no maintenance pass from here
-                        b._max_unpack_size(),
-                        m.options["redis_message_id"],
-                    ]
-                    script(keys=[b.namespace], args=args, client=pipe)
-                pipe.execute()
+            self.broker.dispatch_many(command, self.queue_name, [[m.options["redis_message_id"]] for m in messages])
         except redis.ConnectionError as e:
             raise ConnectionClosed(e) from None  # type: ignore[no-untyped-call]
 

@@ -203,6 +203,26 @@ async def test_apply_many_gives_what_applying_one_after_the_other_gives(hot: Hot
     assert await put(hot, "other") > ahead + 2  # the clock moved past the newest of the batch
 
 
+async def test_apply_many_loads_its_script_again_when_redis_lost_it(tmp_path: Path) -> None:
+    # Given a hot store on a private Redis whose script cache was flushed (as after a restart)
+    server = RedisServer(tmp_path, args=VOLATILE).start()
+    hot = HotStore(redis_url=server.url, prefix="t", origin="main_pc", cache_ttl_seconds=60)
+    admin = server.client()
+    try:
+        first = Record(namespace="ns", key="a", kind=Kind.MEMORY_ITEM, payload=payload("a"), version=5, origin="pc2")
+        assert await hot.apply_many([first], from_sql=False) == [True]
+        admin.script_flush()
+        # When a batch is applied in one pipelined round trip
+        batch = [first.model_copy(update={"key": f"k{i}", "version": 10 + i}) for i in range(3)]
+        # Then every record is applied all the same, each outcome its own
+        assert await hot.apply_many([*batch, first], from_sql=False) == [True, True, True, False]
+        assert set(await hot.get_many("ns", ["k0", "k1", "k2"])) == {"k0", "k1", "k2"}
+    finally:
+        admin.close()
+        await hot.close()
+        server.kill()
+
+
 async def test_fill_from_sql_never_overwrites_a_newer_staged_version(hot: HotStore) -> None:
     staged = await put(hot, "k", "new")
     sql_row = Record(

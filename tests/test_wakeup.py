@@ -14,6 +14,7 @@ import dramatiq
 import pytest
 from dramatiq.brokers.redis import RedisBroker
 from hosts import make_host
+from redis_server import VOLATILE, RedisServer
 from services import wait_until
 
 from mfh_tasks import build_broker
@@ -189,3 +190,41 @@ def test_a_closed_consumer_puts_what_it_fetched_and_did_not_hand_out_back_in_the
     consumer.requeue([first])
     consumer.close()
     assert broker.client.llen(f"{broker.namespace}:{queue}") == 40
+
+
+def test_the_pipelined_enqueue_and_acks_load_the_script_again_when_redis_lost_it(tmp_path: Any) -> None:
+    # Given a broker on a private Redis, and an actor that holds its first batch until told to finish
+    with RedisServer(tmp_path, args=VOLATILE) as server:
+        host = make_host(tmp_path, redis_url=server.url, overrides={"write_behind": {"queue_name": "flushed"}})
+        broker = build_broker(host.settings)
+        ran: list[list[int]] = []
+        entered, finish = threading.Event(), threading.Event()
+
+        def persist_batch(events: list[int]) -> None:
+            entered.set()
+            finish.wait(10)
+            ran.append(events)
+
+        actor = dramatiq.actor(persist_batch, actor_name=PERSIST_ACTOR, broker=broker, queue_name="flushed")
+        w = dramatiq.Worker(broker, worker_threads=1, worker_timeout=500)
+        try:
+            actor.send([0])  # loads the dispatch script
+            # When Redis loses its scripts (a restart, SCRIPT FLUSH) before batches are enqueued (enqueue and
+            # wake-up in one round trip)...
+            server.client().script_flush()
+            for i in range(1, 10):
+                actor.send([i])
+            # ...and again while a worker runs their merged batch, before it acks its parts in one round trip
+            w.start()
+            assert entered.wait(10)
+            server.client().script_flush()
+            finish.set()
+            # Then every batch was enqueued, run once and acked
+            wait_until(lambda: sum(map(len, ran)) == 10, 10, message="every batch run")
+            wait_until(lambda: _queue_is_settled(broker, "flushed"), 10, message="every message acked")
+            assert sorted(e for r in ran for e in r) == list(range(10))
+            assert len(ran) < 10  # merged
+        finally:
+            finish.set()
+            w.stop(timeout=5000)
+            broker.close()

@@ -8,15 +8,17 @@ consumer blocks on its subscription to that channel, so it fetches as soon as a 
 
 Under a backlog the consumer also hands its worker threads fewer, larger messages: the ``merge_actor``
 messages a fetch brought (``persist_batch``) are folded into the first of them, up to
-``merge_max_parts`` messages or ``merge_max_events`` events, and the merged message is acked, nacked or
-requeued as all of its parts. Each message costs the worker a chain of Redis round trips, thread hand-offs
-and a SQL transaction whatever its size, so one per message held a worker to a few hundred messages a
-second, and the api sends about one per write when writes come one at a time; merged, the worker's rate
-grows with its backlog (apply is idempotent and order-insensitive, so the union of batches persists
-what they would one by one: docs/architecture.md invariant 2). A message under retry, or delayed, is
-never merged, so a batch that keeps failing is retried (and dead-lettered) on its own parts only after
-its merged retry fails too. Messages fetched and not handed out yet go back to the queue when the
-consumer closes, instead of waiting in the worker's ack set for its heartbeat to expire.
+``merge_max_parts`` messages or ``merge_max_events`` events, and the merged message is acked (in one
+round trip) or requeued as all of its parts. Each message costs the worker a chain of Redis round
+trips, thread hand-offs and a SQL transaction whatever its size, so one per message held a worker to a
+few hundred messages a second, and the api sends about one per write when writes come one at a time;
+merged, the worker's rate grows with its backlog (apply is idempotent and order-insensitive, so the
+union of batches persists what they would one by one: docs/architecture.md invariant 2). A message
+under retry, or delayed, is never merged: a merged message that fails is retried whole, as one
+message; one that fails for good (an error that is not retried) is split instead of dead-lettered,
+and its parts run one by one, so only the part that fails on its own is dead-lettered. Messages
+fetched and not handed out yet go back to the queue when the consumer closes, instead of waiting in
+the worker's ack set for its heartbeat to expire.
 
 Nothing depends on the signal for correctness: a consumer that hears nothing (a lost subscription,
 a message requeued by a maintenance pass) still fetches once per ``idle_timeout`` (the worker

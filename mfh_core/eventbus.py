@@ -10,11 +10,12 @@ import asyncio
 import logging
 import secrets
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import nats.errors
 import nats.js.errors
+from nats.aio.msg import Msg
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
@@ -241,6 +242,13 @@ class EventBus:
 
     # -- events -----------------------------------------------------------------------------
 
+    def origin_of(self, subject: str) -> str | None:
+        """The origin level of a subject of this stream (see :meth:`subject_for`), or None for another subject."""
+        head = self.subject_prefix + "."
+        if not subject.startswith(head):
+            return None
+        return subject[len(head) :].split(".", 1)[0]
+
     def subject_for(self, event: MemoryEvent) -> str:
         """``<prefix>.<origin>.<namespace>``; a namespace's dots become subject levels."""
         namespace = event.namespace
@@ -342,8 +350,10 @@ class EventBus:
         ack_wait_s: float = 10.0,
         max_ack_pending: int = 1024,
         batch: int = 128,
+        skip: Callable[[Msg], bool] | None = None,
     ) -> DurableSubscription:
-        """Create (or update) the durable consumer and start feeding ``handler``, which acks each message."""
+        """Create (or update) the durable consumer and start feeding ``handler``, which acks each message
+        (``skip``: messages acked unread, see :class:`DurableSubscription`)."""
         config = ConsumerConfig(
             name=durable,
             durable_name=durable,
@@ -361,6 +371,7 @@ class EventBus:
             batch=min(batch, max_ack_pending),
             ensure_stream=self.ensure_stream,
             on_closed=self._subs.discard,
+            skip=skip,
         )
         await sub.start()
         self._subs.add(sub)

@@ -19,7 +19,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from mfh_core.coalesce import Coalescer
@@ -303,14 +303,31 @@ class HotStore:
     async def fill_many(self, records: Sequence[Record], *, chunk: int = 500) -> int:
         """:meth:`apply` with ``from_sql`` for many rows, ``chunk`` per round trip (a joined host warming
         its Redis); returns how many were newer than what the entries held."""
-        won = 0
+        return sum(await self.apply_many(records, from_sql=True, chunk=chunk))
+
+    async def apply_many(self, records: Sequence[Record], *, from_sql: bool, chunk: int = 500) -> list[bool]:
+        """:meth:`apply` for many records, ``chunk`` per pipelined round trip; whether each was applied, in order.
+
+        Each record is still its own script call (atomic on its own), so the outcome is that of applying
+        them one after the other (the replicator's hot stage takes a fetched batch so: one round trip
+        instead of one per event)."""
+        won: list[bool] = []
         try:
             for i in range(0, len(records), chunk):
+                calls = [self._apply_args(r, from_sql=from_sql) for r in records[i : i + chunk]]
+                # EVALSHA itself, not the script object, which makes the pipeline ask SCRIPT EXISTS first:
+                # a second round trip per chunk. A script Redis lost (a restart) is loaded and run again,
+                # for those calls only (none of them ran).
                 async with self.redis.pipeline(transaction=False) as pipe:
-                    for r in records[i : i + chunk]:
-                        keys, args = self._apply_args(r, from_sql=True)
-                        await self._apply(keys=keys, args=args, client=pipe)
-                    won += sum(1 for x in await pipe.execute() if x)
+                    for keys, args in calls:
+                        pipe.evalsha(self._apply.sha, len(keys), *keys, *args)
+                    results = await pipe.execute(raise_on_error=False)
+                for (keys, args), result in zip(calls, results, strict=True):
+                    if isinstance(result, NoScriptError):
+                        result = await self._apply(keys=keys, args=args)
+                    elif isinstance(result, BaseException):
+                        raise result
+                    won.append(bool(result))
         except (RedisConnectionError, RedisTimeoutError) as e:
             raise Unavailable(f"redis unavailable: {e}") from e
         return won

@@ -28,7 +28,9 @@ class DurableSubscription:
     server forgot is just sent again, and flow is bounded by our batch, not by client-side pending limits.
 
     ``ensure_stream`` makes the stream exist again before the consumer is (a fresh server lost both);
-    ``on_closed`` tells the owner the subscription is closed."""
+    ``on_closed`` tells the owner the subscription is closed; a message for which ``skip`` is true is
+    acked without being decoded or handed to the handler (a replicator's own events: half the stream on
+    two hosts, and decoding each one cost about as much as applying a remote one)."""
 
     def __init__(
         self,
@@ -40,6 +42,7 @@ class DurableSubscription:
         batch: int,
         ensure_stream: Callable[[], Awaitable[None]],
         on_closed: Callable[[DurableSubscription], None] | None = None,
+        skip: Callable[[Msg], bool] | None = None,
     ) -> None:
         assert config.durable_name
         self.durable = config.durable_name
@@ -49,6 +52,7 @@ class DurableSubscription:
         self._handler = handler
         self._ensure_stream = ensure_stream
         self._on_closed = on_closed
+        self._skip = skip
         self._feed = PullFeed(conn, stream, self.durable, batch=batch)
         self._task: asyncio.Task[None] | None = None
         self._in_handler = False
@@ -114,6 +118,10 @@ class DurableSubscription:
                 delay = min(delay * 2, 5.0)
 
     async def _dispatch(self, msg: Msg) -> None:
+        if self._skip is not None and self._skip(msg):
+            self.handled += 1
+            await quietly(msg.ack(), "ack")
+            return
         try:
             event = decode_event(msg.data)
         except InvalidArgument as e:

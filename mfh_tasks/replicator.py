@@ -1,10 +1,11 @@
 """Replicator: applies other hosts' events from JetStream on this host, by the same version rules.
 
 One durable pull consumer per host (``replicator-<host_id>``) reads the whole stream. Events of
-this host's own origin are acked and skipped. The others go to the hot store as they arrive (only
-if newer by ``(version, origin)``; the host clock moves past them), then through the worker's
-persist path in larger SQL transactions without being published again, and only then are they
-acked. A redelivery or a duplicate changes nothing (docs/architecture.md invariants 1-3).
+this host's own origin are acked and skipped by their subject, without being decoded. The others go
+to the hot store as they arrive, a fetched batch in one pipelined round trip (only if newer by
+``(version, origin)``; the host clock moves past them), then through the worker's persist path in
+larger SQL transactions without being published again, and only then are they acked. A redelivery
+or a duplicate changes nothing (docs/architecture.md invariants 1-3).
 
 ``python -m mfh_tasks.replicator`` (what ``mfh replicator`` runs) also runs the outbox relay.
 """
@@ -117,6 +118,7 @@ class Replicator:
             ack_wait_s=self.ack_wait_s,
             max_ack_pending=self.max_ack_pending,
             batch=self.hot_batch_max,
+            skip=self._own,
         )
         log.info("replicator for %s: consumer %s on stream %s", self.host_id, self._sub.durable, self.bus.stream)
 
@@ -125,6 +127,15 @@ class Replicator:
         if self._sub is None:
             raise Unavailable("the replicator is not started")
         return await self._sub.info()
+
+    def _own(self, msg: Any) -> bool:
+        """This host's own event (by its subject), not a repair: acked unread (what ``_on_message`` does
+        with it after decoding)."""
+        if self.bus.origin_of(msg.subject) != self.host_id or is_repair(msg):
+            return False
+        self.received += 1
+        REPLICATION_SKIPPED.labels(reason="own").inc()
+        return True
 
     async def _on_message(self, event: MemoryEvent, msg: Any) -> None:
         self.received += 1
@@ -217,7 +228,7 @@ class Replicator:
 
         ``repairs``: ids of the cross-host audit's re-published events: old by nature, not counted as lag."""
         hot = self.pipeline.hot
-        won = list(await asyncio.gather(*(hot.apply(e.to_record(), from_sql=False) for e in events)))
+        won = await hot.apply_many([e.to_record() for e in events], from_sql=False)
         now_ms = time.time() * 1000
         for e, applied in zip(events, won, strict=True):
             if e.event_id in repairs:

@@ -176,6 +176,53 @@ async def test_apply_takes_only_newer_versions_and_moves_the_clock(hot: HotStore
     assert entry is not None and entry.record.origin == "pc2" and entry.dirty
 
 
+async def test_apply_many_gives_what_applying_one_after_the_other_gives(hot: HotStore) -> None:
+    local = await put(hot, "k", "local")
+    ahead = pack(unpack(local)[0] + 60_000, 1)
+
+    def remote(key: str, version: int, text: str) -> Record:
+        return Record(
+            namespace="ns", key=key, kind=Kind.MEMORY_ITEM, payload=payload(text), version=version, origin="pc2"
+        )
+
+    # Given a batch with a newer remote version, the same again, an older one, and two other keys
+    batch = [
+        remote("k", ahead, "newer"),
+        remote("k", ahead, "newer"),
+        remote("k", local - 1, "older"),
+        remote("a", ahead + 1, "a"),
+        remote("b", ahead + 2, "b"),
+    ]
+    # When it is applied in pipelined round trips (two records per round trip here)
+    # Then each record's outcome is that of its own apply, in order, and the entries hold the winners
+    assert await hot.apply_many(batch, from_sql=False, chunk=2) == [True, False, False, True, True]
+    assert await hot.apply_many([], from_sql=False) == []
+    entries = await hot.get_many("ns", ["k", "a", "b"])
+    assert {k: e.record.version for k, e in entries.items()} == {"k": ahead, "a": ahead + 1, "b": ahead + 2}
+    assert all(e.dirty for e in entries.values())
+    assert await put(hot, "other") > ahead + 2  # the clock moved past the newest of the batch
+
+
+async def test_apply_many_loads_its_script_again_when_redis_lost_it(tmp_path: Path) -> None:
+    # Given a hot store on a private Redis whose script cache was flushed (as after a restart)
+    server = RedisServer(tmp_path, args=VOLATILE).start()
+    hot = HotStore(redis_url=server.url, prefix="t", origin="main_pc", cache_ttl_seconds=60)
+    admin = server.client()
+    try:
+        first = Record(namespace="ns", key="a", kind=Kind.MEMORY_ITEM, payload=payload("a"), version=5, origin="pc2")
+        assert await hot.apply_many([first], from_sql=False) == [True]
+        admin.script_flush()
+        # When a batch is applied in one pipelined round trip
+        batch = [first.model_copy(update={"key": f"k{i}", "version": 10 + i}) for i in range(3)]
+        # Then every record is applied all the same, each outcome its own
+        assert await hot.apply_many([*batch, first], from_sql=False) == [True, True, True, False]
+        assert set(await hot.get_many("ns", ["k0", "k1", "k2"])) == {"k0", "k1", "k2"}
+    finally:
+        admin.close()
+        await hot.close()
+        server.kill()
+
+
 async def test_fill_from_sql_never_overwrites_a_newer_staged_version(hot: HotStore) -> None:
     staged = await put(hot, "k", "new")
     sql_row = Record(

@@ -287,6 +287,38 @@ async def test_own_events_are_acked_and_skipped_without_touching_the_stores(loca
     assert await stored(local, "k") == (None, None)
 
 
+async def test_own_events_on_the_stream_are_acked_by_their_subject_without_being_decoded(
+    local: Replicator, nats_server: NatsServer
+) -> None:
+    # Given a replicator of main_pc on a stream (half of whose messages, on two hosts, are its own)
+    bus = EventBus(
+        nats_url=nats_server.url, stream="t_own", subject_prefix="mfh.own", duplicate_window_s=60, max_age_s=600
+    )
+    await bus.connect()
+    replicator = Replicator(bus=bus, pipeline=local.pipeline, host_id="main_pc")
+    own_before = REPLICATION_SKIPPED.labels(reason="own")._value.get()
+    try:
+        await replicator.start()
+        # When a message on one of its own subjects arrives (a body it could not even decode), and one of pc2's
+        js = bus.conn.jetstream()
+        await js.publish("mfh.own.main_pc.ns", b"not an event")
+        assert len(await bus.publish_many([event("k", 1, origin="pc2")])) == 1
+
+        # Then both are acked: its own one unread (not terminated as malformed), pc2's applied
+        async def settled() -> bool:
+            info = await replicator.consumer_info()
+            return info["num_pending"] == 0 and info["num_ack_pending"] == 0
+
+        await async_wait_until(settled, 10, message="both messages acked")
+        assert replicator._sub is not None and replicator._sub.terminated == 0
+        assert replicator.received == 2
+        assert REPLICATION_SKIPPED.labels(reason="own")._value.get() == own_before + 1
+        assert (await stored(local, "k"))[0] == (event("k", 1).version, "pc2", False)
+    finally:
+        await replicator.close()
+        await bus.close()
+
+
 class FlakyPipeline(PersistPipeline):
     """SQL is 'down' until ``down_until`` (monotonic seconds): persisting raises Unavailable."""
 

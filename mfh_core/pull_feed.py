@@ -27,7 +27,13 @@ class ConsumerGone(Exception):
 
 class PullFeed:
     """One pull consumer's messages; the open pull request is re-sent when used up, expired, silent (missed
-    heartbeats) or after a reconnect, so a NATS restart, which forgets pull requests, is survived."""
+    heartbeats) or after a reconnect, so a NATS restart, which forgets pull requests, is survived.
+
+    The next request goes out before the current one runs dry: once half its batch is delivered, or
+    three quarters into its lifetime, if nothing delivered is waiting to be taken (so a backlog is
+    buffered no deeper than before). Over a slow link (200 ms each way) a request sent only after the
+    last one ended left a gap of a round trip or more, every batch and every expiry, in which nothing
+    was delivered. Two requests may overlap; the older one just ends (used up or expired)."""
 
     def __init__(self, conn: NatsConnection, stream: str, consumer: str, *, batch: int) -> None:
         self._conn = conn
@@ -41,6 +47,7 @@ class PullFeed:
         self._reply = ""  # reply subject of the current pull request
         self._outstanding = 0  # messages the current request may still deliver
         self._expires_at = 0.0
+        self._renew_at = 0.0  # the next request goes out by then, while this one still runs
         self._watch_until = 0.0  # no heartbeat or message by then: the request is lost
         self._reconnects = -1
 
@@ -78,6 +85,7 @@ class PullFeed:
     def _needs_pull(self, now: float) -> bool:
         return (
             self._outstanding <= 0
+            or (self._queue.empty() and (self._outstanding <= self._batch // 2 or now >= self._renew_at))
             or now >= self._expires_at
             or now >= self._watch_until
             or self._reconnects != self._conn.reconnects
@@ -92,8 +100,10 @@ class PullFeed:
         }
         subject = f"{self._conn.js_prefix}.CONSUMER.MSG.NEXT.{self.stream}.{self.consumer}"
         await nc.publish(subject, json.dumps(request).encode(), reply=self._reply)
+        # What the older request may still deliver is not counted: at worst one more request is sent early.
         self._outstanding = self._batch
         self._expires_at = now + PULL_EXPIRES_S + 1.0
+        self._renew_at = now + 0.75 * PULL_EXPIRES_S
         self._watch_until = now + 3 * PULL_HEARTBEAT_S
         self._reconnects = self._conn.reconnects
 

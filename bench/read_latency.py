@@ -85,6 +85,25 @@ class Window:
     latencies: list[float] = field(default_factory=list)
     errors: int = 0
     send_lag: list[float] = field(default_factory=list)
+    server_cpu_s: float = 0.0  # CPU time the server process used during the window (user + system)
+    client_cpu_s: float = 0.0  # and this process (the load generator)
+
+    def add(self, other: Window) -> None:
+        self.latencies += other.latencies
+        self.errors += other.errors
+        self.send_lag += other.send_lag
+        self.server_cpu_s += other.server_cpu_s
+        self.client_cpu_s += other.client_cpu_s
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (its threads included); 0.0 where /proc is missing."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextlib.contextmanager
@@ -198,14 +217,19 @@ def zmq_call(endpoint: str, timeout: float) -> tuple[Callable[[int], Awaitable[N
 Target = tuple[Callable[[int], Awaitable[None]], Callable[[], Awaitable[None]]]
 
 
-async def measure(target: Target, args: argparse.Namespace, rate: float | None = None) -> Window:
-    """A warm-up (discarded), then ``--duration`` s at ``rate`` (default ``--rate``)."""
+async def measure(target: Target, args: argparse.Namespace, rate: float | None = None, server_pid: int = 0) -> Window:
+    """A warm-up (discarded), then ``--duration`` s at ``rate`` (default ``--rate``); with ``server_pid``, the
+    CPU time that process and this one used in the window."""
     call, close = target
     rate = args.rate if rate is None else rate
     try:
         await open_loop(call, rate, min(2.0, args.duration))
         with quiet_collector():
-            return await open_loop(call, rate, args.duration)
+            server0, client0 = cpu_seconds(server_pid) if server_pid else 0.0, time.process_time()
+            w = await open_loop(call, rate, args.duration)
+            w.server_cpu_s = cpu_seconds(server_pid) - server0 if server_pid else 0.0
+            w.client_cpu_s = time.process_time() - client0
+            return w
     finally:
         await close()
 
@@ -250,10 +274,14 @@ def summary(name: str, w: Window, rate: float) -> dict[str, float]:
     lat, lag = sorted(w.latencies), sorted(w.send_lag)
     stats = {q: percentile(lat, float(q[1:])) for q in ("p50", "p95", "p99")}
     stats |= {"max": lat[-1] if lat else float("nan"), "errors": float(w.errors), "lag_p99": percentile(lag, 99)}
+    n = len(lat) + w.errors
+    stats["server_cpu_us"] = w.server_cpu_s / n * 1e6 if n else float("nan")
+    stats["client_cpu_us"] = w.client_cpu_s / n * 1e6 if n else float("nan")
     print(
-        f"{name:5s} rate={rate:g}/s n={len(lat) + w.errors} errors={w.errors} p50={stats['p50']:.2f} "
+        f"{name:5s} rate={rate:g}/s n={n} errors={w.errors} p50={stats['p50']:.2f} "
         f"p95={stats['p95']:.2f} p99={stats['p99']:.2f} max={stats['max']:.2f} ms "
-        f"(client send lag p99={stats['lag_p99']:.2f} ms)",
+        f"(client send lag p99={stats['lag_p99']:.2f} ms; CPU per call: server {stats['server_cpu_us']:.0f} us, "
+        f"client {stats['client_cpu_us']:.0f} us)",
         flush=True,
     )
     return stats
@@ -348,12 +376,10 @@ async def main(args: argparse.Namespace) -> None:
                 for name, make in targets.items():
                     if make is None:
                         continue
-                    w = await measure(make(), args, rate)
+                    w = await measure(make(), args, rate, server_pid=(bare if name == "bare" else api).pid)
                     if args.rounds > 1:
                         summary(f"{name}#{rnd + 1}", w, rate)
-                    samples[name].latencies += w.latencies
-                    samples[name].errors += w.errors
-                    samples[name].send_lag += w.send_lag
+                    samples[name].add(w)
             for name, make in targets.items():
                 at_rate[rate][name] = None if make is None else summary(name, samples[name], rate)
         results = at_rate[args.rate]
@@ -383,6 +409,8 @@ async def main(args: argparse.Namespace) -> None:
             pairs.append(f"{name}_{q}_ms=" + ("nan" if st is None else f"{st[q]:.2f}"))
         pairs.append(f"{name}_errors=" + ("nan" if st is None else f"{st['errors']:.0f}"))
         pairs.append(f"{name}_send_lag_p99_ms=" + ("nan" if st is None else f"{st['lag_p99']:.2f}"))
+        pairs.append(f"{name}_server_cpu_us=" + ("nan" if st is None else f"{st['server_cpu_us']:.0f}"))
+        pairs.append(f"{name}_client_cpu_us=" + ("nan" if st is None else f"{st['client_cpu_us']:.0f}"))
     if args.rates:  # every rate measured, --rate included: name_p99_ms_at_1000=...
         for rate in sorted(rates):
             for name, st in at_rate[rate].items():

@@ -112,7 +112,7 @@ def quiet_collector() -> Iterator[None]:
 
     With CPython's default collector the client's full collections walked everything it had imported
     (grpc, protobuf, redis, the hub's models) and every request still referenced: 26-115 ms of CPU each,
-    17 of them in one suite run, each one a stall that the open loop rightly counts as latency of whichever
+    17 of them in one run at 1,000 and 2,000/s, each a stall that the open loop rightly counts as latency of whichever
     target it hit. Collected and frozen before the window, a full collection inside it sees only what the
     window itself allocated."""
     gc.collect()

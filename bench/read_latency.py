@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import gc
 import json
 import os
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,31 +76,80 @@ async def serve_bare(port: int, redis_url: str, prefix: str) -> None:
 # -- the load generator ------------------------------------------------------------------------------
 
 
-async def open_loop(call: Callable[[int], Awaitable[None]], rate: float, duration: float) -> tuple[list[float], int]:
-    """Start call i at t0 + i/rate; return latencies (ms, from the scheduled time) and the error count."""
+@dataclass
+class Window:
+    """One open-loop run: latencies (ms, from each request's scheduled time), errors, and how late the client
+    itself sent each request (ms after its scheduled time: when this lag is a large part of the latency, the
+    load generator and not the server is the limit)."""
+
+    latencies: list[float] = field(default_factory=list)
+    errors: int = 0
+    send_lag: list[float] = field(default_factory=list)
+    server_cpu_s: float = 0.0  # CPU time the server process used during the window (user + system)
+    client_cpu_s: float = 0.0  # and this process (the load generator)
+
+    def add(self, other: Window) -> None:
+        self.latencies += other.latencies
+        self.errors += other.errors
+        self.send_lag += other.send_lag
+        self.server_cpu_s += other.server_cpu_s
+        self.client_cpu_s += other.client_cpu_s
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (its threads included); 0.0 where /proc is missing."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def quiet_collector() -> Iterator[None]:
+    """The load generator's own garbage collector kept off the measured window, for every target alike.
+
+    With CPython's default collector the client's full collections walked everything it had imported
+    (grpc, protobuf, redis, the hub's models) and every request still referenced: 26-115 ms of CPU each,
+    17 of them in one run at 1,000 and 2,000/s, each a stall that the open loop rightly counts as latency of whichever
+    target it hit. Collected and frozen before the window, a full collection inside it sees only what the
+    window itself allocated."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+async def open_loop(call: Callable[[int], Awaitable[None]], rate: float, duration: float) -> Window:
+    """Start call i at t0 + i/rate, whatever the replies do; only the requests in flight are kept alive."""
     loop = asyncio.get_running_loop()
-    latencies: list[float] = []
-    errors = 0
+    out = Window()
     n = int(rate * duration)
     t0 = loop.time() + 0.05
 
     async def one(i: int, scheduled: float) -> None:
-        nonlocal errors
+        out.send_lag.append((loop.time() - scheduled) * 1000)
         try:
             await call(i)
-            latencies.append((loop.time() - scheduled) * 1000)
+            out.latencies.append((loop.time() - scheduled) * 1000)
         except Exception:
-            errors += 1
+            out.errors += 1
 
-    tasks = []
+    running: set[asyncio.Future[None]] = set()
     for i in range(n):
         scheduled = t0 + i / rate
         delay = scheduled - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.ensure_future(one(i, scheduled)))
-    await asyncio.gather(*tasks)
-    return latencies, errors
+        task = asyncio.ensure_future(one(i, scheduled))
+        running.add(task)
+        task.add_done_callback(running.discard)
+    if running:
+        await asyncio.wait(running)
+    return out
 
 
 def percentile(sorted_ms: list[float], q: float) -> float:
@@ -165,13 +217,19 @@ def zmq_call(endpoint: str, timeout: float) -> tuple[Callable[[int], Awaitable[N
 Target = tuple[Callable[[int], Awaitable[None]], Callable[[], Awaitable[None]]]
 
 
-async def measure(target: Target, args: argparse.Namespace, rate: float | None = None) -> tuple[list[float], int]:
-    """A warm-up (discarded), then ``--duration`` s at ``rate`` (default ``--rate``): (latencies in ms, errors)."""
+async def measure(target: Target, args: argparse.Namespace, rate: float | None = None, server_pid: int = 0) -> Window:
+    """A warm-up (discarded), then ``--duration`` s at ``rate`` (default ``--rate``); with ``server_pid``, the
+    CPU time that process and this one used in the window."""
     call, close = target
     rate = args.rate if rate is None else rate
     try:
         await open_loop(call, rate, min(2.0, args.duration))
-        return await open_loop(call, rate, args.duration)
+        with quiet_collector():
+            server0, client0 = cpu_seconds(server_pid) if server_pid else 0.0, time.process_time()
+            w = await open_loop(call, rate, args.duration)
+            w.server_cpu_s = cpu_seconds(server_pid) - server0 if server_pid else 0.0
+            w.client_cpu_s = time.process_time() - client0
+            return w
     finally:
         await close()
 
@@ -204,20 +262,26 @@ async def max_throughput(name: str, make: Callable[[], Target], levels: list[int
         call, close = make()
         try:
             await closed_loop(call, c, min(1.0, seconds))
-            out[c], errors = await closed_loop(call, c, seconds)
+            with quiet_collector():
+                out[c], errors = await closed_loop(call, c, seconds)
         finally:
             await close()
         print(f"{name:5s} closed loop c={c}: {out[c]:.0f}/s errors={errors}", flush=True)
     return out
 
 
-def summary(name: str, lat: list[float], errors: int, rate: float) -> dict[str, float]:
-    lat = sorted(lat)
+def summary(name: str, w: Window, rate: float) -> dict[str, float]:
+    lat, lag = sorted(w.latencies), sorted(w.send_lag)
     stats = {q: percentile(lat, float(q[1:])) for q in ("p50", "p95", "p99")}
-    stats |= {"max": lat[-1] if lat else float("nan"), "errors": float(errors)}
+    stats |= {"max": lat[-1] if lat else float("nan"), "errors": float(w.errors), "lag_p99": percentile(lag, 99)}
+    n = len(lat) + w.errors
+    stats["server_cpu_us"] = w.server_cpu_s / n * 1e6 if n else float("nan")
+    stats["client_cpu_us"] = w.client_cpu_s / n * 1e6 if n else float("nan")
     print(
-        f"{name:5s} rate={rate:g}/s n={len(lat) + errors} errors={errors} p50={stats['p50']:.2f} "
-        f"p95={stats['p95']:.2f} p99={stats['p99']:.2f} max={stats['max']:.2f} ms",
+        f"{name:5s} rate={rate:g}/s n={n} errors={w.errors} p50={stats['p50']:.2f} "
+        f"p95={stats['p95']:.2f} p99={stats['p99']:.2f} max={stats['max']:.2f} ms "
+        f"(client send lag p99={stats['lag_p99']:.2f} ms; CPU per call: server {stats['server_cpu_us']:.0f} us, "
+        f"client {stats['client_cpu_us']:.0f} us)",
         flush=True,
     )
     return stats
@@ -305,18 +369,19 @@ async def main(args: argparse.Namespace) -> None:
         except SystemExit:
             print("zmq   n/a: the api did not open its ZeroMQ port (mfh_api.zmq_server missing?)", flush=True)
             targets["zmq"] = None
+        targets = {name: make for name, make in targets.items() if name in args.targets}
         for rate in rates:
-            samples: dict[str, tuple[list[float], int]] = {name: ([], 0) for name in targets}
+            samples = {name: Window() for name in targets}
             for rnd in range(args.rounds):  # interleaved, so background noise hits every target alike
                 for name, make in targets.items():
                     if make is None:
                         continue
-                    lat, errors = await measure(make(), args, rate)
+                    w = await measure(make(), args, rate, server_pid=(bare if name == "bare" else api).pid)
                     if args.rounds > 1:
-                        summary(f"{name}#{rnd + 1}", lat, errors, rate)
-                    samples[name] = (samples[name][0] + lat, samples[name][1] + errors)
+                        summary(f"{name}#{rnd + 1}", w, rate)
+                    samples[name].add(w)
             for name, make in targets.items():
-                at_rate[rate][name] = None if make is None else summary(name, *samples[name], rate)
+                at_rate[rate][name] = None if make is None else summary(name, samples[name], rate)
         results = at_rate[args.rate]
         for name, make in targets.items():
             if make is not None and args.closed_loop:
@@ -343,6 +408,9 @@ async def main(args: argparse.Namespace) -> None:
         for q in ("p50", "p95", "p99"):
             pairs.append(f"{name}_{q}_ms=" + ("nan" if st is None else f"{st[q]:.2f}"))
         pairs.append(f"{name}_errors=" + ("nan" if st is None else f"{st['errors']:.0f}"))
+        pairs.append(f"{name}_send_lag_p99_ms=" + ("nan" if st is None else f"{st['lag_p99']:.2f}"))
+        pairs.append(f"{name}_server_cpu_us=" + ("nan" if st is None else f"{st['server_cpu_us']:.0f}"))
+        pairs.append(f"{name}_client_cpu_us=" + ("nan" if st is None else f"{st['client_cpu_us']:.0f}"))
     if args.rates:  # every rate measured, --rate included: name_p99_ms_at_1000=...
         for rate in sorted(rates):
             for name, st in at_rate[rate].items():
@@ -400,6 +468,13 @@ if __name__ == "__main__":
         help="then the maximum throughput: closed loop at these concurrencies, the best as name_max_per_s=...",
     )
     ap.add_argument("--closed-loop-seconds", type=float, default=5.0, help="seconds per closed-loop level")
+    ap.add_argument(
+        "--targets",
+        type=lambda v: [x.strip() for x in v.split(",") if x.strip()],
+        default=["grpc", "zmq", "bare"],
+        metavar="grpc,zmq,bare",
+        help="which targets to measure (default all three)",
+    )
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds per target (percentiles over all)")
     ap.add_argument(
         "--nice",

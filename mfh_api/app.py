@@ -18,6 +18,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from prometheus_client import start_http_server
@@ -163,6 +164,7 @@ async def run_api(settings: Settings, *, insecure: bool = False, stop: asyncio.E
                 "grpc_port": grpc_server.port,
                 "zmq_port": zmq.port if zmq is not None else None,
                 "metrics_port": httpd.server_port if httpd is not None else None,
+                "event_loop": type(loop).__module__.split(".")[0],  # uvloop or asyncio
             },
         )
         await stop.wait()
@@ -187,6 +189,23 @@ async def run_api(settings: Settings, *, insecure: bool = False, stop: asyncio.E
         log.info("stopped in %.2fs", time.monotonic() - started)
 
 
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The api's event loop (``server.event_loop``): uvloop's for ``auto`` when it is installed (the server
+    extra ships it) and for ``uvloop``; None (asyncio's own) for ``asyncio``. ConfigError for ``uvloop``
+    without uvloop. uvloop's loop takes less CPU per callback and per socket wake-up than the selector
+    loop, which is where a Get answered from the near cache spends most of its time besides grpc."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise ConfigError("server.event_loop is uvloop, but uvloop is not installed (pip install uvloop)") from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: read the settings once, then serve."""
     parser = argparse.ArgumentParser(prog="mfh-api", description="Memory Fusion Hub api (gRPC + ZeroMQ)")
@@ -196,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     try:
         settings = load_settings(args.host)
-        asyncio.run(run_api(settings, insecure=args.insecure))
+        with asyncio.Runner(loop_factory=loop_factory(settings.server.event_loop)) as runner:
+            runner.run(run_api(settings, insecure=args.insecure))
     except ConfigError as e:
         print(f"mfh api: {e}", file=sys.stderr)
         return 2

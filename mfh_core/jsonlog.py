@@ -32,6 +32,7 @@ CONTEXT_FIELDS: Final = (
     "grpc_port",
     "zmq_port",
     "metrics_port",
+    "event_loop",
     "path",
     "seq",
 )

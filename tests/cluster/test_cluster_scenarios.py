@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import nats.js.errors
 import pytest
 from services import wait_until
 
@@ -168,7 +169,10 @@ async def keep_leaders_off(cluster: Any, host: str, *, tries: int = 6) -> int:
         for stream, consumer in groups:
 
             async def leader(stream: str = stream, consumer: str | None = consumer) -> str | None:
-                info: Any = await (js.consumer_info(stream, consumer) if consumer else js.stream_info(stream))
+                try:
+                    info: Any = await (js.consumer_info(stream, consumer) if consumer else js.stream_info(stream))
+                except (nats.js.errors.ServiceUnavailableError, TimeoutError):  # 503 while it elects a leader
+                    return None
                 return info.cluster.leader if info.cluster else None
 
             group = f"CONSUMER.LEADER.STEPDOWN.{stream}.{consumer}" if consumer else f"STREAM.LEADER.STEPDOWN.{stream}"

@@ -159,7 +159,7 @@ async def both(grpc_t: Target, zmq_t: Target, rate: float, duration: float) -> d
     try:
         await asyncio.gather(open_loop(grpc_t[0], rate, 0.5), open_loop(zmq_t[0], rate, 0.5))
         g, z = await asyncio.gather(open_loop(grpc_t[0], rate, duration), open_loop(zmq_t[0], rate, duration))
-        return {"grpc": g, "zmq": z}
+        return {"grpc": (g.latencies, g.errors), "zmq": (z.latencies, z.errors)}
     finally:
         await grpc_t[1]()
         await zmq_t[1]()

@@ -74,7 +74,7 @@ class ServerSettings(_Section):
     gc_full_interval_seconds: float = Field(default=300.0, gt=0, description="api: full garbage collection period")
     gc_rss_growth_mb: float = Field(default=64.0, ge=0, description="api: or once RSS grew this much (0: off)")
     # The api's event loop: uvloop (the server extra installs it) when importable, else asyncio's own.
-    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(default="auto", description="api: event loop")
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(default="asyncio", description="api: event loop")
     # Transport security (docs/security.md): absolute paths; unset = plain text (loopback only, or --insecure).
     tls_cert_file: str | None = Field(default=None, description="gRPC server certificate chain (PEM)")
     tls_key_file: str | None = Field(default=None, description="its private key (PEM)")

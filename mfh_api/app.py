@@ -132,14 +132,7 @@ async def run_api(settings: Settings, *, insecure: bool = False, stop: asyncio.E
     service = await build_service(settings)
     await check_persistence(service.hot.redis, url=settings.storage.redis_url, process="api")
     beat_stop = asyncio.Event()
-    heartbeat = Heartbeat(
-        redis_url=settings.storage.redis_url,
-        prefix=settings.storage.redis_prefix,
-        role="api",
-        host_id=settings.host_id,
-        data_dir=settings.data_dir or "",
-        metrics_port=settings.server.metrics_port,
-    )
+    heartbeat = Heartbeat.of(settings, "api", metrics_port=settings.server.metrics_port)
     beating = asyncio.create_task(heartbeat.run(beat_stop), name="mfh-heartbeat")
     grpc_server = GrpcServer(service, settings, keys=keys)
     zmq = _zmq_server(service, settings, keys)

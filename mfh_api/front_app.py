@@ -86,12 +86,9 @@ async def run_front(
     beats = asyncio.Event()  # set: the heartbeat deletes its key and ends
     try:
         httpd = _start_metrics(settings)
-        heartbeat = Heartbeat(
-            redis_url=settings.storage.redis_url,
-            prefix=settings.storage.redis_prefix,
-            role="front",
-            host_id=settings.host_id,
-            data_dir=settings.data_dir or "",
+        heartbeat = Heartbeat.of(
+            settings,
+            "front",
             metrics_port=httpd.server_port if httpd is not None else 0,
             extra=lambda: {"zmq_port": front.port, "replicas": front.replica_states()},
         )

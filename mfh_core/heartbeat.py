@@ -20,12 +20,15 @@ import time
 from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, replace
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from mfh_core.metrics import PROCESS_STARTED, PROCESSES
+
+if TYPE_CHECKING:
+    from mfh_models import Settings
 
 __all__ = ["Heartbeat", "ProcessRecord", "announced_data_dirs", "hub_version", "read_processes"]
 
@@ -125,6 +128,26 @@ class Heartbeat:
         self._down = False
         self._extra = extra
         self._nudged: asyncio.Event | None = None
+
+    @classmethod
+    def of(
+        cls,
+        settings: Settings,
+        role: str,
+        *,
+        metrics_port: int = 0,
+        extra: Callable[[], dict[str, Any]] | None = None,
+    ) -> Heartbeat:
+        """The heartbeat of a hub process (``role``) of the host ``settings`` describe."""
+        return cls(
+            redis_url=settings.storage.redis_url,
+            prefix=settings.storage.redis_prefix,
+            role=role,
+            host_id=settings.host_id,
+            data_dir=settings.data_dir or "",
+            metrics_port=metrics_port,
+            extra=extra,
+        )
 
     def nudge(self) -> None:
         """Beat now rather than at the next interval (what ``extra`` says changed); a no-op before :meth:`run`."""

@@ -143,14 +143,7 @@ class Recovery(dramatiq.Middleware):
         rec = self.settings.recovery
         hot = self.hot_factory()
         s = self.settings
-        heartbeat = Heartbeat(
-            redis_url=s.storage.redis_url,
-            prefix=s.storage.redis_prefix,
-            role="worker",
-            host_id=s.host_id,
-            data_dir=s.data_dir or "",
-            metrics_port=s.metrics.worker_port,
-        )
+        heartbeat = Heartbeat.of(s, "worker", metrics_port=s.metrics.worker_port)
         try:
             loops = [self._check_persistence(hot), heartbeat.run(self._stop)]
             if rec.maintenance_interval_seconds > 0:

@@ -400,14 +400,7 @@ async def _serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     port = settings.metrics.replicator_port
     serve_metrics(port, addr=settings.server.bind, what="replicator")
-    heartbeat = Heartbeat(
-        redis_url=settings.storage.redis_url,
-        prefix=settings.storage.redis_prefix,
-        role="replicator",
-        host_id=settings.host_id,
-        data_dir=settings.data_dir or "",
-        metrics_port=port,
-    )
+    heartbeat = Heartbeat.of(settings, "replicator", metrics_port=port)
     beating = asyncio.create_task(heartbeat.run(stop), name="mfh-heartbeat")
     try:
         await run_replication(settings, stop)

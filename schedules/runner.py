@@ -62,14 +62,7 @@ async def run_scheduler(settings: Settings, *, stop: asyncio.Event | None = None
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     serve_metrics(settings.metrics.scheduler_port, addr=settings.server.bind, what="scheduler")
-    heartbeat = Heartbeat(
-        redis_url=settings.storage.redis_url,
-        prefix=settings.storage.redis_prefix,
-        role="scheduler",
-        host_id=settings.host_id,
-        data_dir=settings.data_dir or "",
-        metrics_port=settings.metrics.scheduler_port,
-    )
+    heartbeat = Heartbeat.of(settings, "scheduler", metrics_port=settings.metrics.scheduler_port)
     beating = asyncio.create_task(heartbeat.run(stop), name="mfh-heartbeat")
     export_last_runs(settings)
     hot = build_hot_store(settings)
